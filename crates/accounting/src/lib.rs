@@ -1,0 +1,1 @@
+//! Accounting records (JSON Lines), bounce classification

@@ -1,0 +1,1 @@
+//! SMTP client sessions, pooled per destination

@@ -1,0 +1,1 @@
+//! Drover library: config, engine wiring, HTTP API.

@@ -1,0 +1,1 @@
+//! The durable RocksDB spool and the in-memory schedule

@@ -1,0 +1,1 @@
+//! Per-destination rates and connection caps on governor

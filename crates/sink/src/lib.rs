@@ -1,0 +1,1 @@
+//! A programmable SMTP sink for tests, benchmarks and operators

@@ -1,0 +1,1 @@
+//! Sans-IO SMTP: reply parser, command codec, EHLO capabilities, dot-stuffing

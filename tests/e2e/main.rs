@@ -1,0 +1,1 @@
+//! End-to-end tests: real engine, real sink, real RocksDB, on loopback.
