@@ -1,1 +1,140 @@
-//! Accounting records (JSON Lines), bounce classification
+//! Accounting: one JSON object per event, appended to a JSON Lines file (contract §4), and the
+//! bounce classifier that names why a message failed.
+//!
+//! Writes are group-committed: a dedicated thread drains every record queued while the previous
+//! batch was being synced, writes them, calls `fdatasync` once and only then answers each caller.
+//! The engine relies on that ordering: a message leaves the spool only after its final record is
+//! on disk, so a crash can repeat a delivery but never lose its outcome.
+
+mod classify;
+mod metrics_names;
+mod writer;
+
+pub use classify::{classify, BounceCategory};
+pub use metrics_names::describe_metrics;
+pub use writer::{Accounting, AccountingError};
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+/// What happened to a message (contract §4 `type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RecordType {
+    /// The message was accepted and synced to the spool.
+    Reception,
+    /// A receiver accepted the message (final).
+    Delivery,
+    /// A delivery attempt failed temporarily; the message stays queued.
+    TransientFailure,
+    /// A receiver rejected the message permanently, or it could not be routed (final).
+    Bounce,
+    /// The message outlived `retry.max_age` (final).
+    Expiration,
+    /// An operator purged the message (final).
+    AdminBounce,
+    /// An inbound DSN reported a failure after delivery.
+    AsyncBounce,
+    /// An inbound ARF report (feedback loop).
+    Complaint,
+}
+
+impl RecordType {
+    /// Whether this record ends the message's life in the queue.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RecordType::Delivery
+                | RecordType::Bounce
+                | RecordType::Expiration
+                | RecordType::AdminBounce
+        )
+    }
+}
+
+/// The MX that answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// MX host name (or the route's host).
+    pub host: String,
+    /// `ip:port` connected to.
+    pub address: String,
+}
+
+/// The SMTP reply that decided a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Three-digit reply code.
+    pub code: u16,
+    /// RFC 3463 enhanced status code, when the reply had one (or one was synthesised).
+    pub enhanced_code: Option<String>,
+    /// Reply text without the code prefixes.
+    pub text: String,
+}
+
+/// One accounting record (one line of the JSON Lines file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Event type.
+    #[serde(rename = "type")]
+    pub kind: RecordType,
+    /// When the event happened (RFC 3339, UTC).
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    /// Queued message id.
+    pub id: String,
+    /// Envelope sender.
+    pub sender: String,
+    /// Envelope recipient.
+    pub recipient: String,
+    /// Recipient domain.
+    pub domain: String,
+    /// Campaign as injected.
+    pub campaign: Option<String>,
+    /// Tenant as injected.
+    pub tenant: Option<String>,
+    /// Destination (site) the message was queued for.
+    pub site: Option<String>,
+    /// The MX that answered.
+    pub peer: Option<Peer>,
+    /// Egress source used.
+    pub source: Option<String>,
+    /// The reply that decided this record.
+    pub response: Option<Response>,
+    /// Failure class, for failures.
+    pub bounce_category: Option<BounceCategory>,
+    /// 1 for the first delivery attempt; 0 for records before any attempt.
+    pub attempt: u32,
+    /// Milliseconds from reception to this event.
+    pub queue_time_ms: u64,
+    /// Complaint and tracking headers of the message.
+    pub headers: BTreeMap<String, String>,
+    /// TLS protocol and cipher of the session, when it was encrypted (Drover extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
+}
+
+impl Record {
+    /// A record of `kind` stamped now, with every optional field empty.
+    pub fn new(kind: RecordType, id: impl Into<String>) -> Record {
+        Record {
+            kind,
+            timestamp: OffsetDateTime::now_utc(),
+            id: id.into(),
+            sender: String::new(),
+            recipient: String::new(),
+            domain: String::new(),
+            campaign: None,
+            tenant: None,
+            site: None,
+            peer: None,
+            source: None,
+            response: None,
+            bounce_category: None,
+            attempt: 0,
+            queue_time_ms: 0,
+            headers: BTreeMap::new(),
+            tls: None,
+        }
+    }
+}

@@ -1,1 +1,64 @@
-//! The durable RocksDB spool and the in-memory schedule
+//! The durable spool (RocksDB) and the in-memory schedule of queued messages.
+//!
+//! # On-disk layout
+//!
+//! One RocksDB database under `spool.path`, three column families:
+//!
+//! | column family | key | value |
+//! | --- | --- | --- |
+//! | `meta` | message id (16 bytes, UUIDv7: time-ordered) | [`MessageMeta`] as JSON |
+//! | `body` | message id | the RFC 5322 message, CRLF line endings |
+//! | `schedule` | due time (u64 ms since the epoch, big-endian) ++ message id | empty |
+//!
+//! Invariants:
+//! - A message exists iff its `meta` key exists; `body` and `schedule` entries are written and
+//!   deleted in the same `WriteBatch` as `meta`.
+//! - `schedule` holds exactly one key per message, the one of its current `due_ms`, so a range
+//!   scan up to "now" yields what is due.
+//! - Every write that changes a message's fate (insert, reschedule, removal) is synced to the WAL
+//!   before its caller is answered. Writes from concurrent callers are group-committed: one
+//!   `WriteBatch`, one sync.
+//! - A message is removed only after its final accounting record is synced (the engine's rule);
+//!   so after a crash every message still in `meta` is owed a delivery attempt.
+
+mod message;
+mod schedule;
+mod spool;
+
+pub use message::{MessageId, MessageMeta};
+pub use schedule::{DestinationCounts, Scheduler};
+pub use spool::{Spool, SpoolOptions};
+
+/// Errors of the spool.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// RocksDB failed (I/O error, full disk, corruption).
+    #[error("spool storage error: {0}")]
+    Storage(#[from] rocksdb::Error),
+    /// A group-committed write failed (e.g. the disk is full); nothing of it was applied.
+    #[error("spool write failed: {0}")]
+    Write(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt spool record for {id}: {reason}")]
+    Corrupt {
+        /// The key's message id, as hex.
+        id: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The writer thread is gone (the spool is shutting down).
+    #[error("the spool is closed")]
+    Closed,
+    /// A message id string did not parse.
+    #[error("invalid message id {0:?}")]
+    BadId(String),
+}
+
+/// Registers the descriptions of the metrics this crate records.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        schedule::QUEUE_GAUGE,
+        "Messages in the queue, by state (scheduled, ready, in_flight)."
+    );
+}

@@ -1,0 +1,35 @@
+//! The outcome counters of contract §5. They are counted where the records are written, so a
+//! metric and the accounting file can never disagree.
+
+use crate::{Record, RecordType};
+
+pub(crate) const DELIVERED: &str = "drover_messages_delivered_total";
+pub(crate) const TRANSIENT: &str = "drover_messages_transient_failures_total";
+pub(crate) const BOUNCED: &str = "drover_messages_bounced_total";
+pub(crate) const EXPIRED: &str = "drover_messages_expired_total";
+
+/// Registers the descriptions of the metrics this crate records.
+pub fn describe_metrics() {
+    metrics::describe_counter!(DELIVERED, "Messages accepted by a receiver.");
+    metrics::describe_counter!(TRANSIENT, "Delivery attempts that failed temporarily.");
+    metrics::describe_counter!(
+        BOUNCED,
+        "Messages that failed permanently, by bounce category."
+    );
+    metrics::describe_counter!(EXPIRED, "Messages that outlived retry.max_age.");
+}
+
+pub(crate) fn count(record: &Record) {
+    match record.kind {
+        RecordType::Delivery => metrics::counter!(DELIVERED).increment(1),
+        RecordType::TransientFailure => metrics::counter!(TRANSIENT).increment(1),
+        RecordType::Bounce | RecordType::AdminBounce => {
+            let category = record.bounce_category.unwrap_or_default();
+            metrics::counter!(BOUNCED, "category" => category.as_str()).increment(1)
+        }
+        RecordType::Expiration => metrics::counter!(EXPIRED).increment(1),
+        RecordType::Reception
+        | RecordType::AsyncBounce
+        | RecordType::Complaint => {}
+    }
+}
