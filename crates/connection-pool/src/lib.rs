@@ -1,1 +1,19 @@
-//! SMTP client sessions, pooled per destination
+//! SMTP client sessions and the per-destination pools that keep them open for reuse.
+//!
+//! The client is a thin async loop around `smtp-proto`: it owns one read buffer for the life of
+//! the connection, hands bytes to the sans-IO reply parser, and writes what the command encoder
+//! and dot-stuffer produce. With PIPELINING the whole envelope (`MAIL`, `RCPT`, `DATA`) goes out
+//! in one write and the replies are matched to the commands in order (RFC 2920).
+
+mod client;
+mod pool;
+
+pub use client::{ClientError, Envelope, PeerInfo, SmtpClient, Timeouts, TransactionResult};
+pub use pool::Pool;
+
+pub(crate) const CONNECTIONS_GAUGE: &str = "drover_smtp_connections";
+
+/// Registers the descriptions of the metrics this crate records.
+pub fn describe_metrics() {
+    metrics::describe_gauge!(CONNECTIONS_GAUGE, "Open outbound SMTP sessions.");
+}

@@ -1,0 +1,104 @@
+//! Idle sessions per destination, so consecutive messages reuse a connection.
+
+use crate::SmtpClient;
+use dashmap::DashMap;
+use std::time::Duration;
+use tokio::time::Instant;
+
+struct Idle {
+    since: Instant,
+    client: SmtpClient,
+}
+
+/// Idle sessions keyed by destination (site and egress source).
+pub struct Pool {
+    idle: DashMap<String, Vec<Idle>>,
+    idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("destinations", &self.idle.len())
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
+}
+
+impl Pool {
+    /// An empty pool whose sessions are closed after `idle_timeout` unused.
+    pub fn new(idle_timeout: Duration) -> Pool {
+        Pool {
+            idle: DashMap::new(),
+            idle_timeout,
+        }
+    }
+
+    /// Takes an idle session for `key`, if one is open and fresh.
+    pub fn checkout(&self, key: &str) -> Option<SmtpClient> {
+        let mut stale = Vec::new();
+        let found = {
+            let mut entry = self.idle.get_mut(key)?;
+            let mut found = None;
+            while let Some(idle) = entry.pop() {
+                if idle.since.elapsed() < self.idle_timeout && idle.client.is_usable() {
+                    found = Some(idle.client);
+                    break;
+                }
+                stale.push(idle.client);
+            }
+            found
+        };
+        close_all(stale);
+        found
+    }
+
+    /// Returns a session after use. Broken sessions are dropped.
+    pub fn checkin(&self, key: &str, client: SmtpClient) {
+        if !client.is_usable() {
+            return;
+        }
+        self.idle.entry(key.to_owned()).or_default().push(Idle {
+            since: Instant::now(),
+            client,
+        });
+    }
+
+    /// Closes (QUIT) every session idle longer than the timeout. Call periodically.
+    pub fn reap(&self) {
+        let mut stale = Vec::new();
+        self.idle.retain(|_, sessions| {
+            let (keep, old): (Vec<Idle>, Vec<Idle>) = std::mem::take(sessions)
+                .into_iter()
+                .partition(|i| i.since.elapsed() < self.idle_timeout);
+            *sessions = keep;
+            stale.extend(old.into_iter().map(|i| i.client));
+            !sessions.is_empty()
+        });
+        close_all(stale);
+    }
+
+    /// Number of idle sessions held.
+    pub fn idle_count(&self) -> usize {
+        self.idle.iter().map(|e| e.value().len()).sum()
+    }
+
+    /// Closes every idle session and waits for the QUITs (shutdown).
+    pub async fn close(&self) {
+        let mut all = Vec::new();
+        self.idle.retain(|_, sessions| {
+            all.extend(std::mem::take(sessions).into_iter().map(|i| i.client));
+            false
+        });
+        let quits: Vec<_> = all.into_iter().map(|c| tokio::spawn(c.quit())).collect();
+        for q in quits {
+            let _ = q.await;
+        }
+    }
+}
+
+fn close_all(clients: Vec<SmtpClient>) {
+    for client in clients {
+        tokio::spawn(client.quit());
+    }
+}
