@@ -1,1 +1,595 @@
-//! A programmable SMTP sink for tests, benchmarks and operators
+//! A programmable SMTP sink for tests, benchmarks and operators.
+//!
+//! The sink accepts SMTP on a TCP listener and answers according to a
+//! [`SinkConfig`]: it can greylist, tempfail or reject recipients, slow down,
+//! stall, drop connections after the final dot or hang up after a number of
+//! messages. It counts what happened in [`SinkStats`] and can keep the
+//! received messages in memory for assertions.
+//!
+//! The dialogue itself (sequencing, EHLO, error replies) comes from
+//! [`smtp_proto::server::ServerSession`]; this crate only adds the socket
+//! loop and the scripted policy. Each connection keeps one read buffer for its
+//! whole life and answers every pipelined command already in that buffer
+//! before flushing, so replies come back in order and in as few writes as the
+//! client's pipelining allows.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use smtp_proto::server::{Action, Decision, Event, ServerConfig, ServerSession};
+use smtp_proto::{take_line, Capabilities, EnhancedCode, Reply, MAX_COMMAND_LINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How much the read buffer grows by for each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Greylist entries kept before old ones are pruned, so a long benchmark with
+/// many distinct pairs cannot grow the table without bound.
+const GREYLIST_PRUNE_AT: usize = 100_000;
+
+/// What the sink does; every knob defaults to "behave like a healthy MX".
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Name in the banner and the EHLO reply.
+    pub hostname: String,
+    /// Greylisting: the first attempt per (sender, recipient) pair gets
+    /// `450 4.2.0`, as do retries before this delay has passed; later
+    /// attempts are accepted. Shared across connections.
+    pub greylist: Option<Duration>,
+    /// Percentage of RCPTs answered `451 4.3.0 Temporary failure`, at random.
+    pub tempfail_percent: u8,
+    /// Percentage of recipient addresses answered `550 5.1.1 No such user`.
+    /// Chosen by a stable hash of the address, so a rejected address stays
+    /// rejected across attempts and connections.
+    pub reject_percent: u8,
+    /// After N accepted messages on one connection, answer every further
+    /// MAIL with CODE TEXT; a `421` also closes the connection.
+    pub reply_after_messages: Option<(u32, u16, String)>,
+    /// Sleep before each reply to a command.
+    pub latency: Duration,
+    /// Advertise PIPELINING. Pipelined commands are handled correctly
+    /// either way.
+    pub pipelining: bool,
+    /// After N accepted messages on a connection, stop answering: keep the
+    /// socket open, read and ignore everything.
+    pub stall_after_messages: Option<u32>,
+    /// Percentage of messages after whose final dot the connection is closed
+    /// without a reply.
+    pub drop_after_data_percent: u8,
+    /// Delay before the 220 banner.
+    pub banner_delay: Duration,
+    /// Advertised SIZE; larger messages get `552 5.3.4`. 0 means no limit.
+    pub max_message_size: u64,
+    /// Keep received messages in memory, for [`SinkHandle::messages`].
+    pub capture: bool,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            hostname: "sink.drover.test".to_string(),
+            greylist: None,
+            tempfail_percent: 0,
+            reject_percent: 0,
+            reply_after_messages: None,
+            latency: Duration::ZERO,
+            pipelining: true,
+            stall_after_messages: None,
+            drop_after_data_percent: 0,
+            banner_delay: Duration::ZERO,
+            max_message_size: 50 * 1024 * 1024,
+            capture: false,
+        }
+    }
+}
+
+/// Counters for everything the sink did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct SinkStats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Connections currently open.
+    pub active_connections: u64,
+    /// Highest number of simultaneously open connections.
+    pub max_concurrent_connections: u64,
+    /// Messages accepted (250 after the final dot).
+    pub transactions: u64,
+    /// Recipients accepted.
+    pub recipients: u64,
+    /// RCPTs answered 451 by `tempfail_percent`.
+    pub rcpt_tempfailed: u64,
+    /// RCPTs answered 550 by `reject_percent`.
+    pub rcpt_rejected: u64,
+    /// RCPTs answered 450 by greylisting.
+    pub greylisted: u64,
+    /// Connections closed after the final dot by `drop_after_data_percent`.
+    pub dropped: u64,
+}
+
+/// One message the sink accepted, kept when [`SinkConfig::capture`] is set.
+#[derive(Debug, Clone)]
+pub struct ReceivedMessage {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The sink's address the client connected to.
+    pub local: SocketAddr,
+    /// The EHLO/HELO name.
+    pub helo: String,
+    /// MAIL FROM address (`""` for the null sender).
+    pub sender: String,
+    /// Accepted RCPT TO addresses.
+    pub recipients: Vec<String>,
+    /// The message as received, dot-unstuffed, CRLF line ends.
+    pub data: Vec<u8>,
+}
+
+/// Errors from starting the sink.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The listener could not be bound.
+    #[error("cannot bind SMTP sink to {addr}: {source}")]
+    Bind {
+        /// The requested address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Another socket error while starting up.
+    #[error("SMTP sink I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    active_connections: AtomicU64,
+    max_concurrent_connections: AtomicU64,
+    transactions: AtomicU64,
+    recipients: AtomicU64,
+    rcpt_tempfailed: AtomicU64,
+    rcpt_rejected: AtomicU64,
+    greylisted: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> SinkStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SinkStats {
+            connections: get(&self.connections),
+            active_connections: get(&self.active_connections),
+            max_concurrent_connections: get(&self.max_concurrent_connections),
+            transactions: get(&self.transactions),
+            recipients: get(&self.recipients),
+            rcpt_tempfailed: get(&self.rcpt_tempfailed),
+            rcpt_rejected: get(&self.rcpt_rejected),
+            greylisted: get(&self.greylisted),
+            dropped: get(&self.dropped),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: SinkConfig,
+    counters: Counters,
+    /// First attempt per (sender, recipient), both lower-cased.
+    greylist: Mutex<HashMap<(String, String), Instant>>,
+    messages: Mutex<Vec<ReceivedMessage>>,
+}
+
+/// Decrements the active-connection gauge however the connection task ends,
+/// including when it is aborted at shutdown.
+struct ActiveGuard(Arc<Shared>);
+
+impl ActiveGuard {
+    fn new(shared: Arc<Shared>) -> ActiveGuard {
+        let c = &shared.counters;
+        bump(&c.connections);
+        let now = c.active_connections.fetch_add(1, Ordering::Relaxed) + 1;
+        c.max_concurrent_connections
+            .fetch_max(now, Ordering::Relaxed);
+        ActiveGuard(shared)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Entry point: binds a sink.
+#[derive(Debug)]
+pub struct Sink;
+
+impl Sink {
+    /// Binds `addr` (use port 0 for an ephemeral port) and spawns the accept
+    /// loop on the current tokio runtime.
+    pub async fn bind(addr: SocketAddr, config: SinkConfig) -> Result<SinkHandle, SinkError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| SinkError::Bind { addr, source })?;
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            counters: Counters::default(),
+            greylist: Mutex::new(HashMap::new()),
+            messages: Mutex::new(Vec::new()),
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(());
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), shutdown_rx));
+        Ok(SinkHandle {
+            local_addr,
+            shared,
+            shutdown_tx,
+            task,
+        })
+    }
+}
+
+/// A running sink. Dropping it without [`SinkHandle::shutdown`] also stops
+/// accepting and closes the connections, just without waiting.
+#[derive(Debug)]
+pub struct SinkHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl SinkHandle {
+    /// The address the sink listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The configuration the sink runs with.
+    pub fn config(&self) -> &SinkConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SinkStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The messages received so far; empty unless [`SinkConfig::capture`].
+    pub fn messages(&self) -> Vec<ReceivedMessage> {
+        lock(&self.shared.messages).clone()
+    }
+
+    /// Stops accepting, closes every connection and returns the final stats.
+    pub async fn shutdown(self) -> SinkStats {
+        let _ = self.shutdown_tx.send(());
+        drop(self.shutdown_tx);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "sink accept loop ended abnormally");
+        }
+        self.shared.counters.snapshot()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicking connection task must not take the whole sink down with it;
+    // the protected maps stay consistent after any single insert.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            // Fires on an explicit shutdown and when the handle is dropped.
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let guard = ActiveGuard::new(Arc::clone(&shared));
+                    connections.spawn(async move {
+                        let shared = Arc::clone(&guard.0);
+                        if let Err(e) = serve(stream, peer, shared).await {
+                            tracing::debug!(%peer, error = %e, "sink connection ended with error");
+                        }
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Typically EMFILE; back off instead of spinning.
+                    tracing::warn!(error = %e, "sink accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
+
+/// Stable FNV-1a, so `reject_percent` picks the same addresses in every run
+/// and every process (std's `DefaultHasher` is not guaranteed stable).
+fn stable_percentile(address: &str) -> u8 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in address.bytes().map(|b| b.to_ascii_lowercase()) {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % 100) as u8
+}
+
+fn roll(percent: u8) -> bool {
+    percent > 0 && rand::random_range(0u8..100) < percent
+}
+
+fn ec(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
+    Some(EnhancedCode::new(class, subject, detail))
+}
+
+/// What the connection loop does after handling one action.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    /// Flush the pending replies, then close.
+    Close,
+}
+
+/// Per-connection state besides the protocol session.
+struct Conn {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    /// Replies not yet written.
+    out: Vec<u8>,
+    /// Unstuffed data of the message being received (only kept when capturing).
+    data: Vec<u8>,
+    messages: u32,
+    stalled: bool,
+}
+
+impl Conn {
+    async fn push(&mut self, reply: &Reply) {
+        let latency = self.shared.config.latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        reply.encode(&mut self.out);
+    }
+
+    async fn apply(&mut self, session: &mut ServerSession, mut action: Action) -> Next {
+        loop {
+            match action {
+                Action::Reply(r) | Action::StartData(r) => {
+                    self.push(&r).await;
+                    return Next::Continue;
+                }
+                // The sink never advertises STARTTLS, so the session never asks
+                // for it; refusing is the safe answer if that ever changes.
+                Action::StartTls(_) => {
+                    self.push(&Reply::new(454, ec(4, 7, 0), "TLS not available"))
+                        .await;
+                    return Next::Continue;
+                }
+                Action::Close(r) => {
+                    self.push(&r).await;
+                    return Next::Close;
+                }
+                Action::Decide(decision) => match self.decide(session, decision) {
+                    Some(next) => action = next,
+                    // Dropped after DATA: close without any reply.
+                    None => return Next::Close,
+                },
+            }
+        }
+    }
+
+    /// Applies the scripted policy; `None` means "hang up without replying".
+    fn decide(&mut self, session: &mut ServerSession, decision: Decision) -> Option<Action> {
+        let cfg = &self.shared.config;
+        let counters = &self.shared.counters;
+        let reply = match decision.event() {
+            Event::MailFrom { .. } => match &cfg.reply_after_messages {
+                Some((n, code, text)) if self.messages >= *n => Reply::new(*code, None, text),
+                _ => Reply::new(250, ec(2, 1, 0), "Sender OK"),
+            },
+            Event::RcptTo { address, .. } => {
+                let sender = session.sender().unwrap_or_default();
+                if cfg.reject_percent > 0 && stable_percentile(address) < cfg.reject_percent {
+                    bump(&counters.rcpt_rejected);
+                    Reply::new(550, ec(5, 1, 1), "No such user")
+                } else if self.greylisted(sender, address) {
+                    bump(&counters.greylisted);
+                    Reply::new(450, ec(4, 2, 0), "Greylisted, try again later")
+                } else if roll(cfg.tempfail_percent) {
+                    bump(&counters.rcpt_tempfailed);
+                    Reply::new(451, ec(4, 3, 0), "Temporary failure")
+                } else {
+                    bump(&counters.recipients);
+                    Reply::new(250, ec(2, 1, 5), "Recipient OK")
+                }
+            }
+            Event::DataEnd {
+                sender, recipients, ..
+            } => {
+                if roll(cfg.drop_after_data_percent) {
+                    bump(&counters.dropped);
+                    self.data.clear();
+                    return None;
+                }
+                let id = counters.transactions.fetch_add(1, Ordering::Relaxed) + 1;
+                self.messages += 1;
+                if cfg.capture {
+                    let message = ReceivedMessage {
+                        peer: self.peer,
+                        local: self.local,
+                        helo: session.helo().unwrap_or_default().to_string(),
+                        sender: sender.clone(),
+                        recipients: recipients.clone(),
+                        data: std::mem::take(&mut self.data),
+                    };
+                    lock(&self.shared.messages).push(message);
+                }
+                self.data.clear();
+                if cfg.stall_after_messages.is_some_and(|n| self.messages >= n) {
+                    self.stalled = true;
+                }
+                Reply::new(250, ec(2, 0, 0), format!("Ok: queued as {id}"))
+            }
+            _ => Reply::new(451, ec(4, 3, 0), "Unexpected event"),
+        };
+        Some(session.decide(decision, reply))
+    }
+
+    /// Records the attempt and says whether it must be greylisted.
+    fn greylisted(&self, sender: &str, recipient: &str) -> bool {
+        let Some(delay) = self.shared.config.greylist else {
+            return false;
+        };
+        let key = (sender.to_ascii_lowercase(), recipient.to_ascii_lowercase());
+        let now = Instant::now();
+        let mut table = lock(&self.shared.greylist);
+        if table.len() >= GREYLIST_PRUNE_AT {
+            let horizon = delay.saturating_mul(4).max(Duration::from_secs(4 * 3600));
+            table.retain(|_, first| now.duration_since(*first) < horizon);
+        }
+        match table.get(&key) {
+            Some(first) => now.duration_since(*first) < delay,
+            None => {
+                table.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+fn session_config(cfg: &SinkConfig) -> ServerConfig {
+    ServerConfig {
+        hostname: cfg.hostname.clone(),
+        capabilities: Capabilities {
+            pipelining: cfg.pipelining,
+            size: Some(cfg.max_message_size),
+            eight_bit_mime: true,
+            smtputf8: true,
+            enhanced_status_codes: true,
+            dsn: true,
+            ..Capabilities::default()
+        },
+        max_recipients: 10_000,
+        max_errors: 20,
+    }
+}
+
+async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> io::Result<()> {
+    let local = stream.local_addr()?;
+    let cfg = &shared.config;
+    if !cfg.banner_delay.is_zero() {
+        tokio::time::sleep(cfg.banner_delay).await;
+    }
+    let mut session = ServerSession::new(session_config(cfg));
+    let mut conn = Conn {
+        shared: Arc::clone(&shared),
+        peer,
+        local,
+        out: Vec::new(),
+        data: Vec::new(),
+        messages: 0,
+        stalled: cfg.stall_after_messages == Some(0),
+    };
+    session.greeting().encode(&mut conn.out);
+    stream.write_all(&conn.out).await?;
+    conn.out.clear();
+
+    // The one read buffer for the connection's life. It never holds more
+    // than a command line plus one read, because DATA bytes are consumed as
+    // they arrive and over-long lines are discarded.
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut discarding = false;
+    loop {
+        let mut pos = 0;
+        let mut next = Next::Continue;
+        while next == Next::Continue && !conn.stalled {
+            if session.is_receiving_data() {
+                if pos == buf.len() {
+                    break;
+                }
+                let (used, action) = session.handle_data(&buf[pos..], &mut conn.data);
+                pos += used;
+                let limit = cfg.max_message_size;
+                if !cfg.capture || (limit > 0 && conn.data.len() as u64 > limit) {
+                    // The session counts the size itself; the bytes are only
+                    // needed for capture, and never beyond the limit.
+                    conn.data.clear();
+                }
+                match action {
+                    Some(action) => next = conn.apply(&mut session, action).await,
+                    None => break,
+                }
+            } else if discarding {
+                match buf[pos..].iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        pos += i + 1;
+                        discarding = false;
+                    }
+                    None => {
+                        pos = buf.len();
+                        break;
+                    }
+                }
+            } else {
+                let action = match take_line(&buf[pos..], MAX_COMMAND_LINE) {
+                    Ok(Some((line, used))) => {
+                        let action = session.handle_line(line);
+                        pos += used;
+                        action
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Drop the rest of the over-long line as it arrives.
+                        discarding = true;
+                        pos = buf.len();
+                        session.line_too_long()
+                    }
+                };
+                next = conn.apply(&mut session, action).await;
+            }
+        }
+        buf.drain(..pos);
+        if conn.stalled {
+            buf.clear();
+        }
+        if !conn.out.is_empty() {
+            stream.write_all(&conn.out).await?;
+            conn.out.clear();
+        }
+        if next == Next::Close {
+            let _ = stream.shutdown().await;
+            return Ok(());
+        }
+        let start = buf.len();
+        buf.resize(start + READ_CHUNK, 0);
+        let n = stream.read(&mut buf[start..]).await?;
+        buf.truncate(start + n);
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}

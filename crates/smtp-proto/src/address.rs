@@ -142,10 +142,8 @@ fn validate_literal(literal: &str) -> Result<(), &'static str> {
     let tag_ok = !tag.is_empty()
         && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !tag.ends_with('-');
-    let content_ok = !content.is_empty()
-        && content
-            .bytes()
-            .all(|b| matches!(b, 33..=90 | 94..=126));
+    let content_ok =
+        !content.is_empty() && content.bytes().all(|b| matches!(b, 33..=90 | 94..=126));
     if tag_ok && content_ok {
         Ok(())
     } else {

@@ -4,7 +4,7 @@
 //! Nothing in this crate performs I/O or depends on an async runtime: every
 //! parser is fed bytes and answers "here is a complete item and how many bytes
 //! it used" or "need more bytes". The async client in the engine and the
-//! [sink](../sink/index.html) are thin loops around these functions, which keeps
+//! sink crate are thin loops around these functions, which keeps
 //! the grammar testable (and fuzzable) without sockets.
 //!
 //! Parsers follow a check-then-parse discipline: a cheap scan first decides

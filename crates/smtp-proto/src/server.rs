@@ -279,7 +279,10 @@ impl ServerSession {
             return Action::Close(Reply::new(
                 421,
                 ec(4, 7, 0),
-                format!("{} Too many errors, closing connection", self.config.hostname),
+                format!(
+                    "{} Too many errors, closing connection",
+                    self.config.hostname
+                ),
             ));
         }
         Action::Reply(reply)
@@ -363,11 +366,7 @@ impl ServerSession {
                 }
                 Action::StartTls(Reply::new(220, ec(2, 0, 0), "Ready to start TLS"))
             }
-            Command::Auth { .. } => self.error(Reply::new(
-                502,
-                ec(5, 5, 1),
-                "AUTH not available",
-            )),
+            Command::Auth { .. } => self.error(Reply::new(502, ec(5, 5, 1), "AUTH not available")),
             Command::Bdat { .. } => {
                 // The chunk bytes follow the command unannounced; without
                 // CHUNKING support they would be read as commands, so the only
@@ -395,11 +394,7 @@ impl ServerSession {
                         return self.error(reply);
                     }
                     if self.recipients.len() >= self.config.max_recipients {
-                        return Action::Reply(Reply::new(
-                            452,
-                            ec(4, 5, 3),
-                            "Too many recipients",
-                        ));
+                        return Action::Reply(Reply::new(452, ec(4, 5, 3), "Too many recipients"));
                     }
                     Action::Decide(Decision {
                         event: Event::RcptTo { address, params },
