@@ -1,1 +1,11 @@
-//! Drover library: config, engine wiring, HTTP API.
+//! Drover: the engine's wiring: configuration, the delivery engine, the HTTP API and the
+//! command line. The protocol, spool, resolver, pool and shaping logic live in their own crates.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod message;
+pub mod serve;
+
+pub use config::Config;
+pub use engine::Engine;

@@ -1,1 +1,295 @@
-fn main() {}
+//! The `drover` command line (contract §1).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use drover::config::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "drover", version, about = "Drover: a high-throughput outbound bulk mailer")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the engine (embedded defaults without --config).
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a programmable SMTP sink that accepts and counts mail.
+    Sink(SinkArgs),
+    /// Validate a configuration file: exit 0 if good, 2 naming the bad key otherwise.
+    CheckConfig {
+        /// The file.
+        file: PathBuf,
+    },
+    /// View and control the queues of a running engine through its admin API.
+    Queue(QueueArgs),
+}
+
+#[derive(clap::Args)]
+struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:2526")]
+    listen: SocketAddr,
+    /// Serve the counters as JSON over HTTP on this address.
+    #[arg(long)]
+    status: Option<SocketAddr>,
+    /// Greylist: the first attempt per sender/recipient gets 450 4.2.0; a retry after SECS is accepted.
+    #[arg(long, value_name = "SECS")]
+    greylist: Option<f64>,
+    /// Share of recipients answered 451 4.3.0 (random).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    tempfail_percent: u8,
+    /// Share of recipients answered 550 5.1.1 (stable per address).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    reject_percent: u8,
+    /// After N messages on a connection answer CODE TEXT (421 also closes), e.g. `--reply-after-messages 100 421 "4.7.0 Too many messages"`.
+    #[arg(long, num_args = 3, value_names = ["N", "CODE", "TEXT"])]
+    reply_after_messages: Option<Vec<String>>,
+    /// Delay before every reply, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    latency: u64,
+    /// Do not advertise PIPELINING.
+    #[arg(long)]
+    no_pipelining: bool,
+    /// Stop answering (but keep the connection) after N messages on a connection.
+    #[arg(long, value_name = "N")]
+    stall_after_messages: Option<u32>,
+    /// Share of messages after whose final dot the connection is dropped without a reply.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    drop_after_data_percent: u8,
+    /// Delay before the 220 greeting, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    banner_delay: u64,
+    /// Advertised SIZE; larger messages get 552.
+    #[arg(long, default_value_t = 50 * 1024 * 1024)]
+    max_message_size: u64,
+    /// Host name in the greeting.
+    #[arg(long, default_value = "sink.drover.test")]
+    hostname: String,
+}
+
+#[derive(clap::Args)]
+struct QueueArgs {
+    /// The engine's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8025", env = "DROVER_API")]
+    api: String,
+    /// Bearer token for the admin API.
+    #[arg(long, env = "DROVER_API_TOKEN")]
+    token: Option<String>,
+    #[command(subcommand)]
+    action: QueueAction,
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List destinations: ready, scheduled, in flight, oldest.
+    List {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drover: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Cmd) -> ExitCode {
+    match command {
+        Cmd::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Serve { config } => {
+            let config = match config {
+                Some(path) => match Config::load(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                None => Config::default(),
+            };
+            exit(serve(config).await)
+        }
+        Cmd::Sink(args) => exit(sink(args).await),
+        Cmd::Queue(args) => exit(queue(args).await),
+    }
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drover: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            // Without signal handlers the process can still be stopped; it just cannot drain.
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = drover::serve::start(config).await.context("cannot start")?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight deliveries");
+    running.shutdown(Duration::from_secs(30)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn sink(args: SinkArgs) -> anyhow::Result<()> {
+    let reply_after_messages = match args.reply_after_messages {
+        Some(v) => {
+            let [n, code, text] = <[String; 3]>::try_from(v)
+                .map_err(|_| anyhow::anyhow!("--reply-after-messages takes N CODE TEXT"))?;
+            Some((
+                n.parse().context("--reply-after-messages N")?,
+                code.parse().context("--reply-after-messages CODE")?,
+                text,
+            ))
+        }
+        None => None,
+    };
+    let config = sink::SinkConfig {
+        hostname: args.hostname,
+        greylist: args.greylist.map(Duration::from_secs_f64),
+        tempfail_percent: args.tempfail_percent,
+        reject_percent: args.reject_percent,
+        reply_after_messages,
+        latency: Duration::from_millis(args.latency),
+        pipelining: !args.no_pipelining,
+        stall_after_messages: args.stall_after_messages,
+        drop_after_data_percent: args.drop_after_data_percent,
+        banner_delay: Duration::from_millis(args.banner_delay),
+        max_message_size: args.max_message_size,
+        capture: false,
+    };
+    let handle = sink::Sink::bind(args.listen, config)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!("drover sink listening on {}", handle.local_addr());
+    let handle = std::sync::Arc::new(handle);
+    if let Some(status) = args.status {
+        let listener = tokio::net::TcpListener::bind(status)
+            .await
+            .with_context(|| format!("cannot listen on {status}"))?;
+        let h = std::sync::Arc::clone(&handle);
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(move || {
+                let h = std::sync::Arc::clone(&h);
+                async move { axum::Json(h.stats()) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+    }
+    shutdown_signal().await;
+    let stats = match std::sync::Arc::try_unwrap(handle) {
+        Ok(h) => h.shutdown().await,
+        Err(h) => h.stats(),
+    };
+    println!("{}", serde_json::to_string(&stats)?);
+    Ok(())
+}
+
+async fn queue(args: QueueArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let base = args.api.trim_end_matches('/');
+    match args.action {
+        QueueAction::List { json } => {
+            let mut request = client.get(format!("{base}/api/admin/v1/queues"));
+            if let Some(token) = &args.token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.context("cannot reach the engine")?;
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.context("bad reply")?;
+            if !status.is_success() {
+                anyhow::bail!("{status}: {}", body["error"]);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(());
+            }
+            println!("{:<40} {:>8} {:>10} {:>10} {:>12}", "DESTINATION", "READY", "SCHEDULED", "IN_FLIGHT", "OLDEST");
+            for d in body["destinations"].as_array().into_iter().flatten() {
+                let oldest = d["oldest_age_seconds"]
+                    .as_u64()
+                    .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<40} {:>8} {:>10} {:>10} {:>12}",
+                    d["destination"].as_str().unwrap_or("?"),
+                    d["ready"],
+                    d["scheduled"],
+                    d["in_flight"],
+                    oldest
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The HTTP API: injection, admin, `/metrics`, `/healthz`, `/readyz` (contract §3).
+
+use crate::engine::{now_ms, Engine, EngineError, NewMessage};
+use crate::message::{tracked_headers, InjectRequest, Renderer};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use queue::{MessageId, MessageMeta};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// The router with every route.
+pub fn router(state: AppState) -> Router {
+    let limit = state.engine.config().http.max_body_size;
+    Router::new()
+        .route("/api/inject/v1", post(inject))
+        .route("/api/admin/v1/queues", get(queues))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    let tokens = &state.engine.config().http.api_tokens;
+    if tokens.is_empty() {
+        return true;
+    }
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    tokens.iter().any(|t| constant_time_eq(t.as_bytes(), presented.trim().as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unavailable(message: impl Into<String>) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+    r
+}
+
+#[derive(Serialize)]
+struct InjectReply {
+    success_count: usize,
+    fail_count: usize,
+    failed_recipients: Vec<String>,
+    errors: Vec<String>,
+    /// Queued message ids, in the order of the accepted recipients (Drover extension).
+    ids: Vec<String>,
+}
+
+async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    if state.engine.is_draining() {
+        return unavailable("shutting down");
+    }
+    let request: InjectRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+    };
+    let sender = request.envelope_sender.trim().to_owned();
+    if !sender.is_empty() {
+        if let Err(e) = smtp_proto::validate_mailbox(&sender) {
+            return error(StatusCode::BAD_REQUEST, format!("envelope_sender: {e}"));
+        }
+    }
+    if request.recipients.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "recipients: no recipient given");
+    }
+    let sender_domain = sender
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_owned())
+        .unwrap_or_else(|| "drover.invalid".to_owned());
+    let renderer = match Renderer::new(request.content) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("content: {e}")),
+    };
+    let max_size = state.engine.config().smtp_listener.max_message_size;
+    let now = now_ms();
+    let mut messages = Vec::with_capacity(request.recipients.len());
+    let mut failed_recipients = Vec::new();
+    let mut errors = Vec::new();
+    for recipient in &request.recipients {
+        let email = recipient.email.trim();
+        let domain = match smtp_proto::validate_mailbox(email) {
+            Ok(()) => email
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_default(),
+            Err(e) => {
+                failed_recipients.push(recipient.email.clone());
+                errors.push(format!("{}: {e}", recipient.email));
+                continue;
+            }
+        };
+        let id = MessageId::generate();
+        let body = match renderer.render_for(&request.substitutions, recipient, &id.to_string(), &sender_domain) {
+            Ok(b) => b,
+            Err(e) => {
+                failed_recipients.push(recipient.email.clone());
+                errors.push(format!("{}: {e}", recipient.email));
+                continue;
+            }
+        };
+        if body.len() as u64 > max_size {
+            failed_recipients.push(recipient.email.clone());
+            errors.push(format!("{}: message of {} bytes exceeds the limit of {max_size}", recipient.email, body.len()));
+            continue;
+        }
+        let meta = MessageMeta {
+            id,
+            sender: sender.clone(),
+            recipient: email.to_owned(),
+            domain,
+            campaign: request.campaign.clone(),
+            tenant: request.tenant.clone(),
+            received_ms: now,
+            due_ms: now,
+            attempts: 0,
+            headers: tracked_headers(&body),
+            last_source: None,
+            size: body.len() as u64,
+        };
+        messages.push(NewMessage { meta, body });
+    }
+    if messages.is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({
+                "error": "no valid recipient",
+                "fail_count": failed_recipients.len(),
+                "failed_recipients": failed_recipients,
+                "errors": errors,
+            })),
+        )
+            .into_response();
+    }
+    let ids: Vec<String> = messages.iter().map(|m| m.meta.id.to_string()).collect();
+    match state.engine.accept(messages, "http").await {
+        Ok(()) => Json(InjectReply {
+            success_count: ids.len(),
+            fail_count: failed_recipients.len(),
+            failed_recipients,
+            errors,
+            ids,
+        })
+        .into_response(),
+        Err(EngineError::Draining) => unavailable("shutting down"),
+        Err(e) => {
+            tracing::error!(error = %e, "injection failed");
+            unavailable(format!("the spool cannot accept messages now: {e}"))
+        }
+    }
+}
+
+async fn queues(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    let now = now_ms();
+    let destinations: Vec<_> = state
+        .engine
+        .scheduler()
+        .destinations()
+        .into_iter()
+        .map(|(name, c)| {
+            json!({
+                "destination": name,
+                "ready": c.ready,
+                "scheduled": c.scheduled,
+                "in_flight": c.in_flight,
+                "oldest_age_seconds": c.oldest_received_ms.map(|r| now.saturating_sub(r) / 1000),
+            })
+        })
+        .collect();
+    let totals = state.engine.scheduler().totals();
+    Json(json!({
+        "destinations": destinations,
+        "totals": {"ready": totals.ready, "scheduled": totals.scheduled, "in_flight": totals.in_flight},
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.engine.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}

@@ -1,0 +1,470 @@
+//! The TOML configuration (contract §2). Every key is optional; unknown keys are errors.
+
+use rate_limiter::{Limits, Matcher, Rate, Rule};
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a value of the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value that parsed but makes no sense.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, e.g. `shaping[2].max_message_rate`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A duration written like `"90s"`, `"5m"` or `"4d12h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+fn secs(n: u64) -> HumanDuration {
+    HumanDuration(Duration::from_secs(n))
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[spool]`
+    pub spool: SpoolConfig,
+    /// `[http]`
+    pub http: HttpConfig,
+    /// `[smtp_listener]`
+    pub smtp_listener: SmtpListenerConfig,
+    /// `[dns]`
+    pub dns: DnsConfig,
+    /// `[delivery]`
+    pub delivery: DeliveryConfig,
+    /// `[retry]`
+    pub retry: RetryConfig,
+    /// `[[route]]`
+    pub route: Vec<RouteConfig>,
+    /// `[accounting]`
+    pub accounting: AccountingConfig,
+    /// `[[shaping]]`
+    pub shaping: Vec<ShapingConfig>,
+    /// `[[automation]]`
+    pub automation: Vec<AutomationConfig>,
+    /// `[[dkim]]`
+    pub dkim: Vec<DkimConfig>,
+    /// `[bounce_processing]`
+    pub bounce_processing: BounceProcessingConfig,
+}
+
+/// `[spool]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory of the RocksDB spool and state.
+    pub path: PathBuf,
+    /// Sync every accepted message to disk before answering (extension; default true).
+    pub sync: bool,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            path: PathBuf::from("./drover-data"),
+            sync: true,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the inject/admin API, `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+    /// Bearer tokens; when non-empty every `/api/` call needs one.
+    pub api_tokens: Vec<String>,
+    /// Largest accepted request body in bytes (extension; default 64 MiB). Larger: 413.
+    pub max_body_size: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            api_tokens: Vec::new(),
+            max_body_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[smtp_listener]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpListenerConfig {
+    /// Address of the SMTP injection listener.
+    pub listen: SocketAddr,
+    /// Clients that may relay without AUTH (CIDR).
+    pub relay_networks: Vec<String>,
+    /// Largest accepted message (extension; default 50 MiB).
+    pub max_message_size: u64,
+}
+
+impl Default for SmtpListenerConfig {
+    fn default() -> Self {
+        SmtpListenerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2025)),
+            relay_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            max_message_size: 50 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[dns]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// `ip:port` name servers; empty = the system resolver configuration.
+    pub nameservers: Vec<String>,
+    /// Per-query timeout (extension).
+    pub timeout: HumanDuration,
+    /// Attempts per query (extension).
+    pub attempts: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout: secs(5),
+            attempts: 2,
+        }
+    }
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// EHLO name; empty = the machine's hostname.
+    pub ehlo_name: String,
+    /// Destination port for every MX.
+    pub smtp_port: u16,
+    /// Idle sessions are closed (QUIT) after this long (extension).
+    pub idle_timeout: HumanDuration,
+    /// TCP connect timeout (extension).
+    pub connect_timeout: HumanDuration,
+    /// Timeout for each reply before DATA (extension; RFC 5321 says 5 min).
+    pub command_timeout: HumanDuration,
+    /// Timeout for the reply to the final dot (extension; RFC 5321 says 10 min).
+    pub data_timeout: HumanDuration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            ehlo_name: String::new(),
+            smtp_port: 25,
+            idle_timeout: secs(30),
+            connect_timeout: secs(30),
+            command_timeout: secs(300),
+            data_timeout: secs(600),
+        }
+    }
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delay before each retry; the last one repeats.
+    pub intervals: Vec<HumanDuration>,
+    /// Age at which a message expires.
+    pub max_age: HumanDuration,
+    /// First retry after a reply that looks like greylisting.
+    pub greylist_retry: HumanDuration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let m = |n: u64| secs(60 * n);
+        RetryConfig {
+            intervals: vec![m(5), m(10), m(20), m(40), m(80), m(160)],
+            max_age: secs(4 * 86_400),
+            greylist_retry: m(5),
+        }
+    }
+}
+
+/// `[[route]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Domain, or `*` for every domain.
+    pub domain: String,
+    /// `host:port` list, tried in order.
+    pub hosts: Vec<String>,
+}
+
+/// `[accounting]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountingConfig {
+    /// JSON Lines file; empty = `<spool.path>/accounting.jsonl`.
+    pub path: String,
+}
+
+/// `[[shaping]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapingConfig {
+    /// Domain, glob, `mx:` suffix or `*`.
+    #[serde(rename = "match")]
+    pub matches: String,
+    /// Concurrent sessions.
+    pub max_connections: Option<usize>,
+    /// `N/s`, `N/m`, `N/h`.
+    pub max_message_rate: Option<String>,
+    /// New connections per time unit.
+    pub max_connection_rate: Option<String>,
+    /// Messages per session.
+    pub max_deliveries_per_connection: Option<u32>,
+    /// Concurrent sessions while in backoff.
+    pub backoff_max_connections: Option<usize>,
+    /// Message rate while in backoff.
+    pub backoff_max_message_rate: Option<String>,
+    /// Connection rate while in backoff.
+    pub backoff_max_connection_rate: Option<String>,
+}
+
+/// `[[automation]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutomationConfig {
+    /// Regex over `"<code> <enhanced> <text>"`.
+    pub match_response: String,
+    /// `suspend`, `backoff` or `bounce`.
+    pub action: String,
+    /// How long the action lasts.
+    pub duration: Option<HumanDuration>,
+}
+
+/// `[[dkim]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimConfig {
+    /// Signing domain.
+    pub domain: String,
+    /// Selector.
+    pub selector: String,
+    /// PEM private key (RSA or Ed25519).
+    pub key_file: PathBuf,
+}
+
+/// `[bounce_processing]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BounceProcessingConfig {
+    /// Domains whose mail is parsed as DSN/ARF, never relayed.
+    pub domains: Vec<String>,
+    /// Rewrite the envelope sender as VERP.
+    pub verp: bool,
+}
+
+fn invalid(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.to_string(),
+    }
+}
+
+impl Config {
+    /// Parses TOML text and validates it.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.http.listen.ip().is_loopback() && self.http.api_tokens.is_empty() {
+            return Err(invalid(
+                "http.api_tokens",
+                "a non-loopback http.listen needs at least one API token",
+            ));
+        }
+        for (i, ns) in self.dns.nameservers.iter().enumerate() {
+            ns.parse::<SocketAddr>()
+                .map_err(|_| invalid(format!("dns.nameservers[{i}]"), format!("{ns:?} is not ip:port")))?;
+        }
+        if self.retry.intervals.iter().any(|d| d.0.is_zero()) {
+            return Err(invalid("retry.intervals", "intervals must be positive"));
+        }
+        for (i, r) in self.route.iter().enumerate() {
+            if r.domain.trim().is_empty() {
+                return Err(invalid(format!("route[{i}].domain"), "empty domain"));
+            }
+            if r.hosts.is_empty() {
+                return Err(invalid(format!("route[{i}].hosts"), "no hosts"));
+            }
+            for (j, h) in r.hosts.iter().enumerate() {
+                h.parse::<SocketAddr>().map_err(|_| {
+                    invalid(format!("route[{i}].hosts[{j}]"), format!("{h:?} is not ip:port"))
+                })?;
+            }
+        }
+        self.shaping_rules()?;
+        for (i, a) in self.automation.iter().enumerate() {
+            regex::Regex::new(&a.match_response)
+                .map_err(|e| invalid(format!("automation[{i}].match_response"), e))?;
+            if !matches!(a.action.as_str(), "suspend" | "backoff" | "bounce") {
+                return Err(invalid(
+                    format!("automation[{i}].action"),
+                    format!("{:?} is not suspend, backoff or bounce", a.action),
+                ));
+            }
+        }
+        for (i, d) in self.dkim.iter().enumerate() {
+            if d.domain.is_empty() || d.selector.is_empty() {
+                return Err(invalid(format!("dkim[{i}]"), "domain and selector are required"));
+            }
+        }
+        for net in &self.smtp_listener.relay_networks {
+            parse_cidr(net).ok_or_else(|| {
+                invalid("smtp_listener.relay_networks", format!("{net:?} is not a CIDR network"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The `[[shaping]]` table as rate-limiter rules (the `*` rule, if any, is the default).
+    pub fn shaping_rules(&self) -> Result<Vec<Rule>, ConfigError> {
+        self.shaping
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let key = |k: &str| format!("shaping[{i}].{k}");
+                let matcher: Matcher = s.matches.parse().map_err(|e| invalid(key("match"), e))?;
+                let rate = |v: &Option<String>, k: &str| -> Result<Option<Rate>, ConfigError> {
+                    v.as_deref()
+                        .map(|r| r.parse::<Rate>().map_err(|e| invalid(key(k), e)))
+                        .transpose()
+                };
+                rate(&s.backoff_max_message_rate, "backoff_max_message_rate")?;
+                rate(&s.backoff_max_connection_rate, "backoff_max_connection_rate")?;
+                let defaults = Limits::default();
+                let limits = Limits {
+                    max_connections: s.max_connections.unwrap_or(defaults.max_connections),
+                    max_message_rate: rate(&s.max_message_rate, "max_message_rate")?,
+                    max_connection_rate: rate(&s.max_connection_rate, "max_connection_rate")?,
+                    max_deliveries_per_connection: s
+                        .max_deliveries_per_connection
+                        .unwrap_or(defaults.max_deliveries_per_connection),
+                };
+                if limits.max_connections == 0 {
+                    return Err(invalid(key("max_connections"), "must be at least 1"));
+                }
+                if limits.max_deliveries_per_connection == 0 {
+                    return Err(invalid(key("max_deliveries_per_connection"), "must be at least 1"));
+                }
+                Ok(Rule { matcher, limits })
+            })
+            .collect()
+    }
+
+    /// Where accounting records go.
+    pub fn accounting_path(&self) -> PathBuf {
+        if self.accounting.path.is_empty() {
+            self.spool.path.join("accounting.jsonl")
+        } else {
+            PathBuf::from(&self.accounting.path)
+        }
+    }
+}
+
+/// Parses `ip/len`.
+pub fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let ip: std::net::IpAddr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((ip, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8025");
+        assert_eq!(c.retry.intervals.len(), 6);
+        assert_eq!(c.retry.max_age.0, Duration::from_secs(4 * 86_400));
+        assert_eq!(c.accounting_path(), PathBuf::from("./drover-data/accounting.jsonl"));
+    }
+
+    #[test]
+    fn the_contract_example_parses() {
+        let text = include_str!("../../../deploy/drover.example.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.route[0].domain, "example.test");
+        assert_eq!(c.retry.intervals[4].0, Duration::from_secs(4800));
+        assert_eq!(c.shaping_rules().unwrap().len(), c.shaping.len());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("[spool]\npth = \"x\"\n").unwrap_err().to_string();
+        assert!(err.contains("pth"), "{err}");
+        let err = Config::parse("[nope]\n").unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            ("[[shaping]]\nmatch = \"*\"\nmax_message_rate = \"fast\"\n", "shaping[0].max_message_rate"),
+            ("[retry]\nmax_age = \"soon\"\n", "max_age"),
+            ("[http]\nlisten = \"0.0.0.0:8025\"\n", "http.api_tokens"),
+            ("[[automation]]\nmatch_response = \"(\"\naction = \"suspend\"\n", "automation[0].match_response"),
+            ("[[automation]]\nmatch_response = \"x\"\naction = \"explode\"\n", "automation[0].action"),
+            ("[dns]\nnameservers = [\"localhost\"]\n", "dns.nameservers[0]"),
+            ("[[route]]\ndomain = \"a.test\"\nhosts = [\"nowhere\"]\n", "route[0].hosts[0]"),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Turning an inject request into one RFC 5322 message per recipient.
+//!
+//! Templates use `{{ var }}` (minijinja). The header section and the body of a raw message are
+//! rendered separately: values substituted into headers have CR and LF replaced by spaces, so a
+//! recipient's name can never inject a header, while the body gets values verbatim.
+
+use minijinja::{Environment, UndefinedBehavior};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Headers copied from each message into its accounting records (contract §4).
+pub const TRACKED_HEADERS: &[&str] = &[
+    "X-Complaints-To",
+    "Feedback-ID",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "X-Campaign",
+];
+
+/// The body of `POST /api/inject/v1`. Field names follow KumoMTA's inject API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectRequest {
+    /// Envelope sender ("" for the null sender).
+    pub envelope_sender: String,
+    /// Raw message or a builder object.
+    pub content: Content,
+    /// Recipients; each becomes its own queued message.
+    pub recipients: Vec<Recipient>,
+    /// Request-wide template values.
+    #[serde(default)]
+    pub substitutions: Map<String, Value>,
+    /// Campaign name.
+    #[serde(default)]
+    pub campaign: Option<String>,
+    /// Tenant name.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Accepted for compatibility with KumoMTA clients; Drover's templates are always Jinja.
+    #[serde(default)]
+    pub template_dialect: Option<Value>,
+    /// Accepted for compatibility with KumoMTA clients; Drover always spools before answering.
+    #[serde(default)]
+    pub deferred_spool: Option<Value>,
+    /// Accepted for compatibility with KumoMTA clients.
+    #[serde(default)]
+    pub deferred_generation: Option<Value>,
+    /// Accepted for compatibility with KumoMTA clients.
+    #[serde(default)]
+    pub trace_headers: Option<Value>,
+}
+
+/// `content`: a raw message or a description to build one from.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// A complete RFC 5322 message (a template).
+    Raw(String),
+    /// Parts to build a MIME message from.
+    Builder(Box<Builder>),
+}
+
+/// An address with an optional display name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedAddress {
+    /// The address.
+    pub email: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// The builder form of `content`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Builder {
+    /// From header.
+    pub from: NamedAddress,
+    /// Subject (a template).
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// Plain-text part (a template).
+    #[serde(default)]
+    pub text_body: Option<String>,
+    /// HTML part (a template).
+    #[serde(default)]
+    pub html_body: Option<String>,
+    /// Extra headers (values are templates).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Reply-To header.
+    #[serde(default)]
+    pub reply_to: Option<NamedAddress>,
+}
+
+/// One recipient.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipient {
+    /// Address.
+    pub email: String,
+    /// Display name, also the `name` template value.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Recipient template values, over the request's.
+    #[serde(default)]
+    pub substitutions: Map<String, Value>,
+}
+
+/// A template that cannot be compiled is the whole request's fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TemplateError(pub String);
+
+/// Compiled templates for one request.
+pub struct Renderer {
+    env: Environment<'static>,
+    kind: Kind,
+}
+
+enum Kind {
+    Raw,
+    Builder(Box<Builder>),
+}
+
+fn add(env: &mut Environment<'static>, name: &'static str, source: &str) -> Result<(), TemplateError> {
+    env.add_template_owned(name, source.to_owned())
+        .map_err(|e| TemplateError(format!("template error in {name}: {e}")))
+}
+
+/// Splits a raw message at its first empty line. `(headers, body)`; the separator is in neither.
+fn split_message(raw: &str) -> (&str, &str) {
+    for sep in ["\r\n\r\n", "\n\n"] {
+        if let Some(i) = raw.find(sep) {
+            // The earliest separator wins, whichever line ending it uses.
+            let other = if sep == "\r\n\r\n" { raw.find("\n\n") } else { raw.find("\r\n\r\n") };
+            if other.is_none_or(|j| i <= j) {
+                return (&raw[..i], &raw[i + sep.len()..]);
+            }
+        }
+    }
+    (raw, "")
+}
+
+impl Renderer {
+    /// Compiles the request's templates.
+    pub fn new(content: Content) -> Result<Renderer, TemplateError> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        // Messages are not HTML documents to escape; values go in as given.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.set_keep_trailing_newline(true);
+        let kind = match content {
+            Content::Raw(raw) => {
+                if raw.trim().is_empty() {
+                    return Err(TemplateError("content is empty".into()));
+                }
+                let (head, body) = split_message(&raw);
+                add(&mut env, "headers", head)?;
+                add(&mut env, "body", body)?;
+                Kind::Raw
+            }
+            Content::Builder(b) => {
+                smtp_proto::validate_mailbox(&b.from.email)
+                    .map_err(|e| TemplateError(format!("content.from: {e}")))?;
+                add(&mut env, "subject", b.subject.as_deref().unwrap_or(""))?;
+                add(&mut env, "text", b.text_body.as_deref().unwrap_or(""))?;
+                add(&mut env, "html", b.html_body.as_deref().unwrap_or(""))?;
+                if b.text_body.is_none() && b.html_body.is_none() {
+                    return Err(TemplateError("content needs text_body or html_body".into()));
+                }
+                for (name, value) in &b.headers {
+                    if name.is_empty()
+                        || !name.bytes().all(|c| c.is_ascii_graphic() && c != b':')
+                    {
+                        return Err(TemplateError(format!("content.headers: invalid header name {name:?}")));
+                    }
+                    env.add_template_owned(format!("h:{name}"), value.clone())
+                        .map_err(|e| TemplateError(format!("template error in header {name}: {e}")))?;
+                }
+                Kind::Builder(b)
+            }
+        };
+        Ok(Renderer { env, kind })
+    }
+
+    fn render(&self, name: &str, ctx: &Map<String, Value>) -> Result<String, String> {
+        self.env
+            .get_template(name)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| format!("template error: {e}"))
+    }
+
+    /// Renders the message for one recipient, with CRLF line endings and the headers every
+    /// message needs (Message-ID, Date) added when the template lacks them.
+    pub fn render_for(
+        &self,
+        request_subs: &Map<String, Value>,
+        recipient: &Recipient,
+        id: &str,
+        sender_domain: &str,
+    ) -> Result<Vec<u8>, String> {
+        let mut ctx = request_subs.clone();
+        for (k, v) in &recipient.substitutions {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("email".into(), Value::String(recipient.email.clone()));
+        ctx.insert(
+            "name".into(),
+            Value::String(recipient.name.clone().unwrap_or_default()),
+        );
+        let header_ctx = header_safe(&ctx);
+        let message = match &self.kind {
+            Kind::Raw => {
+                let head = self.render("headers", &header_ctx)?;
+                let body = self.render("body", &ctx)?;
+                let head = complete_headers(&head, id, sender_domain);
+                let mut out = String::with_capacity(head.len() + body.len() + 4);
+                out.push_str(&head);
+                out.push_str("\r\n\r\n");
+                out.push_str(&body);
+                to_crlf(out.as_bytes())
+            }
+            Kind::Builder(b) => self.build(b, &ctx, &header_ctx, recipient, id, sender_domain)?,
+        };
+        Ok(message)
+    }
+
+    fn build(
+        &self,
+        b: &Builder,
+        ctx: &Map<String, Value>,
+        header_ctx: &Map<String, Value>,
+        recipient: &Recipient,
+        id: &str,
+        sender_domain: &str,
+    ) -> Result<Vec<u8>, String> {
+        use mail_builder::headers::address::Address;
+        use mail_builder::headers::raw::Raw;
+        use mail_builder::MessageBuilder;
+        let addr = |a: &NamedAddress| -> Address<'static> {
+            Address::new_address(a.name.clone(), a.email.clone())
+        };
+        let mut mb = MessageBuilder::new()
+            .from(addr(&b.from))
+            .to(Address::new_address(
+                recipient.name.as_ref().map(|n| n.replace(['\r', '\n'], " ")),
+                recipient.email.clone(),
+            ))
+            .subject(self.render("subject", header_ctx)?)
+            .message_id(format!("{id}@{sender_domain}"));
+        if let Some(r) = &b.reply_to {
+            mb = mb.reply_to(addr(r));
+        }
+        for name in b.headers.keys() {
+            let value = self.render(&format!("h:{name}"), header_ctx)?;
+            mb = mb.header(name.clone(), Raw::new(value));
+        }
+        if b.text_body.is_some() {
+            mb = mb.text_body(self.render("text", ctx)?);
+        }
+        if b.html_body.is_some() {
+            mb = mb.html_body(self.render("html", ctx)?);
+        }
+        mb.write_to_vec()
+            .map(|m| to_crlf(&m))
+            .map_err(|e| format!("cannot build message: {e}"))
+    }
+}
+
+fn header_safe(ctx: &Map<String, Value>) -> Map<String, Value> {
+    fn clean(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(s.replace(['\r', '\n'], " ")),
+            Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
+            Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), clean(v))).collect()),
+            other => other.clone(),
+        }
+    }
+    ctx.iter().map(|(k, v)| (k.clone(), clean(v))).collect()
+}
+
+/// Names of the header fields present in a header section (lower-cased).
+fn header_names(head: &str) -> impl Iterator<Item = String> + '_ {
+    head.lines()
+        .filter(|l| !l.starts_with([' ', '\t']))
+        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_ascii_lowercase()))
+}
+
+fn complete_headers(head: &str, id: &str, sender_domain: &str) -> String {
+    let head = head.trim_end_matches(['\r', '\n']);
+    let names: Vec<String> = header_names(head).collect();
+    let mut out = head.replace("\r\n", "\n").replace('\n', "\r\n");
+    if !names.iter().any(|n| n == "message-id") {
+        out.push_str(&format!("\r\nMessage-ID: <{id}@{sender_domain}>"));
+    }
+    if !names.iter().any(|n| n == "date") {
+        let now = time::OffsetDateTime::now_utc();
+        let date = now
+            .format(&time::format_description::well_known::Rfc2822)
+            .unwrap_or_default();
+        out.push_str(&format!("\r\nDate: {date}"));
+    }
+    out
+}
+
+/// Normalises line endings to CRLF (bare LF and bare CR alike).
+pub fn to_crlf(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 50);
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                if input.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The tracked headers of a message (first occurrence of each, unfolded).
+pub fn tracked_headers(message: &[u8]) -> BTreeMap<String, String> {
+    let text = String::from_utf8_lossy(message);
+    let (head, _) = split_message(&text);
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    let flush = |cur: Option<(String, String)>, out: &mut BTreeMap<String, String>| {
+        if let Some((name, value)) = cur {
+            if let Some(canonical) = TRACKED_HEADERS.iter().find(|t| t.eq_ignore_ascii_case(&name)) {
+                out.entry((*canonical).to_owned()).or_insert(value);
+            }
+        }
+    };
+    for line in head.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, v)) = current.as_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        flush(current.take(), &mut out);
+        current = line
+            .split_once(':')
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()));
+    }
+    flush(current, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(content: Value) -> InjectRequest {
+        serde_json::from_value(serde_json::json!({
+            "envelope_sender": "b@news.example.com",
+            "content": content,
+            "recipients": [{"email": "ann@example.test", "name": "Ann\r\nBcc: evil@x.test", "substitutions": {"plan": "gold"}}],
+            "substitutions": {"plan": "silver", "campaign_name": "nov"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn raw_templates_render_with_overlay_and_safe_headers() {
+        let r = req(Value::String(
+            "From: n@example.com\nSubject: Hi {{ name }}\nX-Campaign: {{ campaign_name }}\n\nDear {{ name }}, plan {{ plan }} for {{ email }}.{{ missing }}\n".into(),
+        ));
+        let renderer = Renderer::new(r.content).unwrap();
+        let out = renderer
+            .render_for(&r.substitutions, &r.recipients[0], "abc", "news.example.com")
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("Subject: Hi Ann  Bcc: evil@x.test\r\n"), "{text}");
+        let head = text.split("\r\n\r\n").next().unwrap();
+        assert!(!head.contains("\r\nBcc:"), "{head}");
+        assert!(text.contains("\r\n\r\nDear Ann\r\nBcc: evil@x.test, plan gold for ann@example.test.\r\n"), "{text}");
+        assert!(text.contains("Message-ID: <abc@news.example.com>\r\n"));
+        assert!(text.contains("\r\nDate: "));
+        assert!(!text.replace("\r\n", "").contains('\n'), "only CRLF line endings");
+        let tracked = tracked_headers(text.as_bytes());
+        assert_eq!(tracked.get("X-Campaign").map(String::as_str), Some("nov"));
+    }
+
+    #[test]
+    fn bad_templates_are_request_errors() {
+        let r = req(Value::String("Subject: {{ oops\n\nx".into()));
+        assert!(Renderer::new(r.content).is_err());
+        let r = req(Value::String("   ".into()));
+        assert!(Renderer::new(r.content).is_err());
+    }
+
+    #[test]
+    fn builder_makes_a_mime_message() {
+        let r = req(serde_json::json!({
+            "from": {"email": "news@example.com", "name": "News"},
+            "subject": "Hello {{ name }}",
+            "text_body": "Hi {{ name }}, {{ plan }}",
+            "html_body": "<p>Hi {{ name }}</p>",
+            "headers": {"X-Campaign": "{{ campaign_name }}"},
+        }));
+        let renderer = Renderer::new(r.content).unwrap();
+        let out = renderer
+            .render_for(&r.substitutions, &r.recipients[0], "abc", "news.example.com")
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("multipart/alternative"), "{text}");
+        assert!(text.contains("X-Campaign: nov"), "{text}");
+        assert!(text.contains("Message-ID: <abc@news.example.com>"), "{text}");
+        let head = text.split("\r\n\r\n").next().unwrap();
+        assert!(!head.contains("\r\nBcc:"), "{head}");
+        assert!(!text.replace("\r\n", "").contains('\n'), "only CRLF line endings");
+    }
+
+    #[test]
+    fn crlf_normalisation() {
+        assert_eq!(to_crlf(b"a\nb\r\nc\rd"), b"a\r\nb\r\nc\r\nd");
+    }
+}

@@ -1,0 +1,102 @@
+//! `drover serve`: the engine with its listeners, and graceful shutdown.
+
+use crate::api::{router, AppState};
+use crate::config::Config;
+use crate::engine::{Engine, EngineError};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The process-wide Prometheus recorder (the `metrics` facade allows one).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "drover_delivery_duration_seconds".into(),
+                    ),
+                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then this handle renders nothing,
+            // which tests that run several engines in one process accept.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// A running engine with its HTTP listener.
+pub struct Running {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Where the HTTP API listens (useful with port 0).
+    pub http_addr: SocketAddr,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The engine did not start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Starts the engine and its listeners.
+pub async fn start(config: Config) -> Result<Running, ServeError> {
+    let handle = metrics_handle();
+    let listen = config.http.listen;
+    let engine = Engine::start(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr: listen, source })?;
+    let app = router(AppState {
+        engine: Arc::clone(&engine),
+        metrics: handle,
+    });
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            stopped.cancelled().await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(%http_addr, "drover is serving");
+    Ok(Running {
+        engine,
+        http_addr,
+        stop,
+        server,
+    })
+}
+
+impl Running {
+    /// Graceful stop: refuse new work, finish in-flight deliveries (up to `grace`), flush.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        let engine_stop = self.engine.shutdown(grace);
+        let _ = tokio::join!(engine_stop, self.server);
+    }
+}
