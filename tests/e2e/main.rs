@@ -1,1 +1,12 @@
-//! End-to-end tests: real engine, real sink, real RocksDB, on loopback.
+//! End-to-end tests: the real engine, a real SMTP sink, a real RocksDB spool, on loopback.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+mod delivery;
+mod harness;
+mod inject;
+mod process;

@@ -135,24 +135,88 @@ mod tests {
     #[test]
     fn table() {
         let cases: &[(u16, Option<&str>, &str, BounceCategory)] = &[
-            (550, Some("5.1.1"), "No such user", BounceCategory::BadMailbox),
-            (550, None, "User unknown in virtual mailbox table", BounceCategory::BadMailbox),
-            (450, Some("4.2.0"), "Greylisted, try again later", BounceCategory::Greylisted),
-            (451, None, "Greylisting in action", BounceCategory::Greylisted),
-            (421, Some("4.7.28"), "unusual rate of unsolicited mail", BounceCategory::RateLimited),
-            (421, Some("4.7.0"), "[TSS04] Messages temporarily deferred", BounceCategory::RateLimited),
-            (452, Some("4.2.2"), "Mailbox full", BounceCategory::QuotaIssues),
-            (550, Some("5.2.1"), "Account disabled", BounceCategory::InactiveMailbox),
-            (554, Some("5.7.1"), "Listed by Spamhaus", BounceCategory::SpamRelated),
-            (550, Some("5.7.26"), "DMARC policy", BounceCategory::PolicyRelated),
+            (
+                550,
+                Some("5.1.1"),
+                "No such user",
+                BounceCategory::BadMailbox,
+            ),
+            (
+                550,
+                None,
+                "User unknown in virtual mailbox table",
+                BounceCategory::BadMailbox,
+            ),
+            (
+                450,
+                Some("4.2.0"),
+                "Greylisted, try again later",
+                BounceCategory::Greylisted,
+            ),
+            (
+                451,
+                None,
+                "Greylisting in action",
+                BounceCategory::Greylisted,
+            ),
+            (
+                421,
+                Some("4.7.28"),
+                "unusual rate of unsolicited mail",
+                BounceCategory::RateLimited,
+            ),
+            (
+                421,
+                Some("4.7.0"),
+                "[TSS04] Messages temporarily deferred",
+                BounceCategory::RateLimited,
+            ),
+            (
+                452,
+                Some("4.2.2"),
+                "Mailbox full",
+                BounceCategory::QuotaIssues,
+            ),
+            (
+                550,
+                Some("5.2.1"),
+                "Account disabled",
+                BounceCategory::InactiveMailbox,
+            ),
+            (
+                554,
+                Some("5.7.1"),
+                "Listed by Spamhaus",
+                BounceCategory::SpamRelated,
+            ),
+            (
+                550,
+                Some("5.7.26"),
+                "DMARC policy",
+                BounceCategory::PolicyRelated,
+            ),
             (550, Some("5.1.10"), "null MX", BounceCategory::BadDomain),
-            (554, Some("5.4.6"), "Routing loop detected", BounceCategory::RoutingErrors),
+            (
+                554,
+                Some("5.4.6"),
+                "Routing loop detected",
+                BounceCategory::RoutingErrors,
+            ),
             (554, None, "Transaction failed", BounceCategory::Other),
             // A permanent reply never counts as greylisting, whatever it says.
-            (550, Some("5.2.0"), "greylisted forever", BounceCategory::Other),
+            (
+                550,
+                Some("5.2.0"),
+                "greylisted forever",
+                BounceCategory::Other,
+            ),
         ];
         for (code, enhanced, text, want) in cases {
-            assert_eq!(classify(*code, *enhanced, text), *want, "{code} {enhanced:?} {text}");
+            assert_eq!(
+                classify(*code, *enhanced, text),
+                *want,
+                "{code} {enhanced:?} {text}"
+            );
         }
     }
 
@@ -160,6 +224,9 @@ mod tests {
     fn names_are_kebab_case() {
         let json = serde_json::to_string(&BounceCategory::NoAnswerFromHost).unwrap();
         assert_eq!(json, "\"no-answer-from-host\"");
-        assert_eq!(BounceCategory::NoAnswerFromHost.as_str(), "no-answer-from-host");
+        assert_eq!(
+            BounceCategory::NoAnswerFromHost.as_str(),
+            "no-answer-from-host"
+        );
     }
 }

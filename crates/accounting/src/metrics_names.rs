@@ -28,8 +28,6 @@ pub(crate) fn count(record: &Record) {
             metrics::counter!(BOUNCED, "category" => category.as_str()).increment(1)
         }
         RecordType::Expiration => metrics::counter!(EXPIRED).increment(1),
-        RecordType::Reception
-        | RecordType::AsyncBounce
-        | RecordType::Complaint => {}
+        RecordType::Reception | RecordType::AsyncBounce | RecordType::Complaint => {}
     }
 }

@@ -39,7 +39,9 @@ pub struct Accounting {
 
 impl std::fmt::Debug for Accounting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Accounting").field("path", &self.path).finish()
+        f.debug_struct("Accounting")
+            .field("path", &self.path)
+            .finish()
     }
 }
 

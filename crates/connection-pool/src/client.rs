@@ -1,6 +1,8 @@
 //! One outbound SMTP session.
 
-use smtp_proto::{parse_reply, Capabilities, Command, DotStuffer, ProtoError, Reply, MAX_REPLY_LINE};
+use smtp_proto::{
+    parse_reply, Capabilities, Command, DotStuffer, ProtoError, Reply, MAX_REPLY_LINE,
+};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -254,7 +256,11 @@ impl SmtpClient {
 
     async fn hello(&mut self, ehlo_name: &str) -> Result<(), ClientError> {
         let reply = self
-            .command(&Command::Ehlo(ehlo_name.to_owned()), "EHLO", self.timeouts.ehlo)
+            .command(
+                &Command::Ehlo(ehlo_name.to_owned()),
+                "EHLO",
+                self.timeouts.ehlo,
+            )
             .await?;
         if reply.is_positive() {
             self.capabilities = Capabilities::from_ehlo(&reply);
@@ -267,7 +273,11 @@ impl SmtpClient {
             });
         }
         let reply = self
-            .command(&Command::Helo(ehlo_name.to_owned()), "HELO", self.timeouts.ehlo)
+            .command(
+                &Command::Helo(ehlo_name.to_owned()),
+                "HELO",
+                self.timeouts.ehlo,
+            )
             .await?;
         if reply.is_positive() {
             self.capabilities = Capabilities::default();
@@ -320,7 +330,9 @@ impl SmtpClient {
                     // 421: the server is closing the channel (RFC 5321 §3.8).
                     self.broken = true;
                 } else if tx.needs_reset() {
-                    let reply = self.command(&Command::Rset, "RSET", self.timeouts.other).await;
+                    let reply = self
+                        .command(&Command::Rset, "RSET", self.timeouts.other)
+                        .await;
                     if !reply.is_ok_and(|r| r.is_positive()) {
                         self.broken = true;
                     }
@@ -429,7 +441,9 @@ impl SmtpClient {
             }
         }
         let data = if rcpt_replies.iter().any(Reply::is_positive) {
-            let reply = self.command(&Command::Data, "DATA", self.timeouts.data).await?;
+            let reply = self
+                .command(&Command::Data, "DATA", self.timeouts.data)
+                .await?;
             if reply.code == 354 {
                 Some(self.send_body(message).await?)
             } else {
@@ -531,14 +545,21 @@ impl SmtpClient {
     /// Says QUIT and closes; errors are irrelevant at this point.
     pub async fn quit(mut self) {
         if !self.broken {
-            let _ = self.command(&Command::Quit, "QUIT", self.timeouts.other.min(Duration::from_secs(5))).await;
+            let _ = self
+                .command(
+                    &Command::Quit,
+                    "QUIT",
+                    self.timeouts.other.min(Duration::from_secs(5)),
+                )
+                .await;
         }
         let _ = self.stream.shutdown().await;
     }
 }
 
 fn encode(command: &Command, name: &'static str, out: &mut Vec<u8>) -> Result<(), ClientError> {
-    command
-        .encode(out)
-        .map_err(|source| ClientError::Encode { command: name, source })
+    command.encode(out).map_err(|source| ClientError::Encode {
+        command: name,
+        source,
+    })
 }

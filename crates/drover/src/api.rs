@@ -52,7 +52,9 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    tokens.iter().any(|t| constant_time_eq(t.as_bytes(), presented.trim().as_bytes()))
+    tokens
+        .iter()
+        .any(|t| constant_time_eq(t.as_bytes(), presented.trim().as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -85,7 +87,12 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     }
     let request: InjectRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+            )
+        }
     };
     let sender = request.envelope_sender.trim().to_owned();
     if !sender.is_empty() {
@@ -123,7 +130,12 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
             }
         };
         let id = MessageId::generate();
-        let body = match renderer.render_for(&request.substitutions, recipient, &id.to_string(), &sender_domain) {
+        let body = match renderer.render_for(
+            &request.substitutions,
+            recipient,
+            &id.to_string(),
+            &sender_domain,
+        ) {
             Ok(b) => b,
             Err(e) => {
                 failed_recipients.push(recipient.email.clone());
@@ -133,7 +145,11 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         };
         if body.len() as u64 > max_size {
             failed_recipients.push(recipient.email.clone());
-            errors.push(format!("{}: message of {} bytes exceeds the limit of {max_size}", recipient.email, body.len()));
+            errors.push(format!(
+                "{}: message of {} bytes exceeds the limit of {max_size}",
+                recipient.email,
+                body.len()
+            ));
             continue;
         }
         let meta = MessageMeta {

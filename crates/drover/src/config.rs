@@ -324,8 +324,12 @@ impl Config {
             ));
         }
         for (i, ns) in self.dns.nameservers.iter().enumerate() {
-            ns.parse::<SocketAddr>()
-                .map_err(|_| invalid(format!("dns.nameservers[{i}]"), format!("{ns:?} is not ip:port")))?;
+            ns.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    format!("dns.nameservers[{i}]"),
+                    format!("{ns:?} is not ip:port"),
+                )
+            })?;
         }
         if self.retry.intervals.iter().any(|d| d.0.is_zero()) {
             return Err(invalid("retry.intervals", "intervals must be positive"));
@@ -339,7 +343,10 @@ impl Config {
             }
             for (j, h) in r.hosts.iter().enumerate() {
                 h.parse::<SocketAddr>().map_err(|_| {
-                    invalid(format!("route[{i}].hosts[{j}]"), format!("{h:?} is not ip:port"))
+                    invalid(
+                        format!("route[{i}].hosts[{j}]"),
+                        format!("{h:?} is not ip:port"),
+                    )
                 })?;
             }
         }
@@ -356,12 +363,18 @@ impl Config {
         }
         for (i, d) in self.dkim.iter().enumerate() {
             if d.domain.is_empty() || d.selector.is_empty() {
-                return Err(invalid(format!("dkim[{i}]"), "domain and selector are required"));
+                return Err(invalid(
+                    format!("dkim[{i}]"),
+                    "domain and selector are required",
+                ));
             }
         }
         for net in &self.smtp_listener.relay_networks {
             parse_cidr(net).ok_or_else(|| {
-                invalid("smtp_listener.relay_networks", format!("{net:?} is not a CIDR network"))
+                invalid(
+                    "smtp_listener.relay_networks",
+                    format!("{net:?} is not a CIDR network"),
+                )
             })?;
         }
         Ok(())
@@ -381,7 +394,10 @@ impl Config {
                         .transpose()
                 };
                 rate(&s.backoff_max_message_rate, "backoff_max_message_rate")?;
-                rate(&s.backoff_max_connection_rate, "backoff_max_connection_rate")?;
+                rate(
+                    &s.backoff_max_connection_rate,
+                    "backoff_max_connection_rate",
+                )?;
                 let defaults = Limits::default();
                 let limits = Limits {
                     max_connections: s.max_connections.unwrap_or(defaults.max_connections),
@@ -395,7 +411,10 @@ impl Config {
                     return Err(invalid(key("max_connections"), "must be at least 1"));
                 }
                 if limits.max_deliveries_per_connection == 0 {
-                    return Err(invalid(key("max_deliveries_per_connection"), "must be at least 1"));
+                    return Err(invalid(
+                        key("max_deliveries_per_connection"),
+                        "must be at least 1",
+                    ));
                 }
                 Ok(Rule { matcher, limits })
             })
@@ -431,7 +450,10 @@ mod tests {
         assert_eq!(c.http.listen.to_string(), "127.0.0.1:8025");
         assert_eq!(c.retry.intervals.len(), 6);
         assert_eq!(c.retry.max_age.0, Duration::from_secs(4 * 86_400));
-        assert_eq!(c.accounting_path(), PathBuf::from("./drover-data/accounting.jsonl"));
+        assert_eq!(
+            c.accounting_path(),
+            PathBuf::from("./drover-data/accounting.jsonl")
+        );
     }
 
     #[test]
@@ -445,7 +467,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = Config::parse("[spool]\npth = \"x\"\n").unwrap_err().to_string();
+        let err = Config::parse("[spool]\npth = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pth"), "{err}");
         let err = Config::parse("[nope]\n").unwrap_err().to_string();
         assert!(err.contains("nope"), "{err}");
@@ -454,13 +478,28 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let cases = [
-            ("[[shaping]]\nmatch = \"*\"\nmax_message_rate = \"fast\"\n", "shaping[0].max_message_rate"),
+            (
+                "[[shaping]]\nmatch = \"*\"\nmax_message_rate = \"fast\"\n",
+                "shaping[0].max_message_rate",
+            ),
             ("[retry]\nmax_age = \"soon\"\n", "max_age"),
             ("[http]\nlisten = \"0.0.0.0:8025\"\n", "http.api_tokens"),
-            ("[[automation]]\nmatch_response = \"(\"\naction = \"suspend\"\n", "automation[0].match_response"),
-            ("[[automation]]\nmatch_response = \"x\"\naction = \"explode\"\n", "automation[0].action"),
-            ("[dns]\nnameservers = [\"localhost\"]\n", "dns.nameservers[0]"),
-            ("[[route]]\ndomain = \"a.test\"\nhosts = [\"nowhere\"]\n", "route[0].hosts[0]"),
+            (
+                "[[automation]]\nmatch_response = \"(\"\naction = \"suspend\"\n",
+                "automation[0].match_response",
+            ),
+            (
+                "[[automation]]\nmatch_response = \"x\"\naction = \"explode\"\n",
+                "automation[0].action",
+            ),
+            (
+                "[dns]\nnameservers = [\"localhost\"]\n",
+                "dns.nameservers[0]",
+            ),
+            (
+                "[[route]]\ndomain = \"a.test\"\nhosts = [\"nowhere\"]\n",
+                "route[0].hosts[0]",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::parse(text).unwrap_err().to_string();

@@ -208,7 +208,11 @@ impl Engine {
 
     /// Stores messages (synced), writes their `Reception` records and queues them.
     /// All or nothing: on error nothing was queued.
-    pub async fn accept(&self, messages: Vec<NewMessage>, via: &'static str) -> Result<(), EngineError> {
+    pub async fn accept(
+        &self,
+        messages: Vec<NewMessage>,
+        via: &'static str,
+    ) -> Result<(), EngineError> {
         if self.is_draining() {
             return Err(EngineError::Draining);
         }
@@ -311,8 +315,13 @@ impl Engine {
             let again = self.attempt(id, destination, limiter, &mut session).await;
             self.scheduler.finish(id, destination);
             if let Some(meta) = again {
-                self.scheduler
-                    .schedule(meta.id, &meta.domain, meta.due_ms, meta.received_ms, now_ms());
+                self.scheduler.schedule(
+                    meta.id,
+                    &meta.domain,
+                    meta.due_ms,
+                    meta.received_ms,
+                    now_ms(),
+                );
             }
         }
         if let Some(s) = session {
@@ -358,7 +367,11 @@ impl Engine {
                     BounceCategory::RoutingErrors
                 };
                 return self
-                    .conclude(meta, destination, Outcome::synthetic(response, category, permanent))
+                    .conclude(
+                        meta,
+                        destination,
+                        Outcome::synthetic(response, category, permanent),
+                    )
                     .await;
             }
         };
@@ -389,15 +402,17 @@ impl Engine {
                             .conclude(
                                 meta,
                                 &dest.site,
-                                Outcome::synthetic(response, BounceCategory::NoAnswerFromHost, false),
+                                Outcome::synthetic(
+                                    response,
+                                    BounceCategory::NoAnswerFromHost,
+                                    false,
+                                ),
                             )
                             .await;
                     }
                 }
             }
-            let Some(client) = session.as_mut() else {
-                return None;
-            };
+            let client = session.as_mut()?;
             let started = std::time::Instant::now();
             let result = client.send(&envelope, &body).await;
             metrics::histogram!(DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
@@ -444,7 +459,15 @@ impl Engine {
         let mut last = None;
         for host in &dest.hosts {
             for address in &host.addresses {
-                match SmtpClient::connect(&host.name, *address, None, &self.ehlo_name, self.timeouts).await {
+                match SmtpClient::connect(
+                    &host.name,
+                    *address,
+                    None,
+                    &self.ehlo_name,
+                    self.timeouts,
+                )
+                .await
+                {
                     Ok(client) => return Ok(client),
                     Err(e) => {
                         tracing::debug!(host = %host.name, %address, error = %e, "connect failed");
@@ -461,7 +484,12 @@ impl Engine {
 
     /// Writes the record an attempt earned and moves the message on: removed when final,
     /// expired, or returned with its next due time for the caller to schedule.
-    async fn conclude(&self, mut meta: MessageMeta, site: &str, outcome: Outcome) -> Option<MessageMeta> {
+    async fn conclude(
+        &self,
+        mut meta: MessageMeta,
+        site: &str,
+        outcome: Outcome,
+    ) -> Option<MessageMeta> {
         let now = now_ms();
         let kind = match outcome.verdict {
             Verdict::Delivered => RecordType::Delivery,
@@ -524,8 +552,12 @@ impl Engine {
         let base = if category == BounceCategory::Greylisted && meta.attempts <= 1 {
             retry.greylist_retry.0
         } else {
-            let i = (meta.attempts.saturating_sub(1) as usize).min(retry.intervals.len().saturating_sub(1));
-            retry.intervals.get(i).map_or(Duration::from_secs(300), |d| d.0)
+            let i = (meta.attempts.saturating_sub(1) as usize)
+                .min(retry.intervals.len().saturating_sub(1));
+            retry
+                .intervals
+                .get(i)
+                .map_or(Duration::from_secs(300), |d| d.0)
         };
         // Up to 10 % jitter spreads retries of a large batch over time instead of a spike.
         let jitter = base.mul_f64(rand::random::<f64>() * 0.1);
@@ -538,7 +570,10 @@ impl Engine {
         self.draining.store(true, Ordering::SeqCst);
         self.cancel.cancel();
         self.workers.close();
-        if tokio::time::timeout(grace, self.workers.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.workers.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("workers still busy after {grace:?}; their messages stay spooled");
         }
         self.pool.close().await;
@@ -588,7 +623,11 @@ impl Outcome {
 
     fn synthetic(response: Response, category: BounceCategory, permanent: bool) -> Outcome {
         Outcome {
-            verdict: if permanent { Verdict::Bounced } else { Verdict::Deferred },
+            verdict: if permanent {
+                Verdict::Bounced
+            } else {
+                Verdict::Deferred
+            },
             response,
             category,
             peer: None,

@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "drover", version, about = "Drover: a high-throughput outbound bulk mailer")]
+#[command(
+    name = "drover",
+    version,
+    about = "Drover: a high-throughput outbound bulk mailer"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -123,7 +127,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("drover: cannot start the runtime: {e}");
@@ -175,7 +182,10 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             // Without signal handlers the process can still be stopped; it just cannot drain.
@@ -274,7 +284,10 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&body)?);
                 return Ok(());
             }
-            println!("{:<40} {:>8} {:>10} {:>10} {:>12}", "DESTINATION", "READY", "SCHEDULED", "IN_FLIGHT", "OLDEST");
+            println!(
+                "{:<40} {:>8} {:>10} {:>10} {:>12}",
+                "DESTINATION", "READY", "SCHEDULED", "IN_FLIGHT", "OLDEST"
+            );
             for d in body["destinations"].as_array().into_iter().flatten() {
                 let oldest = d["oldest_age_seconds"]
                     .as_u64()

@@ -125,7 +125,11 @@ enum Kind {
     Builder(Box<Builder>),
 }
 
-fn add(env: &mut Environment<'static>, name: &'static str, source: &str) -> Result<(), TemplateError> {
+fn add(
+    env: &mut Environment<'static>,
+    name: &'static str,
+    source: &str,
+) -> Result<(), TemplateError> {
     env.add_template_owned(name, source.to_owned())
         .map_err(|e| TemplateError(format!("template error in {name}: {e}")))
 }
@@ -135,7 +139,11 @@ fn split_message(raw: &str) -> (&str, &str) {
     for sep in ["\r\n\r\n", "\n\n"] {
         if let Some(i) = raw.find(sep) {
             // The earliest separator wins, whichever line ending it uses.
-            let other = if sep == "\r\n\r\n" { raw.find("\n\n") } else { raw.find("\r\n\r\n") };
+            let other = if sep == "\r\n\r\n" {
+                raw.find("\n\n")
+            } else {
+                raw.find("\r\n\r\n")
+            };
             if other.is_none_or(|j| i <= j) {
                 return (&raw[..i], &raw[i + sep.len()..]);
             }
@@ -172,13 +180,15 @@ impl Renderer {
                     return Err(TemplateError("content needs text_body or html_body".into()));
                 }
                 for (name, value) in &b.headers {
-                    if name.is_empty()
-                        || !name.bytes().all(|c| c.is_ascii_graphic() && c != b':')
-                    {
-                        return Err(TemplateError(format!("content.headers: invalid header name {name:?}")));
+                    if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic() && c != b':') {
+                        return Err(TemplateError(format!(
+                            "content.headers: invalid header name {name:?}"
+                        )));
                     }
                     env.add_template_owned(format!("h:{name}"), value.clone())
-                        .map_err(|e| TemplateError(format!("template error in header {name}: {e}")))?;
+                        .map_err(|e| {
+                            TemplateError(format!("template error in header {name}: {e}"))
+                        })?;
                 }
                 Kind::Builder(b)
             }
@@ -246,7 +256,10 @@ impl Renderer {
         let mut mb = MessageBuilder::new()
             .from(addr(&b.from))
             .to(Address::new_address(
-                recipient.name.as_ref().map(|n| n.replace(['\r', '\n'], " ")),
+                recipient
+                    .name
+                    .as_ref()
+                    .map(|n| n.replace(['\r', '\n'], " ")),
                 recipient.email.clone(),
             ))
             .subject(self.render("subject", header_ctx)?)
@@ -275,7 +288,9 @@ fn header_safe(ctx: &Map<String, Value>) -> Map<String, Value> {
         match v {
             Value::String(s) => Value::String(s.replace(['\r', '\n'], " ")),
             Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
-            Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), clean(v))).collect()),
+            Value::Object(o) => {
+                Value::Object(o.iter().map(|(k, v)| (k.clone(), clean(v))).collect())
+            }
             other => other.clone(),
         }
     }
@@ -286,7 +301,10 @@ fn header_safe(ctx: &Map<String, Value>) -> Map<String, Value> {
 fn header_names(head: &str) -> impl Iterator<Item = String> + '_ {
     head.lines()
         .filter(|l| !l.starts_with([' ', '\t']))
-        .filter_map(|l| l.split_once(':').map(|(n, _)| n.trim().to_ascii_lowercase()))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(n, _)| n.trim().to_ascii_lowercase())
+        })
 }
 
 fn complete_headers(head: &str, id: &str, sender_domain: &str) -> String {
@@ -334,7 +352,10 @@ pub fn tracked_headers(message: &[u8]) -> BTreeMap<String, String> {
     let mut current: Option<(String, String)> = None;
     let flush = |cur: Option<(String, String)>, out: &mut BTreeMap<String, String>| {
         if let Some((name, value)) = cur {
-            if let Some(canonical) = TRACKED_HEADERS.iter().find(|t| t.eq_ignore_ascii_case(&name)) {
+            if let Some(canonical) = TRACKED_HEADERS
+                .iter()
+                .find(|t| t.eq_ignore_ascii_case(&name))
+            {
                 out.entry((*canonical).to_owned()).or_insert(value);
             }
         }
@@ -378,16 +399,32 @@ mod tests {
         ));
         let renderer = Renderer::new(r.content).unwrap();
         let out = renderer
-            .render_for(&r.substitutions, &r.recipients[0], "abc", "news.example.com")
+            .render_for(
+                &r.substitutions,
+                &r.recipients[0],
+                "abc",
+                "news.example.com",
+            )
             .unwrap();
         let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("Subject: Hi Ann  Bcc: evil@x.test\r\n"), "{text}");
+        assert!(
+            text.contains("Subject: Hi Ann  Bcc: evil@x.test\r\n"),
+            "{text}"
+        );
         let head = text.split("\r\n\r\n").next().unwrap();
         assert!(!head.contains("\r\nBcc:"), "{head}");
-        assert!(text.contains("\r\n\r\nDear Ann\r\nBcc: evil@x.test, plan gold for ann@example.test.\r\n"), "{text}");
+        assert!(
+            text.contains(
+                "\r\n\r\nDear Ann\r\nBcc: evil@x.test, plan gold for ann@example.test.\r\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("Message-ID: <abc@news.example.com>\r\n"));
         assert!(text.contains("\r\nDate: "));
-        assert!(!text.replace("\r\n", "").contains('\n'), "only CRLF line endings");
+        assert!(
+            !text.replace("\r\n", "").contains('\n'),
+            "only CRLF line endings"
+        );
         let tracked = tracked_headers(text.as_bytes());
         assert_eq!(tracked.get("X-Campaign").map(String::as_str), Some("nov"));
     }
@@ -411,15 +448,26 @@ mod tests {
         }));
         let renderer = Renderer::new(r.content).unwrap();
         let out = renderer
-            .render_for(&r.substitutions, &r.recipients[0], "abc", "news.example.com")
+            .render_for(
+                &r.substitutions,
+                &r.recipients[0],
+                "abc",
+                "news.example.com",
+            )
             .unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("multipart/alternative"), "{text}");
         assert!(text.contains("X-Campaign: nov"), "{text}");
-        assert!(text.contains("Message-ID: <abc@news.example.com>"), "{text}");
+        assert!(
+            text.contains("Message-ID: <abc@news.example.com>"),
+            "{text}"
+        );
         let head = text.split("\r\n\r\n").next().unwrap();
         assert!(!head.contains("\r\nBcc:"), "{head}");
-        assert!(!text.replace("\r\n", "").contains('\n'), "only CRLF line endings");
+        assert!(
+            !text.replace("\r\n", "").contains('\n'),
+            "only CRLF line endings"
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub fn metrics_handle() -> PrometheusHandle {
                     metrics_exporter_prometheus::Matcher::Full(
                         "drover_delivery_duration_seconds".into(),
                     ),
-                    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ],
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
@@ -65,10 +67,14 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let engine = Engine::start(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: listen, source })?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr: listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: listen,
+        source,
+    })?;
     let app = router(AppState {
         engine: Arc::clone(&engine),
         metrics: handle,

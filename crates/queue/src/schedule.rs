@@ -51,7 +51,8 @@ impl Inner {
             Some((k, _)) => Arc::clone(k),
             None => {
                 let k: Arc<str> = Arc::from(destination);
-                self.counts.insert(Arc::clone(&k), DestinationCounts::default());
+                self.counts
+                    .insert(Arc::clone(&k), DestinationCounts::default());
                 k
             }
         }
@@ -271,7 +272,11 @@ mod tests {
     #[test]
     fn due_messages_move_to_ready_in_order() {
         let s = Scheduler::new();
-        let (a, b, c) = (MessageId::generate(), MessageId::generate(), MessageId::generate());
+        let (a, b, c) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
         s.schedule(a, "x.test", 100, 1, 50);
         s.schedule(b, "x.test", 200, 2, 50);
         s.schedule(c, "y.test", 10, 3, 50);

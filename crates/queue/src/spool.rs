@@ -33,8 +33,14 @@ impl Default for SpoolOptions {
 
 enum Op {
     Insert(MessageMeta, Vec<u8>),
-    Update { meta: MessageMeta, previous_due_ms: u64 },
-    Remove { id: MessageId, due_ms: u64 },
+    Update {
+        meta: MessageMeta,
+        previous_due_ms: u64,
+    },
+    Remove {
+        id: MessageId,
+        due_ms: u64,
+    },
 }
 
 struct Job {
@@ -57,7 +63,9 @@ pub struct Spool {
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spool").field("path", &self.db.path()).finish()
+        f.debug_struct("Spool")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -292,7 +300,10 @@ mod tests {
         {
             let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
             spool
-                .insert(vec![(a.clone(), b"hello".to_vec()), (b.clone(), vec![b'x'; 10_000])])
+                .insert(vec![
+                    (a.clone(), b"hello".to_vec()),
+                    (b.clone(), vec![b'x'; 10_000]),
+                ])
                 .await
                 .unwrap();
             let mut a2 = a.clone();

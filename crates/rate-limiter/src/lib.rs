@@ -168,7 +168,9 @@ impl DestinationLimiter {
     fn new(limits: Limits) -> DestinationLimiter {
         DestinationLimiter {
             connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-            messages: limits.max_message_rate.map(|r| RateLimiter::direct(r.quota())),
+            messages: limits
+                .max_message_rate
+                .map(|r| RateLimiter::direct(r.quota())),
             new_connections: limits
                 .max_connection_rate
                 .map(|r| RateLimiter::direct(r.quota())),
@@ -225,7 +227,9 @@ pub struct Shaper {
 
 impl std::fmt::Debug for Shaper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shaper").field("rules", &self.rules).finish_non_exhaustive()
+        f.debug_struct("Shaper")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
     }
 }
 
@@ -275,7 +279,10 @@ mod tests {
         let r: Rate = "100/s".parse().unwrap();
         assert_eq!(r.count.get(), 100);
         assert_eq!(r.per, Duration::from_secs(1));
-        assert_eq!("5/h".parse::<Rate>().unwrap().per, Duration::from_secs(3600));
+        assert_eq!(
+            "5/h".parse::<Rate>().unwrap().per,
+            Duration::from_secs(3600)
+        );
         for bad in ["0/s", "x/s", "10", "10/w", ""] {
             assert!(bad.parse::<Rate>().is_err(), "{bad}");
         }
@@ -300,13 +307,35 @@ mod tests {
             ],
             lim(99),
         );
-        let google = vec!["aspmx.l.google.com".to_owned(), "alt1.aspmx.l.google.com".to_owned()];
-        assert_eq!(shaper.limits_for("a.example.test", &google).max_connections, 4);
-        assert_eq!(shaper.limits_for("b.example.test", &google).max_connections, 3);
+        let google = vec![
+            "aspmx.l.google.com".to_owned(),
+            "alt1.aspmx.l.google.com".to_owned(),
+        ];
+        assert_eq!(
+            shaper.limits_for("a.example.test", &google).max_connections,
+            4
+        );
+        assert_eq!(
+            shaper.limits_for("b.example.test", &google).max_connections,
+            3
+        );
         assert_eq!(shaper.limits_for("example.test", &[]).max_connections, 3);
-        assert_eq!(shaper.limits_for("customer.com", &google).max_connections, 2);
-        assert_eq!(shaper.limits_for("other.com", &["mx.other.com".into()]).max_connections, 1);
-        assert_eq!(Shaper::new(vec![], lim(7)).limits_for("x", &[]).max_connections, 7);
+        assert_eq!(
+            shaper.limits_for("customer.com", &google).max_connections,
+            2
+        );
+        assert_eq!(
+            shaper
+                .limits_for("other.com", &["mx.other.com".into()])
+                .max_connections,
+            1
+        );
+        assert_eq!(
+            Shaper::new(vec![], lim(7))
+                .limits_for("x", &[])
+                .max_connections,
+            7
+        );
         assert!("mx:".parse::<Matcher>().is_err());
         assert!("a*b".parse::<Matcher>().is_err());
     }

@@ -262,15 +262,12 @@ impl MxResolver {
             .or_else(|| self.settings.routes.get("*"))?;
         let hosts = hosts
             .iter()
-            .filter_map(|h| {
-                // Route hosts are validated when the config is loaded; a name that is not
-                // `ip:port` is resolved at connect time by the host name.
-                let addr: Option<SocketAddr> = h.parse().ok();
-                Some(Host {
-                    name: h.clone(),
-                    preference: 0,
-                    addresses: addr.into_iter().collect(),
-                })
+            .map(|h| Host {
+                name: h.clone(),
+                preference: 0,
+                // The config only admits `ip:port` route hosts; anything else has no address
+                // and fails to connect rather than going somewhere unintended.
+                addresses: h.parse::<SocketAddr>().into_iter().collect(),
             })
             .collect();
         Some(Destination {
@@ -280,10 +277,7 @@ impl MxResolver {
     }
 
     async fn lookup(&self, domain: &str) -> (Answer, Duration) {
-        if let Some(literal) = domain
-            .strip_prefix('[')
-            .and_then(|d| d.strip_suffix(']'))
-        {
+        if let Some(literal) = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']')) {
             let ip = literal.strip_prefix("ipv6:").unwrap_or(literal);
             return match ip.parse::<IpAddr>() {
                 Ok(ip) => (
@@ -310,45 +304,44 @@ impl MxResolver {
             domain: domain.to_owned(),
             reason,
         };
-        let (records, mx_ttl): (Vec<MxRecord>, Duration) = match self.resolver.lookup(fqdn.as_str(), RecordType::MX).await
-        {
-            Ok(lookup) => {
-                let ttl = lookup
-                    .answers()
-                    .iter()
-                    .map(|r| r.ttl)
-                    .min()
-                    .unwrap_or(0);
-                let records = lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        RData::MX(mx) => Some(MxRecord {
-                            preference: mx.preference,
-                            exchange: mx.exchange.to_ascii().trim_end_matches('.').to_ascii_lowercase(),
-                        }),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>();
-                if records.is_empty() {
-                    // Only CNAMEs came back: treat like NODATA.
-                    return self.implicit_mx(domain, self.settings.min_ttl).await;
+        let (records, mx_ttl): (Vec<MxRecord>, Duration) =
+            match self.resolver.lookup(fqdn.as_str(), RecordType::MX).await {
+                Ok(lookup) => {
+                    let ttl = lookup.answers().iter().map(|r| r.ttl).min().unwrap_or(0);
+                    let records = lookup
+                        .answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            RData::MX(mx) => Some(MxRecord {
+                                preference: mx.preference,
+                                exchange: mx
+                                    .exchange
+                                    .to_ascii()
+                                    .trim_end_matches('.')
+                                    .to_ascii_lowercase(),
+                            }),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>();
+                    if records.is_empty() {
+                        // Only CNAMEs came back: treat like NODATA.
+                        return self.implicit_mx(domain, self.settings.min_ttl).await;
+                    }
+                    (records, Duration::from_secs(u64::from(ttl)))
                 }
-                (records, Duration::from_secs(u64::from(ttl)))
-            }
-            Err(e) => {
-                return match classify(&e) {
-                    Negative::NxDomain(ttl) => (
-                        Err(ResolveError::NxDomain {
-                            domain: domain.to_owned(),
-                        }),
-                        ttl,
-                    ),
-                    Negative::NoData(ttl) => self.implicit_mx(domain, ttl).await,
-                    Negative::Other(reason) => (Err(temporary(reason)), Duration::ZERO),
-                };
-            }
-        };
+                Err(e) => {
+                    return match classify(&e) {
+                        Negative::NxDomain(ttl) => (
+                            Err(ResolveError::NxDomain {
+                                domain: domain.to_owned(),
+                            }),
+                            ttl,
+                        ),
+                        Negative::NoData(ttl) => self.implicit_mx(domain, ttl).await,
+                        Negative::Other(reason) => (Err(temporary(reason)), Duration::ZERO),
+                    };
+                }
+            };
         let ordered = match select_mx(records, &mut rand::rng()) {
             Some(ordered) => ordered,
             None => {
@@ -430,7 +423,9 @@ impl MxResolver {
         let fqdn = format!("{}.", host.trim_end_matches('.'));
         match self.resolver.lookup_ip(fqdn.as_str()).await {
             Ok(lookup) => {
-                let ttl = lookup.valid_until().saturating_duration_since(Instant::now());
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(Instant::now());
                 let addrs = lookup
                     .iter()
                     .map(|ip| SocketAddr::new(ip, self.settings.smtp_port))

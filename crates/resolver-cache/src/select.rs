@@ -16,7 +16,10 @@ pub struct MxRecord {
 /// §5.1 asks senders to spread load among them). Returns `None` for a null MX (RFC 7505): a
 /// single record whose exchange is the root. Null-MX records mixed with real ones are ignored,
 /// as are duplicate hosts.
-pub fn select_mx<R: Rng + ?Sized>(mut records: Vec<MxRecord>, rng: &mut R) -> Option<Vec<MxRecord>> {
+pub fn select_mx<R: Rng + ?Sized>(
+    mut records: Vec<MxRecord>,
+    rng: &mut R,
+) -> Option<Vec<MxRecord>> {
     let is_null = |r: &MxRecord| r.exchange.is_empty() || r.exchange == ".";
     if !records.is_empty() && records.iter().all(is_null) {
         return None;
@@ -56,7 +59,11 @@ mod tests {
             assert_eq!(prefs, vec![10, 10, 20, 30]);
             firsts.insert(out[0].exchange.clone());
         }
-        assert_eq!(firsts.len(), 2, "both equal-preference hosts come first sometimes");
+        assert_eq!(
+            firsts.len(),
+            2,
+            "both equal-preference hosts come first sometimes"
+        );
     }
 
     #[test]

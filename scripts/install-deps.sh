@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the system packages Drover's build and tests need (Debian/Ubuntu, as root or with sudo):
+# - librocksdb-dev: the `rocksdb` crate links against it instead of compiling RocksDB (26 min).
+# - libclang-dev/clang: bindgen generates the RocksDB bindings.
+# - postfix (smtp-sink, smtp-source), swaks, dnsmasq-base: real SMTP/DNS peers for tests and
+#   benchmarks. Postfix is installed unconfigured, so nothing listens on port 25.
+set -euo pipefail
+packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks dnsmasq-base)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+echo "installing: ${missing[*]}" >&2
+echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,178 @@
+//! Messages from injection to a real SMTP sink, with the records they earn.
+
+use crate::harness::*;
+use std::collections::HashMap;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_messages_to_three_domains_are_delivered_over_reused_sessions() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let domains = ["a.example.test", "b.example.test", "c.example.test"];
+    let engine = TestEngine::start(&routes(&domains, sink.local_addr())).await;
+    let recipients: Vec<String> = (0..200)
+        .map(|i| format!("user{i}@{}", domains[i % 3]))
+        .collect();
+    let mut ids = Vec::new();
+    for chunk in recipients.chunks(100) {
+        let (status, body) = engine.inject(&message_for(chunk)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["success_count"], 100);
+        ids.extend(
+            body["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
+    }
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(30), |r| {
+        count_type(r, "Delivery") >= 200
+    })
+    .await;
+    assert_eq!(count_type(&recs, "Delivery"), 200);
+    assert_eq!(count_type(&recs, "Reception"), 200);
+    assert_eq!(count_type(&recs, "TransientFailure"), 0);
+    let stats = sink.stats();
+    assert_eq!(stats.transactions, 200);
+    assert_eq!(stats.recipients, 200);
+    assert!(stats.connections < 200, "sessions were reused: {stats:?}");
+    // Every injected id got exactly one Delivery, with the contract's fields.
+    let mut delivered: HashMap<String, usize> = HashMap::new();
+    for r in recs.iter().filter(|r| r["type"] == "Delivery") {
+        *delivered
+            .entry(r["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        assert_eq!(r["response"]["code"], 250);
+        assert_eq!(r["attempt"], 1);
+        assert_eq!(r["campaign"], "nov-2026");
+        assert_eq!(r["peer"]["address"], sink.local_addr().to_string());
+        assert!(r["queue_time_ms"].is_u64());
+        assert!(r["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+    assert_eq!(delivered.len(), 200);
+    assert!(ids.iter().all(|id| delivered.get(id) == Some(&1)));
+    // Personalised content arrived.
+    let msgs = sink.messages();
+    let sample = msgs
+        .iter()
+        .find(|m| m.recipients[0] == "user7@b.example.test")
+        .unwrap();
+    let text = String::from_utf8_lossy(&sample.data);
+    assert!(text.contains("Hi N, your plan is gold."), "{text}");
+    assert_eq!(sample.sender, "bounces@news.example.com");
+    assert_eq!(sample.helo, "drover.test");
+    engine.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greylisted_messages_are_retried_and_delivered() {
+    let sink = start_sink(sink::SinkConfig {
+        greylist: Some(Duration::from_secs(2)),
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}[retry]\nintervals = [\"1s\"]\ngreylist_retry = \"2s\"\n",
+        routes(&["grey.test"], sink.local_addr())
+    ))
+    .await;
+    let recipients: Vec<String> = (0..5).map(|i| format!("u{i}@grey.test")).collect();
+    let (status, _) = engine.inject(&message_for(&recipients)).await;
+    assert_eq!(status, 200);
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(30), |r| {
+        count_type(r, "Delivery") >= 5
+    })
+    .await;
+    for rcpt in &recipients {
+        let mine: Vec<&serde_json::Value> = recs
+            .iter()
+            .filter(|r| r["recipient"] == rcpt.as_str() && r["type"] != "Reception")
+            .collect();
+        let kinds: Vec<&str> = mine.iter().map(|r| r["type"].as_str().unwrap()).collect();
+        assert_eq!(kinds[0], "TransientFailure", "{rcpt}: {kinds:?}");
+        assert_eq!(*kinds.last().unwrap(), "Delivery", "{rcpt}: {kinds:?}");
+        assert_eq!(mine[0]["bounce_category"], "greylisted");
+        assert_eq!(mine[0]["response"]["code"], 450);
+        assert!(mine.last().unwrap()["attempt"].as_u64().unwrap() >= 2);
+    }
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_recipients_bounce_once() {
+    let sink = start_sink(sink::SinkConfig {
+        reject_percent: 100,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&routes(&["nobody.test"], sink.local_addr())).await;
+    let (status, _) = engine
+        .inject(&message_for(&[
+            "ghost@nobody.test".into(),
+            "ghost2@nobody.test".into(),
+        ]))
+        .await;
+    assert_eq!(status, 200);
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Bounce") >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recs_after = records(&engine.accounting_path());
+    assert_eq!(
+        count_type(&recs_after, "Bounce"),
+        2,
+        "no second final record"
+    );
+    let bounce = recs.iter().find(|r| r["type"] == "Bounce").unwrap();
+    assert_eq!(bounce["response"]["code"], 550);
+    assert_eq!(bounce["response"]["enhanced_code"], "5.1.1");
+    assert_eq!(bounce["bounce_category"], "bad-mailbox");
+    assert_eq!(count_type(&recs_after, "Delivery"), 0);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_survive_a_restart() {
+    // A port with nobody listening: the first attempts fail, then the sink comes up there.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let extra = format!(
+        "{}[retry]\nintervals = [\"1s\"]\n",
+        routes(&["later.test"], addr)
+    );
+    let engine = TestEngine::start(&extra).await;
+    let recipients: Vec<String> = (0..10).map(|i| format!("r{i}@later.test")).collect();
+    let (status, body) = engine.inject(&message_for(&recipients)).await;
+    assert_eq!(status, 200, "{body}");
+    wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "TransientFailure") >= 10
+    })
+    .await;
+    let dir = engine.stop().await;
+    let recs = records(&dir.path().join("spool/accounting.jsonl"));
+    let failure = recs
+        .iter()
+        .find(|r| r["type"] == "TransientFailure")
+        .unwrap();
+    assert_eq!(failure["bounce_category"], "no-answer-from-host");
+
+    let sink = sink::Sink::bind(addr, sink::SinkConfig::default())
+        .await
+        .unwrap();
+    let engine = TestEngine::start_in(dir, &extra).await;
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(20), |r| {
+        count_type(r, "Delivery") >= 10
+    })
+    .await;
+    assert_eq!(count_type(&recs, "Delivery"), 10);
+    assert_eq!(sink.stats().transactions, 10);
+    engine.stop().await;
+}

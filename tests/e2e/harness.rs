@@ -1,0 +1,122 @@
+//! Shared helpers: start engines and sinks, inject, read accounting records.
+
+use drover::serve::Running;
+use drover::Config;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub struct TestEngine {
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEngine {
+    /// Starts an engine whose spool lives in a fresh temp dir; `extra` is appended TOML.
+    pub async fn start(extra: &str) -> TestEngine {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, extra).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, extra: &str) -> TestEngine {
+        let mut config = Config::parse(extra).unwrap();
+        config.spool.path = dir.path().join("spool");
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.delivery.ehlo_name = "drover.test".into();
+        config.delivery.idle_timeout = drover::config::HumanDuration(Duration::from_secs(2));
+        let running = drover::serve::start(config).await.unwrap();
+        TestEngine {
+            running: Some(running),
+            dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.running.as_ref().unwrap().http_addr)
+    }
+
+    pub fn accounting_path(&self) -> PathBuf {
+        self.dir.path().join("spool").join("accounting.jsonl")
+    }
+
+    pub async fn inject(&self, body: &Value) -> (u16, Value) {
+        post_json(&self.url("/api/inject/v1"), body, None).await
+    }
+
+    /// Stops the engine and returns its directory, to start again on the same spool.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(5)).await;
+        }
+        self.dir
+    }
+}
+
+pub async fn post_json(url: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(url).json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let value = resp.json().await.unwrap_or(Value::Null);
+    (status, value)
+}
+
+pub fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn count_type(records: &[Value], kind: &str) -> usize {
+    records.iter().filter(|r| r["type"] == kind).count()
+}
+
+/// Waits until the accounting file satisfies `done`, or panics after `limit`.
+pub async fn wait_records(
+    path: &Path,
+    limit: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let recs = records(path);
+        if done(&recs) {
+            return recs;
+        }
+        if start.elapsed() > limit {
+            panic!(
+                "condition not met after {limit:?}; records: {}",
+                serde_json::to_string_pretty(&recs).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn start_sink(config: sink::SinkConfig) -> sink::SinkHandle {
+    sink::Sink::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+pub fn routes(domains: &[&str], sink: std::net::SocketAddr) -> String {
+    domains
+        .iter()
+        .map(|d| format!("[[route]]\ndomain = \"{d}\"\nhosts = [\"{sink}\"]\n"))
+        .collect()
+}
+
+pub fn message_for(recipients: &[String]) -> Value {
+    serde_json::json!({
+        "envelope_sender": "bounces@news.example.com",
+        "content": "From: News <news@example.com>\r\nSubject: Hello {{ name }}\r\n\r\nHi {{ name }}, your plan is {{ plan }}.\r\n",
+        "recipients": recipients.iter().map(|r| serde_json::json!({"email": r, "name": "N", "substitutions": {"plan": "gold"}})).collect::<Vec<_>>(),
+        "substitutions": {"plan": "silver"},
+        "campaign": "nov-2026",
+        "tenant": "acme",
+    })
+}

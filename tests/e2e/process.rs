@@ -1,0 +1,150 @@
+//! The `drover` binary as an operator runs it.
+
+use crate::harness::*;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const DROVER: &str = env!("CARGO_BIN_EXE_drover");
+
+#[test]
+fn check_config_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[delivery]\nsmtp_port = 2525\n").unwrap();
+    let out = Command::new(DROVER)
+        .args(["check-config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[delivery]\nsmtp_prot = 2525\n").unwrap();
+    let out = Command::new(DROVER)
+        .args(["check-config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("smtp_prot"));
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/drover.example.toml"
+    );
+    let out = Command::new(DROVER)
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(DROVER).args(["--version"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("drover "));
+    let out = Command::new(DROVER)
+        .args(["serve", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_http(url: &str) {
+    for _ in 0..200 {
+        if reqwest::get(url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} never answered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_sink_binaries_deliver_and_stop_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sink_port, sink_status, http_port) = (free_port(), free_port(), free_port());
+    let mut sink = Command::new(DROVER)
+        .args([
+            "sink",
+            "--listen",
+            &format!("127.0.0.1:{sink_port}"),
+            "--status",
+            &format!("127.0.0.1:{sink_status}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = dir.path().join("drover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[[route]]\ndomain = \"example.test\"\nhosts = [\"127.0.0.1:{sink_port}\"]\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let mut serve = Command::new(DROVER)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_http(&format!("http://127.0.0.1:{http_port}/healthz")).await;
+    wait_http(&format!("http://127.0.0.1:{sink_status}/")).await;
+    let (status, body) = post_json(
+        &format!("http://127.0.0.1:{http_port}/api/inject/v1"),
+        &message_for(&["ann@example.test".into(), "bob@example.test".into()]),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let accounting = dir.path().join("data/accounting.jsonl");
+    wait_records(&accounting, Duration::from_secs(20), |r| {
+        count_type(r, "Delivery") == 2
+    })
+    .await;
+    let stats: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{sink_status}/"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["transactions"], 2);
+    let queue = Command::new(DROVER)
+        .args([
+            "queue",
+            "--api",
+            &format!("http://127.0.0.1:{http_port}"),
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(queue.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&queue.stdout).contains("DESTINATION"));
+    for child in [&mut serve, &mut sink] {
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+    let status = tokio::task::spawn_blocking(move || serve.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let out = tokio::task::spawn_blocking(move || sink.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["transactions"], 2);
+}
