@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use queue::{MessageId, MessageMeta};
+use queue::{MessageId, MessageMeta, Selector};
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -29,6 +29,11 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/inject/v1", post(inject))
         .route("/api/admin/v1/queues", get(queues))
+        .route("/api/admin/v1/suspensions", get(suspensions))
+        .route("/api/admin/v1/suspend", post(suspend))
+        .route("/api/admin/v1/resume", post(resume))
+        .route("/api/admin/v1/retry", post(retry))
+        .route("/api/admin/v1/purge", post(purge))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -191,6 +196,7 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         })
         .into_response(),
         Err(EngineError::Draining) => unavailable("shutting down"),
+        Err(EngineError::Full(n)) => unavailable(format!("the queue is full ({n} messages); retry later")),
         Err(e) => {
             tracing::error!(error = %e, "injection failed");
             unavailable(format!("the spool cannot accept messages now: {e}"))
@@ -206,7 +212,7 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let destinations: Vec<_> = state
         .engine
         .scheduler()
-        .destinations()
+        .destinations(now)
         .into_iter()
         .map(|(name, c)| {
             json!({
@@ -214,16 +220,140 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap) -> Response {
                 "ready": c.ready,
                 "scheduled": c.scheduled,
                 "in_flight": c.in_flight,
+                "parked": c.parked,
                 "oldest_age_seconds": c.oldest_received_ms.map(|r| now.saturating_sub(r) / 1000),
+                "suspended_until": c.suspended_until_ms.map(rfc3339),
             })
         })
         .collect();
     let totals = state.engine.scheduler().totals();
     Json(json!({
         "destinations": destinations,
-        "totals": {"ready": totals.ready, "scheduled": totals.scheduled, "in_flight": totals.in_flight},
+        "totals": {"ready": totals.ready, "scheduled": totals.scheduled, "in_flight": totals.in_flight, "parked": totals.parked},
     }))
     .into_response()
+}
+
+/// `None` for "until resumed".
+fn rfc3339(ms: u64) -> Option<String> {
+    if ms == u64::MAX {
+        return None;
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+}
+
+/// Body of the admin actions: exactly one of `domain` and `campaign`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminTarget {
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default)]
+    campaign: Option<String>,
+    /// For suspend: how long (`"2h"`); absent = until resumed.
+    #[serde(default)]
+    duration: Option<String>,
+}
+
+fn admin_target(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Selector, Option<std::time::Duration>), Response> {
+    if !authorized(state, headers) {
+        return Err(error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token"));
+    }
+    let target: AdminTarget = serde_json::from_slice(body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))?;
+    let selector = match (target.domain, target.campaign) {
+        (Some(d), None) if !d.trim().is_empty() => Selector::Domain(d.trim().to_ascii_lowercase()),
+        (None, Some(c)) if !c.trim().is_empty() => Selector::Campaign(c.trim().to_owned()),
+        _ => return Err(error(StatusCode::BAD_REQUEST, "give exactly one of domain and campaign")),
+    };
+    let duration = target
+        .duration
+        .map(|d| humantime::parse_duration(&d).map_err(|e| error(StatusCode::BAD_REQUEST, format!("duration: {e}"))))
+        .transpose()?;
+    Ok((selector, duration))
+}
+
+fn selector_json(selector: &Selector) -> serde_json::Value {
+    match selector {
+        Selector::Domain(d) => json!({"domain": d}),
+        Selector::Campaign(c) => json!({"campaign": c}),
+    }
+}
+
+async fn suspend(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (selector, duration) = match admin_target(&state, &headers, &body) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match state.engine.suspend(&selector, duration).await {
+        Ok(until) => {
+            let mut reply = selector_json(&selector);
+            reply["suspended_until"] = json!(rfc3339(until));
+            Json(reply).into_response()
+        }
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+async fn resume(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (selector, _) = match admin_target(&state, &headers, &body) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match state.engine.resume(&selector).await {
+        Ok(was) => {
+            let mut reply = selector_json(&selector);
+            reply["was_suspended"] = json!(was);
+            Json(reply).into_response()
+        }
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+async fn retry(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (selector, _) = match admin_target(&state, &headers, &body) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let count = state.engine.retry_now(&selector);
+    let mut reply = selector_json(&selector);
+    reply["rescheduled"] = json!(count);
+    Json(reply).into_response()
+}
+
+async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let (selector, _) = match admin_target(&state, &headers, &body) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match state.engine.purge(&selector).await {
+        Ok(count) => {
+            let mut reply = selector_json(&selector);
+            reply["purged"] = json!(count);
+            Json(reply).into_response()
+        }
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+async fn suspensions(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    let list: Vec<_> = state
+        .engine
+        .scheduler()
+        .suspensions(now_ms())
+        .into_iter()
+        .map(|(selector, until)| {
+            let mut v = selector_json(&selector);
+            v["suspended_until"] = json!(rfc3339(until));
+            v
+        })
+        .collect();
+    Json(json!({ "suspensions": list })).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -85,6 +85,8 @@ pub struct SpoolConfig {
     pub path: PathBuf,
     /// Sync every accepted message to disk before answering (extension; default true).
     pub sync: bool,
+    /// Most messages queued at once; injection beyond it gets 503 (extension; back-pressure).
+    pub max_queued: usize,
 }
 
 impl Default for SpoolConfig {
@@ -92,6 +94,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             path: PathBuf::from("./drover-data"),
             sync: true,
+            max_queued: 10_000_000,
         }
     }
 }

@@ -8,7 +8,7 @@
 use crate::config::Config;
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, Envelope, Pool, SmtpClient, Timeouts};
-use queue::{MessageId, MessageMeta, Scheduler, Spool, SpoolOptions};
+use queue::{MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
 use rate_limiter::{DestinationLimiter, Limits, Shaper};
 use resolver_cache::{Destination, MxResolver, ResolveError, ResolverSettings};
 use smtp_proto::Reply;
@@ -33,6 +33,24 @@ pub fn describe_metrics() {
     queue::describe_metrics();
     connection_pool::describe_metrics();
     resolver_cache::describe_metrics();
+}
+
+const SUSPEND_PREFIX: &str = "suspend/";
+
+fn suspend_key(selector: &Selector) -> String {
+    match selector {
+        Selector::Domain(d) => format!("{SUSPEND_PREFIX}domain/{d}"),
+        Selector::Campaign(c) => format!("{SUSPEND_PREFIX}campaign/{c}"),
+    }
+}
+
+fn selector_from_key(key: &str) -> Option<Selector> {
+    let rest = key.strip_prefix(SUSPEND_PREFIX)?;
+    if let Some(d) = rest.strip_prefix("domain/") {
+        return Some(Selector::Domain(d.to_owned()));
+    }
+    rest.strip_prefix("campaign/")
+        .map(|c| Selector::Campaign(c.to_owned()))
 }
 
 /// Milliseconds since the Unix epoch.
@@ -61,6 +79,9 @@ pub enum EngineError {
     /// The engine is shutting down.
     #[error("the engine is shutting down")]
     Draining,
+    /// The queue holds `spool.max_queued` messages already.
+    #[error("the queue is full ({0} messages)")]
+    Full(usize),
 }
 
 /// Shared state of a running engine.
@@ -170,25 +191,118 @@ impl Engine {
             workers: TaskTracker::new(),
             draining: AtomicBool::new(false),
         });
-        engine.reload()?;
+        engine.load_suspensions()?;
+        // The reload streams the spool while delivery already runs, so a large queue does
+        // not delay the first delivery.
+        let reloading = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = reloading.reload() {
+                tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
+            }
+        });
         tokio::spawn(Arc::clone(&engine).dispatch());
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
         Ok(engine)
     }
 
     fn reload(&self) -> Result<(), EngineError> {
-        let now = now_ms();
         let mut count = 0u64;
         for meta in self.spool.scan() {
-            let meta = meta?;
-            self.scheduler
-                .schedule(meta.id, &meta.domain, meta.due_ms, meta.received_ms, now);
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            let meta = match meta {
+                Ok(meta) => meta,
+                Err(e) => {
+                    // One bad record must not keep every other message from being delivered.
+                    tracing::error!(error = %e, "skipping an unreadable spool record");
+                    continue;
+                }
+            };
+            self.scheduler.schedule(
+                meta.id,
+                &meta.domain,
+                meta.campaign.as_deref(),
+                meta.due_ms,
+                meta.received_ms,
+                now_ms(),
+            );
             count += 1;
         }
         if count > 0 {
             tracing::info!(messages = count, "reloaded the spool");
         }
         Ok(())
+    }
+
+    fn load_suspensions(&self) -> Result<(), EngineError> {
+        let now = now_ms();
+        for (key, value) in self.spool.states(SUSPEND_PREFIX)? {
+            let Some(selector) = selector_from_key(&key) else {
+                continue;
+            };
+            let until = value
+                .get(..8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(u64::MAX, u64::from_be_bytes);
+            if until > now {
+                self.scheduler.suspend(&selector, until, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds a domain or campaign (durably) until `duration` has passed, or until resumed.
+    pub async fn suspend(&self, selector: &Selector, duration: Option<Duration>) -> Result<u64, EngineError> {
+        let now = now_ms();
+        let until = duration.map_or(u64::MAX, |d| now.saturating_add(d.as_millis() as u64));
+        self.spool
+            .put_state(&suspend_key(selector), until.to_be_bytes().to_vec())
+            .await?;
+        self.scheduler.suspend(selector, until, now);
+        Ok(until)
+    }
+
+    /// Lifts a hold; returns whether there was one.
+    pub async fn resume(&self, selector: &Selector) -> Result<bool, EngineError> {
+        self.spool.delete_state(&suspend_key(selector)).await?;
+        Ok(self.scheduler.resume(selector, now_ms()))
+    }
+
+    /// Makes the selected deferred messages due now; returns how many.
+    pub fn retry_now(&self, selector: &Selector) -> usize {
+        self.scheduler.retry_now(selector, now_ms())
+    }
+
+    /// Removes the selected queued messages, each with an `AdminBounce` record; returns how
+    /// many. Messages in flight finish their attempt first.
+    pub async fn purge(&self, selector: &Selector) -> Result<usize, EngineError> {
+        let ids = self.scheduler.take(selector);
+        let mut purged = 0;
+        for chunk in ids.chunks(1000) {
+            let mut records = Vec::with_capacity(chunk.len());
+            let mut metas = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                if let Some(meta) = self.spool.meta(id)? {
+                    let mut r = self.record(RecordType::AdminBounce, &meta);
+                    r.response = Some(Response {
+                        code: 550,
+                        enhanced_code: Some("5.0.0".into()),
+                        text: "purged by the operator".into(),
+                    });
+                    r.bounce_category = Some(BounceCategory::Other);
+                    records.push(r);
+                    metas.push(meta);
+                }
+            }
+            // Records first, as for every final outcome.
+            self.accounting.record_all(records).await?;
+            for meta in metas {
+                self.spool.remove(meta.id, meta.due_ms).await?;
+                purged += 1;
+            }
+        }
+        Ok(purged)
     }
 
     /// The configuration in force.
@@ -216,6 +330,10 @@ impl Engine {
         if self.is_draining() {
             return Err(EngineError::Draining);
         }
+        let queued = self.scheduler.len();
+        if queued + messages.len() > self.config.spool.max_queued {
+            return Err(EngineError::Full(queued));
+        }
         let count = messages.len() as u64;
         let metas: Vec<MessageMeta> = messages.iter().map(|m| m.meta.clone()).collect();
         self.spool
@@ -232,8 +350,14 @@ impl Engine {
         metrics::counter!(RECEIVED, "via" => via).increment(count);
         let now = now_ms();
         for m in &metas {
-            self.scheduler
-                .schedule(m.id, &m.domain, m.due_ms, m.received_ms, now);
+            self.scheduler.schedule(
+                m.id,
+                &m.domain,
+                m.campaign.as_deref(),
+                m.due_ms,
+                m.received_ms,
+                now,
+            );
         }
         Ok(())
     }
@@ -255,7 +379,7 @@ impl Engine {
         loop {
             let now = now_ms();
             self.scheduler.promote(now);
-            for (destination, ready, _) in self.scheduler.ready_destinations() {
+            for (destination, ready) in self.scheduler.ready_destinations(now) {
                 let limiter = self.shaper.limiter(&destination, &destination, &[]);
                 // Open another session only when the ones running have a backlog: a session
                 // carries many messages, and receivers count connections.
@@ -300,7 +424,7 @@ impl Engine {
         let mut session: Option<SmtpClient> = None;
         let max_per_session = limiter.limits().max_deliveries_per_connection;
         while !self.cancel.is_cancelled() {
-            let Some(id) = self.scheduler.pop_ready(destination) else {
+            let Some(id) = self.scheduler.pop_ready(destination, now_ms()) else {
                 break;
             };
             limiter.until_message_permitted().await;

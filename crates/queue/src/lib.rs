@@ -9,6 +9,7 @@
 //! | `meta` | message id (16 bytes, UUIDv7: time-ordered) | [`MessageMeta`] as JSON |
 //! | `body` | message id | the RFC 5322 message, CRLF line endings |
 //! | `schedule` | due time (u64 ms since the epoch, big-endian) ++ message id | empty |
+//! | `state` | UTF-8 key, e.g. `suspend/domain/<name>` | engine state (operator holds), JSON |
 //!
 //! Invariants:
 //! - A message exists iff its `meta` key exists; `body` and `schedule` entries are written and
@@ -26,7 +27,7 @@ mod schedule;
 mod spool;
 
 pub use message::{MessageId, MessageMeta};
-pub use schedule::{DestinationCounts, Scheduler};
+pub use schedule::{DestinationCounts, Scheduler, Selector};
 pub use spool::{Spool, SpoolOptions};
 
 /// Errors of the spool.

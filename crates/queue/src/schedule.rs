@@ -1,10 +1,16 @@
-//! The in-memory schedule: a timer of deferred messages and a ready queue per destination.
+//! The in-memory schedule: a timer of deferred messages and a ready queue per destination,
+//! plus operator holds (suspended destinations and campaigns).
 //!
-//! Only ids and destination names live here; metadata and bodies stay in the spool, so the
-//! footprint per queued message is a few dozen bytes.
+//! Only ids, destination and campaign names (interned) and times live here; metadata and
+//! bodies stay in the spool, so a queued message costs on the order of 150 bytes of memory.
+//!
+//! Every message known to the schedule is in exactly one state: scheduled (in the timer),
+//! ready (in its destination's ready queue), in flight (taken by a worker), or parked (its
+//! campaign is suspended). The per-destination counts and totals are kept in step with those
+//! moves and published as the `drover_queue_messages{state}` gauges.
 
 use crate::MessageId;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
@@ -19,17 +25,150 @@ pub struct DestinationCounts {
     pub scheduled: usize,
     /// Taken by a delivery worker.
     pub in_flight: usize,
-    /// Earliest reception time among `ready`/`scheduled` messages known here (ms since epoch).
+    /// Held because their campaign is suspended.
+    pub parked: usize,
+    /// Earliest reception time among the messages counted here (ms since epoch).
     pub oldest_received_ms: Option<u64>,
+    /// The destination is suspended until this time (ms since epoch; `u64::MAX` = until resumed).
+    pub suspended_until_ms: Option<u64>,
+}
+
+impl DestinationCounts {
+    fn is_empty(&self) -> bool {
+        self.ready == 0 && self.scheduled == 0 && self.in_flight == 0 && self.parked == 0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Scheduled(u64),
+    Ready,
+    InFlight,
+    Parked,
+}
+
+struct Entry {
+    dest: Arc<str>,
+    campaign: Option<Arc<str>>,
+    received_ms: u64,
+    state: State,
+}
+
+/// What an operator action selects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "name")]
+pub enum Selector {
+    /// One destination (recipient domain or site).
+    Domain(String),
+    /// One campaign.
+    Campaign(String),
 }
 
 #[derive(Default)]
 struct Inner {
-    timer: BTreeMap<(u64, MessageId), Arc<str>>,
-    ready: HashMap<Arc<str>, VecDeque<(MessageId, u64)>>,
-    received: HashMap<MessageId, u64>,
+    entries: HashMap<MessageId, Entry>,
+    timer: BTreeSet<(u64, MessageId)>,
+    ready: HashMap<Arc<str>, VecDeque<MessageId>>,
+    names: HashSet<Arc<str>>,
     counts: HashMap<Arc<str>, DestinationCounts>,
     totals: DestinationCounts,
+    suspended_dests: HashMap<Arc<str>, u64>,
+    suspended_campaigns: HashMap<Arc<str>, u64>,
+}
+
+fn bump(c: &mut DestinationCounts, state: State, delta: isize) {
+    let field = match state {
+        State::Scheduled(_) => &mut c.scheduled,
+        State::Ready => &mut c.ready,
+        State::InFlight => &mut c.in_flight,
+        State::Parked => &mut c.parked,
+    };
+    *field = field.saturating_add_signed(delta);
+}
+
+impl Inner {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(Arc::clone(&n));
+        n
+    }
+
+    fn count(&mut self, dest: &Arc<str>, state: State, delta: isize) {
+        bump(&mut self.totals, state, delta);
+        let c = self.counts.entry(Arc::clone(dest)).or_default();
+        bump(c, state, delta);
+        if c.is_empty() {
+            self.counts.remove(dest);
+        }
+    }
+
+    /// Moves an entry to `to`, keeping the containers and counts in step. The caller has
+    /// already taken it out of the container of its old state where that matters.
+    fn set_state(&mut self, id: MessageId, to: State) {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let from = entry.state;
+        entry.state = to;
+        let dest = Arc::clone(&entry.dest);
+        if let State::Scheduled(due) = from {
+            self.timer.remove(&(due, id));
+        }
+        match to {
+            State::Scheduled(due) => {
+                self.timer.insert((due, id));
+            }
+            State::Ready => self.ready.entry(Arc::clone(&dest)).or_default().push_back(id),
+            State::InFlight | State::Parked => {}
+        }
+        self.count(&dest, from, -1);
+        self.count(&dest, to, 1);
+    }
+
+    fn campaign_held(&self, campaign: &Option<Arc<str>>, now_ms: u64) -> bool {
+        campaign
+            .as_ref()
+            .and_then(|c| self.suspended_campaigns.get(c))
+            .is_some_and(|until| *until > now_ms)
+    }
+
+    /// Where a message that is due goes: its ready queue, or parked if its campaign is held.
+    fn due_state(&self, id: &MessageId, now_ms: u64) -> State {
+        match self.entries.get(id) {
+            Some(e) if self.campaign_held(&e.campaign, now_ms) => State::Parked,
+            _ => State::Ready,
+        }
+    }
+
+    fn remove_from_ready(&mut self, dest: &Arc<str>, ids: &HashSet<MessageId>) {
+        if let Some(q) = self.ready.get_mut(dest) {
+            q.retain(|id| !ids.contains(id));
+            if q.is_empty() {
+                self.ready.remove(dest);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let t = &self.totals;
+        metrics::gauge!(QUEUE_GAUGE, "state" => "scheduled").set((t.scheduled + t.parked) as f64);
+        metrics::gauge!(QUEUE_GAUGE, "state" => "ready").set(t.ready as f64);
+        metrics::gauge!(QUEUE_GAUGE, "state" => "in_flight").set(t.in_flight as f64);
+    }
+
+    fn matching(&self, selector: &Selector) -> Vec<MessageId> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| match selector {
+                Selector::Domain(d) => &*e.dest == d.as_str(),
+                Selector::Campaign(c) => e.campaign.as_deref() == Some(c.as_str()),
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
 }
 
 /// The schedule, shared by injection and delivery.
@@ -42,35 +181,6 @@ pub struct Scheduler {
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler").finish_non_exhaustive()
-    }
-}
-
-impl Inner {
-    fn intern(&mut self, destination: &str) -> Arc<str> {
-        match self.counts.get_key_value(destination) {
-            Some((k, _)) => Arc::clone(k),
-            None => {
-                let k: Arc<str> = Arc::from(destination);
-                self.counts
-                    .insert(Arc::clone(&k), DestinationCounts::default());
-                k
-            }
-        }
-    }
-
-    fn adjust(&mut self, destination: &Arc<str>, f: impl Fn(&mut DestinationCounts)) {
-        f(&mut self.totals);
-        let entry = self.counts.entry(Arc::clone(destination)).or_default();
-        f(entry);
-        if entry.ready == 0 && entry.scheduled == 0 && entry.in_flight == 0 {
-            self.counts.remove(destination);
-        }
-    }
-
-    fn publish(&self) {
-        metrics::gauge!(QUEUE_GAUGE, "state" => "scheduled").set(self.totals.scheduled as f64);
-        metrics::gauge!(QUEUE_GAUGE, "state" => "ready").set(self.totals.ready as f64);
-        metrics::gauge!(QUEUE_GAUGE, "state" => "in_flight").set(self.totals.in_flight as f64);
     }
 }
 
@@ -87,53 +197,72 @@ impl Scheduler {
     }
 
     /// Queues `id` for `destination` at `due_ms`; if that is not in the future it is ready now.
+    /// A message already known (e.g. found again by a reload) is left where it is.
     pub fn schedule(
         &self,
         id: MessageId,
         destination: &str,
+        campaign: Option<&str>,
         due_ms: u64,
         received_ms: u64,
         now_ms: u64,
     ) {
         {
             let mut inner = self.lock();
-            let dest = inner.intern(destination);
-            inner.received.insert(id, received_ms);
-            if due_ms <= now_ms {
-                inner
-                    .ready
-                    .entry(Arc::clone(&dest))
-                    .or_default()
-                    .push_back((id, received_ms));
-                inner.adjust(&dest, |c| c.ready += 1);
-            } else {
-                inner.timer.insert((due_ms, id), Arc::clone(&dest));
-                inner.adjust(&dest, |c| c.scheduled += 1);
+            if let Some(e) = inner.entries.get(&id) {
+                if e.state != State::InFlight {
+                    return;
+                }
             }
+            let dest = inner.intern(destination);
+            let campaign = campaign.map(|c| inner.intern(c));
+            let fresh = !inner.entries.contains_key(&id);
+            if fresh {
+                // Counted as in flight for one instant so `set_state` can do the bookkeeping.
+                inner.entries.insert(
+                    id,
+                    Entry {
+                        dest: Arc::clone(&dest),
+                        campaign,
+                        received_ms,
+                        state: State::InFlight,
+                    },
+                );
+                inner.count(&dest, State::InFlight, 1);
+            }
+            let to = if due_ms <= now_ms {
+                inner.due_state(&id, now_ms)
+            } else {
+                State::Scheduled(due_ms)
+            };
+            inner.set_state(id, to);
             inner.publish();
         }
         self.notify.notify_one();
     }
 
-    /// Moves every message due at `now_ms` from the timer to its ready queue; returns how many.
+    /// Moves every message due at `now_ms` from the timer to its ready queue (or parks it when
+    /// its campaign is held); lifts holds that have expired. Returns how many moved.
     pub fn promote(&self, now_ms: u64) -> usize {
         let mut inner = self.lock();
         let mut moved = 0;
-        while let Some(entry) = inner.timer.first_entry() {
-            if entry.key().0 > now_ms {
+        let expired: Vec<Arc<str>> = inner
+            .suspended_campaigns
+            .iter()
+            .filter(|(_, until)| **until <= now_ms)
+            .map(|(c, _)| Arc::clone(c))
+            .collect();
+        for c in expired {
+            inner.suspended_campaigns.remove(&c);
+            moved += unpark(&mut inner, &c, now_ms);
+        }
+        inner.suspended_dests.retain(|_, until| *until > now_ms);
+        while let Some(&(due, id)) = inner.timer.first() {
+            if due > now_ms {
                 break;
             }
-            let ((_, id), dest) = entry.remove_entry();
-            let received = inner.received.get(&id).copied().unwrap_or(0);
-            inner
-                .ready
-                .entry(Arc::clone(&dest))
-                .or_default()
-                .push_back((id, received));
-            inner.adjust(&dest, |c| {
-                c.scheduled -= 1;
-                c.ready += 1;
-            });
+            let to = inner.due_state(&id, now_ms);
+            inner.set_state(id, to);
             moved += 1;
         }
         if moved > 0 {
@@ -144,104 +273,194 @@ impl Scheduler {
 
     /// When the next scheduled message comes due, if any.
     pub fn next_due(&self) -> Option<u64> {
-        self.lock().timer.first_key_value().map(|(k, _)| k.0)
+        self.lock().timer.first().map(|k| k.0)
     }
 
-    /// Destinations with ready messages, with their ready and in-flight counts.
-    pub fn ready_destinations(&self) -> Vec<(String, usize, usize)> {
+    /// Destinations that have ready messages and are not suspended, with their ready counts.
+    pub fn ready_destinations(&self, now_ms: u64) -> Vec<(String, usize)> {
         let inner = self.lock();
         inner
             .ready
             .iter()
-            .filter(|(_, q)| !q.is_empty())
-            .map(|(d, q)| {
-                let in_flight = inner.counts.get(d).map_or(0, |c| c.in_flight);
-                (d.to_string(), q.len(), in_flight)
+            .filter(|(d, q)| {
+                !q.is_empty() && inner.suspended_dests.get(*d).is_none_or(|u| *u <= now_ms)
             })
+            .map(|(d, q)| (d.to_string(), q.len()))
             .collect()
     }
 
-    /// Takes the next ready message of `destination`; it counts as in flight until [`Scheduler::finish`].
-    pub fn pop_ready(&self, destination: &str) -> Option<MessageId> {
+    /// Takes the next ready message of `destination`; it is in flight until it is scheduled
+    /// again or [`Scheduler::finish`]ed. Suspended destinations yield nothing.
+    pub fn pop_ready(&self, destination: &str, now_ms: u64) -> Option<MessageId> {
         let mut inner = self.lock();
-        let (dest, queue) = inner.ready.get_key_value(destination)?;
-        let dest = Arc::clone(dest);
-        let _ = queue;
+        if inner
+            .suspended_dests
+            .get(destination)
+            .is_some_and(|u| *u > now_ms)
+        {
+            return None;
+        }
         let queue = inner.ready.get_mut(destination)?;
-        let (id, _) = queue.pop_front()?;
+        let id = queue.pop_front()?;
         if queue.is_empty() {
             inner.ready.remove(destination);
         }
-        inner.adjust(&dest, |c| {
-            c.ready -= 1;
-            c.in_flight += 1;
-        });
+        // Already out of the ready queue: only the state and the counts change.
+        if let Some(e) = inner.entries.get_mut(&id) {
+            let dest = Arc::clone(&e.dest);
+            e.state = State::InFlight;
+            inner.count(&dest, State::Ready, -1);
+            inner.count(&dest, State::InFlight, 1);
+        }
         inner.publish();
         Some(id)
     }
 
-    /// Ends the in-flight state of a message taken with [`Scheduler::pop_ready`]. It is then
-    /// either gone (final) or re-entered with [`Scheduler::schedule`].
-    pub fn finish(&self, id: MessageId, destination: &str) {
+    /// Forgets a message (delivered, bounced, expired or purged), whatever its state.
+    pub fn finish(&self, id: MessageId) {
         let mut inner = self.lock();
-        inner.received.remove(&id);
-        let dest = inner.intern(destination);
-        inner.adjust(&dest, |c| c.in_flight = c.in_flight.saturating_sub(1));
+        forget(&mut inner, id);
         inner.publish();
     }
 
-    /// Removes every ready and scheduled message of `destination` (for purge); returns their ids.
-    pub fn drain_destination(&self, destination: &str) -> Vec<MessageId> {
+    /// Removes every message `selector` matches from the schedule and returns their ids (for
+    /// purge). In-flight messages are not returned: their workers finish them.
+    pub fn take(&self, selector: &Selector) -> Vec<MessageId> {
         let mut inner = self.lock();
-        let mut ids: Vec<MessageId> = inner
-            .ready
-            .remove(destination)
-            .map(|q| q.into_iter().map(|(id, _)| id).collect())
-            .unwrap_or_default();
-        let scheduled: Vec<(u64, MessageId)> = inner
-            .timer
-            .iter()
-            .filter(|(_, d)| &***d == destination)
-            .map(|(k, _)| *k)
+        let ids: Vec<MessageId> = inner
+            .matching(selector)
+            .into_iter()
+            .filter(|id| inner.entries.get(id).is_some_and(|e| e.state != State::InFlight))
             .collect();
-        for key in &scheduled {
-            inner.timer.remove(key);
-        }
-        ids.extend(scheduled.iter().map(|(_, id)| *id));
-        let dest = inner.intern(destination);
-        let (ready, sched) = (ids.len() - scheduled.len(), scheduled.len());
-        inner.adjust(&dest, |c| {
-            c.ready -= ready;
-            c.scheduled -= sched;
-        });
         for id in &ids {
-            inner.received.remove(id);
+            forget(&mut inner, *id);
         }
         inner.publish();
         ids
     }
 
-    /// Counts per destination (ready, scheduled, in flight, oldest).
-    pub fn destinations(&self) -> Vec<(String, DestinationCounts)> {
-        let inner = self.lock();
-        let mut oldest: HashMap<&str, u64> = HashMap::new();
-        for q in inner.ready.iter() {
-            if let Some(min) = q.1.iter().map(|(_, r)| *r).min() {
-                oldest.insert(q.0, min);
+    /// Makes every scheduled message `selector` matches due now; returns how many.
+    pub fn retry_now(&self, selector: &Selector, now_ms: u64) -> usize {
+        let count = {
+            let mut inner = self.lock();
+            let ids: Vec<MessageId> = inner
+                .matching(selector)
+                .into_iter()
+                .filter(|id| {
+                    inner
+                        .entries
+                        .get(id)
+                        .is_some_and(|e| matches!(e.state, State::Scheduled(_)))
+                })
+                .collect();
+            for id in &ids {
+                let to = inner.due_state(id, now_ms);
+                inner.set_state(*id, to);
+            }
+            inner.publish();
+            ids.len()
+        };
+        self.notify.notify_one();
+        count
+    }
+
+    /// Holds a destination or campaign until `until_ms` (`u64::MAX`: until resumed).
+    /// Messages stay queued; held campaigns' messages are parked instead of delivered.
+    pub fn suspend(&self, selector: &Selector, until_ms: u64, now_ms: u64) {
+        let mut inner = self.lock();
+        match selector {
+            Selector::Domain(d) => {
+                let d = inner.intern(d);
+                inner.suspended_dests.insert(d, until_ms);
+            }
+            Selector::Campaign(c) => {
+                let c = inner.intern(c);
+                inner.suspended_campaigns.insert(Arc::clone(&c), until_ms);
+                let ready: Vec<MessageId> = inner
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| e.state == State::Ready && e.campaign.as_ref() == Some(&c))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut by_dest: HashMap<Arc<str>, HashSet<MessageId>> = HashMap::new();
+                for id in &ready {
+                    if let Some(e) = inner.entries.get(id) {
+                        by_dest.entry(Arc::clone(&e.dest)).or_default().insert(*id);
+                    }
+                }
+                for (dest, ids) in by_dest {
+                    inner.remove_from_ready(&dest, &ids);
+                }
+                for id in ready {
+                    // Out of the ready queue already; `set_state` only moves the counts.
+                    if let Some(e) = inner.entries.get_mut(&id) {
+                        e.state = State::Parked;
+                        let dest = Arc::clone(&e.dest);
+                        inner.count(&dest, State::Ready, -1);
+                        inner.count(&dest, State::Parked, 1);
+                    }
+                }
+                let _ = now_ms;
             }
         }
-        for ((_, id), dest) in inner.timer.iter() {
-            if let Some(r) = inner.received.get(id) {
-                let e = oldest.entry(dest).or_insert(*r);
-                *e = (*e).min(*r);
-            }
+        inner.publish();
+    }
+
+    /// Lifts a hold; returns whether there was one.
+    pub fn resume(&self, selector: &Selector, now_ms: u64) -> bool {
+        let was = {
+            let mut inner = self.lock();
+            let was = match selector {
+                Selector::Domain(d) => inner.suspended_dests.remove(d.as_str()).is_some(),
+                Selector::Campaign(c) => {
+                    let was = inner.suspended_campaigns.remove(c.as_str()).is_some();
+                    let c = inner.intern(c);
+                    unpark(&mut inner, &c, now_ms);
+                    was
+                }
+            };
+            inner.publish();
+            was
+        };
+        self.notify.notify_one();
+        was
+    }
+
+    /// The holds in force: `(selector, until_ms)`.
+    pub fn suspensions(&self, now_ms: u64) -> Vec<(Selector, u64)> {
+        let inner = self.lock();
+        let mut out: Vec<(Selector, u64)> = inner
+            .suspended_dests
+            .iter()
+            .filter(|(_, u)| **u > now_ms)
+            .map(|(d, u)| (Selector::Domain(d.to_string()), *u))
+            .chain(
+                inner
+                    .suspended_campaigns
+                    .iter()
+                    .filter(|(_, u)| **u > now_ms)
+                    .map(|(c, u)| (Selector::Campaign(c.to_string()), *u)),
+            )
+            .collect();
+        out.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
+        out
+    }
+
+    /// Counts per destination.
+    pub fn destinations(&self, now_ms: u64) -> Vec<(String, DestinationCounts)> {
+        let inner = self.lock();
+        let mut oldest: HashMap<&Arc<str>, u64> = HashMap::new();
+        for e in inner.entries.values() {
+            let o = oldest.entry(&e.dest).or_insert(e.received_ms);
+            *o = (*o).min(e.received_ms);
         }
         let mut out: Vec<(String, DestinationCounts)> = inner
             .counts
             .iter()
             .map(|(d, c)| {
                 let mut c = c.clone();
-                c.oldest_received_ms = oldest.get(&**d).copied();
+                c.oldest_received_ms = oldest.get(d).copied();
+                c.suspended_until_ms = inner.suspended_dests.get(d).copied().filter(|u| *u > now_ms);
                 (d.to_string(), c)
             })
             .collect();
@@ -252,6 +471,16 @@ impl Scheduler {
     /// Totals over every destination.
     pub fn totals(&self) -> DestinationCounts {
         self.lock().totals.clone()
+    }
+
+    /// Messages known to the schedule (all states).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether no message is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Waits until something is scheduled or made ready.
@@ -265,6 +494,36 @@ impl Scheduler {
     }
 }
 
+fn forget(inner: &mut Inner, id: MessageId) {
+    let Some(entry) = inner.entries.remove(&id) else {
+        return;
+    };
+    match entry.state {
+        State::Scheduled(due) => {
+            inner.timer.remove(&(due, id));
+        }
+        State::Ready => {
+            inner.remove_from_ready(&entry.dest, &HashSet::from([id]));
+        }
+        State::InFlight | State::Parked => {}
+    }
+    inner.count(&entry.dest, entry.state, -1);
+}
+
+fn unpark(inner: &mut Inner, campaign: &Arc<str>, now_ms: u64) -> usize {
+    let parked: Vec<MessageId> = inner
+        .entries
+        .iter()
+        .filter(|(_, e)| e.state == State::Parked && e.campaign.as_ref() == Some(campaign))
+        .map(|(id, _)| *id)
+        .collect();
+    for id in &parked {
+        let to = inner.due_state(id, now_ms);
+        inner.set_state(*id, to);
+    }
+    parked.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,30 +531,74 @@ mod tests {
     #[test]
     fn due_messages_move_to_ready_in_order() {
         let s = Scheduler::new();
-        let (a, b, c) = (
-            MessageId::generate(),
-            MessageId::generate(),
-            MessageId::generate(),
-        );
-        s.schedule(a, "x.test", 100, 1, 50);
-        s.schedule(b, "x.test", 200, 2, 50);
-        s.schedule(c, "y.test", 10, 3, 50);
+        let (a, b, c) = (MessageId::generate(), MessageId::generate(), MessageId::generate());
+        s.schedule(a, "x.test", None, 100, 1, 50);
+        s.schedule(b, "x.test", None, 200, 2, 50);
+        s.schedule(c, "y.test", None, 10, 3, 50);
         assert_eq!(s.totals().scheduled, 2);
         assert_eq!(s.totals().ready, 1);
         assert_eq!(s.next_due(), Some(100));
         assert_eq!(s.promote(150), 1);
-        assert_eq!(s.pop_ready("x.test"), Some(a));
-        assert_eq!(s.pop_ready("x.test"), None);
+        assert_eq!(s.pop_ready("x.test", 150), Some(a));
+        assert_eq!(s.pop_ready("x.test", 150), None);
         assert_eq!(s.totals().in_flight, 1);
-        s.finish(a, "x.test");
+        // Rescheduling an in-flight message moves it back to the timer.
+        s.schedule(a, "x.test", None, 300, 1, 150);
         assert_eq!(s.totals().in_flight, 0);
-        let dests = s.destinations();
+        assert_eq!(s.totals().scheduled, 2);
+        let dests = s.destinations(150);
         assert_eq!(dests.len(), 2);
         assert_eq!(dests[0].0, "x.test");
-        assert_eq!(dests[0].1.scheduled, 1);
-        assert_eq!(dests[0].1.oldest_received_ms, Some(2));
-        assert_eq!(s.drain_destination("x.test"), vec![b]);
+        assert_eq!(dests[0].1.scheduled, 2);
+        assert_eq!(dests[0].1.oldest_received_ms, Some(1));
+        let mut taken = s.take(&Selector::Domain("x.test".into()));
+        taken.sort();
+        assert_eq!(taken, vec![a, b]);
         assert_eq!(s.totals().scheduled, 0);
-        assert_eq!(s.destinations().len(), 1);
+        assert_eq!(s.destinations(150).len(), 1);
+        s.finish(c);
+        assert!(s.is_empty());
+        assert_eq!(s.totals(), DestinationCounts::default());
+    }
+
+    #[test]
+    fn suspended_destinations_and_campaigns_hold_their_messages() {
+        let s = Scheduler::new();
+        let (a, b, c) = (MessageId::generate(), MessageId::generate(), MessageId::generate());
+        s.schedule(a, "x.test", Some("nov"), 0, 0, 10);
+        s.schedule(b, "x.test", Some("dec"), 0, 0, 10);
+        s.schedule(c, "y.test", Some("nov"), 50, 0, 10);
+        s.suspend(&Selector::Domain("x.test".into()), u64::MAX, 10);
+        assert!(s.ready_destinations(10).is_empty());
+        assert_eq!(s.pop_ready("x.test", 10), None);
+        s.resume(&Selector::Domain("x.test".into()), 10);
+        assert_eq!(s.ready_destinations(10), vec![("x.test".to_owned(), 2)]);
+        s.suspend(&Selector::Campaign("nov".into()), 1000, 10);
+        assert_eq!(s.totals().parked, 1);
+        assert_eq!(s.totals().ready, 1);
+        // c comes due while its campaign is held: parked, not ready.
+        s.promote(60);
+        assert_eq!(s.totals().parked, 2);
+        assert_eq!(s.pop_ready("x.test", 60), Some(b));
+        assert_eq!(s.pop_ready("y.test", 60), None);
+        // The hold expires by itself.
+        s.promote(1000);
+        assert_eq!(s.totals().parked, 0);
+        assert_eq!(s.totals().ready, 2);
+        s.suspend(&Selector::Campaign("nov".into()), u64::MAX, 1000);
+        assert_eq!(s.suspensions(1000).len(), 1);
+        assert!(s.resume(&Selector::Campaign("nov".into()), 1000));
+        assert_eq!(s.totals().ready, 2);
+        assert!(s.suspensions(1000).is_empty());
+    }
+
+    #[test]
+    fn retry_now_makes_scheduled_messages_ready() {
+        let s = Scheduler::new();
+        let a = MessageId::generate();
+        s.schedule(a, "x.test", Some("nov"), 10_000, 0, 10);
+        assert_eq!(s.retry_now(&Selector::Campaign("nov".into()), 10), 1);
+        assert_eq!(s.pop_ready("x.test", 10), Some(a));
+        assert_eq!(s.retry_now(&Selector::Campaign("nov".into()), 10), 0);
     }
 }

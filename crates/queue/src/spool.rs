@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 const CF_META: &str = "meta";
 const CF_BODY: &str = "body";
 const CF_SCHEDULE: &str = "schedule";
+const CF_STATE: &str = "state";
 
 /// Tunables of the spool.
 #[derive(Debug, Clone)]
@@ -40,6 +41,13 @@ enum Op {
     Remove {
         id: MessageId,
         due_ms: u64,
+    },
+    PutState {
+        key: String,
+        value: Vec<u8>,
+    },
+    DeleteState {
+        key: String,
     },
 }
 
@@ -91,6 +99,7 @@ impl Spool {
             ColumnFamilyDescriptor::new(CF_META, Options::default()),
             ColumnFamilyDescriptor::new(CF_BODY, body_opts),
             ColumnFamilyDescriptor::new(CF_SCHEDULE, Options::default()),
+            ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
         let (tx, rx) = mpsc::channel();
@@ -139,6 +148,37 @@ impl Spool {
     /// Deletes a message; returns once synced.
     pub async fn remove(&self, id: MessageId, due_ms: u64) -> Result<(), QueueError> {
         self.submit(vec![Op::Remove { id, due_ms }]).await
+    }
+
+    /// Stores an engine state record (e.g. a suspension); returns once synced.
+    pub async fn put_state(&self, key: &str, value: Vec<u8>) -> Result<(), QueueError> {
+        self.submit(vec![Op::PutState {
+            key: key.to_owned(),
+            value,
+        }])
+        .await
+    }
+
+    /// Deletes an engine state record; returns once synced.
+    pub async fn delete_state(&self, key: &str) -> Result<(), QueueError> {
+        self.submit(vec![Op::DeleteState {
+            key: key.to_owned(),
+        }])
+        .await
+    }
+
+    /// Every state record whose key starts with `prefix`.
+    pub fn states(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QueueError> {
+        let cf = self.cf(CF_STATE)?;
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator_cf(cf, prefix.as_bytes()) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Reads a message's metadata.
@@ -239,7 +279,8 @@ fn write_jobs(db: &DB, jobs: &[Job], write_opts: &WriteOptions) -> Result<(), St
         db.cf_handle(name)
             .ok_or_else(|| format!("column family {name} is missing"))
     };
-    let (meta_cf, body_cf, sched_cf) = (cf(CF_META)?, cf(CF_BODY)?, cf(CF_SCHEDULE)?);
+    let (meta_cf, body_cf, sched_cf, state_cf) =
+        (cf(CF_META)?, cf(CF_BODY)?, cf(CF_SCHEDULE)?, cf(CF_STATE)?);
     let mut batch = WriteBatch::default();
     for job in jobs {
         for op in &job.ops {
@@ -264,6 +305,8 @@ fn write_jobs(db: &DB, jobs: &[Job], write_opts: &WriteOptions) -> Result<(), St
                     batch.delete_cf(body_cf, id.as_bytes());
                     batch.delete_cf(sched_cf, schedule_key(*due_ms, id));
                 }
+                Op::PutState { key, value } => batch.put_cf(state_cf, key.as_bytes(), value),
+                Op::DeleteState { key } => batch.delete_cf(state_cf, key.as_bytes()),
             }
         }
     }
@@ -331,6 +374,22 @@ mod tests {
             .map(|kv| kv.unwrap().0.to_vec())
             .collect();
         assert_eq!(keys, vec![schedule_key(99, &a.id).to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn state_records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            spool.put_state("suspend/domain/a.test", vec![1]).await.unwrap();
+            spool.put_state("suspend/campaign/nov", vec![2]).await.unwrap();
+            spool.put_state("other", vec![3]).await.unwrap();
+            spool.delete_state("suspend/campaign/nov").await.unwrap();
+            spool.close().unwrap();
+        }
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let states = spool.states("suspend/").unwrap();
+        assert_eq!(states, vec![("suspend/domain/a.test".to_owned(), vec![1])]);
     }
 
     #[tokio::test]
