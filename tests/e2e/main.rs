@@ -6,6 +6,7 @@
     unreachable_pub
 )]
 
+mod admin;
 mod delivery;
 mod harness;
 mod inject;

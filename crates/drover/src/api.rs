@@ -196,7 +196,9 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         })
         .into_response(),
         Err(EngineError::Draining) => unavailable("shutting down"),
-        Err(EngineError::Full(n)) => unavailable(format!("the queue is full ({n} messages); retry later")),
+        Err(EngineError::Full(n)) => {
+            unavailable(format!("the queue is full ({n} messages); retry later"))
+        }
         Err(e) => {
             tracing::error!(error = %e, "injection failed");
             unavailable(format!("the spool cannot accept messages now: {e}"))
@@ -241,7 +243,10 @@ fn rfc3339(ms: u64) -> Option<String> {
     }
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
 }
 
 /// Body of the admin actions: exactly one of `domain` and `campaign`.
@@ -257,20 +262,43 @@ struct AdminTarget {
     duration: Option<String>,
 }
 
-fn admin_target(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Selector, Option<std::time::Duration>), Response> {
+fn bad(status: StatusCode, message: impl Into<String>) -> Box<Response> {
+    Box::new(error(status, message))
+}
+
+fn admin_target(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Selector, Option<std::time::Duration>), Box<Response>> {
     if !authorized(state, headers) {
-        return Err(error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token"));
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+        ));
     }
-    let target: AdminTarget = serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))?;
+    let target: AdminTarget = serde_json::from_slice(body).map_err(|e| {
+        bad(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })?;
     let selector = match (target.domain, target.campaign) {
         (Some(d), None) if !d.trim().is_empty() => Selector::Domain(d.trim().to_ascii_lowercase()),
         (None, Some(c)) if !c.trim().is_empty() => Selector::Campaign(c.trim().to_owned()),
-        _ => return Err(error(StatusCode::BAD_REQUEST, "give exactly one of domain and campaign")),
+        _ => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of domain and campaign",
+            ))
+        }
     };
     let duration = target
         .duration
-        .map(|d| humantime::parse_duration(&d).map_err(|e| error(StatusCode::BAD_REQUEST, format!("duration: {e}"))))
+        .map(|d| {
+            humantime::parse_duration(&d)
+                .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("duration: {e}")))
+        })
         .transpose()?;
     Ok((selector, duration))
 }
@@ -285,7 +313,7 @@ fn selector_json(selector: &Selector) -> serde_json::Value {
 async fn suspend(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (selector, duration) = match admin_target(&state, &headers, &body) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match state.engine.suspend(&selector, duration).await {
         Ok(until) => {
@@ -300,7 +328,7 @@ async fn suspend(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
 async fn resume(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (selector, _) = match admin_target(&state, &headers, &body) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match state.engine.resume(&selector).await {
         Ok(was) => {
@@ -315,7 +343,7 @@ async fn resume(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
 async fn retry(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (selector, _) = match admin_target(&state, &headers, &body) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let count = state.engine.retry_now(&selector);
     let mut reply = selector_json(&selector);
@@ -326,7 +354,7 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
 async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let (selector, _) = match admin_target(&state, &headers, &body) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match state.engine.purge(&selector).await {
         Ok(count) => {

@@ -253,7 +253,11 @@ impl Engine {
     }
 
     /// Holds a domain or campaign (durably) until `duration` has passed, or until resumed.
-    pub async fn suspend(&self, selector: &Selector, duration: Option<Duration>) -> Result<u64, EngineError> {
+    pub async fn suspend(
+        &self,
+        selector: &Selector,
+        duration: Option<Duration>,
+    ) -> Result<u64, EngineError> {
         let now = now_ms();
         let until = duration.map_or(u64::MAX, |d| now.saturating_add(d.as_millis() as u64));
         self.spool
@@ -436,16 +440,16 @@ impl Engine {
                     old.quit().await;
                 }
             }
-            let again = self.attempt(id, destination, limiter, &mut session).await;
-            self.scheduler.finish(id, destination);
-            if let Some(meta) = again {
-                self.scheduler.schedule(
+            match self.attempt(id, destination, limiter, &mut session).await {
+                Some(meta) => self.scheduler.schedule(
                     meta.id,
                     &meta.domain,
+                    meta.campaign.as_deref(),
                     meta.due_ms,
                     meta.received_ms,
                     now_ms(),
-                );
+                ),
+                None => self.scheduler.finish(id),
             }
         }
         if let Some(s) = session {

@@ -104,12 +104,62 @@ struct QueueArgs {
 
 #[derive(Subcommand)]
 enum QueueAction {
-    /// List destinations: ready, scheduled, in flight, oldest.
+    /// List destinations: ready, scheduled, in flight, oldest, and the holds in force.
     List {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Hold a domain or campaign: its messages stay queued but are not delivered.
+    Suspend {
+        #[command(flatten)]
+        target: Target,
+        /// How long (e.g. "2h"); without it, until resumed.
+        #[arg(long)]
+        duration: Option<String>,
+    },
+    /// Lift a hold.
+    Resume {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make deferred messages of a domain or campaign due now.
+    Retry {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove the queued messages of a domain or campaign (each gets an AdminBounce record).
+    Purge {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// A destination domain.
+    #[arg(long)]
+    domain: Option<String>,
+    /// A campaign.
+    #[arg(long)]
+    campaign: Option<String>,
+}
+
+impl Target {
+    fn json(&self, duration: Option<&String>) -> serde_json::Value {
+        let mut v = serde_json::json!({});
+        if let Some(d) = &self.domain {
+            v["domain"] = d.clone().into();
+        }
+        if let Some(c) = &self.campaign {
+            v["campaign"] = c.clone().into();
+        }
+        if let Some(d) = duration {
+            v["duration"] = d.clone().into();
+        }
+        v
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -268,41 +318,74 @@ async fn sink(args: SinkArgs) -> anyhow::Result<()> {
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let base = args.api.trim_end_matches('/');
-    match args.action {
-        QueueAction::List { json } => {
-            let mut request = client.get(format!("{base}/api/admin/v1/queues"));
-            if let Some(token) = &args.token {
-                request = request.bearer_auth(token);
-            }
-            let response = request.send().await.context("cannot reach the engine")?;
-            let status = response.status();
-            let body: serde_json::Value = response.json().await.context("bad reply")?;
-            if !status.is_success() {
-                anyhow::bail!("{status}: {}", body["error"]);
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&body)?);
-                return Ok(());
-            }
-            println!(
-                "{:<40} {:>8} {:>10} {:>10} {:>12}",
-                "DESTINATION", "READY", "SCHEDULED", "IN_FLIGHT", "OLDEST"
-            );
-            for d in body["destinations"].as_array().into_iter().flatten() {
-                let oldest = d["oldest_age_seconds"]
-                    .as_u64()
-                    .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
-                    .unwrap_or_else(|| "-".into());
-                println!(
-                    "{:<40} {:>8} {:>10} {:>10} {:>12}",
-                    d["destination"].as_str().unwrap_or("?"),
-                    d["ready"],
-                    d["scheduled"],
-                    d["in_flight"],
-                    oldest
-                );
-            }
-            Ok(())
+    let send = |request: reqwest::RequestBuilder| async {
+        let request = match &args.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.context("cannot reach the engine")?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.context("bad reply")?;
+        if !status.is_success() {
+            anyhow::bail!("{status}: {}", body["error"]);
         }
+        Ok(body)
+    };
+    let action = |path: &str, body: serde_json::Value| {
+        client
+            .post(format!("{base}/api/admin/v1/{path}"))
+            .json(&body)
+    };
+    let body = match &args.action {
+        QueueAction::List { json } => {
+            let body = send(client.get(format!("{base}/api/admin/v1/queues"))).await?;
+            let holds = send(client.get(format!("{base}/api/admin/v1/suspensions"))).await?;
+            if *json {
+                let both = serde_json::json!({"queues": body, "suspensions": holds["suspensions"]});
+                println!("{}", serde_json::to_string_pretty(&both)?);
+            } else {
+                print_queues(&body, &holds);
+            }
+            return Ok(());
+        }
+        QueueAction::Suspend { target, duration } => {
+            send(action("suspend", target.json(duration.as_ref()))).await?
+        }
+        QueueAction::Resume { target } => send(action("resume", target.json(None))).await?,
+        QueueAction::Retry { target } => send(action("retry", target.json(None))).await?,
+        QueueAction::Purge { target } => send(action("purge", target.json(None))).await?,
+    };
+    println!("{}", serde_json::to_string(&body)?);
+    Ok(())
+}
+
+fn print_queues(body: &serde_json::Value, holds: &serde_json::Value) {
+    println!(
+        "{:<40} {:>8} {:>10} {:>10} {:>8} {:>12}",
+        "DESTINATION", "READY", "SCHEDULED", "IN_FLIGHT", "PARKED", "OLDEST"
+    );
+    for d in body["destinations"].as_array().into_iter().flatten() {
+        let oldest = d["oldest_age_seconds"]
+            .as_u64()
+            .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<40} {:>8} {:>10} {:>10} {:>8} {:>12}",
+            d["destination"].as_str().unwrap_or("?"),
+            d["ready"],
+            d["scheduled"],
+            d["in_flight"],
+            d["parked"],
+            oldest
+        );
+    }
+    for h in holds["suspensions"].as_array().into_iter().flatten() {
+        let what = h["domain"]
+            .as_str()
+            .map(|d| format!("domain {d}"))
+            .or_else(|| h["campaign"].as_str().map(|c| format!("campaign {c}")))
+            .unwrap_or_default();
+        let until = h["suspended_until"].as_str().unwrap_or("resumed by hand");
+        println!("suspended: {what} until {until}");
     }
 }

@@ -121,7 +121,11 @@ impl Inner {
             State::Scheduled(due) => {
                 self.timer.insert((due, id));
             }
-            State::Ready => self.ready.entry(Arc::clone(&dest)).or_default().push_back(id),
+            State::Ready => self
+                .ready
+                .entry(Arc::clone(&dest))
+                .or_default()
+                .push_back(id),
             State::InFlight | State::Parked => {}
         }
         self.count(&dest, from, -1);
@@ -330,7 +334,12 @@ impl Scheduler {
         let ids: Vec<MessageId> = inner
             .matching(selector)
             .into_iter()
-            .filter(|id| inner.entries.get(id).is_some_and(|e| e.state != State::InFlight))
+            .filter(|id| {
+                inner
+                    .entries
+                    .get(id)
+                    .is_some_and(|e| e.state != State::InFlight)
+            })
             .collect();
         for id in &ids {
             forget(&mut inner, *id);
@@ -460,7 +469,11 @@ impl Scheduler {
             .map(|(d, c)| {
                 let mut c = c.clone();
                 c.oldest_received_ms = oldest.get(d).copied();
-                c.suspended_until_ms = inner.suspended_dests.get(d).copied().filter(|u| *u > now_ms);
+                c.suspended_until_ms = inner
+                    .suspended_dests
+                    .get(d)
+                    .copied()
+                    .filter(|u| *u > now_ms);
                 (d.to_string(), c)
             })
             .collect();
@@ -531,7 +544,11 @@ mod tests {
     #[test]
     fn due_messages_move_to_ready_in_order() {
         let s = Scheduler::new();
-        let (a, b, c) = (MessageId::generate(), MessageId::generate(), MessageId::generate());
+        let (a, b, c) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
         s.schedule(a, "x.test", None, 100, 1, 50);
         s.schedule(b, "x.test", None, 200, 2, 50);
         s.schedule(c, "y.test", None, 10, 3, 50);
@@ -564,7 +581,11 @@ mod tests {
     #[test]
     fn suspended_destinations_and_campaigns_hold_their_messages() {
         let s = Scheduler::new();
-        let (a, b, c) = (MessageId::generate(), MessageId::generate(), MessageId::generate());
+        let (a, b, c) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
         s.schedule(a, "x.test", Some("nov"), 0, 0, 10);
         s.schedule(b, "x.test", Some("dec"), 0, 0, 10);
         s.schedule(c, "y.test", Some("nov"), 50, 0, 10);

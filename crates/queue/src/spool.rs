@@ -381,8 +381,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
-            spool.put_state("suspend/domain/a.test", vec![1]).await.unwrap();
-            spool.put_state("suspend/campaign/nov", vec![2]).await.unwrap();
+            spool
+                .put_state("suspend/domain/a.test", vec![1])
+                .await
+                .unwrap();
+            spool
+                .put_state("suspend/campaign/nov", vec![2])
+                .await
+                .unwrap();
             spool.put_state("other", vec![3]).await.unwrap();
             spool.delete_state("suspend/campaign/nov").await.unwrap();
             spool.close().unwrap();
