@@ -40,6 +40,22 @@ pub enum BounceCategory {
 }
 
 impl BounceCategory {
+    /// Every category, for initialising per-category metrics.
+    pub const ALL: [BounceCategory; 12] = [
+        BounceCategory::BadMailbox,
+        BounceCategory::BadDomain,
+        BounceCategory::InactiveMailbox,
+        BounceCategory::QuotaIssues,
+        BounceCategory::SpamRelated,
+        BounceCategory::PolicyRelated,
+        BounceCategory::RoutingErrors,
+        BounceCategory::NoAnswerFromHost,
+        BounceCategory::Greylisted,
+        BounceCategory::RateLimited,
+        BounceCategory::MessageExpired,
+        BounceCategory::Other,
+    ];
+
     /// The category's name as written in records and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -33,6 +33,21 @@ pub fn describe_metrics() {
     queue::describe_metrics();
     connection_pool::describe_metrics();
     resolver_cache::describe_metrics();
+    // Series exist from the first scrape, so dashboards and rate() see a zero, not a gap.
+    for via in ["http", "smtp"] {
+        metrics::counter!(RECEIVED, "via" => via).increment(0);
+    }
+    metrics::counter!("drover_messages_delivered_total").increment(0);
+    metrics::counter!("drover_messages_transient_failures_total").increment(0);
+    metrics::counter!("drover_messages_expired_total").increment(0);
+    for category in accounting::BounceCategory::ALL {
+        metrics::counter!("drover_messages_bounced_total", "category" => category.as_str())
+            .increment(0);
+    }
+    for result in ["cache_hit", "ok", "nxdomain", "error"] {
+        metrics::counter!("drover_dns_lookups_total", "result" => result).increment(0);
+    }
+    metrics::gauge!("drover_smtp_connections").increment(0.0);
 }
 
 const SUSPEND_PREFIX: &str = "suspend/";
