@@ -7,6 +7,7 @@
 )]
 
 mod admin;
+mod crash;
 mod delivery;
 mod harness;
 mod inject;

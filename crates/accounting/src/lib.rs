@@ -12,7 +12,7 @@ mod writer;
 
 pub use classify::{classify, BounceCategory};
 pub use metrics_names::describe_metrics;
-pub use writer::{Accounting, AccountingError};
+pub use writer::{final_ids_since, Accounting, AccountingError};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
 //! The outcome counters of contract §5. They are counted where the records are written, so a
 //! metric and the accounting file can never disagree.
 
-use crate::{Record, RecordType};
+use crate::{BounceCategory, RecordType};
 
 pub(crate) const DELIVERED: &str = "drover_messages_delivered_total";
 pub(crate) const TRANSIENT: &str = "drover_messages_transient_failures_total";
@@ -19,12 +19,12 @@ pub fn describe_metrics() {
     metrics::describe_counter!(EXPIRED, "Messages that outlived retry.max_age.");
 }
 
-pub(crate) fn count(record: &Record) {
-    match record.kind {
+pub(crate) fn count(kind: RecordType, category: Option<BounceCategory>) {
+    match kind {
         RecordType::Delivery => metrics::counter!(DELIVERED).increment(1),
         RecordType::TransientFailure => metrics::counter!(TRANSIENT).increment(1),
         RecordType::Bounce | RecordType::AdminBounce => {
-            let category = record.bounce_category.unwrap_or_default();
+            let category = category.unwrap_or_default();
             metrics::counter!(BOUNCED, "category" => category.as_str()).increment(1)
         }
         RecordType::Expiration => metrics::counter!(EXPIRED).increment(1),

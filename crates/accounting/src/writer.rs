@@ -1,10 +1,12 @@
 //! The group-committing JSON Lines writer.
 
-use crate::Record;
+use crate::{BounceCategory, Record, RecordType};
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use tokio::sync::oneshot;
 
@@ -26,7 +28,9 @@ pub enum AccountingError {
 }
 
 struct Job {
-    records: Vec<Record>,
+    /// Serialised by the caller, so the writer thread only writes and syncs.
+    lines: Vec<String>,
+    counted: Vec<(RecordType, Option<BounceCategory>)>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -35,6 +39,7 @@ struct Job {
 pub struct Accounting {
     tx: mpsc::Sender<Job>,
     path: PathBuf,
+    synced_len: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Accounting {
@@ -60,16 +65,37 @@ impl Accounting {
             .append(true)
             .open(path)
             .map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let synced_len = Arc::new(AtomicU64::new(len));
         let (tx, rx) = mpsc::channel();
         let thread_path = path.to_owned();
+        let thread_len = Arc::clone(&synced_len);
         thread::Builder::new()
             .name("accounting".into())
-            .spawn(move || writer_loop(file, rx, &thread_path))
+            .spawn(move || writer_loop(file, rx, &thread_path, &thread_len))
             .map_err(io)?;
         Ok(Accounting {
             tx,
             path: path.to_owned(),
+            synced_len,
         })
+    }
+
+    /// Bytes of the file known to be on disk. Records appended from now on start at or after
+    /// this offset.
+    pub fn synced_len(&self) -> u64 {
+        self.synced_len.load(Ordering::SeqCst)
+    }
+
+    /// Serialises a record as the one JSON line it will be written as (without the newline).
+    pub fn to_line(record: &Record) -> String {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_string(record).unwrap_or_default()
+    }
+
+    /// Appends already-serialised records (see [`Accounting::to_line`]); returns once synced.
+    pub async fn record_lines(&self, lines: Vec<String>) -> Result<(), AccountingError> {
+        self.submit(lines, Vec::new()).await
     }
 
     /// The file records go to.
@@ -84,12 +110,29 @@ impl Accounting {
 
     /// Appends records in order; returns once all are synced to disk.
     pub async fn record_all(&self, records: Vec<Record>) -> Result<(), AccountingError> {
-        if records.is_empty() {
+        let lines = records.iter().map(Accounting::to_line).collect();
+        let counted = records
+            .iter()
+            .map(|r| (r.kind, r.bounce_category))
+            .collect();
+        self.submit(lines, counted).await
+    }
+
+    async fn submit(
+        &self,
+        lines: Vec<String>,
+        counted: Vec<(RecordType, Option<BounceCategory>)>,
+    ) -> Result<(), AccountingError> {
+        if lines.is_empty() {
             return Ok(());
         }
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Job { records, done })
+            .send(Job {
+                lines,
+                counted,
+                done,
+            })
             .map_err(|_| AccountingError::Stopped)?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
@@ -102,7 +145,41 @@ impl Accounting {
     }
 }
 
-fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path) {
+/// Ids that have a final record (`Delivery`, `Bounce`, `Expiration`, `AdminBounce`) in the
+/// file at or after `offset`. Used after a crash to tell which pending final records were
+/// written; reads only the tail written since.
+pub fn final_ids_since(path: &Path, offset: u64) -> std::io::Result<HashSet<String>> {
+    let mut ids = HashSet::new();
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
+        Err(e) => return Err(e),
+    };
+    if offset > file.metadata()?.len() {
+        // The file was rotated or truncated: nothing of ours is in it.
+        return Ok(ids);
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "type")]
+        kind: RecordType,
+        id: String,
+    }
+    for line in BufReader::new(file).lines() {
+        let line = line?;
+        // A torn last line (crash mid-write) does not parse and does not count.
+        if let Ok(p) = serde_json::from_str::<Probe>(&line) {
+            if p.kind.is_final() {
+                ids.insert(p.id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path, synced_len: &AtomicU64) {
+    let mut written = synced_len.load(Ordering::SeqCst);
     let mut out = BufWriter::with_capacity(256 * 1024, file);
     while let Ok(first) = rx.recv() {
         // Everything queued while the last sync ran goes into this one: that is the group commit.
@@ -111,14 +188,24 @@ fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path) {
             jobs.push(job);
         }
         let result = write_batch(&mut out, &jobs);
-        if let Err(e) = &result {
-            tracing::error!(path = %path.display(), error = %e, "accounting write failed");
+        match &result {
+            Ok(bytes) => {
+                written += bytes;
+                synced_len.store(written, Ordering::SeqCst);
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "accounting write failed");
+                // What reached the file is unknown; re-read its length so offsets stay honest.
+                if let Ok(meta) = out.get_ref().metadata() {
+                    written = meta.len();
+                }
+            }
         }
         for job in jobs {
             let answer = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
             if answer.is_ok() {
-                for record in &job.records {
-                    crate::metrics_names::count(record);
+                for (kind, category) in &job.counted {
+                    crate::metrics_names::count(*kind, *category);
                 }
             }
             let _ = job.done.send(answer);
@@ -127,15 +214,18 @@ fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path) {
     let _ = out.flush();
 }
 
-fn write_batch(out: &mut BufWriter<File>, jobs: &[Job]) -> std::io::Result<()> {
+fn write_batch(out: &mut BufWriter<File>, jobs: &[Job]) -> std::io::Result<u64> {
+    let mut bytes = 0;
     for job in jobs {
-        for record in &job.records {
-            serde_json::to_writer(&mut *out, record)?;
+        for line in &job.lines {
+            out.write_all(line.as_bytes())?;
             out.write_all(b"\n")?;
+            bytes += line.len() as u64 + 1;
         }
     }
     out.flush()?;
-    out.get_ref().sync_data()
+    out.get_ref().sync_data()?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -171,5 +261,42 @@ mod tests {
         assert_eq!(lines[1]["id"], "def");
         let back: Record = serde_json::from_value(lines[0].clone()).unwrap();
         assert_eq!(back.kind, RecordType::Bounce);
+        assert_eq!(acct.synced_len(), text.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn final_ids_are_found_after_an_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let acct = Accounting::open(&path).unwrap();
+        acct.record(Record::new(RecordType::Delivery, "before"))
+            .await
+            .unwrap();
+        let offset = acct.synced_len();
+        acct.record_all(vec![
+            Record::new(RecordType::TransientFailure, "deferred"),
+            Record::new(RecordType::Bounce, "bounced"),
+        ])
+        .await
+        .unwrap();
+        acct.record_lines(vec![Accounting::to_line(&Record::new(
+            RecordType::Expiration,
+            "raw",
+        ))])
+        .await
+        .unwrap();
+        // A torn line at the end, as a crash mid-write leaves it.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"type\":\"Deliv")
+            .unwrap();
+        let ids = final_ids_since(&path, offset).unwrap();
+        assert_eq!(ids, HashSet::from(["bounced".to_owned(), "raw".to_owned()]));
+        assert!(final_ids_since(&path, 1 << 40).unwrap().is_empty());
+        assert!(final_ids_since(&dir.path().join("none"), 0)
+            .unwrap()
+            .is_empty());
     }
 }

@@ -8,7 +8,7 @@
 use crate::config::Config;
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, Envelope, Pool, SmtpClient, Timeouts};
-use queue::{MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
+use queue::{Finalizing, MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
 use rate_limiter::{DestinationLimiter, Limits, Shaper};
 use resolver_cache::{Destination, MxResolver, ResolveError, ResolverSettings};
 use smtp_proto::Reply;
@@ -210,8 +210,9 @@ impl Engine {
         // The reload streams the spool while delivery already runs, so a large queue does
         // not delay the first delivery.
         let reloading = Arc::clone(&engine);
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = reloading.reload() {
+            if let Err(e) = reloading.reload(&runtime) {
                 tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
             }
         });
@@ -220,8 +221,9 @@ impl Engine {
         Ok(engine)
     }
 
-    fn reload(&self) -> Result<(), EngineError> {
+    fn reload(&self, runtime: &tokio::runtime::Handle) -> Result<(), EngineError> {
         let mut count = 0u64;
+        let mut unfinished = Vec::new();
         for meta in self.spool.scan() {
             if self.cancel.is_cancelled() {
                 break;
@@ -234,6 +236,10 @@ impl Engine {
                     continue;
                 }
             };
+            if meta.finalizing.is_some() {
+                unfinished.push(meta);
+                continue;
+            }
             self.scheduler.schedule(
                 meta.id,
                 &meta.domain,
@@ -247,6 +253,39 @@ impl Engine {
         if count > 0 {
             tracing::info!(messages = count, "reloaded the spool");
         }
+        if !unfinished.is_empty() {
+            runtime.block_on(self.complete_finalizations(unfinished))?;
+        }
+        Ok(())
+    }
+
+    /// Messages whose final records were being written when the engine stopped: write the
+    /// records that did not reach the accounting file, then remove the messages.
+    async fn complete_finalizations(&self, metas: Vec<MessageMeta>) -> Result<(), EngineError> {
+        let offset = metas
+            .iter()
+            .filter_map(|m| m.finalizing.as_ref().map(|f| f.accounting_offset))
+            .min()
+            .unwrap_or(0);
+        let path = self.accounting.path().to_owned();
+        let written = accounting::final_ids_since(&path, offset).map_err(|source| {
+            EngineError::Accounting(accounting::AccountingError::Io { path, source })
+        })?;
+        let mut completed = 0;
+        for meta in metas {
+            let Some(fin) = &meta.finalizing else {
+                continue;
+            };
+            if !written.contains(&meta.id.to_string()) {
+                self.accounting.record_lines(fin.records.clone()).await?;
+                completed += 1;
+            }
+            self.spool.remove(meta.id, meta.due_ms).await?;
+        }
+        tracing::info!(
+            completed,
+            "finished final records interrupted by the last stop"
+        );
         Ok(())
     }
 
@@ -298,26 +337,18 @@ impl Engine {
     pub async fn purge(&self, selector: &Selector) -> Result<usize, EngineError> {
         let ids = self.scheduler.take(selector);
         let mut purged = 0;
-        for chunk in ids.chunks(1000) {
-            let mut records = Vec::with_capacity(chunk.len());
-            let mut metas = Vec::with_capacity(chunk.len());
-            for id in chunk {
-                if let Some(meta) = self.spool.meta(id)? {
-                    let mut r = self.record(RecordType::AdminBounce, &meta);
-                    r.response = Some(Response {
-                        code: 550,
-                        enhanced_code: Some("5.0.0".into()),
-                        text: "purged by the operator".into(),
-                    });
-                    r.bounce_category = Some(BounceCategory::Other);
-                    records.push(r);
-                    metas.push(meta);
-                }
-            }
-            // Records first, as for every final outcome.
-            self.accounting.record_all(records).await?;
-            for meta in metas {
-                self.spool.remove(meta.id, meta.due_ms).await?;
+        for id in ids {
+            let Some(meta) = self.spool.meta(&id)? else {
+                continue;
+            };
+            let mut r = self.record(RecordType::AdminBounce, &meta);
+            r.response = Some(Response {
+                code: 550,
+                enhanced_code: Some("5.0.0".into()),
+                text: "purged by the operator".into(),
+            });
+            r.bounce_category = Some(BounceCategory::Other);
+            if self.finalize(meta, vec![r]).await {
                 purged += 1;
             }
         }
@@ -678,16 +709,28 @@ impl Engine {
         Some(meta)
     }
 
-    async fn finalize(&self, meta: MessageMeta, records: Vec<Record>) {
-        // The final record must be on disk before the message leaves the spool: a crash in
-        // between repeats the attempt instead of losing its outcome.
+    /// Ends a message's life: its final records on disk, then the message out of the spool,
+    /// with a synced marker in between steps so a crash can neither lose the records nor
+    /// write them twice (see [`queue::Finalizing`]). Returns whether the message is gone.
+    async fn finalize(&self, mut meta: MessageMeta, records: Vec<Record>) -> bool {
+        meta.finalizing = Some(Finalizing {
+            accounting_offset: self.accounting.synced_len(),
+            records: records.iter().map(Accounting::to_line).collect(),
+        });
+        if let Err(e) = self.spool.update(meta.clone(), meta.due_ms).await {
+            // Nothing was recorded; the message stays and is tried again after a restart.
+            tracing::error!(id = %meta.id, error = %e, "cannot mark a message final");
+            return false;
+        }
         if let Err(e) = self.accounting.record_all(records).await {
-            tracing::error!(id = %meta.id, error = %e, "could not write the final record; keeping the message");
-            return;
+            // The marker holds the records: the next start writes them.
+            tracing::error!(id = %meta.id, error = %e, "could not write the final record");
+            return false;
         }
         if let Err(e) = self.spool.remove(meta.id, meta.due_ms).await {
             tracing::error!(id = %meta.id, error = %e, "could not remove a finished message");
         }
+        true
     }
 
     fn retry_delay(&self, meta: &MessageMeta, category: BounceCategory) -> Duration {

@@ -19,14 +19,17 @@
 //! - Every write that changes a message's fate (insert, reschedule, removal) is synced to the WAL
 //!   before its caller is answered. Writes from concurrent callers are group-committed: one
 //!   `WriteBatch`, one sync.
-//! - A message is removed only after its final accounting record is synced (the engine's rule);
-//!   so after a crash every message still in `meta` is owed a delivery attempt.
+//! - A message is removed only after its final accounting record is synced (the engine's rule):
+//!   first its `meta` gains a `finalizing` marker holding the records (synced), then the records
+//!   are appended to the accounting file (synced), then the message is deleted. After a crash a
+//!   message still in `meta` is owed either a delivery attempt (no marker) or the completion
+//!   of its marker's records, never both.
 
 mod message;
 mod schedule;
 mod spool;
 
-pub use message::{MessageId, MessageMeta};
+pub use message::{Finalizing, MessageId, MessageMeta};
 pub use schedule::{DestinationCounts, Scheduler, Selector};
 pub use spool::{Spool, SpoolOptions};
 

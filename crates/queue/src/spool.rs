@@ -332,6 +332,7 @@ mod tests {
             headers: BTreeMap::new(),
             last_source: None,
             size: 5,
+            finalizing: None,
         }
     }
 

@@ -1,0 +1,142 @@
+//! kill -9 under load: every accepted message still ends in exactly one final record.
+
+use crate::harness::*;
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const DROVER: &str = env!("CARGO_BIN_EXE_drover");
+
+fn spawn_serve(config: &std::path::Path) -> Child {
+    Command::new(DROVER)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_ready(port: u16) {
+    for _ in 0..400 {
+        if reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("drover never became ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_nothing_and_finalises_once() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        latency: Duration::from_millis(2),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("drover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[retry]\nintervals = [\"1s\"]\n{}",
+            dir.path().join("data"),
+            routes(&["k1.test", "k2.test"], sink.local_addr())
+        ),
+    )
+    .unwrap();
+    let accounting = dir.path().join("data/accounting.jsonl");
+    let url = format!("http://127.0.0.1:{port}/api/inject/v1");
+    let mut accepted: Vec<(String, String)> = Vec::new();
+    let mut batch = 0;
+    for round in 0..4 {
+        let mut child = spawn_serve(&config);
+        wait_ready(port).await;
+        let kill_after = Duration::from_millis(rand::rng().random_range(150..600));
+        let started = std::time::Instant::now();
+        // Inject until the kill; requests in flight at the kill may or may not have been
+        // answered: only answered ones count as accepted.
+        while started.elapsed() < kill_after {
+            let recipients: Vec<String> = (0..20)
+                .map(|i| format!("r{batch}-{i}@k{}.test", 1 + i % 2))
+                .collect();
+            batch += 1;
+            match reqwest::Client::new()
+                .post(&url)
+                .json(&message_for(&recipients))
+                .send()
+                .await
+            {
+                Ok(resp) if resp.status().is_success() => {
+                    let body: serde_json::Value = resp.json().await.unwrap();
+                    let ids = body["ids"].as_array().unwrap();
+                    assert_eq!(ids.len(), recipients.len());
+                    for (id, r) in ids.iter().zip(&recipients) {
+                        accepted.push((id.as_str().unwrap().to_owned(), r.clone()));
+                    }
+                }
+                _ => break,
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        eprintln!(
+            "round {round}: killed after {kill_after:?}, {} accepted so far",
+            accepted.len()
+        );
+    }
+    // A last, undisturbed run delivers whatever is left.
+    let mut child = spawn_serve(&config);
+    wait_ready(port).await;
+    let want: HashSet<&str> = accepted.iter().map(|(id, _)| id.as_str()).collect();
+    let recs = wait_records(&accounting, Duration::from_secs(60), |recs| {
+        let finals: HashSet<&str> = recs
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r["type"].as_str(),
+                    Some("Delivery" | "Bounce" | "Expiration" | "AdminBounce")
+                )
+            })
+            .filter_map(|r| r["id"].as_str())
+            .collect();
+        want.iter().all(|id| finals.contains(id))
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut finals: HashMap<&str, usize> = HashMap::new();
+    for r in &recs {
+        if matches!(
+            r["type"].as_str(),
+            Some("Delivery" | "Bounce" | "Expiration" | "AdminBounce")
+        ) {
+            *finals.entry(r["id"].as_str().unwrap()).or_default() += 1;
+        }
+    }
+    assert!(!accepted.is_empty());
+    for (id, _) in &accepted {
+        assert_eq!(
+            finals.get(id.as_str()),
+            Some(&1),
+            "message {id} must have exactly one final record"
+        );
+    }
+    let received: HashSet<String> = sink
+        .messages()
+        .iter()
+        .flat_map(|m| m.recipients.clone())
+        .collect();
+    for (_, rcpt) in &accepted {
+        assert!(received.contains(rcpt), "{rcpt} never reached the sink");
+    }
+}
