@@ -176,3 +176,43 @@ async fn queued_messages_survive_a_restart() {
     assert_eq!(sink.stats().transactions, 10);
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_is_used_when_offered_and_required_mode_defers_unverifiable_hosts() {
+    let sink = start_sink(sink::SinkConfig {
+        tls: Some(sink::SinkTls::self_signed(&["mx.tls.test"]).unwrap()),
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}[[shaping]]\nmatch = \"strict.test\"\ntls = \"required\"\n[retry]\nintervals = [\"1h\"]\n",
+        routes(&["tls.test", "strict.test"], sink.local_addr())
+    ))
+    .await;
+    assert_eq!(
+        engine
+            .inject(&message_for(&["a@tls.test".into(), "b@strict.test".into()]))
+            .await
+            .0,
+        200
+    );
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1 && count_type(r, "TransientFailure") == 1
+    })
+    .await;
+    let delivery = recs.iter().find(|r| r["type"] == "Delivery").unwrap();
+    assert_eq!(delivery["recipient"], "a@tls.test");
+    assert!(
+        delivery["tls"].as_str().unwrap().starts_with("TLSv1."),
+        "{delivery}"
+    );
+    assert!(sink.messages()[0].tls.is_some());
+    let deferred = recs
+        .iter()
+        .find(|r| r["type"] == "TransientFailure")
+        .unwrap();
+    assert_eq!(deferred["recipient"], "b@strict.test");
+    assert_eq!(deferred["response"]["code"], 451);
+    engine.stop().await;
+}

@@ -1,13 +1,20 @@
 //! One outbound SMTP session.
 
+use crate::tls::{self, TlsFailureMemory, TlsInfo, TlsMode};
+use rustls::RootCertStore;
 use smtp_proto::{
     parse_reply, Capabilities, Command, DotStuffer, ProtoError, Reply, MAX_REPLY_LINE,
 };
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 /// RFC 5321 §4.5.3.2 timeouts, per stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +23,7 @@ pub struct Timeouts {
     pub connect: Duration,
     /// The 220 greeting (RFC: 5 min).
     pub banner: Duration,
-    /// EHLO/HELO reply.
+    /// EHLO/HELO reply; also the STARTTLS reply and the TLS handshake.
     pub ehlo: Duration,
     /// MAIL FROM reply (RFC: 5 min).
     pub mail: Duration,
@@ -104,6 +111,28 @@ pub enum ClientError {
         /// The refusal.
         reply: Reply,
     },
+    /// The TLS handshake after STARTTLS failed in [`TlsMode::Opportunistic`]. The host is
+    /// remembered in the session's [`TlsFailureMemory`], so the next attempt goes plaintext.
+    #[error("TLS handshake failed: {source}")]
+    TlsHandshake {
+        /// What rustls (or the socket) said.
+        source: std::io::Error,
+    },
+    /// [`TlsMode::Required`] could not be met: no STARTTLS, STARTTLS refused, or a certificate
+    /// that does not verify. Retrying soon will likely fail the same way.
+    #[error("TLS required but not available: {reason}")]
+    TlsRequired {
+        /// Why.
+        reason: String,
+    },
+    /// The server sent more bytes right after its reply to STARTTLS. Whatever they are, they
+    /// were not protected by TLS yet would be read as if they were (CVE-2011-0411 style
+    /// injection), so the session is abandoned.
+    #[error("unexpected data after the reply to {command}")]
+    UnexpectedData {
+        /// The command whose reply was followed by the data.
+        command: &'static str,
+    },
     /// A message's envelope could not be encoded (e.g. CR/LF in an address).
     #[error("cannot encode {command}: {source}")]
     Encode {
@@ -148,14 +177,24 @@ pub struct TransactionResult {
 
 impl TransactionResult {
     /// The reply that decides recipient `i`'s fate.
+    ///
+    /// A recipient the server never answered (the transaction was cut short by a `421`) gets
+    /// the reply that ended the transaction, never the positive reply to MAIL.
     pub fn outcome_for(&self, i: usize) -> &Reply {
         if !self.mail.is_positive() {
             return &self.mail;
         }
         match self.rcpts.get(i) {
             Some(r) if !r.is_positive() => r,
-            _ => self.data.as_ref().unwrap_or(&self.mail),
+            _ => self.last_reply(),
         }
+    }
+
+    fn last_reply(&self) -> &Reply {
+        self.data
+            .as_ref()
+            .or(self.rcpts.last())
+            .unwrap_or(&self.mail)
     }
 
     /// Whether the session must be reset before the next transaction.
@@ -164,15 +203,109 @@ impl TransactionResult {
     }
 }
 
-/// One SMTP session over TCP.
+/// How to open a session: [`SmtpClient::connect_with`].
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// MX host name: recorded in [`PeerInfo`], sent as SNI and verified in
+    /// [`TlsMode::Required`].
+    pub host: String,
+    /// Where to connect.
+    pub address: SocketAddr,
+    /// Egress source address to bind, if any.
+    pub source: Option<IpAddr>,
+    /// Our name in EHLO/HELO.
+    pub ehlo_name: String,
+    /// Per-stage timeouts.
+    pub timeouts: Timeouts,
+    /// STARTTLS policy for this destination.
+    pub tls: TlsMode,
+    /// Where failed handshakes are remembered (opportunistic mode only).
+    pub tls_failures: TlsFailureMemory,
+    /// Trust anchors for [`TlsMode::Required`] instead of the web PKI (a private MX, tests).
+    pub tls_roots: Option<Arc<RootCertStore>>,
+}
+
+impl ConnectOptions {
+    /// Opportunistic TLS, default timeouts, the process-wide [`TlsFailureMemory::global`].
+    pub fn new(host: &str, address: SocketAddr, ehlo_name: &str) -> ConnectOptions {
+        ConnectOptions {
+            host: host.to_owned(),
+            address,
+            source: None,
+            ehlo_name: ehlo_name.to_owned(),
+            timeouts: Timeouts::default(),
+            tls: TlsMode::default(),
+            tls_failures: TlsFailureMemory::global(),
+            tls_roots: None,
+        }
+    }
+}
+
+/// The socket, before or after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Outcome of [`SmtpClient::starttls`]: the session comes back upgraded, or still in
+/// plaintext together with the refusal.
+enum StartTls {
+    Upgraded(SmtpClient),
+    Refused(SmtpClient, Reply),
+}
+
+/// One SMTP session over TCP, in plaintext or TLS.
 pub struct SmtpClient {
-    stream: TcpStream,
+    stream: Stream,
+    /// The one read buffer of the connection; it survives the TLS upgrade (empty by then).
     read_buf: Vec<u8>,
     write_buf: Vec<u8>,
     capabilities: Capabilities,
     peer: PeerInfo,
     timeouts: Timeouts,
+    tls: Option<TlsInfo>,
     transactions: u32,
+    writes: u64,
     broken: bool,
     _gauge: ConnectionGauge,
 }
@@ -182,6 +315,7 @@ impl std::fmt::Debug for SmtpClient {
         f.debug_struct("SmtpClient")
             .field("peer", &self.peer)
             .field("transactions", &self.transactions)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -201,7 +335,8 @@ impl Drop for ConnectionGauge {
 
 impl SmtpClient {
     /// Connects (from `source` when given), reads the greeting and says EHLO (HELO if EHLO is
-    /// refused). A 4xx/5xx greeting is [`ClientError::Refused`].
+    /// refused), with opportunistic STARTTLS and the process-wide [`TlsFailureMemory`]. A
+    /// 4xx/5xx greeting is [`ClientError::Refused`].
     pub async fn connect(
         host: &str,
         address: SocketAddr,
@@ -209,6 +344,27 @@ impl SmtpClient {
         ehlo_name: &str,
         timeouts: Timeouts,
     ) -> Result<SmtpClient, ClientError> {
+        SmtpClient::connect_with(ConnectOptions {
+            source,
+            timeouts,
+            ..ConnectOptions::new(host, address, ehlo_name)
+        })
+        .await
+    }
+
+    /// Connects, reads the greeting, says EHLO and applies the STARTTLS policy of `options`
+    /// (saying EHLO again over TLS, as RFC 3207 requires).
+    pub async fn connect_with(options: ConnectOptions) -> Result<SmtpClient, ClientError> {
+        let ConnectOptions {
+            host,
+            address,
+            source,
+            ehlo_name,
+            timeouts,
+            tls: mode,
+            tls_failures,
+            tls_roots,
+        } = options;
         let connect_err = |source| ClientError::Connect { address, source };
         let socket = if address.is_ipv4() {
             TcpSocket::new_v4()
@@ -229,17 +385,19 @@ impl SmtpClient {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let mut client = SmtpClient {
-            stream,
+            stream: Stream::Plain(stream),
             read_buf: Vec::with_capacity(4096),
             write_buf: Vec::with_capacity(4096),
             capabilities: Capabilities::default(),
             peer: PeerInfo {
-                host: host.to_owned(),
+                host,
                 address,
                 local,
             },
             timeouts,
+            tls: None,
             transactions: 0,
+            writes: 0,
             broken: false,
             _gauge: ConnectionGauge::new(),
         };
@@ -250,8 +408,150 @@ impl SmtpClient {
                 reply: banner,
             });
         }
-        client.hello(ehlo_name).await?;
-        Ok(client)
+        client.hello(&ehlo_name).await?;
+        match mode {
+            TlsMode::Disabled => Ok(client),
+            TlsMode::Opportunistic => {
+                if !client.capabilities.starttls || tls_failures.failed_recently(address.ip()) {
+                    return Ok(client);
+                }
+                let config =
+                    tls::opportunistic_config().map_err(|e| ClientError::TlsHandshake {
+                        source: std::io::Error::other(e),
+                    })?;
+                match client.starttls(config, false).await {
+                    Ok(StartTls::Upgraded(mut client)) => {
+                        client.hello(&ehlo_name).await?;
+                        Ok(client)
+                    }
+                    Ok(StartTls::Refused(_, reply)) if reply.code == 421 => {
+                        Err(ClientError::Refused {
+                            command: "STARTTLS",
+                            reply,
+                        })
+                    }
+                    // A refused STARTTLS leaves a plaintext session in the state after EHLO.
+                    Ok(StartTls::Refused(client, _)) => Ok(client),
+                    // Only handshake failures are remembered: falling back to plaintext after
+                    // injected data would hand an attacker the downgrade it is after.
+                    Err(e) => {
+                        if matches!(
+                            e,
+                            ClientError::TlsHandshake { .. }
+                                | ClientError::Timeout {
+                                    command: "TLS handshake",
+                                    ..
+                                }
+                        ) {
+                            tracing::info!(
+                                %address, error = %e,
+                                "TLS handshake failed; next sessions to this host go plaintext"
+                            );
+                            tls_failures.remember(address.ip());
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            TlsMode::Required => {
+                if !client.capabilities.starttls {
+                    client.quit().await;
+                    return Err(ClientError::TlsRequired {
+                        reason: "STARTTLS not offered".to_owned(),
+                    });
+                }
+                let config = tls::verifying_config(tls_roots.as_ref()).map_err(|e| {
+                    ClientError::TlsRequired {
+                        reason: e.to_string(),
+                    }
+                })?;
+                match client.starttls(config, true).await {
+                    Ok(StartTls::Upgraded(mut client)) => {
+                        client.hello(&ehlo_name).await?;
+                        Ok(client)
+                    }
+                    Ok(StartTls::Refused(client, reply)) => {
+                        client.quit().await;
+                        Err(ClientError::TlsRequired {
+                            reason: format!("STARTTLS refused: {} {}", reply.code, reply.text()),
+                        })
+                    }
+                    Err(ClientError::TlsHandshake { source }) => Err(ClientError::TlsRequired {
+                        reason: source.to_string(),
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Sends STARTTLS and, on `220`, performs the handshake on the same TCP connection.
+    async fn starttls(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        verify: bool,
+    ) -> Result<StartTls, ClientError> {
+        let wait = self.timeouts.ehlo;
+        let reply = self.command(&Command::StartTls, "STARTTLS", wait).await?;
+        if reply.code != 220 {
+            return Ok(StartTls::Refused(self, reply));
+        }
+        if !self.read_buf.is_empty() {
+            return Err(ClientError::UnexpectedData {
+                command: "STARTTLS",
+            });
+        }
+        let (name, is_dns_name) = tls::server_name(&self.peer.host, self.peer.address.ip());
+        if verify && !is_dns_name {
+            return Err(ClientError::TlsRequired {
+                reason: format!("{:?} is not a host name to verify", self.peer.host),
+            });
+        }
+        let SmtpClient {
+            stream,
+            read_buf,
+            write_buf,
+            capabilities: _,
+            peer,
+            timeouts,
+            tls: _,
+            transactions,
+            writes,
+            broken,
+            _gauge,
+        } = self;
+        let Stream::Plain(tcp) = stream else {
+            return Err(ClientError::UnexpectedData {
+                command: "STARTTLS inside TLS",
+            });
+        };
+        let connector = TlsConnector::from(config);
+        let tls_stream = match timeout(wait, connector.connect(name, tcp)).await {
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    command: "TLS handshake",
+                    duration: wait,
+                })
+            }
+            Ok(Err(source)) => return Err(ClientError::TlsHandshake { source }),
+            Ok(Ok(s)) => s,
+        };
+        let info = TlsInfo::from_connection(tls_stream.get_ref().1, verify);
+        tracing::debug!(peer = %peer.address, tls = %info, "STARTTLS done");
+        Ok(StartTls::Upgraded(SmtpClient {
+            stream: Stream::Tls(Box::new(tls_stream)),
+            read_buf,
+            write_buf,
+            // RFC 3207 §4.2: forget what the server said before TLS; EHLO again.
+            capabilities: Capabilities::default(),
+            peer,
+            timeouts,
+            tls: Some(info),
+            transactions,
+            writes,
+            broken,
+            _gauge,
+        }))
     }
 
     async fn hello(&mut self, ehlo_name: &str) -> Result<(), ClientError> {
@@ -298,6 +598,17 @@ impl SmtpClient {
     /// Who we are talking to.
     pub fn peer(&self) -> &PeerInfo {
         &self.peer
+    }
+
+    /// The negotiated TLS parameters, when the session runs over TLS.
+    pub fn tls(&self) -> Option<TlsInfo> {
+        self.tls.clone()
+    }
+
+    /// Writes to the socket so far. With PIPELINING a transaction takes two (envelope and
+    /// body, more for bodies over 64 KiB); without it, one per command.
+    pub fn writes(&self) -> u64 {
+        self.writes
     }
 
     /// Transactions attempted on this session.
@@ -388,8 +699,27 @@ impl SmtpClient {
         self.flush_write_buf("MAIL", self.timeouts.mail).await?;
         let mail_reply = self.read_reply("MAIL", self.timeouts.mail).await?;
         let mut rcpt_replies = Vec::with_capacity(rcpts.len());
+        // After a 421 the server hangs up without answering the rest of the pipeline; the
+        // replies so far are the result (and the session is not reused).
+        let closing = |r: &Reply| r.code == 421;
+        if closing(&mail_reply) {
+            return Ok(TransactionResult {
+                mail: mail_reply,
+                rcpts: rcpt_replies,
+                data: None,
+            });
+        }
         for _ in rcpts {
-            rcpt_replies.push(self.read_reply("RCPT", self.timeouts.rcpt).await?);
+            let reply = self.read_reply("RCPT", self.timeouts.rcpt).await?;
+            let stop = closing(&reply);
+            rcpt_replies.push(reply);
+            if stop {
+                return Ok(TransactionResult {
+                    mail: mail_reply,
+                    rcpts: rcpt_replies,
+                    data: None,
+                });
+            }
         }
         let data_reply = self.read_reply("DATA", self.timeouts.data).await?;
         let accepted = mail_reply.is_positive() && rcpt_replies.iter().any(Reply::is_positive);
@@ -405,7 +735,7 @@ impl SmtpClient {
                 self.read_reply(".", self.timeouts.final_dot).await?;
                 None
             }
-        } else if accepted {
+        } else if accepted || closing(&data_reply) {
             Some(data_reply)
         } else {
             None
@@ -492,7 +822,14 @@ impl SmtpClient {
         command: &'static str,
         wait: Duration,
     ) -> Result<(), ClientError> {
-        let write = self.stream.write_all(&self.write_buf);
+        self.writes += 1;
+        let stream = &mut self.stream;
+        let buf = &self.write_buf;
+        // TLS holds records back until flushed; for TCP the flush is free.
+        let write = async move {
+            stream.write_all(buf).await?;
+            stream.flush().await
+        };
         match timeout(wait, write).await {
             Err(_) => Err(ClientError::Timeout {
                 command,

@@ -258,6 +258,8 @@ pub struct ShapingConfig {
     pub backoff_max_message_rate: Option<String>,
     /// Connection rate while in backoff.
     pub backoff_max_connection_rate: Option<String>,
+    /// STARTTLS: `opportunistic` (default), `required` (verified against web PKI) or `disabled`.
+    pub tls: Option<String>,
 }
 
 /// `[[automation]]`
@@ -397,6 +399,14 @@ impl Config {
                         .transpose()
                 };
                 rate(&s.backoff_max_message_rate, "backoff_max_message_rate")?;
+                if let Some(tls) = &s.tls {
+                    parse_tls_mode(tls).ok_or_else(|| {
+                        invalid(
+                            key("tls"),
+                            format!("{tls:?} is not opportunistic, required or disabled"),
+                        )
+                    })?;
+                }
                 rate(
                     &s.backoff_max_connection_rate,
                     "backoff_max_connection_rate",
@@ -424,6 +434,20 @@ impl Config {
             .collect()
     }
 
+    /// The STARTTLS mode of a destination: the most specific `[[shaping]]` rule with a `tls`
+    /// key decides; opportunistic when none has one.
+    pub fn tls_mode(&self, domain: &str, mx_hosts: &[String]) -> connection_pool::TlsMode {
+        self.shaping
+            .iter()
+            .filter_map(|s| {
+                let mode = parse_tls_mode(s.tls.as_deref()?)?;
+                let matcher: Matcher = s.matches.parse().ok()?;
+                Some((matcher.specificity(domain, mx_hosts)?, mode))
+            })
+            .max_by_key(|(score, _)| *score)
+            .map_or(connection_pool::TlsMode::Opportunistic, |(_, mode)| mode)
+    }
+
     /// Where accounting records go.
     pub fn accounting_path(&self) -> PathBuf {
         if self.accounting.path.is_empty() {
@@ -431,6 +455,15 @@ impl Config {
         } else {
             PathBuf::from(&self.accounting.path)
         }
+    }
+}
+
+fn parse_tls_mode(s: &str) -> Option<connection_pool::TlsMode> {
+    match s {
+        "opportunistic" => Some(connection_pool::TlsMode::Opportunistic),
+        "required" => Some(connection_pool::TlsMode::Required),
+        "disabled" => Some(connection_pool::TlsMode::Disabled),
+        _ => None,
     }
 }
 
@@ -466,6 +499,19 @@ mod tests {
         assert_eq!(c.route[0].domain, "example.test");
         assert_eq!(c.retry.intervals[4].0, Duration::from_secs(4800));
         assert_eq!(c.shaping_rules().unwrap().len(), c.shaping.len());
+        assert_eq!(
+            c.tls_mode("example.test", &[]),
+            connection_pool::TlsMode::Disabled
+        );
+        assert_eq!(
+            c.tls_mode("other.test", &[]),
+            connection_pool::TlsMode::Opportunistic
+        );
+        let google = ["aspmx.l.google.com".to_owned()];
+        assert_eq!(
+            c.tls_mode("customer.test", &google),
+            connection_pool::TlsMode::Required
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use crate::config::Config;
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
-use connection_pool::{ClientError, Envelope, Pool, SmtpClient, Timeouts};
+use connection_pool::{ClientError, ConnectOptions, Envelope, Pool, SmtpClient, Timeouts};
 use queue::{Finalizing, MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
 use rate_limiter::{DestinationLimiter, Limits, Shaper};
 use resolver_cache::{Destination, MxResolver, ResolveError, ResolverSettings};
@@ -564,7 +564,7 @@ impl Engine {
             };
             if session.is_none() {
                 limiter.until_connection_permitted().await;
-                match self.connect(&dest).await {
+                match self.connect(&meta.domain, &dest).await {
                     Ok(client) => *session = Some(client),
                     Err(e) => {
                         let response = Response {
@@ -595,12 +595,14 @@ impl Engine {
                 address: client.peer().address.to_string(),
             };
             let source = client.peer().local.map(|a| a.ip().to_string());
+            let tls = client.tls().map(|t| t.to_string());
             match result {
                 Ok(tx) => {
                     let reply = tx.outcome_for(0).clone();
                     let mut outcome = Outcome::from_reply(&reply);
                     outcome.peer = Some(peer);
                     outcome.source = source;
+                    outcome.tls = tls;
                     return self.conclude(meta, &dest.site, outcome).await;
                 }
                 Err(e) => {
@@ -629,19 +631,16 @@ impl Engine {
     }
 
     /// Connects to the destination's hosts in order: next address, then next host.
-    async fn connect(&self, dest: &Destination) -> Result<SmtpClient, ClientError> {
+    async fn connect(&self, domain: &str, dest: &Destination) -> Result<SmtpClient, ClientError> {
+        let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
+        let tls = self.config.tls_mode(domain, &mx_hosts);
         let mut last = None;
         for host in &dest.hosts {
             for address in &host.addresses {
-                match SmtpClient::connect(
-                    &host.name,
-                    *address,
-                    None,
-                    &self.ehlo_name,
-                    self.timeouts,
-                )
-                .await
-                {
+                let mut options = ConnectOptions::new(&host.name, *address, &self.ehlo_name);
+                options.timeouts = self.timeouts;
+                options.tls = tls;
+                match SmtpClient::connect_with(options).await {
                     Ok(client) => return Ok(client),
                     Err(e) => {
                         tracing::debug!(host = %host.name, %address, error = %e, "connect failed");
@@ -674,6 +673,7 @@ impl Engine {
         record.site = Some(site.to_owned());
         record.peer = outcome.peer.clone();
         record.source = outcome.source.clone();
+        record.tls = outcome.tls.clone();
         record.response = Some(outcome.response.clone());
         if kind != RecordType::Delivery {
             record.bounce_category = Some(outcome.category);
@@ -781,6 +781,7 @@ struct Outcome {
     category: BounceCategory,
     peer: Option<Peer>,
     source: Option<String>,
+    tls: Option<String>,
 }
 
 impl Outcome {
@@ -804,6 +805,7 @@ impl Outcome {
             },
             peer: None,
             source: None,
+            tls: None,
         }
     }
 
@@ -818,6 +820,7 @@ impl Outcome {
             category,
             peer: None,
             source: None,
+            tls: None,
         }
     }
 }

@@ -88,6 +88,9 @@ struct SinkArgs {
     /// Host name in the greeting.
     #[arg(long, default_value = "sink.drover.test")]
     hostname: String,
+    /// Offer STARTTLS with a self-signed certificate for the host name.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[derive(clap::Args)]
@@ -272,7 +275,16 @@ async fn sink(args: SinkArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let tls = if args.tls {
+        Some(
+            sink::SinkTls::self_signed(&[args.hostname.as_str(), "localhost"])
+                .context("TLS setup")?,
+        )
+    } else {
+        None
+    };
     let config = sink::SinkConfig {
+        tls,
         hostname: args.hostname,
         greylist: args.greylist.map(Duration::from_secs_f64),
         tempfail_percent: args.tempfail_percent,

@@ -135,8 +135,9 @@ fn has_suffix(name: &str, suffix: &str) -> bool {
 }
 
 impl Matcher {
-    /// How specific a match is: higher wins.
-    fn specificity(&self, domain: &str, mx_hosts: &[String]) -> Option<usize> {
+    /// Whether the matcher applies to a destination, and how specific the match is (higher
+    /// wins): an exact domain beats the longest glob, which beats an `mx:` suffix, then `*`.
+    pub fn specificity(&self, domain: &str, mx_hosts: &[String]) -> Option<usize> {
         match self {
             Matcher::Domain(d) => (d == domain).then_some(3_000_000),
             Matcher::Glob(suffix) => has_suffix(domain, suffix).then_some(2_000_000 + suffix.len()),

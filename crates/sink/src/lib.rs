@@ -12,21 +12,31 @@
 //! whole life and answers every pipelined command already in that buffer
 //! before flushing, so replies come back in order and in as few writes as the
 //! client's pipelining allows.
+//!
+//! With [`SinkConfig::tls`] set, EHLO advertises STARTTLS and the connection
+//! is upgraded with rustls (ring provider). Whatever the client pipelined
+//! after STARTTLS is discarded, never executed: those bytes arrived in
+//! plaintext and must not pass for commands sent over TLS.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
 use smtp_proto::server::{Action, Decision, Event, ServerConfig, ServerSession};
 use smtp_proto::{take_line, Capabilities, EnhancedCode, Reply, MAX_COMMAND_LINE};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 /// How much the read buffer grows by for each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -70,6 +80,63 @@ pub struct SinkConfig {
     pub max_message_size: u64,
     /// Keep received messages in memory, for [`SinkHandle::messages`].
     pub capture: bool,
+    /// Offer STARTTLS with this certificate; `None`: plaintext only.
+    pub tls: Option<SinkTls>,
+}
+
+/// The sink's TLS server side: a certificate and key, ready for handshakes.
+#[derive(Clone)]
+pub struct SinkTls {
+    acceptor: TlsAcceptor,
+    certificate: Option<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for SinkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkTls")
+            .field("self_signed", &self.certificate.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SinkTls {
+    /// A fresh self-signed certificate for `names` (DNS names or IP literals),
+    /// which clients that verify certificates must reject unless they trust
+    /// [`SinkTls::certificate`].
+    pub fn self_signed(names: &[&str]) -> Result<SinkTls, SinkError> {
+        let tls_err = |e: &dyn std::fmt::Display| SinkError::Tls(e.to_string());
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let generated = rcgen::generate_simple_self_signed(names).map_err(|e| tls_err(&e))?;
+        let cert = generated.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            generated.signing_key.serialize_der(),
+        ));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(&e))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .map_err(|e| tls_err(&e))?;
+        Ok(SinkTls {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            certificate: Some(cert),
+        })
+    }
+
+    /// Any rustls server configuration (e.g. a real certificate chain).
+    pub fn from_config(config: Arc<rustls::ServerConfig>) -> SinkTls {
+        SinkTls {
+            acceptor: TlsAcceptor::from(config),
+            certificate: None,
+        }
+    }
+
+    /// The self-signed certificate, for clients that should trust it.
+    pub fn certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.certificate.as_ref()
+    }
 }
 
 impl Default for SinkConfig {
@@ -87,6 +154,7 @@ impl Default for SinkConfig {
             banner_delay: Duration::ZERO,
             max_message_size: 50 * 1024 * 1024,
             capture: false,
+            tls: None,
         }
     }
 }
@@ -112,6 +180,10 @@ pub struct SinkStats {
     pub greylisted: u64,
     /// Connections closed after the final dot by `drop_after_data_percent`.
     pub dropped: u64,
+    /// Successful STARTTLS handshakes.
+    pub tls_handshakes: u64,
+    /// Bytes a client pipelined after STARTTLS, discarded unread.
+    pub discarded_after_starttls: u64,
 }
 
 /// One message the sink accepted, kept when [`SinkConfig::capture`] is set.
@@ -129,6 +201,9 @@ pub struct ReceivedMessage {
     pub recipients: Vec<String>,
     /// The message as received, dot-unstuffed, CRLF line ends.
     pub data: Vec<u8>,
+    /// `protocol:cipher` (e.g. `TLSv1.3:TLS13_AES_256_GCM_SHA384`) when the
+    /// message came over TLS.
+    pub tls: Option<String>,
 }
 
 /// Errors from starting the sink.
@@ -146,6 +221,9 @@ pub enum SinkError {
     /// Another socket error while starting up.
     #[error("SMTP sink I/O error: {0}")]
     Io(#[from] io::Error),
+    /// The TLS certificate or configuration could not be built.
+    #[error("cannot set up TLS for the SMTP sink: {0}")]
+    Tls(String),
 }
 
 #[derive(Debug, Default)]
@@ -159,6 +237,8 @@ struct Counters {
     rcpt_rejected: AtomicU64,
     greylisted: AtomicU64,
     dropped: AtomicU64,
+    tls_handshakes: AtomicU64,
+    discarded_after_starttls: AtomicU64,
 }
 
 impl Counters {
@@ -174,6 +254,8 @@ impl Counters {
             rcpt_rejected: get(&self.rcpt_rejected),
             greylisted: get(&self.greylisted),
             dropped: get(&self.dropped),
+            tls_handshakes: get(&self.tls_handshakes),
+            discarded_after_starttls: get(&self.discarded_after_starttls),
         }
     }
 }
@@ -351,6 +433,54 @@ enum Next {
     Continue,
     /// Flush the pending replies, then close.
     Close,
+    /// Flush the pending replies, then do the TLS handshake.
+    StartTls,
+}
+
+/// The connection, before or after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Per-connection state besides the protocol session.
@@ -364,6 +494,8 @@ struct Conn {
     data: Vec<u8>,
     messages: u32,
     stalled: bool,
+    /// `protocol:cipher` once STARTTLS is done.
+    tls: Option<String>,
 }
 
 impl Conn {
@@ -382,8 +514,11 @@ impl Conn {
                     self.push(&r).await;
                     return Next::Continue;
                 }
-                // The sink never advertises STARTTLS, so the session never asks
-                // for it; refusing is the safe answer if that ever changes.
+                Action::StartTls(r) if self.shared.config.tls.is_some() && self.tls.is_none() => {
+                    self.push(&r).await;
+                    return Next::StartTls;
+                }
+                // Only reachable if the session offered STARTTLS we cannot do.
                 Action::StartTls(_) => {
                     self.push(&Reply::new(454, ec(4, 7, 0), "TLS not available"))
                         .await;
@@ -445,6 +580,7 @@ impl Conn {
                         sender: sender.clone(),
                         recipients: recipients.clone(),
                         data: std::mem::take(&mut self.data),
+                        tls: self.tls.clone(),
                     };
                     lock(&self.shared.messages).push(message);
                 }
@@ -481,7 +617,27 @@ impl Conn {
     }
 }
 
-fn session_config(cfg: &SinkConfig) -> ServerConfig {
+fn describe_tls(connection: &rustls::ServerConnection) -> String {
+    let protocol = match connection.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        other => format!("{other:?}"),
+    };
+    let cipher = connection
+        .negotiated_cipher_suite()
+        .map(|s| {
+            let suite = s.suite();
+            suite
+                .as_str()
+                .map_or_else(|| format!("{suite:?}"), str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("{protocol}:{cipher}")
+}
+
+/// The dialogue's settings; `tls_active` stops STARTTLS from being offered
+/// again inside TLS (RFC 3207 §4.2).
+fn session_config(cfg: &SinkConfig, tls_active: bool) -> ServerConfig {
     ServerConfig {
         hostname: cfg.hostname.clone(),
         capabilities: Capabilities {
@@ -491,6 +647,7 @@ fn session_config(cfg: &SinkConfig) -> ServerConfig {
             smtputf8: true,
             enhanced_status_codes: true,
             dsn: true,
+            starttls: cfg.tls.is_some() && !tls_active,
             ..Capabilities::default()
         },
         max_recipients: 10_000,
@@ -498,13 +655,14 @@ fn session_config(cfg: &SinkConfig) -> ServerConfig {
     }
 }
 
-async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> io::Result<()> {
-    let local = stream.local_addr()?;
+async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> io::Result<()> {
+    let local = tcp.local_addr()?;
+    let mut stream = Stream::Plain(tcp);
     let cfg = &shared.config;
     if !cfg.banner_delay.is_zero() {
         tokio::time::sleep(cfg.banner_delay).await;
     }
-    let mut session = ServerSession::new(session_config(cfg));
+    let mut session = ServerSession::new(session_config(cfg, false));
     let mut conn = Conn {
         shared: Arc::clone(&shared),
         peer,
@@ -513,6 +671,7 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> 
         data: Vec::new(),
         messages: 0,
         stalled: cfg.stall_after_messages == Some(0),
+        tls: None,
     };
     session.greeting().encode(&mut conn.out);
     stream.write_all(&conn.out).await?;
@@ -578,11 +737,41 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> 
         }
         if !conn.out.is_empty() {
             stream.write_all(&conn.out).await?;
+            stream.flush().await?;
             conn.out.clear();
         }
-        if next == Next::Close {
-            let _ = stream.shutdown().await;
-            return Ok(());
+        match next {
+            Next::Continue => {}
+            Next::Close => {
+                let _ = stream.shutdown().await;
+                return Ok(());
+            }
+            Next::StartTls => {
+                if !buf.is_empty() {
+                    // Sent before the handshake, so not protected by it: executing
+                    // them would let a man in the middle inject commands.
+                    tracing::debug!(%peer, bytes = buf.len(), "discarding bytes pipelined after STARTTLS");
+                    conn.shared
+                        .counters
+                        .discarded_after_starttls
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    buf.clear();
+                }
+                let (Stream::Plain(tcp), Some(tls)) = (stream, &cfg.tls) else {
+                    return Err(io::Error::other("STARTTLS inside TLS"));
+                };
+                let tls_stream = tls.acceptor.accept(tcp).await?;
+                let (_, connection) = tls_stream.get_ref();
+                conn.tls = Some(describe_tls(connection));
+                bump(&conn.shared.counters.tls_handshakes);
+                stream = Stream::Tls(Box::new(tls_stream));
+                // A fresh session forgets everything said before TLS, as
+                // ServerSession::tls_established does, and also stops
+                // advertising STARTTLS, which tls_established cannot.
+                session = ServerSession::new(session_config(cfg, true));
+                let _ = session.greeting();
+                discarding = false;
+            }
         }
         let start = buf.len();
         buf.resize(start + READ_CHUNK, 0);
