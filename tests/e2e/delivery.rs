@@ -216,3 +216,35 @@ async fn starttls_is_used_when_offered_and_required_mode_defers_unverifiable_hos
     assert_eq!(deferred["response"]["code"], 451);
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_respect_max_connections_and_deliveries_per_connection() {
+    let sink = start_sink(sink::SinkConfig {
+        latency: Duration::from_millis(1),
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}[[shaping]]\nmatch = \"many.test\"\nmax_connections = 3\nmax_deliveries_per_connection = 100\n",
+        routes(&["many.test"], sink.local_addr())
+    ))
+    .await;
+    for batch in 0..10 {
+        let recipients: Vec<String> = (0..100)
+            .map(|i| format!("u{batch}-{i}@many.test"))
+            .collect();
+        assert_eq!(engine.inject(&message_for(&recipients)).await.0, 200);
+    }
+    wait_records(&engine.accounting_path(), Duration::from_secs(60), |r| {
+        count_type(r, "Delivery") == 1000
+    })
+    .await;
+    let stats = sink.stats();
+    assert_eq!(stats.transactions, 1000);
+    assert!(stats.max_concurrent_connections <= 3, "{stats:?}");
+    assert!(
+        stats.connections >= 10,
+        "at most 100 deliveries per session: {stats:?}"
+    );
+    engine.stop().await;
+}

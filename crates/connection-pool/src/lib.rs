@@ -17,7 +17,7 @@ mod tls;
 pub use client::{
     ClientError, ConnectOptions, Envelope, PeerInfo, SmtpClient, Timeouts, TransactionResult,
 };
-pub use pool::Pool;
+pub use pool::{Pool, Pooled};
 pub use tls::{TlsFailureMemory, TlsInfo, TlsMode};
 
 pub(crate) const CONNECTIONS_GAUGE: &str = "drover_smtp_connections";

@@ -2,21 +2,42 @@
 
 use crate::SmtpClient;
 use dashmap::DashMap;
+use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
-struct Idle {
+/// What the pool can hold: a session, possibly bundled with what must live exactly as long
+/// as the connection (the engine keeps its connection-cap permit there, so idle sessions
+/// count against `max_connections` too).
+pub trait Pooled: Send + 'static {
+    /// Whether the session can carry another transaction.
+    fn is_usable(&self) -> bool;
+    /// Says goodbye (QUIT) and closes.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+impl Pooled for SmtpClient {
+    fn is_usable(&self) -> bool {
+        SmtpClient::is_usable(self)
+    }
+
+    fn close(self) -> impl Future<Output = ()> + Send {
+        self.quit()
+    }
+}
+
+struct Idle<S> {
     since: Instant,
-    client: SmtpClient,
+    client: S,
 }
 
 /// Idle sessions keyed by destination (site and egress source).
-pub struct Pool {
-    idle: DashMap<String, Vec<Idle>>,
+pub struct Pool<S: Pooled = SmtpClient> {
+    idle: DashMap<String, Vec<Idle<S>>>,
     idle_timeout: Duration,
 }
 
-impl std::fmt::Debug for Pool {
+impl<S: Pooled> std::fmt::Debug for Pool<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
             .field("destinations", &self.idle.len())
@@ -25,9 +46,9 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-impl Pool {
+impl<S: Pooled> Pool<S> {
     /// An empty pool whose sessions are closed after `idle_timeout` unused.
-    pub fn new(idle_timeout: Duration) -> Pool {
+    pub fn new(idle_timeout: Duration) -> Pool<S> {
         Pool {
             idle: DashMap::new(),
             idle_timeout,
@@ -35,7 +56,7 @@ impl Pool {
     }
 
     /// Takes an idle session for `key`, if one is open and fresh.
-    pub fn checkout(&self, key: &str) -> Option<SmtpClient> {
+    pub fn checkout(&self, key: &str) -> Option<S> {
         let mut stale = Vec::new();
         let found = {
             let mut entry = self.idle.get_mut(key)?;
@@ -54,7 +75,7 @@ impl Pool {
     }
 
     /// Returns a session after use. Broken sessions are dropped.
-    pub fn checkin(&self, key: &str, client: SmtpClient) {
+    pub fn checkin(&self, key: &str, client: S) {
         if !client.is_usable() {
             return;
         }
@@ -68,7 +89,7 @@ impl Pool {
     pub fn reap(&self) {
         let mut stale = Vec::new();
         self.idle.retain(|_, sessions| {
-            let (keep, old): (Vec<Idle>, Vec<Idle>) = std::mem::take(sessions)
+            let (keep, old): (Vec<Idle<S>>, Vec<Idle<S>>) = std::mem::take(sessions)
                 .into_iter()
                 .partition(|i| i.since.elapsed() < self.idle_timeout);
             *sessions = keep;
@@ -90,15 +111,15 @@ impl Pool {
             all.extend(std::mem::take(sessions).into_iter().map(|i| i.client));
             false
         });
-        let quits: Vec<_> = all.into_iter().map(|c| tokio::spawn(c.quit())).collect();
+        let quits: Vec<_> = all.into_iter().map(|c| tokio::spawn(c.close())).collect();
         for q in quits {
             let _ = q.await;
         }
     }
 }
 
-fn close_all(clients: Vec<SmtpClient>) {
+fn close_all<S: Pooled>(clients: Vec<S>) {
     for client in clients {
-        tokio::spawn(client.quit());
+        tokio::spawn(client.close());
     }
 }

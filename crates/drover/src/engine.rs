@@ -6,19 +6,19 @@
 //! destination's messages one after another, then parks the session in the pool.
 
 use crate::config::Config;
-use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
-use connection_pool::{ClientError, ConnectOptions, Envelope, Pool, SmtpClient, Timeouts};
-use queue::{Finalizing, MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
-use rate_limiter::{DestinationLimiter, Limits, Shaper};
-use resolver_cache::{Destination, MxResolver, ResolveError, ResolverSettings};
-use smtp_proto::Reply;
+use crate::delivery::{Session, DELIVERY_DURATION};
+use accounting::{Accounting, BounceCategory, Record, RecordType, Response};
+use connection_pool::{Pool, Timeouts};
+use dashmap::DashMap;
+use queue::{MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
+use rate_limiter::{Limits, Shaper};
+use resolver_cache::{MxResolver, ResolveError, ResolverSettings};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const DELIVERY_DURATION: &str = "drover_delivery_duration_seconds";
 const RECEIVED: &str = "drover_messages_received_total";
 
 /// Registers the descriptions of every metric (contract §5).
@@ -101,17 +101,20 @@ pub enum EngineError {
 
 /// Shared state of a running engine.
 pub struct Engine {
-    config: Config,
-    spool: Spool,
-    scheduler: Scheduler,
-    accounting: Accounting,
-    resolver: MxResolver,
-    pool: Pool,
-    shaper: Shaper,
-    ehlo_name: String,
-    timeouts: Timeouts,
-    cancel: CancellationToken,
-    workers: TaskTracker,
+    pub(crate) config: Config,
+    pub(crate) spool: Spool,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) accounting: Accounting,
+    pub(crate) resolver: MxResolver,
+    /// Idle sessions by site, each holding its connection slot.
+    pub(crate) pool: Pool<Session>,
+    pub(crate) shaper: Shaper,
+    /// Delivery workers running per recipient domain.
+    pub(crate) active: DashMap<String, usize>,
+    pub(crate) ehlo_name: String,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) workers: TaskTracker,
     draining: AtomicBool,
 }
 
@@ -200,6 +203,7 @@ impl Engine {
             accounting,
             resolver,
             shaper,
+            active: DashMap::new(),
             ehlo_name,
             timeouts,
             cancel: CancellationToken::new(),
@@ -412,7 +416,7 @@ impl Engine {
         Ok(())
     }
 
-    fn record(&self, kind: RecordType, meta: &MessageMeta) -> Record {
+    pub(crate) fn record(&self, kind: RecordType, meta: &MessageMeta) -> Record {
         let mut r = Record::new(kind, meta.id.to_string());
         r.sender = meta.sender.clone();
         r.recipient = meta.recipient.clone();
@@ -423,331 +427,6 @@ impl Engine {
         r.queue_time_ms = now_ms().saturating_sub(meta.received_ms);
         r.headers = meta.headers.clone();
         r
-    }
-
-    async fn dispatch(self: Arc<Self>) {
-        loop {
-            let now = now_ms();
-            self.scheduler.promote(now);
-            for (destination, ready) in self.scheduler.ready_destinations(now) {
-                let limiter = self.shaper.limiter(&destination, &destination, &[]);
-                // Open another session only when the ones running have a backlog: a session
-                // carries many messages, and receivers count connections.
-                while ready > limiter.connections_in_use() * 4 {
-                    let Some(slot) = limiter.try_connection_slot() else {
-                        break;
-                    };
-                    let engine = Arc::clone(&self);
-                    let limiter = Arc::clone(&limiter);
-                    let destination = destination.clone();
-                    self.workers.spawn(async move {
-                        engine.work(&destination, &limiter).await;
-                        drop(slot);
-                        engine.scheduler.wake();
-                    });
-                }
-            }
-            let sleep = match self.scheduler.next_due() {
-                Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).clamp(1, 1000)),
-                None => Duration::from_secs(1),
-            };
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = self.scheduler.changed() => {}
-                _ = tokio::time::sleep(sleep) => {}
-            }
-        }
-    }
-
-    async fn reap_idle_sessions(self: Arc<Self>) {
-        let period = (self.config.delivery.idle_timeout.0 / 2).max(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(period) => self.pool.reap(),
-            }
-        }
-    }
-
-    /// A delivery worker: one session, many messages of one destination.
-    async fn work(&self, destination: &str, limiter: &DestinationLimiter) {
-        let mut session: Option<SmtpClient> = None;
-        let max_per_session = limiter.limits().max_deliveries_per_connection;
-        while !self.cancel.is_cancelled() {
-            let Some(id) = self.scheduler.pop_ready(destination, now_ms()) else {
-                break;
-            };
-            limiter.until_message_permitted().await;
-            if session
-                .as_ref()
-                .is_some_and(|s| !s.is_usable() || s.transactions() >= max_per_session)
-            {
-                if let Some(old) = session.take() {
-                    old.quit().await;
-                }
-            }
-            match self.attempt(id, destination, limiter, &mut session).await {
-                Some(meta) => self.scheduler.schedule(
-                    meta.id,
-                    &meta.domain,
-                    meta.campaign.as_deref(),
-                    meta.due_ms,
-                    meta.received_ms,
-                    now_ms(),
-                ),
-                None => self.scheduler.finish(id),
-            }
-        }
-        if let Some(s) = session {
-            if s.is_usable() && s.transactions() < max_per_session {
-                self.pool.checkin(destination, s);
-            } else {
-                s.quit().await;
-            }
-        }
-    }
-
-    async fn attempt(
-        &self,
-        id: MessageId,
-        destination: &str,
-        limiter: &DestinationLimiter,
-        session: &mut Option<SmtpClient>,
-    ) -> Option<MessageMeta> {
-        let (mut meta, body) = match (self.spool.meta(&id), self.spool.body(&id)) {
-            (Ok(Some(meta)), Ok(Some(body))) => (meta, body),
-            // Purged while it waited.
-            (Ok(None), _) | (_, Ok(None)) => return None,
-            (Err(e), _) | (_, Err(e)) => {
-                // Left in the spool: the next start retries it.
-                tracing::error!(%id, error = %e, "cannot read message from the spool");
-                return None;
-            }
-        };
-        meta.attempts += 1;
-        let dest = match self.resolver.resolve(&meta.domain).await {
-            Ok(dest) => dest,
-            Err(e) => {
-                let permanent = e.is_permanent();
-                let code = if permanent { 550 } else { 451 };
-                let response = Response {
-                    code,
-                    enhanced_code: Some(e.enhanced_code().to_owned()),
-                    text: e.to_string(),
-                };
-                let category = if permanent {
-                    BounceCategory::BadDomain
-                } else {
-                    BounceCategory::RoutingErrors
-                };
-                return self
-                    .conclude(
-                        meta,
-                        destination,
-                        Outcome::synthetic(response, category, permanent),
-                    )
-                    .await;
-            }
-        };
-        let envelope = Envelope {
-            sender: meta.sender.clone(),
-            recipients: vec![meta.recipient.clone()],
-        };
-        // A pooled session may have been closed by the server while idle; that costs the
-        // message nothing: one more try on a fresh session.
-        for fresh_try in [false, true] {
-            let reused = if session.is_none() {
-                *session = self.pool.checkout(destination);
-                session.is_some()
-            } else {
-                true
-            };
-            if session.is_none() {
-                limiter.until_connection_permitted().await;
-                match self.connect(&meta.domain, &dest).await {
-                    Ok(client) => *session = Some(client),
-                    Err(e) => {
-                        let response = Response {
-                            code: 451,
-                            enhanced_code: Some("4.4.1".into()),
-                            text: format!("no MX host of {} answered: {e}", meta.domain),
-                        };
-                        return self
-                            .conclude(
-                                meta,
-                                &dest.site,
-                                Outcome::synthetic(
-                                    response,
-                                    BounceCategory::NoAnswerFromHost,
-                                    false,
-                                ),
-                            )
-                            .await;
-                    }
-                }
-            }
-            let client = session.as_mut()?;
-            let started = std::time::Instant::now();
-            let result = client.send(&envelope, &body).await;
-            metrics::histogram!(DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
-            let peer = Peer {
-                host: client.peer().host.clone(),
-                address: client.peer().address.to_string(),
-            };
-            let source = client.peer().local.map(|a| a.ip().to_string());
-            let tls = client.tls().map(|t| t.to_string());
-            match result {
-                Ok(tx) => {
-                    let reply = tx.outcome_for(0).clone();
-                    let mut outcome = Outcome::from_reply(&reply);
-                    outcome.peer = Some(peer);
-                    outcome.source = source;
-                    outcome.tls = tls;
-                    return self.conclude(meta, &dest.site, outcome).await;
-                }
-                Err(e) => {
-                    *session = None;
-                    if reused && !fresh_try && !e.after_final_dot() {
-                        continue;
-                    }
-                    // The session broke (timeout, reset, garbage): not the message's fault,
-                    // so it is deferred, never bounced.
-                    let mut outcome = Outcome::synthetic(
-                        Response {
-                            code: 451,
-                            enhanced_code: Some("4.4.2".into()),
-                            text: e.to_string(),
-                        },
-                        BounceCategory::NoAnswerFromHost,
-                        false,
-                    );
-                    outcome.peer = Some(peer);
-                    outcome.source = source;
-                    return self.conclude(meta, &dest.site, outcome).await;
-                }
-            }
-        }
-        None
-    }
-
-    /// Connects to the destination's hosts in order: next address, then next host.
-    async fn connect(&self, domain: &str, dest: &Destination) -> Result<SmtpClient, ClientError> {
-        let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
-        let tls = self.config.tls_mode(domain, &mx_hosts);
-        let mut last = None;
-        for host in &dest.hosts {
-            for address in &host.addresses {
-                let mut options = ConnectOptions::new(&host.name, *address, &self.ehlo_name);
-                options.timeouts = self.timeouts;
-                options.tls = tls;
-                match SmtpClient::connect_with(options).await {
-                    Ok(client) => return Ok(client),
-                    Err(e) => {
-                        tracing::debug!(host = %host.name, %address, error = %e, "connect failed");
-                        last = Some(e);
-                    }
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| ClientError::Connect {
-            address: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
-        }))
-    }
-
-    /// Writes the record an attempt earned and moves the message on: removed when final,
-    /// expired, or returned with its next due time for the caller to schedule.
-    async fn conclude(
-        &self,
-        mut meta: MessageMeta,
-        site: &str,
-        outcome: Outcome,
-    ) -> Option<MessageMeta> {
-        let now = now_ms();
-        let kind = match outcome.verdict {
-            Verdict::Delivered => RecordType::Delivery,
-            Verdict::Bounced => RecordType::Bounce,
-            Verdict::Deferred => RecordType::TransientFailure,
-        };
-        let mut record = self.record(kind, &meta);
-        record.site = Some(site.to_owned());
-        record.peer = outcome.peer.clone();
-        record.source = outcome.source.clone();
-        record.tls = outcome.tls.clone();
-        record.response = Some(outcome.response.clone());
-        if kind != RecordType::Delivery {
-            record.bounce_category = Some(outcome.category);
-        }
-        if kind.is_final() {
-            self.finalize(meta, vec![record]).await;
-            return None;
-        }
-        let delay = self.retry_delay(&meta, outcome.category);
-        let age = now.saturating_sub(meta.received_ms);
-        let max_age = self.config.retry.max_age.0.as_millis() as u64;
-        if age >= max_age {
-            let mut expired = self.record(RecordType::Expiration, &meta);
-            expired.site = Some(site.to_owned());
-            expired.response = Some(outcome.response);
-            expired.bounce_category = Some(BounceCategory::MessageExpired);
-            self.finalize(meta, vec![record, expired]).await;
-            return None;
-        }
-        let previous_due = meta.due_ms;
-        // The last retry happens at max_age, so a message gets its full lifetime.
-        meta.due_ms = (now + delay.as_millis() as u64).min(meta.received_ms + max_age);
-        if let Some(source) = &outcome.source {
-            meta.last_source = Some(source.clone());
-        }
-        if let Err(e) = self.accounting.record(record).await {
-            tracing::error!(id = %meta.id, error = %e, "could not write TransientFailure record");
-        }
-        if let Err(e) = self.spool.update(meta.clone(), previous_due).await {
-            // The old schedule entry is still on disk: after a restart the message is retried.
-            tracing::error!(id = %meta.id, error = %e, "could not reschedule in the spool");
-        }
-        Some(meta)
-    }
-
-    /// Ends a message's life: its final records on disk, then the message out of the spool,
-    /// with a synced marker in between steps so a crash can neither lose the records nor
-    /// write them twice (see [`queue::Finalizing`]). Returns whether the message is gone.
-    async fn finalize(&self, mut meta: MessageMeta, records: Vec<Record>) -> bool {
-        meta.finalizing = Some(Finalizing {
-            accounting_offset: self.accounting.synced_len(),
-            records: records.iter().map(Accounting::to_line).collect(),
-        });
-        if let Err(e) = self.spool.update(meta.clone(), meta.due_ms).await {
-            // Nothing was recorded; the message stays and is tried again after a restart.
-            tracing::error!(id = %meta.id, error = %e, "cannot mark a message final");
-            return false;
-        }
-        if let Err(e) = self.accounting.record_all(records).await {
-            // The marker holds the records: the next start writes them.
-            tracing::error!(id = %meta.id, error = %e, "could not write the final record");
-            return false;
-        }
-        if let Err(e) = self.spool.remove(meta.id, meta.due_ms).await {
-            tracing::error!(id = %meta.id, error = %e, "could not remove a finished message");
-        }
-        true
-    }
-
-    fn retry_delay(&self, meta: &MessageMeta, category: BounceCategory) -> Duration {
-        let retry = &self.config.retry;
-        let base = if category == BounceCategory::Greylisted && meta.attempts <= 1 {
-            retry.greylist_retry.0
-        } else {
-            let i = (meta.attempts.saturating_sub(1) as usize)
-                .min(retry.intervals.len().saturating_sub(1));
-            retry
-                .intervals
-                .get(i)
-                .map_or(Duration::from_secs(300), |d| d.0)
-        };
-        // Up to 10 % jitter spreads retries of a large batch over time instead of a spike.
-        let jitter = base.mul_f64(rand::random::<f64>() * 0.1);
-        base + jitter
     }
 
     /// Stops accepting, lets workers finish their current message (up to `grace`), closes
@@ -765,62 +444,6 @@ impl Engine {
         self.pool.close().await;
         if let Err(e) = self.spool.close() {
             tracing::error!(error = %e, "spool flush at shutdown failed");
-        }
-    }
-}
-
-enum Verdict {
-    Delivered,
-    Deferred,
-    Bounced,
-}
-
-struct Outcome {
-    verdict: Verdict,
-    response: Response,
-    category: BounceCategory,
-    peer: Option<Peer>,
-    source: Option<String>,
-    tls: Option<String>,
-}
-
-impl Outcome {
-    fn from_reply(reply: &Reply) -> Outcome {
-        let enhanced = reply.enhanced.map(|e| e.to_string());
-        let text = reply.text();
-        let verdict = if reply.is_positive() {
-            Verdict::Delivered
-        } else if reply.is_permanent() {
-            Verdict::Bounced
-        } else {
-            Verdict::Deferred
-        };
-        Outcome {
-            category: classify(reply.code, enhanced.as_deref(), &text),
-            verdict,
-            response: Response {
-                code: reply.code,
-                enhanced_code: enhanced,
-                text,
-            },
-            peer: None,
-            source: None,
-            tls: None,
-        }
-    }
-
-    fn synthetic(response: Response, category: BounceCategory, permanent: bool) -> Outcome {
-        Outcome {
-            verdict: if permanent {
-                Verdict::Bounced
-            } else {
-                Verdict::Deferred
-            },
-            response,
-            category,
-            peer: None,
-            source: None,
-            tls: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod config;
+mod delivery;
 pub mod engine;
 pub mod message;
 pub mod serve;

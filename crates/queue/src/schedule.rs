@@ -293,6 +293,16 @@ impl Scheduler {
             .collect()
     }
 
+    /// Whether `destination` has a message ready (and is not suspended).
+    pub fn has_ready(&self, destination: &str, now_ms: u64) -> bool {
+        let inner = self.lock();
+        inner.ready.get(destination).is_some_and(|q| !q.is_empty())
+            && inner
+                .suspended_dests
+                .get(destination)
+                .is_none_or(|u| *u <= now_ms)
+    }
+
     /// Takes the next ready message of `destination`; it is in flight until it is scheduled
     /// again or [`Scheduler::finish`]ed. Suspended destinations yield nothing.
     pub fn pop_ready(&self, destination: &str, now_ms: u64) -> Option<MessageId> {

@@ -53,6 +53,8 @@ enum Op {
 
 struct Job {
     ops: Vec<Op>,
+    /// Whether the caller needs the write synced before its answer.
+    durable: bool,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -116,9 +118,13 @@ impl Spool {
     }
 
     async fn submit(&self, ops: Vec<Op>) -> Result<(), QueueError> {
+        self.submit_with(ops, true).await
+    }
+
+    async fn submit_with(&self, ops: Vec<Op>, durable: bool) -> Result<(), QueueError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Msg::Write(Job { ops, done }))
+            .send(Msg::Write(Job { ops, durable, done }))
             .map_err(|_| QueueError::Closed)?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
@@ -148,6 +154,31 @@ impl Spool {
     /// Deletes a message; returns once synced.
     pub async fn remove(&self, id: MessageId, due_ms: u64) -> Result<(), QueueError> {
         self.submit(vec![Op::Remove { id, due_ms }]).await
+    }
+
+    /// Deletes a message without waiting for a sync: for callers whose state survives a lost
+    /// delete anyway (a message marked `finalizing` is cleaned up at the next start). The
+    /// write still goes through the same ordered queue, so it is never overtaken.
+    pub async fn remove_lazily(&self, id: MessageId, due_ms: u64) -> Result<(), QueueError> {
+        self.submit_with(vec![Op::Remove { id, due_ms }], false)
+            .await
+    }
+
+    /// Rewrites metadata without waiting for a sync: for updates whose loss only repeats work
+    /// (a retry time or attempt count falling back to its previous value after a crash).
+    pub async fn update_lazily(
+        &self,
+        meta: MessageMeta,
+        previous_due_ms: u64,
+    ) -> Result<(), QueueError> {
+        self.submit_with(
+            vec![Op::Update {
+                meta,
+                previous_due_ms,
+            }],
+            false,
+        )
+        .await
     }
 
     /// Stores an engine state record (e.g. a suspension); returns once synced.
@@ -243,8 +274,9 @@ fn decode_meta(id: &MessageId, bytes: &[u8]) -> Result<MessageMeta, QueueError> 
 }
 
 fn writer_loop(db: Arc<DB>, rx: &mpsc::Receiver<Msg>, sync: bool) {
-    let mut write_opts = WriteOptions::default();
-    write_opts.set_sync(sync);
+    let mut synced = WriteOptions::default();
+    synced.set_sync(sync);
+    let lazy = WriteOptions::default();
     let mut closing = None;
     while let Ok(first) = rx.recv() {
         // Everything queued while the last sync ran goes into one batch: the group commit.
@@ -256,7 +288,13 @@ fn writer_loop(db: Arc<DB>, rx: &mpsc::Receiver<Msg>, sync: bool) {
             }
         }
         if !jobs.is_empty() {
-            let result = write_jobs(&db, &jobs, &write_opts);
+            // One durable job makes the whole batch synced; lazy ones then ride along free.
+            let opts = if jobs.iter().any(|j| j.durable) {
+                &synced
+            } else {
+                &lazy
+            };
+            let result = write_jobs(&db, &jobs, opts);
             if let Err(e) = &result {
                 tracing::error!(error = %e, "spool write failed");
             }

@@ -190,6 +190,17 @@ impl DestinationLimiter {
         Arc::clone(&self.connections).try_acquire_owned().ok()
     }
 
+    /// Waits for a connection slot. Dropping the permit frees it.
+    pub async fn connection_slot(&self) -> OwnedSemaphorePermit {
+        loop {
+            // The semaphore is never closed, so acquiring only fails in theory; a retry
+            // keeps the signature simple for callers.
+            if let Ok(permit) = Arc::clone(&self.connections).acquire_owned().await {
+                return permit;
+            }
+        }
+    }
+
     /// Sessions currently holding a slot.
     pub fn connections_in_use(&self) -> usize {
         self.limits.max_connections.max(1) - self.connections.available_permits()

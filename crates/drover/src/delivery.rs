@@ -1,0 +1,495 @@
+//! The delivery side of the engine: dispatcher, workers, attempts and their outcomes.
+//!
+//! Ready queues are per recipient domain; connections, their caps and rates are per site
+//! (the MX rollup name from the resolver), so domains hosted by one provider share sessions.
+//! A worker serves one domain: it resolves it, takes an idle session of the site from the
+//! pool or opens one when the site has a free connection slot (waiting for one otherwise),
+//! and delivers the domain's ready messages over it one after another. The slot travels with
+//! the session, into the pool and out again, so idle sessions count against
+//! `max_connections` too.
+
+use crate::engine::{now_ms, Engine};
+use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
+use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
+use queue::{Finalizing, MessageId, MessageMeta};
+use rate_limiter::DestinationLimiter;
+use resolver_cache::Destination;
+use smtp_proto::Reply;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+
+pub(crate) const DELIVERY_DURATION: &str = "drover_delivery_duration_seconds";
+
+/// Messages a worker should have queued before the dispatcher adds another worker for the
+/// same domain: a session carries many messages, and receivers count connections.
+const BACKLOG_PER_WORKER: usize = 4;
+
+/// An SMTP session with the connection slot it occupies.
+pub(crate) struct Session {
+    client: SmtpClient,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Pooled for Session {
+    fn is_usable(&self) -> bool {
+        self.client.is_usable()
+    }
+
+    fn close(self) -> impl Future<Output = ()> + Send {
+        // The slot is released when the session is gone, not before.
+        let Session { client, _slot } = self;
+        async move {
+            client.quit().await;
+            drop(_slot);
+        }
+    }
+}
+
+/// Decrements the domain's worker count however the worker ends.
+struct WorkerGuard<'a> {
+    engine: &'a Engine,
+    domain: String,
+}
+
+impl Drop for WorkerGuard<'_> {
+    fn drop(&mut self) {
+        let empty = match self.engine.active.get_mut(&self.domain) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if empty {
+            self.engine.active.remove_if(&self.domain, |_, n| *n == 0);
+        }
+        self.engine.scheduler.wake();
+    }
+}
+
+impl Engine {
+    /// Moves due messages to their ready queues and starts workers where messages wait.
+    pub(crate) async fn dispatch(self: Arc<Self>) {
+        loop {
+            let now = now_ms();
+            self.scheduler.promote(now);
+            for (domain, ready) in self.scheduler.ready_destinations(now) {
+                let cap = self.shaper.limits_for(&domain, &[]).max_connections.max(1);
+                let desired = ready.div_ceil(BACKLOG_PER_WORKER).clamp(1, cap);
+                let mut running = self.active.entry(domain.clone()).or_insert(0);
+                while *running < desired {
+                    *running += 1;
+                    let engine = Arc::clone(&self);
+                    let domain = domain.clone();
+                    self.workers.spawn(async move { engine.work(domain).await });
+                }
+            }
+            let sleep = match self.scheduler.next_due() {
+                Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).clamp(1, 1000)),
+                None => Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.scheduler.changed() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    pub(crate) async fn reap_idle_sessions(self: Arc<Self>) {
+        let period = (self.config.delivery.idle_timeout.0 / 2).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(period) => self.pool.reap(),
+            }
+        }
+    }
+
+    /// A delivery worker: one session at a time, many messages of one domain.
+    async fn work(&self, domain: String) {
+        let _guard = WorkerGuard {
+            engine: self,
+            domain: domain.clone(),
+        };
+        let mut current: Option<(Session, String)> = None;
+        while !self.cancel.is_cancelled() && self.scheduler.has_ready(&domain, now_ms()) {
+            let dest = match self.resolver.resolve(&domain).await {
+                Ok(dest) => dest,
+                Err(e) => {
+                    // Every message of the domain shares the answer: settle them all now.
+                    let permanent = e.is_permanent();
+                    let response = Response {
+                        code: if permanent { 550 } else { 451 },
+                        enhanced_code: Some(e.enhanced_code().to_owned()),
+                        text: e.to_string(),
+                    };
+                    let category = if permanent {
+                        BounceCategory::BadDomain
+                    } else {
+                        BounceCategory::RoutingErrors
+                    };
+                    let outcome = Outcome::synthetic(response, category, permanent);
+                    self.settle_all(&domain, &domain, &outcome).await;
+                    break;
+                }
+            };
+            let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
+            let limiter = self.shaper.limiter(&dest.site, &domain, &mx_hosts);
+            let max_per_session = limiter.limits().max_deliveries_per_connection;
+            let (mut session, reused) = match current.take() {
+                Some((session, site)) if site == dest.site => (session, true),
+                other => {
+                    if let Some((old, site)) = other {
+                        self.pool.checkin(&site, old);
+                    }
+                    match self.pool.checkout(&dest.site) {
+                        Some(session) => (session, true),
+                        None => match self.open_session(&domain, &dest, &limiter).await {
+                            Some(Ok(session)) => (session, false),
+                            Some(Err(e)) => {
+                                let outcome = Outcome::synthetic(
+                                    Response {
+                                        code: 451,
+                                        enhanced_code: Some("4.4.1".into()),
+                                        text: format!("no MX host of {domain} answered: {e}"),
+                                    },
+                                    BounceCategory::NoAnswerFromHost,
+                                    false,
+                                );
+                                self.settle_all(&domain, &dest.site, &outcome).await;
+                                break;
+                            }
+                            // Cancelled, or the queue emptied while we waited for a slot.
+                            None => break,
+                        },
+                    }
+                }
+            };
+            let Some(id) = self.scheduler.pop_ready(&domain, now_ms()) else {
+                self.pool.checkin(&dest.site, session);
+                break;
+            };
+            limiter.until_message_permitted().await;
+            let kept = self.attempt(id, &dest, &mut session, reused).await;
+            if kept && session.client.transactions() < max_per_session {
+                current = Some((session, dest.site.clone()));
+            } else {
+                session.close().await;
+            }
+        }
+        if let Some((session, site)) = current {
+            self.pool.checkin(&site, session);
+        }
+    }
+
+    /// Waits for a connection slot of the site, then connects through the destination's
+    /// hosts in order (next address, then next host). `None`: cancelled, or nothing is left
+    /// to deliver by the time a slot came free.
+    async fn open_session(
+        &self,
+        domain: &str,
+        dest: &Destination,
+        limiter: &DestinationLimiter,
+    ) -> Option<Result<Session, ClientError>> {
+        let slot = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            slot = limiter.connection_slot() => slot,
+        };
+        if !self.scheduler.has_ready(domain, now_ms()) {
+            return None;
+        }
+        limiter.until_connection_permitted().await;
+        let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
+        let tls = self.config.tls_mode(domain, &mx_hosts);
+        let mut last = None;
+        for host in &dest.hosts {
+            for address in &host.addresses {
+                let mut options = ConnectOptions::new(&host.name, *address, &self.ehlo_name);
+                options.timeouts = self.timeouts;
+                options.tls = tls;
+                match SmtpClient::connect_with(options).await {
+                    Ok(client) => {
+                        return Some(Ok(Session {
+                            client,
+                            _slot: slot,
+                        }))
+                    }
+                    Err(e) => {
+                        tracing::debug!(host = %host.name, %address, error = %e, "connect failed");
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        Some(Err(last.unwrap_or_else(|| ClientError::Connect {
+            address: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
+        })))
+    }
+
+    /// Gives every ready message of `domain` the same outcome (DNS failure, no host answered):
+    /// they would all meet it, and trying each would only repeat the wait.
+    async fn settle_all(&self, domain: &str, site: &str, outcome: &Outcome) {
+        while let Some(id) = self.scheduler.pop_ready(domain, now_ms()) {
+            match self.load(id) {
+                Some((mut meta, _)) => {
+                    meta.attempts += 1;
+                    let next = self.conclude(meta, site, outcome.clone()).await;
+                    self.requeue_or_forget(id, next);
+                }
+                None => self.scheduler.finish(id),
+            }
+        }
+    }
+
+    fn requeue_or_forget(&self, id: MessageId, next: Option<MessageMeta>) {
+        match next {
+            Some(meta) => self.scheduler.schedule(
+                meta.id,
+                &meta.domain,
+                meta.campaign.as_deref(),
+                meta.due_ms,
+                meta.received_ms,
+                now_ms(),
+            ),
+            None => self.scheduler.finish(id),
+        }
+    }
+
+    fn load(&self, id: MessageId) -> Option<(MessageMeta, Vec<u8>)> {
+        match (self.spool.meta(&id), self.spool.body(&id)) {
+            (Ok(Some(meta)), Ok(Some(body))) => Some((meta, body)),
+            // Purged while it waited.
+            (Ok(None), _) | (_, Ok(None)) => None,
+            (Err(e), _) | (_, Err(e)) => {
+                // Left in the spool: the next start retries it.
+                tracing::error!(%id, error = %e, "cannot read message from the spool");
+                None
+            }
+        }
+    }
+
+    /// One transaction for one message over `session`. Returns whether the session can be
+    /// kept. A reused session that fails before the final dot costs the message nothing: it
+    /// goes back to the ready queue without an attempt counted, as the server most likely
+    /// closed the idle connection.
+    async fn attempt(
+        &self,
+        id: MessageId,
+        dest: &Destination,
+        session: &mut Session,
+        reused: bool,
+    ) -> bool {
+        let Some((mut meta, body)) = self.load(id) else {
+            self.scheduler.finish(id);
+            return true;
+        };
+        let envelope = Envelope {
+            sender: meta.sender.clone(),
+            recipients: vec![meta.recipient.clone()],
+        };
+        let client = &mut session.client;
+        let started = std::time::Instant::now();
+        let result = client.send(&envelope, &body).await;
+        metrics::histogram!(DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
+        let peer = Peer {
+            host: client.peer().host.clone(),
+            address: client.peer().address.to_string(),
+        };
+        let source = client.peer().local.map(|a| a.ip().to_string());
+        let tls = client.tls().map(|t| t.to_string());
+        let (mut outcome, keep) = match result {
+            Ok(tx) => (Outcome::from_reply(tx.outcome_for(0)), client.is_usable()),
+            Err(e) if reused && !e.after_final_dot() => {
+                tracing::debug!(%id, error = %e, "pooled session failed; retrying on a fresh one");
+                self.scheduler.schedule(
+                    meta.id,
+                    &meta.domain,
+                    meta.campaign.as_deref(),
+                    now_ms(),
+                    meta.received_ms,
+                    now_ms(),
+                );
+                return false;
+            }
+            Err(e) => {
+                // The session broke (timeout, reset, garbage): not the message's fault, so
+                // it is deferred, never bounced.
+                let outcome = Outcome::synthetic(
+                    Response {
+                        code: 451,
+                        enhanced_code: Some("4.4.2".into()),
+                        text: e.to_string(),
+                    },
+                    BounceCategory::NoAnswerFromHost,
+                    false,
+                );
+                (outcome, false)
+            }
+        };
+        meta.attempts += 1;
+        outcome.peer = Some(peer);
+        outcome.source = source;
+        outcome.tls = tls;
+        let next = self.conclude(meta, &dest.site, outcome).await;
+        self.requeue_or_forget(id, next);
+        keep
+    }
+
+    /// Writes the record an attempt earned and moves the message on: removed when final,
+    /// expired, or returned with its next due time for the caller to schedule.
+    async fn conclude(
+        &self,
+        mut meta: MessageMeta,
+        site: &str,
+        outcome: Outcome,
+    ) -> Option<MessageMeta> {
+        let now = now_ms();
+        let kind = match outcome.verdict {
+            Verdict::Delivered => RecordType::Delivery,
+            Verdict::Bounced => RecordType::Bounce,
+            Verdict::Deferred => RecordType::TransientFailure,
+        };
+        let mut record = self.record(kind, &meta);
+        record.site = Some(site.to_owned());
+        record.peer = outcome.peer.clone();
+        record.source = outcome.source.clone();
+        record.tls = outcome.tls.clone();
+        record.response = Some(outcome.response.clone());
+        if kind != RecordType::Delivery {
+            record.bounce_category = Some(outcome.category);
+        }
+        if kind.is_final() {
+            self.finalize(meta, vec![record]).await;
+            return None;
+        }
+        let delay = self.retry_delay(&meta, outcome.category);
+        let age = now.saturating_sub(meta.received_ms);
+        let max_age = self.config.retry.max_age.0.as_millis() as u64;
+        if age >= max_age {
+            let mut expired = self.record(RecordType::Expiration, &meta);
+            expired.site = Some(site.to_owned());
+            expired.response = Some(outcome.response);
+            expired.bounce_category = Some(BounceCategory::MessageExpired);
+            self.finalize(meta, vec![record, expired]).await;
+            return None;
+        }
+        let previous_due = meta.due_ms;
+        // The last retry happens at max_age, so a message gets its full lifetime.
+        meta.due_ms = (now + delay.as_millis() as u64).min(meta.received_ms + max_age);
+        if let Some(source) = &outcome.source {
+            meta.last_source = Some(source.clone());
+        }
+        if let Err(e) = self.accounting.record(record).await {
+            tracing::error!(id = %meta.id, error = %e, "could not write TransientFailure record");
+        }
+        if let Err(e) = self.spool.update_lazily(meta.clone(), previous_due).await {
+            // The old schedule entry is still on disk: after a restart the message is retried.
+            tracing::error!(id = %meta.id, error = %e, "could not reschedule in the spool");
+        }
+        Some(meta)
+    }
+
+    /// Ends a message's life: its final records on disk, then the message out of the spool,
+    /// with a synced marker in between steps so a crash can neither lose the records nor
+    /// write them twice (see [`queue::Finalizing`]). Returns whether the message is gone.
+    pub(crate) async fn finalize(&self, mut meta: MessageMeta, records: Vec<Record>) -> bool {
+        meta.finalizing = Some(Finalizing {
+            accounting_offset: self.accounting.synced_len(),
+            records: records.iter().map(Accounting::to_line).collect(),
+        });
+        if let Err(e) = self.spool.update(meta.clone(), meta.due_ms).await {
+            // Nothing was recorded; the message stays and is tried again after a restart.
+            tracing::error!(id = %meta.id, error = %e, "cannot mark a message final");
+            return false;
+        }
+        if let Err(e) = self.accounting.record_all(records).await {
+            // The marker holds the records: the next start writes them.
+            tracing::error!(id = %meta.id, error = %e, "could not write the final record");
+            return false;
+        }
+        // Unsynced: if this delete is lost, the start-up finds the marker and the record.
+        if let Err(e) = self.spool.remove_lazily(meta.id, meta.due_ms).await {
+            tracing::error!(id = %meta.id, error = %e, "could not remove a finished message");
+        }
+        true
+    }
+
+    fn retry_delay(&self, meta: &MessageMeta, category: BounceCategory) -> Duration {
+        let retry = &self.config.retry;
+        let base = if category == BounceCategory::Greylisted && meta.attempts <= 1 {
+            retry.greylist_retry.0
+        } else {
+            let i = (meta.attempts.saturating_sub(1) as usize)
+                .min(retry.intervals.len().saturating_sub(1));
+            retry
+                .intervals
+                .get(i)
+                .map_or(Duration::from_secs(300), |d| d.0)
+        };
+        // Up to 10 % jitter spreads retries of a large batch over time instead of a spike.
+        let jitter = base.mul_f64(rand::random::<f64>() * 0.1);
+        base + jitter
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Delivered,
+    Deferred,
+    Bounced,
+}
+
+#[derive(Debug, Clone)]
+struct Outcome {
+    verdict: Verdict,
+    response: Response,
+    category: BounceCategory,
+    peer: Option<Peer>,
+    source: Option<String>,
+    tls: Option<String>,
+}
+
+impl Outcome {
+    fn from_reply(reply: &Reply) -> Outcome {
+        let enhanced = reply.enhanced.map(|e| e.to_string());
+        let text = reply.text();
+        let verdict = if reply.is_positive() {
+            Verdict::Delivered
+        } else if reply.is_permanent() {
+            Verdict::Bounced
+        } else {
+            Verdict::Deferred
+        };
+        Outcome {
+            category: classify(reply.code, enhanced.as_deref(), &text),
+            verdict,
+            response: Response {
+                code: reply.code,
+                enhanced_code: enhanced,
+                text,
+            },
+            peer: None,
+            source: None,
+            tls: None,
+        }
+    }
+
+    fn synthetic(response: Response, category: BounceCategory, permanent: bool) -> Outcome {
+        Outcome {
+            verdict: if permanent {
+                Verdict::Bounced
+            } else {
+                Verdict::Deferred
+            },
+            response,
+            category,
+            peer: None,
+            source: None,
+            tls: None,
+        }
+    }
+}
