@@ -248,3 +248,54 @@ async fn a_thousand_messages_respect_max_connections_and_deliveries_per_connecti
     );
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greylisted_retries_leave_from_the_same_source_address() {
+    // The sink greylists per (client IP, sender, recipient): a retry from the other source
+    // would be greylisted again, so delivery on attempt 2 proves the source stuck.
+    let sink = start_sink(sink::SinkConfig {
+        greylist: Some(Duration::from_secs(2)),
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}[retry]\nintervals = [\"1s\"]\ngreylist_retry = \"3s\"\n\
+         [[egress_source]]\nname = \"ip2\"\nsource_address = \"127.0.0.2\"\nehlo_name = \"mta2.drover.test\"\n\
+         [[egress_source]]\nname = \"ip3\"\nsource_address = \"127.0.0.3\"\nehlo_name = \"mta3.drover.test\"\n",
+        routes(&["grey2.test"], sink.local_addr())
+    ))
+    .await;
+    let recipients: Vec<String> = (0..12).map(|i| format!("g{i}@grey2.test")).collect();
+    assert_eq!(engine.inject(&message_for(&recipients)).await.0, 200);
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(30), |r| {
+        count_type(r, "Delivery") == 12
+    })
+    .await;
+    let mut sources = std::collections::HashSet::new();
+    for r in recs.iter().filter(|r| r["type"] == "Delivery") {
+        assert_eq!(r["attempt"], 2, "{r}");
+        let first = recs
+            .iter()
+            .find(|f| f["type"] == "TransientFailure" && f["id"] == r["id"])
+            .unwrap();
+        assert_eq!(first["bounce_category"], "greylisted");
+        assert_eq!(first["source"], r["source"], "same source for the retry");
+        sources.insert(r["source"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(sources.len(), 2, "both sources carried mail: {sources:?}");
+    for m in sink.messages() {
+        let want = if m.helo == "mta2.drover.test" {
+            "127.0.0.2"
+        } else {
+            "127.0.0.3"
+        };
+        assert_eq!(
+            m.peer.ip().to_string(),
+            want,
+            "EHLO name and address belong together"
+        );
+    }
+    assert_eq!(sink.stats().greylisted, 12);
+    engine.stop().await;
+}

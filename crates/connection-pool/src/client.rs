@@ -891,6 +891,12 @@ impl SmtpClient {
                 .await;
         }
         let _ = self.stream.shutdown().await;
+        // Wait (briefly) for the server's side to close too: until then the server still
+        // counts the connection, and a connection cap must hold from its point of view.
+        let mut scratch = [0u8; 512];
+        let drain =
+            async { while matches!(self.stream.read(&mut scratch).await, Ok(n) if n > 0) {} };
+        let _ = timeout(Duration::from_secs(2), drain).await;
     }
 }
 

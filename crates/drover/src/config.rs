@@ -75,6 +75,63 @@ pub struct Config {
     pub dkim: Vec<DkimConfig>,
     /// `[bounce_processing]`
     pub bounce_processing: BounceProcessingConfig,
+    /// `[[egress_source]]`: source addresses with their EHLO names (extension).
+    pub egress_source: Vec<EgressSourceConfig>,
+    /// `[[egress_pool]]`: weighted groups of sources (extension).
+    pub egress_pool: Vec<EgressPoolConfig>,
+    /// `[[egress_rule]]`: which pool a message uses, first match wins (extension).
+    pub egress_rule: Vec<EgressRuleConfig>,
+}
+
+/// `[[egress_source]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressSourceConfig {
+    /// Name used in pools, records and queue names.
+    pub name: String,
+    /// Local address to bind before connecting; unset = the OS's choice.
+    pub source_address: Option<std::net::IpAddr>,
+    /// EHLO name for sessions from this source; unset = `delivery.ehlo_name`.
+    pub ehlo_name: Option<String>,
+}
+
+/// `[[egress_pool]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressPoolConfig {
+    /// Pool name; `default` is used by messages no rule matches.
+    pub name: String,
+    /// Members and their weights.
+    pub sources: Vec<WeightedSource>,
+}
+
+/// A pool member.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedSource {
+    /// An `[[egress_source]]` name.
+    pub name: String,
+    /// Relative share of messages (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `[[egress_rule]]`: every given field must match.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRuleConfig {
+    /// Tenant as injected.
+    pub tenant: Option<String>,
+    /// Campaign as injected.
+    pub campaign: Option<String>,
+    /// Recipient domain.
+    pub domain: Option<String>,
+    /// The `[[egress_pool]]` to use.
+    pub pool: String,
 }
 
 /// `[spool]`
@@ -374,6 +431,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_egress()?;
         for net in &self.smtp_listener.relay_networks {
             parse_cidr(net).ok_or_else(|| {
                 invalid(
@@ -381,6 +439,62 @@ impl Config {
                     format!("{net:?} is not a CIDR network"),
                 )
             })?;
+        }
+        Ok(())
+    }
+
+    fn validate_egress(&self) -> Result<(), ConfigError> {
+        let mut sources = std::collections::HashSet::new();
+        for (i, s) in self.egress_source.iter().enumerate() {
+            if s.name.is_empty() || s.name.contains(['|', ' ']) {
+                return Err(invalid(
+                    format!("egress_source[{i}].name"),
+                    "names are non-empty, without spaces or '|'",
+                ));
+            }
+            if !sources.insert(s.name.as_str()) {
+                return Err(invalid(
+                    format!("egress_source[{i}].name"),
+                    format!("{:?} is defined twice", s.name),
+                ));
+            }
+        }
+        let mut pools = std::collections::HashSet::new();
+        for (i, p) in self.egress_pool.iter().enumerate() {
+            if !pools.insert(p.name.as_str()) {
+                return Err(invalid(
+                    format!("egress_pool[{i}].name"),
+                    format!("{:?} is defined twice", p.name),
+                ));
+            }
+            if p.sources.is_empty() {
+                return Err(invalid(
+                    format!("egress_pool[{i}].sources"),
+                    "a pool needs at least one source",
+                ));
+            }
+            for (j, m) in p.sources.iter().enumerate() {
+                if !sources.contains(m.name.as_str()) {
+                    return Err(invalid(
+                        format!("egress_pool[{i}].sources[{j}].name"),
+                        format!("no egress_source named {:?}", m.name),
+                    ));
+                }
+                if m.weight == 0 {
+                    return Err(invalid(
+                        format!("egress_pool[{i}].sources[{j}].weight"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+        }
+        for (i, r) in self.egress_rule.iter().enumerate() {
+            if !pools.contains(r.pool.as_str()) {
+                return Err(invalid(
+                    format!("egress_rule[{i}].pool"),
+                    format!("no egress_pool named {:?}", r.pool),
+                ));
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@
 //! the session, into the pool and out again, so idle sessions count against
 //! `max_connections` too.
 
+use crate::egress::Source;
 use crate::engine::{now_ms, Engine};
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
@@ -76,7 +77,12 @@ impl Engine {
             let now = now_ms();
             self.scheduler.promote(now);
             for (domain, ready) in self.scheduler.ready_destinations(now) {
-                let cap = self.shaper.limits_for(&domain, &[]).max_connections.max(1);
+                let (recipient_domain, _) = queue::split_queue_key(&domain);
+                let cap = self
+                    .shaper
+                    .limits_for(recipient_domain, &[])
+                    .max_connections
+                    .max(1);
                 let desired = ready.div_ceil(BACKLOG_PER_WORKER).clamp(1, cap);
                 let mut running = self.active.entry(domain.clone()).or_insert(0);
                 while *running < desired {
@@ -108,15 +114,18 @@ impl Engine {
         }
     }
 
-    /// A delivery worker: one session at a time, many messages of one domain.
-    async fn work(&self, domain: String) {
+    /// A delivery worker: one session at a time, many messages of one queue (a domain, or a
+    /// domain and egress source).
+    async fn work(&self, queue: String) {
         let _guard = WorkerGuard {
             engine: self,
-            domain: domain.clone(),
+            domain: queue.clone(),
         };
+        let (domain, source_name) = queue::split_queue_key(&queue);
+        let source = source_name.and_then(|name| self.egress.source(name));
         let mut current: Option<(Session, String)> = None;
-        while !self.cancel.is_cancelled() && self.scheduler.has_ready(&domain, now_ms()) {
-            let dest = match self.resolver.resolve(&domain).await {
+        while !self.cancel.is_cancelled() && self.scheduler.has_ready(&queue, now_ms()) {
+            let dest = match self.resolver.resolve(domain).await {
                 Ok(dest) => dest,
                 Err(e) => {
                     // Every message of the domain shares the answer: settle them all now.
@@ -132,22 +141,25 @@ impl Engine {
                         BounceCategory::RoutingErrors
                     };
                     let outcome = Outcome::synthetic(response, category, permanent);
-                    self.settle_all(&domain, &domain, &outcome).await;
+                    self.settle_all(&queue, domain, &outcome).await;
                     break;
                 }
             };
             let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
-            let limiter = self.shaper.limiter(&dest.site, &domain, &mx_hosts);
+            // Sessions, caps and rates are per site and egress source (contract §2:
+            // max_connections is per source).
+            let site_key = queue::queue_key(&dest.site, source_name);
+            let limiter = self.shaper.limiter(&site_key, domain, &mx_hosts);
             let max_per_session = limiter.limits().max_deliveries_per_connection;
             let (mut session, reused) = match current.take() {
-                Some((session, site)) if site == dest.site => (session, true),
+                Some((session, key)) if key == site_key => (session, true),
                 other => {
-                    if let Some((old, site)) = other {
-                        self.pool.checkin(&site, old);
+                    if let Some((old, key)) = other {
+                        self.pool.checkin(&key, old);
                     }
-                    match self.pool.checkout(&dest.site) {
+                    match self.pool.checkout(&site_key) {
                         Some(session) => (session, true),
-                        None => match self.open_session(&domain, &dest, &limiter).await {
+                        None => match self.open_session(&queue, &dest, source, &limiter).await {
                             Some(Ok(session)) => (session, false),
                             Some(Err(e)) => {
                                 let outcome = Outcome::synthetic(
@@ -159,7 +171,7 @@ impl Engine {
                                     BounceCategory::NoAnswerFromHost,
                                     false,
                                 );
-                                self.settle_all(&domain, &dest.site, &outcome).await;
+                                self.settle_all(&queue, &dest.site, &outcome).await;
                                 break;
                             }
                             // Cancelled, or the queue emptied while we waited for a slot.
@@ -168,14 +180,14 @@ impl Engine {
                     }
                 }
             };
-            let Some(id) = self.scheduler.pop_ready(&domain, now_ms()) else {
-                self.pool.checkin(&dest.site, session);
+            let Some(id) = self.scheduler.pop_ready(&queue, now_ms()) else {
+                self.pool.checkin(&site_key, session);
                 break;
             };
             limiter.until_message_permitted().await;
             let kept = self.attempt(id, &dest, &mut session, reused).await;
             if kept && session.client.transactions() < max_per_session {
-                current = Some((session, dest.site.clone()));
+                current = Some((session, site_key));
             } else {
                 session.close().await;
             }
@@ -190,26 +202,33 @@ impl Engine {
     /// to deliver by the time a slot came free.
     async fn open_session(
         &self,
-        domain: &str,
+        queue: &str,
         dest: &Destination,
+        source: Option<&Source>,
         limiter: &DestinationLimiter,
     ) -> Option<Result<Session, ClientError>> {
         let slot = tokio::select! {
             _ = self.cancel.cancelled() => return None,
             slot = limiter.connection_slot() => slot,
         };
-        if !self.scheduler.has_ready(domain, now_ms()) {
+        if !self.scheduler.has_ready(queue, now_ms()) {
             return None;
         }
         limiter.until_connection_permitted().await;
         let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
-        let tls = self.config.tls_mode(domain, &mx_hosts);
+        let tls = self
+            .config
+            .tls_mode(queue::split_queue_key(queue).0, &mx_hosts);
+        let ehlo_name = source
+            .and_then(|s| s.ehlo_name.as_deref())
+            .unwrap_or(&self.ehlo_name);
         let mut last = None;
         for host in &dest.hosts {
             for address in &host.addresses {
-                let mut options = ConnectOptions::new(&host.name, *address, &self.ehlo_name);
+                let mut options = ConnectOptions::new(&host.name, *address, ehlo_name);
                 options.timeouts = self.timeouts;
                 options.tls = tls;
+                options.source = source.and_then(|s| s.address);
                 match SmtpClient::connect_with(options).await {
                     Ok(client) => {
                         return Some(Ok(Session {
@@ -232,8 +251,8 @@ impl Engine {
 
     /// Gives every ready message of `domain` the same outcome (DNS failure, no host answered):
     /// they would all meet it, and trying each would only repeat the wait.
-    async fn settle_all(&self, domain: &str, site: &str, outcome: &Outcome) {
-        while let Some(id) = self.scheduler.pop_ready(domain, now_ms()) {
+    async fn settle_all(&self, queue: &str, site: &str, outcome: &Outcome) {
+        while let Some(id) = self.scheduler.pop_ready(queue, now_ms()) {
             match self.load(id) {
                 Some((mut meta, _)) => {
                     meta.attempts += 1;
@@ -247,14 +266,7 @@ impl Engine {
 
     fn requeue_or_forget(&self, id: MessageId, next: Option<MessageMeta>) {
         match next {
-            Some(meta) => self.scheduler.schedule(
-                meta.id,
-                &meta.domain,
-                meta.campaign.as_deref(),
-                meta.due_ms,
-                meta.received_ms,
-                now_ms(),
-            ),
+            Some(meta) => self.enqueue(&meta),
             None => self.scheduler.finish(id),
         }
     }
@@ -299,20 +311,19 @@ impl Engine {
             host: client.peer().host.clone(),
             address: client.peer().address.to_string(),
         };
-        let source = client.peer().local.map(|a| a.ip().to_string());
+        // The source's name when egress sources are configured, else the local address.
+        let source = self
+            .egress
+            .source_for(&meta)
+            .map(str::to_owned)
+            .or_else(|| client.peer().local.map(|a| a.ip().to_string()));
         let tls = client.tls().map(|t| t.to_string());
         let (mut outcome, keep) = match result {
             Ok(tx) => (Outcome::from_reply(tx.outcome_for(0)), client.is_usable()),
             Err(e) if reused && !e.after_final_dot() => {
                 tracing::debug!(%id, error = %e, "pooled session failed; retrying on a fresh one");
-                self.scheduler.schedule(
-                    meta.id,
-                    &meta.domain,
-                    meta.campaign.as_deref(),
-                    now_ms(),
-                    meta.received_ms,
-                    now_ms(),
-                );
+                meta.due_ms = now_ms();
+                self.enqueue(&meta);
                 return false;
             }
             Err(e) => {

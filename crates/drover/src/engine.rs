@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::delivery::{Session, DELIVERY_DURATION};
+use crate::egress::Egress;
 use accounting::{Accounting, BounceCategory, Record, RecordType, Response};
 use connection_pool::{Pool, Timeouts};
 use dashmap::DashMap;
@@ -109,6 +110,7 @@ pub struct Engine {
     /// Idle sessions by site, each holding its connection slot.
     pub(crate) pool: Pool<Session>,
     pub(crate) shaper: Shaper,
+    pub(crate) egress: Egress,
     /// Delivery workers running per recipient domain.
     pub(crate) active: DashMap<String, usize>,
     pub(crate) ehlo_name: String,
@@ -195,6 +197,7 @@ impl Engine {
             final_dot: config.delivery.data_timeout.0,
             other: command.min(Duration::from_secs(120)),
         };
+        let egress = Egress::from_config(&config);
         let engine = Arc::new(Engine {
             pool: Pool::new(config.delivery.idle_timeout.0),
             config,
@@ -203,6 +206,7 @@ impl Engine {
             accounting,
             resolver,
             shaper,
+            egress,
             active: DashMap::new(),
             ehlo_name,
             timeouts,
@@ -244,14 +248,7 @@ impl Engine {
                 unfinished.push(meta);
                 continue;
             }
-            self.scheduler.schedule(
-                meta.id,
-                &meta.domain,
-                meta.campaign.as_deref(),
-                meta.due_ms,
-                meta.received_ms,
-                now_ms(),
-            );
+            self.enqueue(&meta);
             count += 1;
         }
         if count > 0 {
@@ -402,18 +399,24 @@ impl Engine {
             tracing::error!(error = %e, "could not write Reception records");
         }
         metrics::counter!(RECEIVED, "via" => via).increment(count);
-        let now = now_ms();
         for m in &metas {
-            self.scheduler.schedule(
-                m.id,
-                &m.domain,
-                m.campaign.as_deref(),
-                m.due_ms,
-                m.received_ms,
-                now,
-            );
+            self.enqueue(m);
         }
         Ok(())
+    }
+
+    /// Puts a message on the schedule under its queue: the domain, or `domain|source` when
+    /// egress sources are configured (each source has its own sessions and limits).
+    pub(crate) fn enqueue(&self, meta: &MessageMeta) {
+        let key = queue::queue_key(&meta.domain, self.egress.source_for(meta));
+        self.scheduler.schedule(
+            meta.id,
+            &key,
+            meta.campaign.as_deref(),
+            meta.due_ms,
+            meta.received_ms,
+            now_ms(),
+        );
     }
 
     pub(crate) fn record(&self, kind: RecordType, meta: &MessageMeta) -> Record {

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 mod delivery;
+pub mod egress;
 pub mod engine;
 pub mod message;
 pub mod serve;

@@ -30,7 +30,7 @@ mod schedule;
 mod spool;
 
 pub use message::{Finalizing, MessageId, MessageMeta};
-pub use schedule::{DestinationCounts, Scheduler, Selector};
+pub use schedule::{queue_key, split_queue_key, DestinationCounts, Scheduler, Selector};
 pub use spool::{Spool, SpoolOptions};
 
 /// Errors of the spool.

@@ -54,6 +54,23 @@ struct Entry {
     state: State,
 }
 
+/// The name of a ready queue: the recipient domain, or `domain|source` when the message is
+/// bound to a named egress source (each source has its own sessions and limits).
+pub fn queue_key(domain: &str, source: Option<&str>) -> String {
+    match source {
+        Some(source) => format!("{domain}|{source}"),
+        None => domain.to_owned(),
+    }
+}
+
+/// Splits a queue name into domain and egress source.
+pub fn split_queue_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once('|') {
+        Some((domain, source)) => (domain, Some(source)),
+        None => (key, None),
+    }
+}
+
 /// What an operator action selects.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "name")]
@@ -132,6 +149,12 @@ impl Inner {
         self.count(&dest, to, 1);
     }
 
+    /// Whether a queue is held: by its own name or by its domain's.
+    fn dest_held(&self, dest: &str, now_ms: u64) -> bool {
+        let held = |name: &str| self.suspended_dests.get(name).is_some_and(|u| *u > now_ms);
+        held(dest) || held(split_queue_key(dest).0)
+    }
+
     fn campaign_held(&self, campaign: &Option<Arc<str>>, now_ms: u64) -> bool {
         campaign
             .as_ref()
@@ -167,7 +190,9 @@ impl Inner {
         self.entries
             .iter()
             .filter(|(_, e)| match selector {
-                Selector::Domain(d) => &*e.dest == d.as_str(),
+                Selector::Domain(d) => {
+                    &*e.dest == d.as_str() || split_queue_key(&e.dest).0 == d.as_str()
+                }
                 Selector::Campaign(c) => e.campaign.as_deref() == Some(c.as_str()),
             })
             .map(|(id, _)| *id)
@@ -286,9 +311,7 @@ impl Scheduler {
         inner
             .ready
             .iter()
-            .filter(|(d, q)| {
-                !q.is_empty() && inner.suspended_dests.get(*d).is_none_or(|u| *u <= now_ms)
-            })
+            .filter(|(d, q)| !q.is_empty() && !inner.dest_held(d, now_ms))
             .map(|(d, q)| (d.to_string(), q.len()))
             .collect()
     }
@@ -297,21 +320,14 @@ impl Scheduler {
     pub fn has_ready(&self, destination: &str, now_ms: u64) -> bool {
         let inner = self.lock();
         inner.ready.get(destination).is_some_and(|q| !q.is_empty())
-            && inner
-                .suspended_dests
-                .get(destination)
-                .is_none_or(|u| *u <= now_ms)
+            && !inner.dest_held(destination, now_ms)
     }
 
     /// Takes the next ready message of `destination`; it is in flight until it is scheduled
     /// again or [`Scheduler::finish`]ed. Suspended destinations yield nothing.
     pub fn pop_ready(&self, destination: &str, now_ms: u64) -> Option<MessageId> {
         let mut inner = self.lock();
-        if inner
-            .suspended_dests
-            .get(destination)
-            .is_some_and(|u| *u > now_ms)
-        {
+        if inner.dest_held(destination, now_ms) {
             return None;
         }
         let queue = inner.ready.get_mut(destination)?;
@@ -481,7 +497,8 @@ impl Scheduler {
                 c.oldest_received_ms = oldest.get(d).copied();
                 c.suspended_until_ms = inner
                     .suspended_dests
-                    .get(d)
+                    .get(&**d)
+                    .or_else(|| inner.suspended_dests.get(split_queue_key(d).0))
                     .copied()
                     .filter(|u| *u > now_ms);
                 (d.to_string(), c)
@@ -621,6 +638,23 @@ mod tests {
         assert!(s.resume(&Selector::Campaign("nov".into()), 1000));
         assert_eq!(s.totals().ready, 2);
         assert!(s.suspensions(1000).is_empty());
+    }
+
+    #[test]
+    fn a_domain_hold_covers_its_per_source_queues() {
+        let s = Scheduler::new();
+        let a = MessageId::generate();
+        let key = queue_key("x.test", Some("ip1"));
+        assert_eq!(split_queue_key(&key), ("x.test", Some("ip1")));
+        s.schedule(a, &key, None, 0, 0, 10);
+        s.suspend(&Selector::Domain("x.test".into()), u64::MAX, 10);
+        assert!(!s.has_ready(&key, 10));
+        assert_eq!(s.destinations(10)[0].1.suspended_until_ms, Some(u64::MAX));
+        s.resume(&Selector::Domain("x.test".into()), 10);
+        assert_eq!(s.pop_ready(&key, 10), Some(a));
+        s.finish(a);
+        s.schedule(a, &key, None, 50, 0, 10);
+        assert_eq!(s.take(&Selector::Domain("x.test".into())), vec![a]);
     }
 
     #[test]

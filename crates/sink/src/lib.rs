@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -50,7 +50,7 @@ const GREYLIST_PRUNE_AT: usize = 100_000;
 pub struct SinkConfig {
     /// Name in the banner and the EHLO reply.
     pub hostname: String,
-    /// Greylisting: the first attempt per (sender, recipient) pair gets
+    /// Greylisting: the first attempt per (client IP, sender, recipient) gets
     /// `450 4.2.0`, as do retries before this delay has passed; later
     /// attempts are accepted. Shared across connections.
     pub greylist: Option<Duration>,
@@ -268,8 +268,9 @@ fn bump(c: &AtomicU64) {
 struct Shared {
     config: SinkConfig,
     counters: Counters,
-    /// First attempt per (sender, recipient), both lower-cased.
-    greylist: Mutex<HashMap<(String, String), Instant>>,
+    /// First attempt per (client IP, sender, recipient), addresses lower-cased: the classic
+    /// greylisting triplet, so a retry from another address starts over.
+    greylist: Mutex<HashMap<(IpAddr, String, String), Instant>>,
     messages: Mutex<Vec<ReceivedMessage>>,
 }
 
@@ -600,7 +601,11 @@ impl Conn {
         let Some(delay) = self.shared.config.greylist else {
             return false;
         };
-        let key = (sender.to_ascii_lowercase(), recipient.to_ascii_lowercase());
+        let key = (
+            self.peer.ip(),
+            sender.to_ascii_lowercase(),
+            recipient.to_ascii_lowercase(),
+        );
         let now = Instant::now();
         let mut table = lock(&self.shared.greylist);
         if table.len() >= GREYLIST_PRUNE_AT {
