@@ -12,3 +12,4 @@ mod delivery;
 mod harness;
 mod inject;
 mod process;
+mod shaping;

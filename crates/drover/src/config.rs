@@ -512,7 +512,6 @@ impl Config {
                         .map(|r| r.parse::<Rate>().map_err(|e| invalid(key(k), e)))
                         .transpose()
                 };
-                rate(&s.backoff_max_message_rate, "backoff_max_message_rate")?;
                 if let Some(tls) = &s.tls {
                     parse_tls_mode(tls).ok_or_else(|| {
                         invalid(
@@ -521,10 +520,6 @@ impl Config {
                         )
                     })?;
                 }
-                rate(
-                    &s.backoff_max_connection_rate,
-                    "backoff_max_connection_rate",
-                )?;
                 let defaults = Limits::default();
                 let limits = Limits {
                     max_connections: s.max_connections.unwrap_or(defaults.max_connections),
@@ -533,6 +528,15 @@ impl Config {
                     max_deliveries_per_connection: s
                         .max_deliveries_per_connection
                         .unwrap_or(defaults.max_deliveries_per_connection),
+                    backoff_max_connections: s.backoff_max_connections,
+                    backoff_max_message_rate: rate(
+                        &s.backoff_max_message_rate,
+                        "backoff_max_message_rate",
+                    )?,
+                    backoff_max_connection_rate: rate(
+                        &s.backoff_max_connection_rate,
+                        "backoff_max_connection_rate",
+                    )?,
                 };
                 if limits.max_connections == 0 {
                     return Err(invalid(key("max_connections"), "must be at least 1"));

@@ -8,11 +8,12 @@
 //! the session, into the pool and out again, so idle sessions count against
 //! `max_connections` too.
 
+use crate::automation::Action;
 use crate::egress::Source;
 use crate::engine::{now_ms, Engine};
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
-use queue::{Finalizing, MessageId, MessageMeta};
+use queue::{Finalizing, MessageId, MessageMeta, Selector};
 use rate_limiter::DestinationLimiter;
 use resolver_cache::Destination;
 use smtp_proto::Reply;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 
 pub(crate) const DELIVERY_DURATION: &str = "drover_delivery_duration_seconds";
+pub(crate) const AUTOMATION: &str = "drover_automation_actions_total";
 
 /// Messages a worker should have queued before the dispatcher adds another worker for the
 /// same domain: a session carries many messages, and receivers count connections.
@@ -185,8 +187,13 @@ impl Engine {
                 break;
             };
             limiter.until_message_permitted().await;
-            let kept = self.attempt(id, &dest, &mut session, reused).await;
-            if kept && session.client.transactions() < max_per_session {
+            let kept = self
+                .attempt(id, &queue, &dest, &limiter, &mut session, reused)
+                .await;
+            if kept
+                && session.client.transactions() < max_per_session
+                && !limiter.over_connection_cap()
+            {
                 current = Some((session, site_key));
             } else {
                 session.close().await;
@@ -291,7 +298,9 @@ impl Engine {
     async fn attempt(
         &self,
         id: MessageId,
+        queue: &str,
         dest: &Destination,
+        limiter: &DestinationLimiter,
         session: &mut Session,
         reused: bool,
     ) -> bool {
@@ -319,7 +328,11 @@ impl Engine {
             .or_else(|| client.peer().local.map(|a| a.ip().to_string()));
         let tls = client.tls().map(|t| t.to_string());
         let (mut outcome, keep) = match result {
-            Ok(tx) => (Outcome::from_reply(tx.outcome_for(0)), client.is_usable()),
+            Ok(tx) => {
+                let mut outcome = Outcome::from_reply(tx.outcome_for(0));
+                self.automate(&mut outcome, queue, limiter);
+                (outcome, client.is_usable())
+            }
             Err(e) if reused && !e.after_final_dot() => {
                 tracing::debug!(%id, error = %e, "pooled session failed; retrying on a fresh one");
                 meta.due_ms = now_ms();
@@ -348,6 +361,39 @@ impl Engine {
         let next = self.conclude(meta, &dest.site, outcome).await;
         self.requeue_or_forget(id, next);
         keep
+    }
+
+    /// Applies the first `[[automation]]` rule matching a non-positive reply.
+    fn automate(&self, outcome: &mut Outcome, queue: &str, limiter: &DestinationLimiter) {
+        if outcome.verdict == Verdict::Delivered {
+            return;
+        }
+        let r = &outcome.response;
+        let Some((action, duration)) =
+            self.automation
+                .react(r.code, r.enhanced_code.as_deref(), &r.text)
+        else {
+            return;
+        };
+        match action {
+            Action::Bounce => outcome.verdict = Verdict::Bounced,
+            Action::Suspend => {
+                let now = now_ms();
+                let until = now + duration.as_millis() as u64;
+                tracing::warn!(%queue, ?duration, reply = %r.text, "automation: suspending");
+                self.scheduler
+                    .suspend(&Selector::Domain(queue.to_owned()), until, now);
+                metrics::counter!(AUTOMATION, "action" => "suspend").increment(1);
+            }
+            Action::Backoff => {
+                tracing::warn!(%queue, ?duration, reply = %r.text, "automation: backing off");
+                limiter.back_off(duration);
+                metrics::counter!(AUTOMATION, "action" => "backoff").increment(1);
+            }
+        }
+        if action == Action::Bounce {
+            metrics::counter!(AUTOMATION, "action" => "bounce").increment(1);
+        }
     }
 
     /// Writes the record an attempt earned and moves the message on: removed when final,

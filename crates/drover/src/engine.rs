@@ -5,8 +5,9 @@
 //! destination's connection cap; a worker holds one SMTP session and delivers that
 //! destination's messages one after another, then parks the session in the pool.
 
+use crate::automation::Automation;
 use crate::config::Config;
-use crate::delivery::{Session, DELIVERY_DURATION};
+use crate::delivery::{Session, AUTOMATION, DELIVERY_DURATION};
 use crate::egress::Egress;
 use accounting::{Accounting, BounceCategory, Record, RecordType, Response};
 use connection_pool::{Pool, Timeouts};
@@ -25,6 +26,10 @@ const RECEIVED: &str = "drover_messages_received_total";
 /// Registers the descriptions of every metric (contract §5).
 pub fn describe_metrics() {
     metrics::describe_counter!(RECEIVED, "Messages accepted into the spool, by channel.");
+    metrics::describe_counter!(
+        AUTOMATION,
+        "Reactions of [[automation]] rules to receivers' replies, by action."
+    );
     metrics::describe_histogram!(
         DELIVERY_DURATION,
         metrics::Unit::Seconds,
@@ -111,6 +116,7 @@ pub struct Engine {
     pub(crate) pool: Pool<Session>,
     pub(crate) shaper: Shaper,
     pub(crate) egress: Egress,
+    pub(crate) automation: Automation,
     /// Delivery workers running per recipient domain.
     pub(crate) active: DashMap<String, usize>,
     pub(crate) ehlo_name: String,
@@ -198,6 +204,7 @@ impl Engine {
             other: command.min(Duration::from_secs(120)),
         };
         let egress = Egress::from_config(&config);
+        let automation = Automation::from_config(&config);
         let engine = Arc::new(Engine {
             pool: Pool::new(config.delivery.idle_timeout.0),
             config,
@@ -207,6 +214,7 @@ impl Engine {
             resolver,
             shaper,
             egress,
+            automation,
             active: DashMap::new(),
             ehlo_name,
             timeouts,

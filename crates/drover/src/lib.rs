@@ -2,6 +2,7 @@
 //! command line. The protocol, spool, resolver, pool and shaping logic live in their own crates.
 
 pub mod api;
+pub mod automation;
 pub mod config;
 mod delivery;
 pub mod egress;

@@ -6,12 +6,71 @@
 //! polling, and never holds up another destination.
 
 use dashmap::DashMap;
+use governor::clock::{Clock, Reference};
+use governor::nanos::Nanos;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use std::num::NonZeroU32;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// governor's clock on tokio's time: waits are tokio sleeps, and tests with paused time
+/// drive the limits deterministically.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioClock;
+
+/// A [`TokioClock`] reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TokioInstant(tokio::time::Instant);
+
+impl std::ops::Add<Nanos> for TokioInstant {
+    type Output = TokioInstant;
+    fn add(self, rhs: Nanos) -> TokioInstant {
+        TokioInstant(self.0 + Duration::from(rhs))
+    }
+}
+
+impl Reference for TokioInstant {
+    fn duration_since(&self, earlier: Self) -> Nanos {
+        Nanos::from(self.0.saturating_duration_since(earlier.0))
+    }
+
+    fn saturating_sub(&self, duration: Nanos) -> Self {
+        TokioInstant(
+            self.0
+                .checked_sub(Duration::from(duration))
+                .unwrap_or(self.0),
+        )
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = TokioInstant;
+    fn now(&self) -> TokioInstant {
+        TokioInstant(tokio::time::Instant::now())
+    }
+}
+
+type Gcra = RateLimiter<
+    NotKeyed,
+    InMemoryState,
+    TokioClock,
+    governor::middleware::NoOpMiddleware<TokioInstant>,
+>;
+
+fn gcra(rate: &Rate) -> Gcra {
+    RateLimiter::direct_with_clock(rate.quota(), TokioClock)
+}
+
+/// Sleeps until the limiter grants a permit.
+async fn wait(limiter: &Gcra) {
+    while let Err(not_until) = limiter.check() {
+        tokio::time::sleep(not_until.wait_time_from(TokioClock.now())).await;
+    }
+}
 
 /// Errors of this crate.
 #[non_exhaustive]
@@ -54,12 +113,11 @@ impl FromStr for Rate {
 
 impl Rate {
     fn quota(&self) -> Quota {
-        // GCRA: one permit every per/count, with a burst of the full count so a fresh
-        // destination may start at full speed.
+        // GCRA with a burst of one: permits are spread evenly (one every per/count), as
+        // receivers that count per second or per minute expect, not bunched at the start.
         let period = self.per / self.count.get();
         Quota::with_period(period.max(Duration::from_nanos(1)))
             .unwrap_or_else(|| Quota::per_second(self.count))
-            .allow_burst(self.count)
     }
 }
 
@@ -74,6 +132,12 @@ pub struct Limits {
     pub max_connection_rate: Option<Rate>,
     /// Messages per session before it is closed and a new one opened.
     pub max_deliveries_per_connection: u32,
+    /// Concurrent sessions while backing off (default: a quarter of `max_connections`).
+    pub backoff_max_connections: Option<usize>,
+    /// Message rate while backing off (default: the normal rate).
+    pub backoff_max_message_rate: Option<Rate>,
+    /// Connection rate while backing off (default: the normal rate).
+    pub backoff_max_connection_rate: Option<Rate>,
 }
 
 impl Default for Limits {
@@ -83,6 +147,9 @@ impl Default for Limits {
             max_message_rate: None,
             max_connection_rate: None,
             max_deliveries_per_connection: 100,
+            backoff_max_connections: None,
+            backoff_max_message_rate: None,
+            backoff_max_connection_rate: None,
         }
     }
 }
@@ -153,50 +220,96 @@ impl Matcher {
 pub struct DestinationLimiter {
     limits: Limits,
     connections: Arc<Semaphore>,
-    messages: Option<governor::DefaultDirectRateLimiter>,
-    new_connections: Option<governor::DefaultDirectRateLimiter>,
+    messages: Option<Gcra>,
+    new_connections: Option<Gcra>,
+    backoff_messages: Option<Gcra>,
+    backoff_new_connections: Option<Gcra>,
+    base: tokio::time::Instant,
+    /// Backoff lasts until this many ms after `base` (0: not backing off).
+    backoff_until_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for DestinationLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DestinationLimiter")
             .field("limits", &self.limits)
+            .field("backing_off", &self.is_backing_off())
             .finish_non_exhaustive()
     }
 }
 
 impl DestinationLimiter {
-    fn new(limits: Limits) -> DestinationLimiter {
+    /// A limiter enforcing `limits`.
+    pub fn new(limits: Limits) -> DestinationLimiter {
         DestinationLimiter {
             connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-            messages: limits
-                .max_message_rate
-                .map(|r| RateLimiter::direct(r.quota())),
-            new_connections: limits
-                .max_connection_rate
-                .map(|r| RateLimiter::direct(r.quota())),
+            messages: limits.max_message_rate.as_ref().map(gcra),
+            new_connections: limits.max_connection_rate.as_ref().map(gcra),
+            backoff_messages: limits.backoff_max_message_rate.as_ref().map(gcra),
+            backoff_new_connections: limits.backoff_max_connection_rate.as_ref().map(gcra),
+            base: tokio::time::Instant::now(),
+            backoff_until_ms: AtomicU64::new(0),
             limits,
         }
     }
 
-    /// The limits in force.
+    /// The limits in force (the normal ones; see [`DestinationLimiter::is_backing_off`]).
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
 
-    /// A connection slot, if the destination is below `max_connections`. Dropping the permit
-    /// frees the slot.
-    pub fn try_connection_slot(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.connections).try_acquire_owned().ok()
+    fn elapsed_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
     }
 
-    /// Waits for a connection slot. Dropping the permit frees it.
+    /// Switches to the backoff limits for `duration` from now; a later call extends it.
+    pub fn back_off(&self, duration: Duration) {
+        let until = self.elapsed_ms() + duration.as_millis() as u64;
+        self.backoff_until_ms
+            .fetch_max(until.max(1), Ordering::SeqCst);
+    }
+
+    /// Whether the backoff limits are in force.
+    pub fn is_backing_off(&self) -> bool {
+        self.elapsed_ms() < self.backoff_until_ms.load(Ordering::SeqCst)
+    }
+
+    /// The connection cap in force now.
+    pub fn max_connections_now(&self) -> usize {
+        let normal = self.limits.max_connections.max(1);
+        if self.is_backing_off() {
+            self.limits
+                .backoff_max_connections
+                .unwrap_or(normal / 4)
+                .clamp(1, normal)
+        } else {
+            normal
+        }
+    }
+
+    /// Whether more sessions are open than the cap in force allows (after a backoff began):
+    /// a worker seeing this closes its session instead of reusing it.
+    pub fn over_connection_cap(&self) -> bool {
+        self.connections_in_use() > self.max_connections_now()
+    }
+
+    /// A connection slot, if the destination is below its cap. Dropping the permit frees it.
+    pub fn try_connection_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = Arc::clone(&self.connections).try_acquire_owned().ok()?;
+        (self.connections_in_use() <= self.max_connections_now()).then_some(permit)
+    }
+
+    /// Waits for a connection slot under the cap in force. Dropping the permit frees it.
     pub async fn connection_slot(&self) -> OwnedSemaphorePermit {
         loop {
-            // The semaphore is never closed, so acquiring only fails in theory; a retry
-            // keeps the signature simple for callers.
+            // The semaphore is never closed, so acquiring cannot fail in practice.
             if let Ok(permit) = Arc::clone(&self.connections).acquire_owned().await {
-                return permit;
+                if self.connections_in_use() <= self.max_connections_now() {
+                    return permit;
+                }
+                // Backing off below the semaphore's size: wait for sessions to close.
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -208,15 +321,23 @@ impl DestinationLimiter {
 
     /// Waits until a new connection may be opened.
     pub async fn until_connection_permitted(&self) {
-        if let Some(l) = &self.new_connections {
-            l.until_ready().await;
+        let limiter = match (&self.backoff_new_connections, self.is_backing_off()) {
+            (Some(b), true) => Some(b),
+            _ => self.new_connections.as_ref(),
+        };
+        if let Some(l) = limiter {
+            wait(l).await;
         }
     }
 
     /// Waits until another message may be sent.
     pub async fn until_message_permitted(&self) {
-        if let Some(l) = &self.messages {
-            l.until_ready().await;
+        let limiter = match (&self.backoff_messages, self.is_backing_off()) {
+            (Some(b), true) => Some(b),
+            _ => self.messages.as_ref(),
+        };
+        if let Some(l) = limiter {
+            wait(l).await;
         }
     }
 }
@@ -367,14 +488,59 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn message_rate_waits_without_busy_looping() {
+    async fn twenty_per_second_over_two_hundred_messages_takes_ten_seconds() {
         let l = DestinationLimiter::new(Limits {
-            max_message_rate: Some("10/s".parse().unwrap()),
+            max_message_rate: Some("20/s".parse().unwrap()),
             ..Limits::default()
         });
-        for _ in 0..10 {
+        let start = tokio::time::Instant::now();
+        for _ in 0..200 {
             l.until_message_permitted().await;
         }
-        assert!(l.messages.as_ref().unwrap().check().is_err());
+        let took = start.elapsed().as_secs_f64();
+        assert!((9.0..=11.0).contains(&took), "took {took} s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_lowers_the_limits_and_ends_by_itself() {
+        let l = DestinationLimiter::new(Limits {
+            max_connections: 8,
+            max_message_rate: Some("100/s".parse().unwrap()),
+            backoff_max_connections: Some(2),
+            backoff_max_message_rate: Some("10/s".parse().unwrap()),
+            ..Limits::default()
+        });
+        let _a = l.try_connection_slot().unwrap();
+        let _b = l.try_connection_slot().unwrap();
+        let c = l.try_connection_slot().unwrap();
+        l.back_off(Duration::from_secs(60));
+        assert!(l.is_backing_off());
+        assert_eq!(l.max_connections_now(), 2);
+        assert!(l.over_connection_cap());
+        drop(c);
+        assert!(!l.over_connection_cap());
+        assert!(
+            l.try_connection_slot().is_none(),
+            "capped at 2 while backing off"
+        );
+        let start = tokio::time::Instant::now();
+        for _ in 0..11 {
+            l.until_message_permitted().await;
+        }
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "10/s while backing off"
+        );
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!l.is_backing_off());
+        assert_eq!(l.max_connections_now(), 8);
+        let start = tokio::time::Instant::now();
+        for _ in 0..11 {
+            l.until_message_permitted().await;
+        }
+        assert!(
+            start.elapsed() <= Duration::from_millis(150),
+            "back to 100/s"
+        );
     }
 }
