@@ -26,6 +26,8 @@
 //!   of its marker's records, never both.
 
 mod message;
+#[cfg(test)]
+mod model_check;
 mod schedule;
 mod spool;
 

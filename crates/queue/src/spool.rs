@@ -352,6 +352,25 @@ fn write_jobs(db: &DB, jobs: &[Job], write_opts: &WriteOptions) -> Result<(), St
 }
 
 #[cfg(test)]
+pub(crate) fn schedule_key_for_tests(due_ms: u64, id: &MessageId) -> Vec<u8> {
+    schedule_key(due_ms, id).to_vec()
+}
+
+#[cfg(test)]
+impl Spool {
+    pub(crate) fn schedule_keys(&self) -> Vec<Vec<u8>> {
+        let Ok(cf) = self.cf(CF_SCHEDULE) else {
+            return Vec::new();
+        };
+        self.db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .filter_map(Result::ok)
+            .map(|(k, _)| k.to_vec())
+            .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
