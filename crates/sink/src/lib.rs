@@ -603,6 +603,7 @@ fn session_config(cfg: &SinkConfig, tls_active: bool) -> ServerConfig {
         },
         max_recipients: 10_000,
         max_errors: 20,
+        auth_requires_tls: false,
     }
 }
 
