@@ -11,4 +11,5 @@ mod crash;
 mod delivery;
 mod harness;
 mod inject;
+mod listener;
 mod process;
