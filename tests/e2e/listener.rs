@@ -477,3 +477,51 @@ async fn listener_works_with_swaks() {
     engine.stop().await;
     sink.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_answers_421_while_draining_and_stops_accepting() {
+    // A sink that never answers EHLO keeps a delivery worker busy, so the engine drains for
+    // the whole grace period while the SMTP connection below is still open.
+    let sink = start_sink(sink::SinkConfig {
+        stall_after_messages: Some(0),
+        ..sink::SinkConfig::default()
+    })
+    .await;
+    let mut engine = TestEngine::start(&routes(&["example.test"], sink.local_addr())).await;
+    let (status, _) = engine
+        .inject(&message_for(&["busy@example.test".into()]))
+        .await;
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sink.stats().connections == 0 {
+        assert!(std::time::Instant::now() < deadline, "no delivery attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = smtp_addr(&engine);
+    let mut raw = Raw::connect(addr).await;
+    assert_eq!(raw.cmd("EHLO late.test").await.0, 250);
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<late@example.test>").await.0, 250);
+    assert_eq!(raw.cmd("DATA").await.0, 354);
+    raw.send("Subject: late\r\n\r\ntoo late\r\n").await;
+
+    let running = engine.running.take().unwrap();
+    let core = std::sync::Arc::clone(&running.engine);
+    let stopping = tokio::spawn(running.shutdown(Duration::from_secs(2)));
+    while !core.is_draining() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    raw.send(".\r\n").await;
+    let (code, text) = raw.reply().await;
+    assert_eq!(code, 421, "{text}");
+    assert!(text.starts_with("4.3.2"), "{text}");
+    let mut rest = String::new();
+    let n = raw.reader.read_line(&mut rest).await.unwrap_or(0);
+    assert_eq!(n, 0, "the connection closes after 421: {rest}");
+    // No longer accepting connections.
+    assert!(TcpStream::connect(addr).await.is_err());
+    stopping.await.unwrap();
+    let recs = records(&engine.accounting_path());
+    assert_eq!(count_type(&recs, "Reception"), 1, "only the HTTP message");
+    sink.shutdown().await;
+}

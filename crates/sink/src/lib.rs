@@ -252,7 +252,7 @@ pub enum SinkError {
     #[error("SMTP sink I/O error: {0}")]
     Io(#[from] io::Error),
     /// The TLS certificate or configuration could not be built.
-    #[error("cannot set up TLS for the SMTP sink: {0}")]
+    #[error("cannot set up TLS: {0}")]
     Tls(String),
 }
 
