@@ -36,6 +36,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most recipients per transaction; more get `452 4.5.3` and can be sent in another one.
 const MAX_RECIPIENTS: usize = 1000;
 
+/// Every recipient gets its own copy of the message, all held in memory until the spool
+/// has them; beyond this many bytes per transaction the client must split it.
+const MAX_TRANSACTION_BYTES: u64 = 1024 * 1024 * 1024;
+
 fn ec(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
     Some(EnhancedCode::new(class, subject, detail))
 }
@@ -232,6 +236,18 @@ impl InjectPolicy {
             if !unique.iter().any(|(u, _)| *u == recipient) {
                 unique.push((recipient, domain));
             }
+        }
+        let total = (data.len() as u64).saturating_mul(unique.len() as u64);
+        if total > MAX_TRANSACTION_BYTES {
+            return Reply::new(
+                552,
+                ec(5, 3, 4),
+                format!(
+                    "{} copies of a {}-byte message are too much for one transaction; send fewer recipients per message",
+                    unique.len(),
+                    data.len()
+                ),
+            );
         }
         let campaign = header_value(data, "X-Campaign");
         let tenant = header_value(data, "X-Tenant");
