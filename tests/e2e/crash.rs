@@ -48,7 +48,7 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
     std::fs::write(
         &config,
         format!(
-            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[retry]\nintervals = [\"1s\"]\n{}",
+            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:0\"\n[retry]\nintervals = [\"1s\"]\n{}",
             dir.path().join("data"),
             routes(&["k1.test", "k2.test"], sink.local_addr())
         ),

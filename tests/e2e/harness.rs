@@ -22,6 +22,7 @@ impl TestEngine {
         let mut config = Config::parse(extra).unwrap();
         config.spool.path = dir.path().join("spool");
         config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.smtp_listener.listen = "127.0.0.1:0".parse().unwrap();
         config.delivery.ehlo_name = "drover.test".into();
         config.delivery.idle_timeout = drover::config::HumanDuration(Duration::from_secs(2));
         let running = drover::serve::start(config).await.unwrap();

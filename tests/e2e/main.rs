@@ -11,5 +11,6 @@ mod crash;
 mod delivery;
 mod harness;
 mod inject;
+mod listener;
 mod process;
 mod shaping;

@@ -90,7 +90,7 @@ async fn serve_and_sink_binaries_deliver_and_stop_cleanly_on_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[[route]]\ndomain = \"example.test\"\nhosts = [\"127.0.0.1:{sink_port}\"]\n",
+            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:0\"\n[[route]]\ndomain = \"example.test\"\nhosts = [\"127.0.0.1:{sink_port}\"]\n",
             dir.path().join("data")
         ),
     )

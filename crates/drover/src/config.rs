@@ -188,6 +188,31 @@ pub struct SmtpListenerConfig {
     pub relay_networks: Vec<String>,
     /// Largest accepted message (extension; default 50 MiB).
     pub max_message_size: u64,
+    /// PEM certificate chain for STARTTLS (extension; with `tls_key_file`, else no STARTTLS).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for STARTTLS (extension).
+    pub tls_key_file: Option<PathBuf>,
+    /// Users that may AUTH (PLAIN, LOGIN) and then relay from anywhere (extension). AUTH is
+    /// offered only over TLS, or to loopback clients.
+    pub auth_users: Vec<AuthUser>,
+}
+
+/// One `[[smtp_listener.auth_users]]` entry.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthUser {
+    /// User name.
+    pub user: String,
+    /// Password, in clear: protect the configuration file.
+    pub password: String,
+}
+
+impl std::fmt::Debug for AuthUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthUser")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for SmtpListenerConfig {
@@ -196,6 +221,9 @@ impl Default for SmtpListenerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 2025)),
             relay_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             max_message_size: 50 * 1024 * 1024,
+            tls_cert_file: None,
+            tls_key_file: None,
+            auth_users: Vec::new(),
         }
     }
 }
@@ -440,6 +468,15 @@ impl Config {
                 )
             })?;
         }
+        self.smtp_listener_tls()?;
+        for (i, u) in self.smtp_listener.auth_users.iter().enumerate() {
+            if u.user.is_empty() || u.password.is_empty() {
+                return Err(invalid(
+                    format!("smtp_listener.auth_users[{i}]"),
+                    "user and password must not be empty",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -566,6 +603,26 @@ impl Config {
             .map_or(connection_pool::TlsMode::Opportunistic, |(_, mode)| mode)
     }
 
+    /// The SMTP listener's STARTTLS certificate, loaded from `tls_cert_file` and
+    /// `tls_key_file`; `None` when neither is set.
+    pub fn smtp_listener_tls(&self) -> Result<Option<sink::SinkTls>, ConfigError> {
+        let l = &self.smtp_listener;
+        match (&l.tls_cert_file, &l.tls_key_file) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => sink::SinkTls::from_pem_files(cert, key)
+                .map(Some)
+                .map_err(|e| invalid("smtp_listener.tls_cert_file", e)),
+            (Some(_), None) => Err(invalid(
+                "smtp_listener.tls_key_file",
+                "tls_cert_file is set but tls_key_file is not",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "smtp_listener.tls_cert_file",
+                "tls_key_file is set but tls_cert_file is not",
+            )),
+        }
+    }
+
     /// Where accounting records go.
     pub fn accounting_path(&self) -> PathBuf {
         if self.accounting.path.is_empty() {
@@ -666,6 +723,22 @@ mod tests {
             (
                 "[[route]]\ndomain = \"a.test\"\nhosts = [\"nowhere\"]\n",
                 "route[0].hosts[0]",
+            ),
+            (
+                "[smtp_listener]\ntls_cert_file = \"/nonexistent/cert.pem\"\n",
+                "smtp_listener.tls_key_file",
+            ),
+            (
+                "[smtp_listener]\ntls_cert_file = \"/nonexistent/c.pem\"\ntls_key_file = \"/nonexistent/k.pem\"\n",
+                "smtp_listener.tls_cert_file",
+            ),
+            (
+                "[smtp_listener]\nauth_users = [{ user = \"u\", password = \"\" }]\n",
+                "smtp_listener.auth_users[0]",
+            ),
+            (
+                "[smtp_listener]\nauth_users = [{ user = \"u\", pass = \"p\" }]\n",
+                "pass",
             ),
         ];
         for (text, key) in cases {

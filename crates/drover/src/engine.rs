@@ -369,6 +369,11 @@ impl Engine {
         &self.config
     }
 
+    /// Our host name: EHLO name of outbound sessions, banner of the SMTP listener.
+    pub fn ehlo_name(&self) -> &str {
+        &self.ehlo_name
+    }
+
     /// The schedule (for the admin API).
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler

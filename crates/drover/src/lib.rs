@@ -1,5 +1,6 @@
-//! Drover: the engine's wiring: configuration, the delivery engine, the HTTP API and the
-//! command line. The protocol, spool, resolver, pool and shaping logic live in their own crates.
+//! Drover: the engine's wiring: configuration, the delivery engine, the HTTP API, the SMTP
+//! injection listener and the command line. The protocol, spool, resolver, pool and shaping
+//! logic live in their own crates.
 
 pub mod api;
 pub mod automation;
@@ -7,6 +8,7 @@ pub mod config;
 mod delivery;
 pub mod egress;
 pub mod engine;
+pub mod listener;
 pub mod message;
 pub mod serve;
 

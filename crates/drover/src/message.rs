@@ -344,38 +344,67 @@ pub fn to_crlf(input: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The tracked headers of a message (first occurrence of each, unfolded).
-pub fn tracked_headers(message: &[u8]) -> BTreeMap<String, String> {
-    let text = String::from_utf8_lossy(message);
-    let (head, _) = split_message(&text);
-    let mut out = BTreeMap::new();
-    let mut current: Option<(String, String)> = None;
-    let flush = |cur: Option<(String, String)>, out: &mut BTreeMap<String, String>| {
-        if let Some((name, value)) = cur {
-            if let Some(canonical) = TRACKED_HEADERS
-                .iter()
-                .find(|t| t.eq_ignore_ascii_case(&name))
-            {
-                out.entry((*canonical).to_owned()).or_insert(value);
-            }
+/// The header fields of a message, in order, unfolded, names and values trimmed.
+fn header_fields(message: &[u8]) -> Vec<(String, String)> {
+    // Only the header section is decoded: a body can be tens of megabytes.
+    let mut end = message.len();
+    let mut start = 0;
+    while start < message.len() {
+        let line_end = message[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(message.len(), |i| start + i + 1);
+        if matches!(&message[start..line_end], b"\n" | b"\r\n") {
+            end = start;
+            break;
         }
-    };
+        start = line_end;
+    }
+    let head = String::from_utf8_lossy(&message[..end]);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    let mut continuing = false;
     for line in head.lines() {
         let line = line.trim_end_matches('\r');
         if line.starts_with([' ', '\t']) {
-            if let Some((_, v)) = current.as_mut() {
+            if let (true, Some((_, v))) = (continuing, fields.last_mut()) {
                 v.push(' ');
                 v.push_str(line.trim());
             }
             continue;
         }
-        flush(current.take(), &mut out);
-        current = line
-            .split_once(':')
-            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()));
+        match line.split_once(':') {
+            Some((n, v)) => {
+                fields.push((n.trim().to_owned(), v.trim().to_owned()));
+                continuing = true;
+            }
+            None => continuing = false,
+        }
     }
-    flush(current, &mut out);
+    fields
+}
+
+/// The tracked headers of a message (first occurrence of each, unfolded).
+pub fn tracked_headers(message: &[u8]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (name, value) in header_fields(message) {
+        if let Some(canonical) = TRACKED_HEADERS
+            .iter()
+            .find(|t| t.eq_ignore_ascii_case(&name))
+        {
+            out.entry((*canonical).to_owned()).or_insert(value);
+        }
+    }
     out
+}
+
+/// The first `name` header of a message (case-insensitive), unfolded; `None` when absent
+/// or empty.
+pub fn header_value(message: &[u8], name: &str) -> Option<String> {
+    header_fields(message)
+        .into_iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]

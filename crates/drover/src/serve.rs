@@ -3,6 +3,7 @@
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
+use crate::listener::SmtpListener;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -34,12 +35,15 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// A running engine with its HTTP listener.
+/// A running engine with its HTTP and SMTP listeners.
 pub struct Running {
     /// The engine.
     pub engine: Arc<Engine>,
     /// Where the HTTP API listens (useful with port 0).
     pub http_addr: SocketAddr,
+    /// Where the SMTP injection listener listens (useful with port 0).
+    pub smtp_addr: Option<SocketAddr>,
+    smtp: Option<SmtpListener>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
 }
@@ -58,6 +62,9 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The SMTP listener could not be set up (e.g. its TLS certificate).
+    #[error("SMTP listener: {0}")]
+    Listener(String),
 }
 
 /// Starts the engine and its listeners.
@@ -65,6 +72,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let handle = metrics_handle();
     let listen = config.http.listen;
     let engine = Engine::start(config).await?;
+    // Bound before the HTTP server runs, so /readyz says ready only once SMTP is accepted too.
+    let smtp = SmtpListener::start(Arc::clone(&engine)).await?;
+    let smtp_addr = smtp.local_addr();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -89,10 +99,12 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    tracing::info!(%http_addr, "drover is serving");
+    tracing::info!(%http_addr, %smtp_addr, "drover is serving");
     Ok(Running {
         engine,
         http_addr,
+        smtp_addr: Some(smtp_addr),
+        smtp: Some(smtp),
         stop,
         server,
     })
@@ -102,7 +114,15 @@ impl Running {
     /// Graceful stop: refuse new work, finish in-flight deliveries (up to `grace`), flush.
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
+        if let Some(smtp) = &self.smtp {
+            smtp.stop_accepting();
+        }
         let engine_stop = self.engine.shutdown(grace);
         let _ = tokio::join!(engine_stop, self.server);
+        // The engine refuses messages now, so a transaction still open gets 421, not a 250
+        // for a message the closed spool would lose.
+        if let Some(smtp) = self.smtp {
+            smtp.close().await;
+        }
     }
 }

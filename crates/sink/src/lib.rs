@@ -7,39 +7,38 @@
 //! received messages in memory for assertions.
 //!
 //! The dialogue itself (sequencing, EHLO, error replies) comes from
-//! [`smtp_proto::server::ServerSession`]; this crate only adds the socket
-//! loop and the scripted policy. Each connection keeps one read buffer for its
-//! whole life and answers every pipelined command already in that buffer
-//! before flushing, so replies come back in order and in as few writes as the
-//! client's pipelining allows.
+//! [`smtp_proto::server::ServerSession`]; the socket loop around it is
+//! [`server::serve_connection`], which Drover's SMTP injection listener uses
+//! too, and the sink only adds the scripted [`server::Policy`]. Each
+//! connection keeps one read buffer for its whole life and answers every
+//! pipelined command already in that buffer before flushing, so replies come
+//! back in order and in as few writes as the client's pipelining allows.
 //!
 //! With [`SinkConfig::tls`] set, EHLO advertises STARTTLS and the connection
 //! is upgraded with rustls (ring provider). Whatever the client pipelined
 //! after STARTTLS is discarded, never executed: those bytes arrived in
 //! plaintext and must not pass for commands sent over TLS.
 
+pub mod server;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
-use smtp_proto::server::{Action, Decision, Event, ServerConfig, ServerSession};
-use smtp_proto::{take_line, Capabilities, EnhancedCode, Reply, MAX_COMMAND_LINE};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use server::{serve_connection, ConnectionOptions, Policy};
+use smtp_proto::server::{Event, ServerConfig, ServerSession};
+use smtp_proto::{Capabilities, EnhancedCode, Reply};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-
-/// How much the read buffer grows by for each read.
-const READ_CHUNK: usize = 16 * 1024;
 
 /// Greylist entries kept before old ones are pruned, so a long benchmark with
 /// many distinct pairs cannot grow the table without bound.
@@ -84,7 +83,8 @@ pub struct SinkConfig {
     pub tls: Option<SinkTls>,
 }
 
-/// The sink's TLS server side: a certificate and key, ready for handshakes.
+/// A TLS server side: a certificate and key, ready for handshakes (the sink's
+/// and, through [`SinkTls::acceptor`], any [`server::serve_connection`]'s).
 #[derive(Clone)]
 pub struct SinkTls {
     acceptor: TlsAcceptor,
@@ -133,9 +133,39 @@ impl SinkTls {
         }
     }
 
+    /// A certificate chain and private key from PEM files (the chain's first
+    /// certificate is the server's own).
+    pub fn from_pem_files(cert_file: &Path, key_file: &Path) -> Result<SinkTls, SinkError> {
+        let certs = CertificateDer::pem_file_iter(cert_file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| SinkError::Tls(format!("{}: {e}", cert_file.display())))?;
+        if certs.is_empty() {
+            return Err(SinkError::Tls(format!(
+                "{}: no certificate in the file",
+                cert_file.display()
+            )));
+        }
+        let key = PrivateKeyDer::from_pem_file(key_file)
+            .map_err(|e| SinkError::Tls(format!("{}: {e}", key_file.display())))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SinkError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| SinkError::Tls(format!("{}: {e}", cert_file.display())))?;
+        Ok(SinkTls::from_config(Arc::new(config)))
+    }
+
     /// The self-signed certificate, for clients that should trust it.
     pub fn certificate(&self) -> Option<&CertificateDer<'static>> {
         self.certificate.as_ref()
+    }
+
+    /// The acceptor, for [`server::ConnectionOptions::tls`].
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
     }
 }
 
@@ -222,7 +252,7 @@ pub enum SinkError {
     #[error("SMTP sink I/O error: {0}")]
     Io(#[from] io::Error),
     /// The TLS certificate or configuration could not be built.
-    #[error("cannot set up TLS for the SMTP sink: {0}")]
+    #[error("cannot set up TLS: {0}")]
     Tls(String),
 }
 
@@ -274,9 +304,11 @@ struct Shared {
     messages: Mutex<Vec<ReceivedMessage>>,
 }
 
-/// Decrements the active-connection gauge however the connection task ends,
+/// Decrements the active-connection gauge once: when the sink is about to close the
+/// connection itself (before the client can see the close, so a client that opens its next
+/// connection right after is never counted twice), or however the task ends otherwise,
 /// including when it is aborted at shutdown.
-struct ActiveGuard(Arc<Shared>);
+struct ActiveGuard(Arc<Shared>, std::sync::atomic::AtomicBool);
 
 impl ActiveGuard {
     fn new(shared: Arc<Shared>) -> ActiveGuard {
@@ -285,16 +317,22 @@ impl ActiveGuard {
         let now = c.active_connections.fetch_add(1, Ordering::Relaxed) + 1;
         c.max_concurrent_connections
             .fetch_max(now, Ordering::Relaxed);
-        ActiveGuard(shared)
+        ActiveGuard(shared, std::sync::atomic::AtomicBool::new(false))
+    }
+
+    fn release(&self) {
+        if !self.1.swap(true, Ordering::SeqCst) {
+            self.0
+                .counters
+                .active_connections
+                .fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0
-            .counters
-            .active_connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.release();
     }
 }
 
@@ -387,10 +425,10 @@ async fn accept_loop(
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let guard = ActiveGuard::new(Arc::clone(&shared));
+                    let guard = Arc::new(ActiveGuard::new(Arc::clone(&shared)));
                     connections.spawn(async move {
                         let shared = Arc::clone(&guard.0);
-                        if let Err(e) = serve(stream, peer, shared).await {
+                        if let Err(e) = serve(stream, peer, shared, Arc::clone(&guard)).await {
                             tracing::debug!(%peer, error = %e, "sink connection ended with error");
                         }
                         drop(guard);
@@ -428,121 +466,65 @@ fn ec(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
     Some(EnhancedCode::new(class, subject, detail))
 }
 
-/// What the connection loop does after handling one action.
-#[derive(Debug, PartialEq, Eq)]
-enum Next {
-    Continue,
-    /// Flush the pending replies, then close.
-    Close,
-    /// Flush the pending replies, then do the TLS handshake.
-    StartTls,
-}
-
-/// The connection, before or after STARTTLS.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// Per-connection state besides the protocol session.
-struct Conn {
+/// The sink's scripted answers for one connection.
+struct SinkPolicy {
     shared: Arc<Shared>,
     peer: SocketAddr,
     local: SocketAddr,
-    /// Replies not yet written.
-    out: Vec<u8>,
-    /// Unstuffed data of the message being received (only kept when capturing).
-    data: Vec<u8>,
     messages: u32,
     stalled: bool,
     /// `protocol:cipher` once STARTTLS is done.
     tls: Option<String>,
+    guard: Arc<ActiveGuard>,
 }
 
-impl Conn {
-    async fn push(&mut self, reply: &Reply) {
+impl Policy for SinkPolicy {
+    fn session_config(&self, tls_active: bool) -> ServerConfig {
+        session_config(&self.shared.config, tls_active)
+    }
+
+    fn closing(&mut self) {
+        self.guard.release();
+    }
+
+    fn keep_data(&self) -> bool {
+        self.shared.config.capture
+    }
+
+    async fn before_reply(&mut self) {
         let latency = self.shared.config.latency;
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        reply.encode(&mut self.out);
     }
 
-    async fn apply(&mut self, session: &mut ServerSession, mut action: Action) -> Next {
-        loop {
-            match action {
-                Action::Reply(r) | Action::StartData(r) => {
-                    self.push(&r).await;
-                    return Next::Continue;
-                }
-                Action::StartTls(r) if self.shared.config.tls.is_some() && self.tls.is_none() => {
-                    self.push(&r).await;
-                    return Next::StartTls;
-                }
-                // Only reachable if the session offered STARTTLS we cannot do.
-                Action::StartTls(_) => {
-                    self.push(&Reply::new(454, ec(4, 7, 0), "TLS not available"))
-                        .await;
-                    return Next::Continue;
-                }
-                Action::Close(r) => {
-                    self.push(&r).await;
-                    return Next::Close;
-                }
-                Action::Decide(decision) => match self.decide(session, decision) {
-                    Some(next) => action = next,
-                    // Dropped after DATA: close without any reply.
-                    None => return Next::Close,
-                },
-            }
-        }
+    fn is_stalled(&self) -> bool {
+        self.stalled
+    }
+
+    fn tls_established(&mut self, tls: &str) {
+        self.tls = Some(tls.to_owned());
+        bump(&self.shared.counters.tls_handshakes);
+    }
+
+    fn discarded_after_starttls(&mut self, bytes: usize) {
+        tracing::debug!(peer = %self.peer, bytes, "discarded bytes pipelined after STARTTLS");
+        self.shared
+            .counters
+            .discarded_after_starttls
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Applies the scripted policy; `None` means "hang up without replying".
-    fn decide(&mut self, session: &mut ServerSession, decision: Decision) -> Option<Action> {
+    async fn decide(
+        &mut self,
+        session: &ServerSession,
+        event: &Event,
+        data: &mut Vec<u8>,
+    ) -> Option<Reply> {
         let cfg = &self.shared.config;
         let counters = &self.shared.counters;
-        let reply = match decision.event() {
+        let reply = match event {
             Event::MailFrom { .. } => match &cfg.reply_after_messages {
                 Some((n, code, text)) if self.messages >= *n => Reply::new(*code, None, text),
                 _ => Reply::new(250, ec(2, 1, 0), "Sender OK"),
@@ -568,7 +550,6 @@ impl Conn {
             } => {
                 if roll(cfg.drop_after_data_percent) {
                     bump(&counters.dropped);
-                    self.data.clear();
                     return None;
                 }
                 let id = counters.transactions.fetch_add(1, Ordering::Relaxed) + 1;
@@ -580,12 +561,11 @@ impl Conn {
                         helo: session.helo().unwrap_or_default().to_string(),
                         sender: sender.clone(),
                         recipients: recipients.clone(),
-                        data: std::mem::take(&mut self.data),
+                        data: std::mem::take(data),
                         tls: self.tls.clone(),
                     };
                     lock(&self.shared.messages).push(message);
                 }
-                self.data.clear();
                 if cfg.stall_after_messages.is_some_and(|n| self.messages >= n) {
                     self.stalled = true;
                 }
@@ -593,9 +573,11 @@ impl Conn {
             }
             _ => Reply::new(451, ec(4, 3, 0), "Unexpected event"),
         };
-        Some(session.decide(decision, reply))
+        Some(reply)
     }
+}
 
+impl SinkPolicy {
     /// Records the attempt and says whether it must be greylisted.
     fn greylisted(&self, sender: &str, recipient: &str) -> bool {
         let Some(delay) = self.shared.config.greylist else {
@@ -622,24 +604,6 @@ impl Conn {
     }
 }
 
-fn describe_tls(connection: &rustls::ServerConnection) -> String {
-    let protocol = match connection.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
-        other => format!("{other:?}"),
-    };
-    let cipher = connection
-        .negotiated_cipher_suite()
-        .map(|s| {
-            let suite = s.suite();
-            suite
-                .as_str()
-                .map_or_else(|| format!("{suite:?}"), str::to_owned)
-        })
-        .unwrap_or_else(|| "unknown".to_owned());
-    format!("{protocol}:{cipher}")
-}
-
 /// The dialogue's settings; `tls_active` stops STARTTLS from being offered
 /// again inside TLS (RFC 3207 §4.2).
 fn session_config(cfg: &SinkConfig, tls_active: bool) -> ServerConfig {
@@ -657,133 +621,33 @@ fn session_config(cfg: &SinkConfig, tls_active: bool) -> ServerConfig {
         },
         max_recipients: 10_000,
         max_errors: 20,
+        auth_requires_tls: false,
     }
 }
 
-async fn serve(tcp: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> io::Result<()> {
+async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    guard: Arc<ActiveGuard>,
+) -> io::Result<()> {
     let local = tcp.local_addr()?;
-    let mut stream = Stream::Plain(tcp);
     let cfg = &shared.config;
     if !cfg.banner_delay.is_zero() {
         tokio::time::sleep(cfg.banner_delay).await;
     }
-    let mut session = ServerSession::new(session_config(cfg, false));
-    let mut conn = Conn {
+    let options = ConnectionOptions {
+        tls: cfg.tls.as_ref().map(|t| t.acceptor.clone()),
+        idle_timeout: None,
+    };
+    let mut policy = SinkPolicy {
         shared: Arc::clone(&shared),
         peer,
         local,
-        out: Vec::new(),
-        data: Vec::new(),
         messages: 0,
         stalled: cfg.stall_after_messages == Some(0),
         tls: None,
+        guard,
     };
-    session.greeting().encode(&mut conn.out);
-    stream.write_all(&conn.out).await?;
-    conn.out.clear();
-
-    // The one read buffer for the connection's life. It never holds more
-    // than a command line plus one read, because DATA bytes are consumed as
-    // they arrive and over-long lines are discarded.
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut discarding = false;
-    loop {
-        let mut pos = 0;
-        let mut next = Next::Continue;
-        while next == Next::Continue && !conn.stalled {
-            if session.is_receiving_data() {
-                if pos == buf.len() {
-                    break;
-                }
-                let (used, action) = session.handle_data(&buf[pos..], &mut conn.data);
-                pos += used;
-                let limit = cfg.max_message_size;
-                if !cfg.capture || (limit > 0 && conn.data.len() as u64 > limit) {
-                    // The session counts the size itself; the bytes are only
-                    // needed for capture, and never beyond the limit.
-                    conn.data.clear();
-                }
-                match action {
-                    Some(action) => next = conn.apply(&mut session, action).await,
-                    None => break,
-                }
-            } else if discarding {
-                match buf[pos..].iter().position(|&b| b == b'\n') {
-                    Some(i) => {
-                        pos += i + 1;
-                        discarding = false;
-                    }
-                    None => {
-                        pos = buf.len();
-                        break;
-                    }
-                }
-            } else {
-                let action = match take_line(&buf[pos..], MAX_COMMAND_LINE) {
-                    Ok(Some((line, used))) => {
-                        let action = session.handle_line(line);
-                        pos += used;
-                        action
-                    }
-                    Ok(None) => break,
-                    Err(_) => {
-                        // Drop the rest of the over-long line as it arrives.
-                        discarding = true;
-                        pos = buf.len();
-                        session.line_too_long()
-                    }
-                };
-                next = conn.apply(&mut session, action).await;
-            }
-        }
-        buf.drain(..pos);
-        if conn.stalled {
-            buf.clear();
-        }
-        if !conn.out.is_empty() {
-            stream.write_all(&conn.out).await?;
-            stream.flush().await?;
-            conn.out.clear();
-        }
-        match next {
-            Next::Continue => {}
-            Next::Close => {
-                let _ = stream.shutdown().await;
-                return Ok(());
-            }
-            Next::StartTls => {
-                if !buf.is_empty() {
-                    // Sent before the handshake, so not protected by it: executing
-                    // them would let a man in the middle inject commands.
-                    tracing::debug!(%peer, bytes = buf.len(), "discarding bytes pipelined after STARTTLS");
-                    conn.shared
-                        .counters
-                        .discarded_after_starttls
-                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    buf.clear();
-                }
-                let (Stream::Plain(tcp), Some(tls)) = (stream, &cfg.tls) else {
-                    return Err(io::Error::other("STARTTLS inside TLS"));
-                };
-                let tls_stream = tls.acceptor.accept(tcp).await?;
-                let (_, connection) = tls_stream.get_ref();
-                conn.tls = Some(describe_tls(connection));
-                bump(&conn.shared.counters.tls_handshakes);
-                stream = Stream::Tls(Box::new(tls_stream));
-                // A fresh session forgets everything said before TLS, as
-                // ServerSession::tls_established does, and also stops
-                // advertising STARTTLS, which tls_established cannot.
-                session = ServerSession::new(session_config(cfg, true));
-                let _ = session.greeting();
-                discarding = false;
-            }
-        }
-        let start = buf.len();
-        buf.resize(start + READ_CHUNK, 0);
-        let n = stream.read(&mut buf[start..]).await?;
-        buf.truncate(start + n);
-        if n == 0 {
-            return Ok(());
-        }
-    }
+    serve_connection(tcp, &options, &mut policy).await
 }

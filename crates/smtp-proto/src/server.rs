@@ -33,6 +33,11 @@
 //! assert!(wire.ends_with(b"221 2.0.0 localhost closing connection\r\n"));
 //! ```
 //!
+//! AUTH (RFC 4954, mechanisms PLAIN and LOGIN) is a sub-dialogue: after a
+//! `334` challenge the next lines are base64 responses, which the session
+//! decodes itself before handing the credentials over as an [`Event::Auth`]
+//! decision. Whether the credentials are good is the caller's business.
+//!
 //! Pipelining needs nothing special: process the buffered lines in order,
 //! answering each decision before handling the next line, and flush the
 //! collected replies once the buffer holds no further complete line.
@@ -55,7 +60,13 @@ pub struct ServerConfig {
     pub max_recipients: usize,
     /// After this many erroneous commands the session closes with `421`, so
     /// a client sending garbage cannot keep a connection busy forever.
+    /// Failed AUTH attempts count as errors, which bounds password guessing
+    /// per connection.
     pub max_errors: u32,
+    /// AUTH (mechanisms in `capabilities.auth`; PLAIN and LOGIN are
+    /// implemented) is refused with `538 5.7.11` and not advertised: set it
+    /// while the connection is unencrypted and passwords must not cross it.
+    pub auth_requires_tls: bool,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +83,7 @@ impl Default for ServerConfig {
             },
             max_recipients: 1000,
             max_errors: 20,
+            auth_requires_tls: false,
         }
     }
 }
@@ -92,6 +104,9 @@ pub enum SessionState {
     /// Between the 354 reply and the final dot: feed bytes to
     /// [`ServerSession::handle_data`].
     ReceivingData,
+    /// After a `334` AUTH challenge: the next line is the client's base64
+    /// response (or `*` to cancel), not a command.
+    ExpectAuthResponse,
     /// QUIT, a `421` or too many errors: nothing more will be accepted.
     Closed,
 }
@@ -123,6 +138,20 @@ pub enum Event {
         recipients: Vec<String>,
         /// Unstuffed message size in octets.
         size: u64,
+    },
+    /// The client completed an AUTH exchange; check the credentials and
+    /// answer `235 2.7.0` (the session is then authenticated) or
+    /// `535 5.7.8`. The password is in clear: never log this event.
+    Auth {
+        /// `PLAIN` or `LOGIN`.
+        mechanism: String,
+        /// The identity to act as (PLAIN's authzid); usually empty, meaning
+        /// the same as `username`.
+        authorization_id: String,
+        /// The authentication identity.
+        username: String,
+        /// The password.
+        password: String,
     },
 }
 
@@ -193,7 +222,21 @@ pub struct ServerSession {
     receiver: DataReceiver,
     data_size: u64,
     errors: u32,
+    auth_step: Option<AuthStep>,
+    authenticated: Option<String>,
 }
+
+/// Where an AUTH exchange is, while in [`SessionState::ExpectAuthResponse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthStep {
+    Plain,
+    LoginUsername,
+    LoginPassword { username: String },
+}
+
+/// `Username:` and `Password:`, base64, the challenges of the LOGIN mechanism.
+const LOGIN_USERNAME: &str = "VXNlcm5hbWU6";
+const LOGIN_PASSWORD: &str = "UGFzc3dvcmQ6";
 
 impl ServerSession {
     /// A session that has not yet sent its banner.
@@ -207,6 +250,8 @@ impl ServerSession {
             receiver: DataReceiver::new(),
             data_size: 0,
             errors: 0,
+            auth_step: None,
+            authenticated: None,
         }
     }
 
@@ -241,6 +286,12 @@ impl ServerSession {
     /// The accepted recipients of the current transaction.
     pub fn recipients(&self) -> &[String] {
         &self.recipients
+    }
+
+    /// The user name of a successful AUTH on this connection (kept across
+    /// EHLO and RSET, forgotten at STARTTLS).
+    pub fn authenticated(&self) -> Option<&str> {
+        self.authenticated.as_deref()
     }
 
     /// Whether bytes must go to [`ServerSession::handle_data`] rather than
@@ -308,6 +359,7 @@ impl ServerSession {
             SessionState::ExpectGreeting => {
                 return self.error(bad_sequence("Bad sequence: wait for the greeting"))
             }
+            SessionState::ExpectAuthResponse => return self.auth_response(line),
             _ => {}
         }
         let command = match Command::parse(line) {
@@ -326,7 +378,13 @@ impl ServerSession {
                 self.helo = Some(name.clone());
                 self.state = S::ExpectMail;
                 let mut lines = vec![format!("{host} greets {name}")];
-                lines.extend(self.config.capabilities.to_ehlo_lines());
+                if self.config.auth_requires_tls && !self.config.capabilities.auth.is_empty() {
+                    let mut caps = self.config.capabilities.clone();
+                    caps.auth.clear();
+                    lines.extend(caps.to_ehlo_lines());
+                } else {
+                    lines.extend(self.config.capabilities.to_ehlo_lines());
+                }
                 Action::Reply(Reply {
                     code: 250,
                     enhanced: None,
@@ -366,7 +424,10 @@ impl ServerSession {
                 }
                 Action::StartTls(Reply::new(220, ec(2, 0, 0), "Ready to start TLS"))
             }
-            Command::Auth { .. } => self.error(Reply::new(502, ec(5, 5, 1), "AUTH not available")),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.start_auth(&mechanism, initial_response.as_deref()),
             Command::Bdat { .. } => {
                 // The chunk bytes follow the command unannounced; without
                 // CHUNKING support they would be read as commands, so the only
@@ -490,6 +551,17 @@ impl ServerSession {
                 }
             }
             Event::DataEnd { .. } => self.reset_transaction(),
+            Event::Auth { username, .. } => {
+                self.auth_step = None;
+                if self.state == SessionState::ExpectAuthResponse {
+                    self.state = SessionState::ExpectMail;
+                }
+                if positive {
+                    self.authenticated = Some(username);
+                } else if reply.code != 421 {
+                    return self.error(reply);
+                }
+            }
         }
         if reply.code == 421 {
             self.state = SessionState::Closed;
@@ -550,10 +622,142 @@ impl ServerSession {
     /// send EHLO again.
     pub fn tls_established(&mut self) {
         self.helo = None;
+        self.authenticated = None;
+        self.auth_step = None;
         self.sender = None;
         self.recipients.clear();
         self.state = SessionState::ExpectHelo;
     }
+}
+
+impl ServerSession {
+    fn start_auth(&mut self, mechanism: &str, initial_response: Option<&str>) -> Action {
+        use SessionState as S;
+        if self.config.capabilities.auth.is_empty() {
+            return self.error(Reply::new(502, ec(5, 5, 1), "AUTH not available"));
+        }
+        match self.state {
+            S::ExpectMail => {}
+            S::ExpectHelo => return self.error(bad_sequence("Bad sequence: send EHLO first")),
+            _ => {
+                return self.error(bad_sequence(
+                    "Bad sequence: AUTH not permitted during a mail transaction",
+                ))
+            }
+        }
+        if self.authenticated.is_some() {
+            return self.error(bad_sequence("Already authenticated"));
+        }
+        if self.config.auth_requires_tls {
+            return self.error(Reply::new(
+                538,
+                ec(5, 7, 11),
+                "Encryption required for requested authentication mechanism",
+            ));
+        }
+        let mechanism = mechanism.to_ascii_uppercase();
+        let offered = self.config.capabilities.auth.contains(&mechanism);
+        let step = match mechanism.as_str() {
+            "PLAIN" if offered => AuthStep::Plain,
+            "LOGIN" if offered => AuthStep::LoginUsername,
+            _ => {
+                return self.error(Reply::new(
+                    504,
+                    ec(5, 5, 4),
+                    "Unrecognized authentication type",
+                ))
+            }
+        };
+        self.state = S::ExpectAuthResponse;
+        self.auth_step = Some(step);
+        match initial_response {
+            // "=" is an initial response of zero length (RFC 4954 §4).
+            Some(ir) => self.auth_response(ir.as_bytes()),
+            None => {
+                let challenge = if mechanism == "PLAIN" {
+                    ""
+                } else {
+                    LOGIN_USERNAME
+                };
+                Action::Reply(Reply::new(334, None, challenge))
+            }
+        }
+    }
+
+    /// One base64 line of an AUTH exchange.
+    fn auth_response(&mut self, line: &[u8]) -> Action {
+        let step = self.auth_step.take();
+        self.state = SessionState::ExpectMail;
+        let line = line.trim_ascii();
+        if line == b"*" {
+            return self.error(Reply::new(501, ec(5, 7, 0), "Authentication cancelled"));
+        }
+        let Some(decoded) = decode_base64(line).and_then(|d| String::from_utf8(d).ok()) else {
+            return self.error(Reply::new(501, ec(5, 5, 2), "Invalid base64 data"));
+        };
+        let (mechanism, authorization_id, username, password) = match step {
+            Some(AuthStep::Plain) => {
+                let mut parts = decoded.splitn(3, '\0');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(z), Some(u), Some(p)) => {
+                        ("PLAIN", z.to_owned(), u.to_owned(), p.to_owned())
+                    }
+                    _ => {
+                        return self.error(Reply::new(501, ec(5, 5, 2), "Malformed PLAIN response"))
+                    }
+                }
+            }
+            Some(AuthStep::LoginUsername) => {
+                self.state = SessionState::ExpectAuthResponse;
+                self.auth_step = Some(AuthStep::LoginPassword { username: decoded });
+                return Action::Reply(Reply::new(334, None, LOGIN_PASSWORD));
+            }
+            Some(AuthStep::LoginPassword { username }) => {
+                ("LOGIN", String::new(), username, decoded)
+            }
+            None => return self.error(bad_sequence("Bad sequence: no AUTH in progress")),
+        };
+        Action::Decide(Decision {
+            event: Event::Auth {
+                mechanism: mechanism.to_owned(),
+                authorization_id,
+                username,
+                password,
+            },
+        })
+    }
+}
+
+/// Standard base64 (RFC 4648 §4), padding optional; `None` if malformed.
+fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let trimmed = match input {
+        [rest @ .., b'=', b'='] | [rest @ .., b'='] => rest,
+        all => all,
+    };
+    if trimmed.len() % 4 == 1 || (input.len() != trimmed.len() && input.len() % 4 != 0) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(trimmed.len() / 4 * 3 + 2);
+    for chunk in trimmed.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            acc = (acc << 6) | value(c)?;
+        }
+        acc <<= 6 * (4 - chunk.len() as u32);
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
 }
 
 fn unsupported_param(key: &str) -> Reply {

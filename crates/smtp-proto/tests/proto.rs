@@ -921,7 +921,7 @@ mod props {
 
 mod server_session {
     use smtp_proto::server::{Action, Event, ServerConfig, ServerSession, SessionState};
-    use smtp_proto::{Capabilities, Reply};
+    use smtp_proto::{Capabilities, EnhancedCode, Reply};
 
     fn ok() -> Reply {
         Reply::new(250, None, "OK")
@@ -1157,5 +1157,220 @@ mod server_session {
         let mut s = greeted();
         let _ = step(&mut s, "EHLO c", ok());
         assert!(matches!(s.handle_line(b"BDAT 10 LAST"), Action::Close(r) if r.code == 502));
+    }
+
+    // ----------------------------------------------------------------- AUTH
+
+    fn auth_session(requires_tls: bool) -> ServerSession {
+        let mut s = ServerSession::new(ServerConfig {
+            hostname: "mx.test".into(),
+            capabilities: Capabilities {
+                auth: vec!["PLAIN".into(), "LOGIN".into()],
+                ..ServerConfig::default().capabilities
+            },
+            auth_requires_tls: requires_tls,
+            ..ServerConfig::default()
+        });
+        let _ = s.greeting();
+        s
+    }
+
+    fn ehlo_lines(s: &mut ServerSession) -> Vec<String> {
+        match s.handle_line(b"EHLO c.test") {
+            Action::Reply(r) => r.lines,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn expect_auth(action: Action) -> (smtp_proto::server::Decision, Event) {
+        match action {
+            Action::Decide(d) => {
+                let event = d.event().clone();
+                (d, event)
+            }
+            other => panic!("expected an AUTH decision, got {other:?}"),
+        }
+    }
+
+    fn auth_event(mechanism: &str, authzid: &str, user: &str, password: &str) -> Event {
+        Event::Auth {
+            mechanism: mechanism.into(),
+            authorization_id: authzid.into(),
+            username: user.into(),
+            password: password.into(),
+        }
+    }
+
+    fn success() -> Reply {
+        Reply::new(
+            235,
+            Some(EnhancedCode::new(2, 7, 0)),
+            "Authentication successful",
+        )
+    }
+
+    fn failure() -> Reply {
+        Reply::new(
+            535,
+            Some(EnhancedCode::new(5, 7, 8)),
+            "Authentication credentials invalid",
+        )
+    }
+
+    #[test]
+    fn auth_is_advertised_only_when_configured_and_allowed() {
+        let mut plain = greeted();
+        assert!(!ehlo_lines(&mut plain).iter().any(|l| l.starts_with("AUTH")));
+        assert_eq!(code(&plain.handle_line(b"AUTH PLAIN AGEAYg==")), 502);
+
+        let mut s = auth_session(false);
+        assert!(ehlo_lines(&mut s).contains(&"AUTH PLAIN LOGIN".to_string()));
+
+        let mut s = auth_session(true);
+        assert!(!ehlo_lines(&mut s).iter().any(|l| l.starts_with("AUTH")));
+        let a = s.handle_line(b"AUTH PLAIN AHVzZXIAc2VjcmV0");
+        let r = a.reply().expect("reply");
+        assert_eq!(r.code, 538);
+        assert_eq!(r.enhanced, Some(EnhancedCode::new(5, 7, 11)));
+        assert_eq!(s.authenticated(), None);
+    }
+
+    #[test]
+    fn auth_plain_with_initial_response() {
+        let mut s = auth_session(false);
+        let _ = ehlo_lines(&mut s);
+        // "\0user\0secret"
+        let (d, event) = expect_auth(s.handle_line(b"AUTH PLAIN AHVzZXIAc2VjcmV0"));
+        assert_eq!(event, auth_event("PLAIN", "", "user", "secret"));
+        let a = s.decide(d, success());
+        assert_eq!(code(&a), 235);
+        assert_eq!(s.authenticated(), Some("user"));
+        assert_eq!(s.state(), SessionState::ExpectMail);
+        // Authentication survives EHLO and RSET, and cannot be repeated.
+        let _ = ehlo_lines(&mut s);
+        assert_eq!(code(&s.handle_line(b"RSET")), 250);
+        assert_eq!(s.authenticated(), Some("user"));
+        let again = s.handle_line(b"AUTH PLAIN AHVzZXIAc2VjcmV0");
+        assert_eq!(code(&again), 503);
+        // MAIL works afterwards, with the AUTH parameter accepted.
+        assert_eq!(
+            code(&step(&mut s, "MAIL FROM:<a@b.test> AUTH=<>", ok())),
+            250
+        );
+    }
+
+    #[test]
+    fn auth_plain_with_challenge_and_authzid() {
+        let mut s = auth_session(false);
+        let _ = ehlo_lines(&mut s);
+        let challenge = s.handle_line(b"AUTH plain");
+        assert!(
+            matches!(&challenge, Action::Reply(r) if r.code == 334),
+            "{challenge:?}"
+        );
+        let mut wire = Vec::new();
+        challenge.reply().expect("reply").encode(&mut wire);
+        assert_eq!(wire, b"334 \r\n");
+        assert_eq!(s.state(), SessionState::ExpectAuthResponse);
+        // "admin\0user\0pw" without padding.
+        let (d, event) = expect_auth(s.handle_line(b"YWRtaW4AdXNlcgBwdw"));
+        assert_eq!(event, auth_event("PLAIN", "admin", "user", "pw"));
+        assert_eq!(code(&s.decide(d, success())), 235);
+    }
+
+    #[test]
+    fn auth_login_two_challenges() {
+        let mut s = auth_session(false);
+        let _ = ehlo_lines(&mut s);
+        let a = s.handle_line(b"AUTH LOGIN");
+        assert!(
+            matches!(&a, Action::Reply(r) if r.code == 334 && r.text() == "VXNlcm5hbWU6"),
+            "{a:?}"
+        );
+        let a = s.handle_line(b"dXNlcg==");
+        assert!(
+            matches!(&a, Action::Reply(r) if r.code == 334 && r.text() == "UGFzc3dvcmQ6"),
+            "{a:?}"
+        );
+        let (d, event) = expect_auth(s.handle_line(b"c2VjcmV0"));
+        assert_eq!(event, auth_event("LOGIN", "", "user", "secret"));
+        assert_eq!(code(&s.decide(d, success())), 235);
+        assert_eq!(s.authenticated(), Some("user"));
+
+        // LOGIN with the user name as initial response skips the first challenge.
+        let mut s = auth_session(false);
+        let _ = ehlo_lines(&mut s);
+        let a = s.handle_line(b"AUTH LOGIN dXNlcg==");
+        assert!(
+            matches!(&a, Action::Reply(r) if r.text() == "UGFzc3dvcmQ6"),
+            "{a:?}"
+        );
+        let (_d, event) = expect_auth(s.handle_line(b"c2VjcmV0"));
+        assert_eq!(event, auth_event("LOGIN", "", "user", "secret"));
+    }
+
+    #[test]
+    fn auth_failure_cancel_and_garbage() {
+        let mut s = auth_session(false);
+        let _ = ehlo_lines(&mut s);
+        let (d, _) = expect_auth(s.handle_line(b"AUTH PLAIN AHVzZXIAd3Jvbmc="));
+        let a = s.decide(d, failure());
+        let r = a.reply().expect("reply");
+        assert_eq!(
+            (r.code, r.enhanced),
+            (535, Some(EnhancedCode::new(5, 7, 8)))
+        );
+        assert_eq!(s.authenticated(), None);
+        assert_eq!(s.state(), SessionState::ExpectMail);
+
+        // "*" cancels; the next line is a command again.
+        assert_eq!(code(&s.handle_line(b"AUTH LOGIN")), 334);
+        assert_eq!(code(&s.handle_line(b"*")), 501);
+        assert_eq!(code(&s.handle_line(b"NOOP")), 250);
+
+        // Not base64, not three PLAIN fields, unknown mechanism.
+        assert_eq!(code(&s.handle_line(b"AUTH PLAIN !!!!")), 501);
+        assert_eq!(code(&s.handle_line(b"AUTH PLAIN dXNlcg==")), 501);
+        assert_eq!(code(&s.handle_line(b"AUTH CRAM-MD5")), 504);
+        assert_eq!(s.state(), SessionState::ExpectMail);
+    }
+
+    #[test]
+    fn auth_sequencing() {
+        let mut s = auth_session(false);
+        assert_eq!(code(&s.handle_line(b"AUTH PLAIN AHVzZXIAc2VjcmV0")), 503);
+        let _ = ehlo_lines(&mut s);
+        assert_eq!(code(&step(&mut s, "MAIL FROM:<a@b.test>", ok())), 250);
+        assert_eq!(code(&s.handle_line(b"AUTH PLAIN AHVzZXIAc2VjcmV0")), 503);
+    }
+
+    #[test]
+    fn failed_auth_counts_as_an_error() {
+        let mut s = ServerSession::new(ServerConfig {
+            capabilities: Capabilities {
+                auth: vec!["PLAIN".into()],
+                ..Capabilities::default()
+            },
+            max_errors: 2,
+            ..ServerConfig::default()
+        });
+        let _ = s.greeting();
+        let _ = ehlo_lines(&mut s);
+        let (d, _) = expect_auth(s.handle_line(b"AUTH PLAIN AHUAcA=="));
+        assert_eq!(code(&s.decide(d, failure())), 535);
+        let (d, _) = expect_auth(s.handle_line(b"AUTH PLAIN AHUAcA=="));
+        let a = s.decide(d, failure());
+        assert!(matches!(a, Action::Close(r) if r.code == 421));
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn starttls_forgets_authentication() {
+        let mut s = auth_session(false);
+        let _ = ehlo_lines(&mut s);
+        let (d, _) = expect_auth(s.handle_line(b"AUTH PLAIN AHVzZXIAc2VjcmV0"));
+        let _ = s.decide(d, success());
+        s.tls_established();
+        assert_eq!(s.authenticated(), None);
     }
 }

@@ -1,0 +1,450 @@
+//! The async connection driver shared by every SMTP server in the workspace.
+//!
+//! [`smtp_proto::server::ServerSession`] knows the dialogue but never touches a
+//! socket; [`serve_connection`] is the socket loop around it, and a [`Policy`]
+//! answers the questions the session cannot answer itself (accept this sender?
+//! this recipient? this message?). The sink and Drover's SMTP injection
+//! listener are both a `Policy` plus an accept loop.
+//!
+//! What the driver guarantees, so that no policy has to get it right again:
+//!
+//! - One read buffer for the connection's whole life. It never holds more than
+//!   a command line plus one read, because message bytes are consumed as they
+//!   arrive and over-long command lines are discarded up to their line end
+//!   (answered with the session's `500 5.5.2`).
+//! - Pipelined commands are answered in order, and every reply produced from
+//!   the bytes already buffered goes out in one write.
+//! - Message bytes are unstuffed into a buffer that is handed to
+//!   [`Policy::decide`] at the final dot, and never grows beyond the
+//!   advertised SIZE.
+//! - STARTTLS (when [`ConnectionOptions::tls`] is set) upgrades the socket with
+//!   rustls. Bytes the client pipelined after STARTTLS are discarded, never
+//!   executed: they arrived in plaintext and must not pass for commands sent
+//!   over TLS (RFC 3207 §6). After the handshake the dialogue restarts with a
+//!   fresh session built from [`Policy::session_config`] with `tls_active`
+//!   set, so nothing learned before TLS survives and STARTTLS is no longer
+//!   offered.
+//!
+//! ```no_run
+//! use sink::server::{serve_connection, ConnectionOptions, Policy};
+//! use smtp_proto::server::{Event, ServerConfig, ServerSession};
+//! use smtp_proto::Reply;
+//!
+//! struct AcceptAll;
+//!
+//! impl Policy for AcceptAll {
+//!     fn session_config(&self, _tls_active: bool) -> ServerConfig {
+//!         ServerConfig::default()
+//!     }
+//!
+//!     async fn decide(
+//!         &mut self,
+//!         _session: &ServerSession,
+//!         _event: &Event,
+//!         data: &mut Vec<u8>,
+//!     ) -> Option<Reply> {
+//!         data.clear();
+//!         Some(Reply::new(250, None, "OK"))
+//!     }
+//! }
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let (tcp, _peer) = listener.accept().await?;
+//! serve_connection(tcp, &ConnectionOptions::default(), &mut AcceptAll).await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use smtp_proto::server::{Action, Event, ServerConfig, ServerSession};
+use smtp_proto::{take_line, EnhancedCode, Reply, MAX_COMMAND_LINE};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+pub use tokio_rustls::TlsAcceptor;
+
+/// How much the read buffer grows by for each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What a server decides; the driver does the rest.
+///
+/// Implementations may write `async fn decide` (and `async fn before_reply`);
+/// the returned futures must be `Send` so connections can be spawned.
+pub trait Policy: Send {
+    /// The session settings: host name, advertised extensions (SIZE is also
+    /// the limit the driver enforces), AUTH. Called once for the plaintext
+    /// session and again with `tls_active` after a STARTTLS handshake.
+    fn session_config(&self, tls_active: bool) -> ServerConfig;
+
+    /// Answers one policy question. `data` holds the unstuffed message at
+    /// [`Event::DataEnd`] (empty unless [`Policy::keep_data`]); the policy may
+    /// take it, and the driver clears whatever is left afterwards.
+    ///
+    /// `None` drops the connection without a reply.
+    fn decide(
+        &mut self,
+        session: &ServerSession,
+        event: &Event,
+        data: &mut Vec<u8>,
+    ) -> impl Future<Output = Option<Reply>> + Send;
+
+    /// Whether message bytes are collected for [`Policy::decide`]; a policy
+    /// that only counts messages saves the copy.
+    fn keep_data(&self) -> bool {
+        true
+    }
+
+    /// Runs before each reply is queued (not before the banner): the sink's
+    /// artificial latency.
+    fn before_reply(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
+    /// While true, the connection stays open but every byte read is ignored
+    /// and nothing is answered: the sink's stalled server.
+    fn is_stalled(&self) -> bool {
+        false
+    }
+
+    /// The STARTTLS handshake succeeded; `tls` is `protocol:cipher`, e.g.
+    /// `TLSv1.3:TLS13_AES_256_GCM_SHA384`.
+    fn tls_established(&mut self, tls: &str) {
+        let _ = tls;
+    }
+
+    /// The client pipelined `bytes` bytes after STARTTLS; they were discarded.
+    fn discarded_after_starttls(&mut self, bytes: usize) {
+        let _ = bytes;
+    }
+
+    /// The server is about to send its last reply and close: called before the client can
+    /// see the close, so a count of open connections drops before the client can open its
+    /// next one.
+    fn closing(&mut self) {}
+}
+
+/// Transport settings of [`serve_connection`].
+#[derive(Clone, Default)]
+pub struct ConnectionOptions {
+    /// Offer STARTTLS with this acceptor. The policy must also advertise it
+    /// (`capabilities.starttls` while not `tls_active`); if it does without an
+    /// acceptor here, STARTTLS is answered `454 4.7.0`.
+    pub tls: Option<TlsAcceptor>,
+    /// Close the connection when the client sends nothing for this long
+    /// (RFC 5321 §4.5.3.2 suggests 5 minutes); `None`: wait forever.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for ConnectionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionOptions")
+            .field("tls", &self.tls.is_some())
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
+}
+
+/// What the connection loop does after handling one action.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    /// Flush the pending replies, then close.
+    Close,
+    /// Flush the pending replies, then do the TLS handshake.
+    StartTls,
+}
+
+/// The connection, before or after STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// `protocol:cipher` of a finished server handshake.
+pub fn describe_tls(connection: &rustls::ServerConnection) -> String {
+    let protocol = match connection.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        other => format!("{other:?}"),
+    };
+    let cipher = connection
+        .negotiated_cipher_suite()
+        .map(|s| {
+            let suite = s.suite();
+            suite
+                .as_str()
+                .map_or_else(|| format!("{suite:?}"), str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("{protocol}:{cipher}")
+}
+
+/// The per-connection state the loop threads through policy calls.
+struct Driver<'a, P: Policy> {
+    policy: &'a mut P,
+    tls_available: bool,
+    tls_active: bool,
+    /// Replies not yet written.
+    out: Vec<u8>,
+    /// Unstuffed bytes of the message being received.
+    data: Vec<u8>,
+}
+
+impl<P: Policy> Driver<'_, P> {
+    async fn push(&mut self, reply: &Reply) {
+        self.policy.before_reply().await;
+        reply.encode(&mut self.out);
+    }
+
+    async fn apply(&mut self, session: &mut ServerSession, mut action: Action) -> Next {
+        loop {
+            match action {
+                Action::Reply(r) | Action::StartData(r) => {
+                    self.push(&r).await;
+                    return Next::Continue;
+                }
+                Action::StartTls(r) if self.tls_available && !self.tls_active => {
+                    self.push(&r).await;
+                    return Next::StartTls;
+                }
+                // Only reachable if the session offered STARTTLS we cannot do.
+                Action::StartTls(_) => {
+                    let reply =
+                        Reply::new(454, Some(EnhancedCode::new(4, 7, 0)), "TLS not available");
+                    self.push(&reply).await;
+                    return Next::Continue;
+                }
+                Action::Close(r) => {
+                    self.push(&r).await;
+                    return Next::Close;
+                }
+                Action::Decide(decision) => {
+                    let is_data_end = matches!(decision.event(), Event::DataEnd { .. });
+                    let reply = self
+                        .policy
+                        .decide(session, decision.event(), &mut self.data)
+                        .await;
+                    if is_data_end {
+                        self.data.clear();
+                    }
+                    match reply {
+                        Some(reply) => action = session.decide(decision, reply),
+                        None => return Next::Close,
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn read_more(
+    stream: &mut Stream,
+    buf: &mut Vec<u8>,
+    idle_timeout: Option<Duration>,
+) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let read = stream.read(&mut buf[start..]);
+    let n = match idle_timeout {
+        Some(limit) => match tokio::time::timeout(limit, read).await {
+            Ok(n) => n,
+            Err(_) => {
+                buf.truncate(start);
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "client idle"));
+            }
+        },
+        None => read.await,
+    };
+    match n {
+        Ok(n) => {
+            buf.truncate(start + n);
+            Ok(n)
+        }
+        Err(e) => {
+            buf.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+/// Serves one SMTP connection until the client quits, the policy hangs up,
+/// the session closes or the socket fails; see the [module documentation](self).
+///
+/// Sends the banner first, so a policy that wants to delay it sleeps before
+/// calling this. Returns `Ok` when the dialogue ended normally (QUIT, a
+/// `421`, the client closing) and the I/O error otherwise, including a failed
+/// TLS handshake and [`io::ErrorKind::TimedOut`] after
+/// [`ConnectionOptions::idle_timeout`].
+pub async fn serve_connection<P: Policy>(
+    tcp: TcpStream,
+    options: &ConnectionOptions,
+    policy: &mut P,
+) -> io::Result<()> {
+    let mut stream = Stream::Plain(tcp);
+    let mut session = ServerSession::new(policy.session_config(false));
+    let mut driver = Driver {
+        policy,
+        tls_available: options.tls.is_some(),
+        tls_active: false,
+        out: Vec::new(),
+        data: Vec::new(),
+    };
+    session.greeting().encode(&mut driver.out);
+    stream.write_all(&driver.out).await?;
+    driver.out.clear();
+
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut discarding = false;
+    loop {
+        let mut pos = 0;
+        let mut next = Next::Continue;
+        while next == Next::Continue && !driver.policy.is_stalled() {
+            if session.is_receiving_data() {
+                if pos == buf.len() {
+                    break;
+                }
+                let (used, action) = session.handle_data(&buf[pos..], &mut driver.data);
+                pos += used;
+                let limit = session.config().capabilities.size.filter(|&n| n > 0);
+                if !driver.policy.keep_data()
+                    || limit.is_some_and(|limit| driver.data.len() as u64 > limit)
+                {
+                    // The session counts the size itself; the bytes are only
+                    // needed by the policy, and never beyond the limit.
+                    driver.data.clear();
+                }
+                match action {
+                    Some(action) => next = driver.apply(&mut session, action).await,
+                    None => break,
+                }
+            } else if discarding {
+                match buf[pos..].iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        pos += i + 1;
+                        discarding = false;
+                    }
+                    None => {
+                        pos = buf.len();
+                        break;
+                    }
+                }
+            } else {
+                let action = match take_line(&buf[pos..], MAX_COMMAND_LINE) {
+                    Ok(Some((line, used))) => {
+                        let action = session.handle_line(line);
+                        pos += used;
+                        action
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        // Drop the rest of the over-long line as it arrives.
+                        discarding = true;
+                        pos = buf.len();
+                        session.line_too_long()
+                    }
+                };
+                next = driver.apply(&mut session, action).await;
+            }
+        }
+        buf.drain(..pos);
+        if driver.policy.is_stalled() {
+            buf.clear();
+        }
+        if next == Next::Close {
+            driver.policy.closing();
+        }
+        if !driver.out.is_empty() {
+            stream.write_all(&driver.out).await?;
+            stream.flush().await?;
+            driver.out.clear();
+        }
+        match next {
+            Next::Continue => {}
+            Next::Close => {
+                let _ = stream.shutdown().await;
+                return Ok(());
+            }
+            Next::StartTls => {
+                if !buf.is_empty() {
+                    // Sent before the handshake, so not protected by it: executing
+                    // them would let a man in the middle inject commands.
+                    tracing::debug!(
+                        bytes = buf.len(),
+                        "discarding bytes pipelined after STARTTLS"
+                    );
+                    driver.policy.discarded_after_starttls(buf.len());
+                    buf.clear();
+                }
+                let (Stream::Plain(tcp), Some(acceptor)) = (stream, &options.tls) else {
+                    return Err(io::Error::other("STARTTLS inside TLS"));
+                };
+                let tls_stream = acceptor.accept(tcp).await?;
+                let (_, connection) = tls_stream.get_ref();
+                driver.policy.tls_established(&describe_tls(connection));
+                driver.tls_active = true;
+                stream = Stream::Tls(Box::new(tls_stream));
+                // A fresh session forgets everything said before TLS, as
+                // ServerSession::tls_established does, and also stops
+                // advertising STARTTLS, which tls_established cannot.
+                session = ServerSession::new(driver.policy.session_config(true));
+                let _ = session.greeting();
+                discarding = false;
+            }
+        }
+        // A stalled server keeps the socket but must not time out the client
+        // on its own, so the idle limit applies only while answering.
+        let idle = if driver.policy.is_stalled() {
+            None
+        } else {
+            options.idle_timeout
+        };
+        if read_more(&mut stream, &mut buf, idle).await? == 0 {
+            return Ok(());
+        }
+    }
+}

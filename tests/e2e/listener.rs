@@ -1,0 +1,527 @@
+//! The SMTP injection listener: mail submitted over SMTP is queued, recorded and delivered
+//! like mail from the inject API, and refused when it must be.
+
+use crate::harness::*;
+use connection_pool::{ConnectOptions, Envelope, SmtpClient, TlsFailureMemory, TlsMode};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const MESSAGE: &str = "From: News <news@example.com>\r\nTo: list@example.test\r\nSubject: over SMTP\r\nX-Campaign: smtp-camp\r\nX-Tenant: smtp-tenant\r\n\r\nHello from SMTP.\r\n.. a stuffed line\r\n";
+
+fn smtp_addr(engine: &TestEngine) -> SocketAddr {
+    engine.running.as_ref().unwrap().smtp_addr.unwrap()
+}
+
+fn client_options(addr: SocketAddr, tls: TlsMode) -> ConnectOptions {
+    ConnectOptions {
+        tls,
+        tls_failures: TlsFailureMemory::default(),
+        ..ConnectOptions::new("localhost", addr, "client.test")
+    }
+}
+
+/// A line-level SMTP client for what the real client will not send.
+struct Raw {
+    reader: BufReader<TcpStream>,
+}
+
+impl Raw {
+    async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut raw = Raw {
+            reader: BufReader::new(stream),
+        };
+        let (code, _) = raw.reply().await;
+        assert_eq!(code, 220);
+        raw
+    }
+
+    /// One (possibly multi-line) reply: the code and every line's text, joined by `\n`.
+    async fn reply(&mut self) -> (u16, String) {
+        let mut text = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(10), self.reader.read_line(&mut line))
+                .await
+                .expect("reply in time")
+                .unwrap();
+            assert!(n > 0, "connection closed while waiting for a reply");
+            let code: u16 = line[..3].parse().unwrap();
+            text.push(line[4..].trim_end().to_owned());
+            if line.as_bytes()[3] == b' ' {
+                return (code, text.join("\n"));
+            }
+        }
+    }
+
+    async fn send(&mut self, data: &str) {
+        self.reader
+            .get_mut()
+            .write_all(data.as_bytes())
+            .await
+            .unwrap();
+    }
+
+    async fn cmd(&mut self, line: &str) -> (u16, String) {
+        self.send(&format!("{line}\r\n")).await;
+        self.reply().await
+    }
+}
+
+fn receptions(engine: &TestEngine) -> Vec<Value> {
+    records(&engine.accounting_path())
+        .into_iter()
+        .filter(|r| r["type"] == "Reception")
+        .collect()
+}
+
+/// Ids from `250 2.0.0 Ok: queued as ID [ID...]`.
+fn queued_ids(text: &str) -> Vec<String> {
+    let (_, ids) = text.split_once("queued as ").expect("queued as");
+    ids.split_whitespace().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_queues_one_message_per_recipient_and_delivers_them() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..sink::SinkConfig::default()
+    })
+    .await;
+    let engine = TestEngine::start(&routes(&["example.test"], sink.local_addr())).await;
+    let mut client =
+        SmtpClient::connect_with(client_options(smtp_addr(&engine), TlsMode::Disabled))
+            .await
+            .unwrap();
+    let caps = client.capabilities().clone();
+    assert!(caps.pipelining && caps.eight_bit_mime && caps.smtputf8);
+    assert!(caps.enhanced_status_codes);
+    assert_eq!(caps.size, Some(50 * 1024 * 1024));
+    assert!(!caps.starttls, "no certificate configured");
+    assert!(caps.auth.is_empty(), "no users configured");
+    let recipients = ["a@example.test", "b@EXAMPLE.test", "c@example.test"];
+    let result = client
+        .send(
+            &Envelope {
+                sender: "bounces@news.example.com".into(),
+                recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+            },
+            MESSAGE.as_bytes(),
+        )
+        .await
+        .unwrap();
+    let reply = result.data.expect("a reply to the final dot");
+    assert_eq!(reply.code, 250, "{reply:?}");
+    assert_eq!(
+        reply.enhanced.map(|e| e.to_string()).as_deref(),
+        Some("2.0.0")
+    );
+    let ids = queued_ids(&reply.text());
+    assert_eq!(ids.len(), 3, "{reply:?}");
+    client.quit().await;
+
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 3
+    })
+    .await;
+    assert_eq!(count_type(&recs, "Reception"), 3);
+    let mut reception_ids: Vec<String> = receptions(&engine)
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut reply_ids = ids.clone();
+    reception_ids.sort();
+    reply_ids.sort();
+    assert_eq!(reception_ids, reply_ids);
+    for r in receptions(&engine) {
+        assert_eq!(r["sender"], "bounces@news.example.com");
+        assert_eq!(r["domain"], "example.test");
+        assert_eq!(r["campaign"], "smtp-camp");
+        assert_eq!(r["tenant"], "smtp-tenant");
+        assert_eq!(r["headers"]["X-Campaign"], "smtp-camp");
+    }
+    assert!(receptions(&engine)
+        .iter()
+        .any(|r| r["recipient"] == "b@example.test"));
+
+    let delivered = sink.messages();
+    assert_eq!(delivered.len(), 3);
+    for m in &delivered {
+        let data = String::from_utf8(m.data.clone()).unwrap();
+        assert!(
+            data.starts_with(
+                "Received: from client.test ([127.0.0.1])\r\n\tby drover.test with ESMTP id "
+            ),
+            "{data}"
+        );
+        let (received, rest) = data.split_once(";\r\n\t").unwrap();
+        assert!(
+            ids.iter().any(|id| received.ends_with(id.as_str())),
+            "{received}"
+        );
+        let (_date, body) = rest.split_once("\r\n").unwrap();
+        // The client dot-stuffed ".." on the wire; the listener unstuffed it again.
+        assert_eq!(body, MESSAGE);
+    }
+
+    let metrics = reqwest::get(engine.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let smtp_count: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("drover_messages_received_total{via=\"smtp\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(smtp_count >= 3.0, "{metrics}");
+    engine.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_answers_pipelined_commands_in_order() {
+    let engine = TestEngine::start(
+        "[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n[retry]\nintervals = [\"1h\"]\n",
+    )
+    .await;
+    let mut raw = Raw::connect(smtp_addr(&engine)).await;
+    let (code, ehlo) = raw.cmd("EHLO pipe.test").await;
+    assert_eq!(code, 250);
+    assert!(ehlo.starts_with("drover.test greets pipe.test"), "{ehlo}");
+    assert!(ehlo.contains("PIPELINING"), "{ehlo}");
+    // Everything up to DATA in one write, as RFC 2920 allows.
+    raw.send(
+        "MAIL FROM:<s@example.com>\r\nRCPT TO:<one@example.test>\r\nRCPT TO:<bad address>\r\nRCPT TO:<two@example.test>\r\nDATA\r\n",
+    )
+    .await;
+    let codes: Vec<u16> = [
+        raw.reply().await,
+        raw.reply().await,
+        raw.reply().await,
+        raw.reply().await,
+        raw.reply().await,
+    ]
+    .iter()
+    .map(|(c, _)| *c)
+    .collect();
+    assert_eq!(codes[0], 250);
+    assert_eq!(codes[1], 250);
+    assert!(matches!(codes[2], 501 | 553), "{codes:?}");
+    assert_eq!(&codes[3..], &[250, 354]);
+    // The message and the next transaction's commands, again in one write.
+    raw.send("Subject: p\r\n\r\nbody\r\n.\r\nRSET\r\nNOOP\r\n")
+        .await;
+    let (code, text) = raw.reply().await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(queued_ids(&text).len(), 2);
+    assert_eq!(raw.reply().await.0, 250);
+    assert_eq!(raw.reply().await.0, 250);
+    assert_eq!(raw.cmd("QUIT").await.0, 221);
+    wait_records(&engine.accounting_path(), Duration::from_secs(5), |r| {
+        count_type(r, "Reception") == 2
+    })
+    .await;
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_refuses_relaying_for_clients_outside_relay_networks() {
+    let engine = TestEngine::start(
+        "[smtp_listener]\nrelay_networks = [\"10.0.0.0/8\"]\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n",
+    )
+    .await;
+    let mut raw = Raw::connect(smtp_addr(&engine)).await;
+    assert_eq!(raw.cmd("EHLO outside.test").await.0, 250);
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    let (code, text) = raw.cmd("RCPT TO:<victim@example.test>").await;
+    assert_eq!(code, 550);
+    assert!(text.starts_with("5.7.1 Relaying denied"), "{text}");
+    assert_eq!(raw.cmd("DATA").await.0, 554);
+    assert_eq!(raw.cmd("QUIT").await.0, 221);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(records(&engine.accounting_path()).is_empty());
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_refuses_oversized_messages_and_bad_addresses() {
+    let engine = TestEngine::start(
+        "[smtp_listener]\nmax_message_size = 1000\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n",
+    )
+    .await;
+    let mut raw = Raw::connect(smtp_addr(&engine)).await;
+    let (_, ehlo) = raw.cmd("EHLO big.test").await;
+    assert!(ehlo.contains("SIZE 1000"), "{ehlo}");
+    // Declared too large: refused at MAIL.
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com> SIZE=5000").await.0, 552);
+    // Undeclared: refused after the final dot, and the session carries on.
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<r@example.test>").await.0, 250);
+    assert_eq!(raw.cmd("DATA").await.0, 354);
+    let big = format!("Subject: big\r\n\r\n{}\r\n.\r\n", "x".repeat(2000));
+    raw.send(&big).await;
+    let (code, text) = raw.reply().await;
+    assert_eq!(code, 552, "{text}");
+    assert!(text.starts_with("5.3.4"), "{text}");
+
+    // Bad addresses: a syntax error or an invalid mailbox, never a queued message.
+    for line in [
+        "MAIL FROM:<not an address>",
+        "MAIL FROM:<no-domain>",
+        "MAIL FROM:<a@b@c.test>",
+    ] {
+        let (code, text) = raw.cmd(line).await;
+        assert!(matches!(code, 501 | 553), "{line}: {code} {text}");
+    }
+    assert_eq!(
+        raw.cmd("MAIL FROM:<>").await.0,
+        250,
+        "the null sender is fine"
+    );
+    for line in [
+        "RCPT TO:<no-domain>",
+        "RCPT TO:<a\u{7f}b@example.test>",
+        "RCPT TO:<>",
+        "RCPT TO:<x@-bad-.test>",
+    ] {
+        let (code, text) = raw.cmd(line).await;
+        assert!(matches!(code, 501 | 553), "{line}: {code} {text}");
+    }
+    assert_eq!(raw.cmd("DATA").await.0, 554);
+    assert_eq!(raw.cmd("QUIT").await.0, 221);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(records(&engine.accounting_path()).is_empty());
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_offers_starttls_with_the_configured_certificate() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..sink::SinkConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let engine = TestEngine::start(&format!(
+        "[smtp_listener]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n{}",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(generated.cert.der().clone()).unwrap();
+    let mut client = SmtpClient::connect_with(ConnectOptions {
+        tls_roots: Some(Arc::new(roots)),
+        ..client_options(smtp_addr(&engine), TlsMode::Required)
+    })
+    .await
+    .unwrap();
+    let tls = client.tls().expect("TLS negotiated");
+    assert!(tls.verified);
+    assert!(
+        !client.capabilities().starttls,
+        "not offered again inside TLS"
+    );
+    let result = client
+        .send(
+            &Envelope {
+                sender: "s@example.com".into(),
+                recipients: vec!["tls@example.test".into()],
+            },
+            b"Subject: secret\r\n\r\nover TLS\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        result.data.as_ref().map(|r| r.code),
+        Some(250),
+        "{result:?}"
+    );
+    client.quit().await;
+    wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1
+    })
+    .await;
+    let data = String::from_utf8(sink.messages()[0].data.clone()).unwrap();
+    assert!(data.contains("by drover.test with ESMTPS id "), "{data}");
+
+    // A plaintext client sees STARTTLS advertised, and no AUTH without users.
+    let mut raw = Raw::connect(smtp_addr(&engine)).await;
+    let (_, ehlo) = raw.cmd("EHLO plain.test").await;
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    engine.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_auth_lets_a_client_outside_relay_networks_relay() {
+    let engine = TestEngine::start(
+        "[smtp_listener]\nrelay_networks = [\"10.0.0.0/8\"]\nauth_users = [{ user = \"app\", password = \"s3cret\" }]\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n[retry]\nintervals = [\"1h\"]\n",
+    )
+    .await;
+    let addr = smtp_addr(&engine);
+    let mut raw = Raw::connect(addr).await;
+    let (_, ehlo) = raw.cmd("EHLO app.test").await;
+    // Loopback: AUTH is offered without TLS.
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    // "\0app\0wrong"
+    let (code, text) = raw.cmd("AUTH PLAIN AGFwcAB3cm9uZw==").await;
+    assert_eq!(code, 535, "{text}");
+    assert!(text.starts_with("5.7.8"), "{text}");
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<r@example.test>").await.0, 550);
+    assert_eq!(raw.cmd("RSET").await.0, 250);
+    // "\0app\0s3cret"
+    let (code, text) = raw.cmd("AUTH PLAIN AGFwcABzM2NyZXQ=").await;
+    assert_eq!(code, 235, "{text}");
+    assert_eq!(raw.cmd("AUTH PLAIN AGFwcABzM2NyZXQ=").await.0, 503);
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<r@example.test>").await.0, 250);
+    assert_eq!(raw.cmd("DATA").await.0, 354);
+    raw.send("Subject: authed\r\n\r\nhi\r\n.\r\n").await;
+    let (code, text) = raw.reply().await;
+    assert_eq!(code, 250, "{text}");
+    let ids = queued_ids(&text);
+    assert_eq!(raw.cmd("QUIT").await.0, 221);
+
+    // AUTH LOGIN, step by step, on a second connection.
+    let mut raw = Raw::connect(addr).await;
+    assert_eq!(raw.cmd("EHLO app.test").await.0, 250);
+    assert_eq!(
+        raw.cmd("AUTH LOGIN").await,
+        (334, "VXNlcm5hbWU6".to_owned())
+    );
+    assert_eq!(raw.cmd("YXBw").await, (334, "UGFzc3dvcmQ6".to_owned()));
+    assert_eq!(raw.cmd("czNjcmV0").await.0, 235);
+    assert_eq!(raw.cmd("QUIT").await.0, 221);
+
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(5), |r| {
+        count_type(r, "Reception") == 1
+    })
+    .await;
+    assert_eq!(recs[0]["id"].as_str(), ids.first().map(String::as_str));
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_works_with_swaks() {
+    if !std::path::Path::new("/usr/bin/swaks").exists() {
+        eprintln!("swaks is not installed; skipping");
+        return;
+    }
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..sink::SinkConfig::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "[smtp_listener]\nrelay_networks = [\"10.0.0.0/8\"]\nauth_users = [{{ user = \"app\", password = \"s3cret\" }}]\n{}",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let addr = smtp_addr(&engine);
+    let server = addr.to_string();
+    let mut swaks = std::process::Command::new("/usr/bin/swaks");
+    swaks.args([
+        "--server",
+        &server,
+        "--from",
+        "s@example.com",
+        "--to",
+        "one@example.test,two@example.test",
+        "--helo",
+        "swaks.test",
+        "--auth",
+        "LOGIN",
+        "--auth-user",
+        "app",
+        "--auth-password",
+        "s3cret",
+        "--pipeline",
+        "--header",
+        "X-Campaign: swaks",
+    ]);
+    // swaks blocks; the engine's tasks must keep running meanwhile.
+    let output = tokio::task::spawn_blocking(move || swaks.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let transcript = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{transcript}");
+    assert!(
+        transcript.contains("<-  250 2.0.0 Ok: queued as "),
+        "{transcript}"
+    );
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 2
+    })
+    .await;
+    assert!(recs
+        .iter()
+        .filter(|r| r["type"] == "Reception")
+        .all(|r| r["campaign"] == "swaks"));
+    let data = String::from_utf8(sink.messages()[0].data.clone()).unwrap();
+    assert!(data.contains("from swaks.test ([127.0.0.1])"), "{data}");
+    assert!(data.contains("with ESMTPA id "), "{data}");
+    engine.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_answers_421_while_draining_and_stops_accepting() {
+    // A sink that never answers EHLO keeps a delivery worker busy, so the engine drains for
+    // the whole grace period while the SMTP connection below is still open.
+    let sink = start_sink(sink::SinkConfig {
+        stall_after_messages: Some(0),
+        ..sink::SinkConfig::default()
+    })
+    .await;
+    let mut engine = TestEngine::start(&routes(&["example.test"], sink.local_addr())).await;
+    let (status, _) = engine
+        .inject(&message_for(&["busy@example.test".into()]))
+        .await;
+    assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sink.stats().connections == 0 {
+        assert!(std::time::Instant::now() < deadline, "no delivery attempt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = smtp_addr(&engine);
+    let mut raw = Raw::connect(addr).await;
+    assert_eq!(raw.cmd("EHLO late.test").await.0, 250);
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<late@example.test>").await.0, 250);
+    assert_eq!(raw.cmd("DATA").await.0, 354);
+    raw.send("Subject: late\r\n\r\ntoo late\r\n").await;
+
+    let running = engine.running.take().unwrap();
+    let core = std::sync::Arc::clone(&running.engine);
+    let stopping = tokio::spawn(running.shutdown(Duration::from_secs(2)));
+    while !core.is_draining() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    raw.send(".\r\n").await;
+    let (code, text) = raw.reply().await;
+    assert_eq!(code, 421, "{text}");
+    assert!(text.starts_with("4.3.2"), "{text}");
+    let mut rest = String::new();
+    let n = raw.reader.read_line(&mut rest).await.unwrap_or(0);
+    assert_eq!(n, 0, "the connection closes after 421: {rest}");
+    // No longer accepting connections.
+    assert!(TcpStream::connect(addr).await.is_err());
+    stopping.await.unwrap();
+    let recs = records(&engine.accounting_path());
+    assert_eq!(count_type(&recs, "Reception"), 1, "only the HTTP message");
+    sink.shutdown().await;
+}
