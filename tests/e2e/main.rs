@@ -9,6 +9,7 @@
 mod admin;
 mod crash;
 mod delivery;
+mod dns;
 mod harness;
 mod inject;
 mod listener;

@@ -7,6 +7,8 @@
 
 mod cache;
 mod select;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use select::{select_mx, MxRecord};
 

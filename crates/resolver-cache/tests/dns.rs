@@ -7,23 +7,10 @@
 //! MX resolution against a real, in-process authoritative server (hickory-server) on
 //! 127.0.0.1, with a request handler that counts queries and can script SERVFAIL and delays.
 
-use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::{
-    rdata::MX, LowerName, Name, RData, Record, RecordSet, RecordType, RrKey,
-};
-use hickory_server::proto::serialize::txt::Parser;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::store::in_memory::InMemoryZoneHandler;
-use hickory_server::zone_handler::{
-    AxfrPolicy, Catalog, MessageResponseBuilder, ZoneHandler, ZoneType,
-};
-use hickory_server::Server;
 use resolver_cache::{AddressOrder, Destination, MxResolver, ResolveError, ResolverSettings};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 const ZONE: &str = r#"
@@ -77,147 +64,14 @@ lru5       IN MX 10 mx1
 lru6       IN MX 10 mx1
 "#;
 
-/// Scripted behaviour and observations, shared between the test and the server.
-#[derive(Default)]
-struct Script {
-    counts: Mutex<HashMap<(String, RecordType), usize>>,
-    servfail: Mutex<HashSet<String>>,
-    delay: Mutex<HashMap<String, Duration>>,
+use resolver_cache::testing::{RecordType, TestDns};
+
+trait Settings {
+    fn settings(&self) -> ResolverSettings;
+    fn resolver(&self) -> MxResolver;
 }
 
-struct Counting {
-    catalog: Catalog,
-    script: Arc<Script>,
-}
-
-#[async_trait::async_trait]
-impl RequestHandler for Counting {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        if let Ok(info) = request.request_info() {
-            let name = info
-                .query
-                .name()
-                .to_string()
-                .trim_end_matches('.')
-                .to_ascii_lowercase();
-            let qtype = info.query.query_type();
-            *self
-                .script
-                .counts
-                .lock()
-                .unwrap()
-                .entry((name.clone(), qtype))
-                .or_default() += 1;
-            let delay = self.script.delay.lock().unwrap().get(&name).copied();
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
-            }
-            if self.script.servfail.lock().unwrap().contains(&name) {
-                let response = MessageResponseBuilder::from_message_request(request)
-                    .error_msg(&request.metadata, ResponseCode::ServFail);
-                let mut metadata = Metadata::response_from_request(&request.metadata);
-                metadata.response_code = ResponseCode::ServFail;
-                let fallback = ResponseInfo::from(Header {
-                    metadata,
-                    counts: HeaderCounts::default(),
-                });
-                return response_handle
-                    .send_response(response)
-                    .await
-                    .unwrap_or(fallback);
-            }
-        }
-        self.catalog
-            .handle_request::<R, T>(request, response_handle)
-            .await
-    }
-}
-
-struct TestDns {
-    addr: SocketAddr,
-    script: Arc<Script>,
-    zone: Arc<InMemoryZoneHandler>,
-    _server: Server<Counting>,
-}
-
-impl TestDns {
-    async fn start() -> TestDns {
-        let origin = Name::from_str("example.test.").unwrap();
-        let (origin, records) = Parser::new(ZONE, None, Some(origin)).parse().unwrap();
-        let zone: InMemoryZoneHandler =
-            InMemoryZoneHandler::new(origin.clone(), records, ZoneType::Primary, AxfrPolicy::Deny)
-                .unwrap();
-        let zone = Arc::new(zone);
-        let mut catalog = Catalog::new();
-        catalog.upsert(
-            LowerName::from(&origin),
-            vec![Arc::clone(&zone) as Arc<dyn ZoneHandler>],
-        );
-        let script = Arc::new(Script::default());
-        let mut server = Server::new(Counting {
-            catalog,
-            script: Arc::clone(&script),
-        });
-        // UDP and TCP on one port, as a real name server has; retry if another test took the
-        // TCP side of the free UDP port meanwhile.
-        let (udp, tcp) = loop {
-            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let port = udp.local_addr().unwrap().port();
-            if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
-                break (udp, tcp);
-            }
-        };
-        let addr = udp.local_addr().unwrap();
-        server.register_socket(udp);
-        server.register_listener(tcp, Duration::from_secs(5), 64);
-        TestDns {
-            addr,
-            script,
-            zone,
-            _server: server,
-        }
-    }
-
-    fn count(&self, name: &str, qtype: RecordType) -> usize {
-        self.script
-            .counts
-            .lock()
-            .unwrap()
-            .get(&(name.to_owned(), qtype))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn servfail(&self, name: &str) {
-        self.script.servfail.lock().unwrap().insert(name.to_owned());
-    }
-
-    fn delay(&self, name: &str, delay: Duration) {
-        self.script
-            .delay
-            .lock()
-            .unwrap()
-            .insert(name.to_owned(), delay);
-    }
-
-    /// Replaces the whole MX set of `name`.
-    async fn set_mx(&self, name: &str, ttl: u32, mx: &[(u16, &str)]) {
-        let owner = Name::from_str(name).unwrap();
-        let mut set = RecordSet::new(owner.clone(), RecordType::MX, 2);
-        for &(preference, exchange) in mx {
-            let rdata = RData::MX(MX::new(preference, Name::from_str(exchange).unwrap()));
-            set.insert(Record::from_rdata(owner.clone(), ttl, rdata), 2);
-        }
-        self.zone.records_mut().await.insert(
-            RrKey::new(LowerName::from(&owner), RecordType::MX),
-            Arc::new(set),
-        );
-    }
-
+impl Settings for TestDns {
     fn settings(&self) -> ResolverSettings {
         ResolverSettings {
             nameservers: vec![self.addr],
@@ -244,7 +98,7 @@ fn names(dest: &Destination) -> Vec<&str> {
 
 #[tokio::test]
 async fn mx_hosts_in_preference_order_with_their_addresses() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = dns.resolver();
     let dest = r.resolve("Multi.Example.Test.").await.unwrap();
     assert_eq!(
@@ -267,7 +121,7 @@ async fn mx_hosts_in_preference_order_with_their_addresses() {
 
 #[tokio::test]
 async fn equal_preferences_are_shuffled_and_the_site_is_stable() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = MxResolver::new(ResolverSettings {
         // Nothing is cached, so every lookup goes to the server and is shuffled anew.
         max_ttl: Duration::ZERO,
@@ -295,7 +149,7 @@ async fn equal_preferences_are_shuffled_and_the_site_is_stable() {
 
 #[tokio::test]
 async fn no_mx_means_the_domain_itself_at_preference_zero() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = dns.resolver();
     let dest = r.resolve("implicit.example.test").await.unwrap();
     assert_eq!(dest.site, "implicit.example.test");
@@ -309,7 +163,7 @@ async fn no_mx_means_the_domain_itself_at_preference_zero() {
 
 #[tokio::test]
 async fn address_order_setting() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let with = |order| {
         MxResolver::new(ResolverSettings {
             address_order: order,
@@ -339,7 +193,7 @@ async fn address_order_setting() {
 
 #[tokio::test]
 async fn null_mx_is_a_permanent_5_1_10() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let err = dns
         .resolver()
         .resolve("nullmx.example.test")
@@ -352,7 +206,7 @@ async fn null_mx_is_a_permanent_5_1_10() {
 
 #[tokio::test]
 async fn nxdomain_is_permanent_and_negatively_cached_for_the_soa_minimum() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = dns.resolver();
     let err = r.resolve("nope.example.test").await.unwrap_err();
     assert!(matches!(err, ResolveError::NxDomain { .. }), "{err:?}");
@@ -370,7 +224,7 @@ async fn nxdomain_is_permanent_and_negatively_cached_for_the_soa_minimum() {
 
 #[tokio::test]
 async fn servfail_is_temporary_and_cached_only_for_error_ttl() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     dns.servfail("broken.example.test");
     let r = MxResolver::new(ResolverSettings {
         error_ttl: Duration::from_secs(1),
@@ -392,7 +246,7 @@ async fn servfail_is_temporary_and_cached_only_for_error_ttl() {
 
 #[tokio::test]
 async fn host_lookup_failures_skip_or_defer() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     dns.servfail("failhost.example.test");
     let r = dns.resolver();
     // One MX host fails temporarily, another works: deliver to the one that works.
@@ -405,7 +259,7 @@ async fn host_lookup_failures_skip_or_defer() {
 
 #[tokio::test]
 async fn hosts_without_addresses_are_skipped() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = dns.resolver();
     // "missing" is NXDOMAIN, "txtonly" has no A/AAAA (NODATA).
     let dest = r.resolve("partial.example.test").await.unwrap();
@@ -419,7 +273,7 @@ async fn hosts_without_addresses_are_skipped() {
 
 #[tokio::test]
 async fn cnames_are_followed() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = dns.resolver();
     // The domain is an alias of a domain with MX records.
     let via_alias = r.resolve("alias.example.test").await.unwrap();
@@ -437,7 +291,7 @@ async fn cnames_are_followed() {
 
 #[tokio::test]
 async fn domains_with_the_same_mx_hosts_share_a_site() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = MxResolver::new(ResolverSettings {
         routes: HashMap::from([("routed.test".to_owned(), vec!["127.0.0.1:2526".to_owned()])]),
         ..dns.settings()
@@ -457,7 +311,7 @@ async fn domains_with_the_same_mx_hosts_share_a_site() {
 
 #[tokio::test]
 async fn a_changed_record_is_seen_after_its_ttl_not_before() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = dns.resolver();
     let first = r.resolve("ttl.example.test").await.unwrap();
     assert_eq!(names(&first), ["mx1.example.test"]);
@@ -474,7 +328,7 @@ async fn a_changed_record_is_seen_after_its_ttl_not_before() {
 
 #[tokio::test]
 async fn min_ttl_floor_holds_a_short_ttl_answer() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = MxResolver::new(ResolverSettings {
         min_ttl: Duration::from_secs(30),
         ..dns.settings()
@@ -488,7 +342,7 @@ async fn min_ttl_floor_holds_a_short_ttl_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_lookups_of_a_cold_name_share_one_query() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     // Hold the answer back so that all callers are waiting while the query is in flight.
     dns.delay("slow.example.test", Duration::from_millis(300));
     let r = Arc::new(dns.resolver());
@@ -509,7 +363,7 @@ async fn a_thousand_concurrent_lookups_of_a_cold_name_share_one_query() {
 
 #[tokio::test]
 async fn the_cache_stays_within_max_entries_and_keeps_recently_used_names() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = MxResolver::new(ResolverSettings {
         max_entries: 4,
         ..dns.settings()
@@ -540,14 +394,14 @@ async fn the_cache_stays_within_max_entries_and_keeps_recently_used_names() {
 
 #[tokio::test]
 async fn invalid_domains_never_reach_the_server() {
-    let dns = TestDns::start().await;
+    let dns = TestDns::start(ZONE, "example.test.").await;
     let r = dns.resolver();
     for bad in ["", "a..example.test", "spaces in.example.test", "x@y.test"] {
         let err = r.resolve(bad).await.unwrap_err();
         assert!(matches!(err, ResolveError::InvalidDomain { .. }), "{err:?}");
     }
     assert_eq!(r.cache_len(), 0);
-    assert!(dns.script.counts.lock().unwrap().is_empty());
+    assert_eq!(dns.total_queries(), 0);
     let literal = r.resolve("[192.0.2.7]").await.unwrap();
     assert_eq!(literal.hosts[0].addresses, [sa("192.0.2.7")]);
 }
