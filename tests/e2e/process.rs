@@ -148,3 +148,72 @@ async fn serve_and_sink_binaries_deliver_and_stop_cleanly_on_sigterm() {
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["transactions"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_shaping_rules_and_keeps_running_on_a_bad_file() {
+    let sink = start_sink(sink::SinkConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, smtp_port) = (free_port(), free_port());
+    let config = dir.path().join("drover.toml");
+    let base = format!(
+        "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:{smtp_port}\"\n[retry]\nintervals = [\"1s\"]\n{}",
+        dir.path().join("data"),
+        routes(&["hup.test"], sink.local_addr())
+    );
+    // The sink offers no STARTTLS, so "required" defers everything.
+    std::fs::write(
+        &config,
+        format!("{base}[[shaping]]\nmatch = \"hup.test\"\ntls = \"required\"\n"),
+    )
+    .unwrap();
+    let mut serve = Command::new(DROVER)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_http(&format!("http://127.0.0.1:{http_port}/readyz")).await;
+    let url = format!("http://127.0.0.1:{http_port}/api/inject/v1");
+    assert_eq!(
+        post_json(&url, &message_for(&["a@hup.test".into()]), None)
+            .await
+            .0,
+        200
+    );
+    let accounting = dir.path().join("data/accounting.jsonl");
+    wait_records(&accounting, Duration::from_secs(10), |r| {
+        count_type(r, "TransientFailure") >= 1
+    })
+    .await;
+    let hup = |pid: u32| {
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    // A broken file is refused; the engine keeps its rules and keeps serving.
+    std::fs::write(&config, "[shaping]\nbroken = true\n").unwrap();
+    hup(serve.id());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_http(&format!("http://127.0.0.1:{http_port}/healthz")).await;
+    assert_eq!(count_type(&records(&accounting), "Delivery"), 0);
+    // The fixed file takes effect: the next retry goes out in plaintext.
+    std::fs::write(
+        &config,
+        format!("{base}[[shaping]]\nmatch = \"hup.test\"\ntls = \"opportunistic\"\n"),
+    )
+    .unwrap();
+    hup(serve.id());
+    wait_records(&accounting, Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || serve.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -86,7 +86,11 @@ fn rules() -> &'static [Rule] {
     static RULES: OnceLock<Vec<Rule>> = OnceLock::new();
     RULES.get_or_init(|| {
         let table: &[(&str, BounceCategory, bool)] = &[
-            (r"(?i)grey[- ]?list|gray[- ]?list|^45[01] 4\.2\.0 ", BounceCategory::Greylisted, true),
+            (
+                r"(?i)grey[- ]?list|gray[- ]?list|^45[01] 4\.2\.0 |^45[01] .*try (again )?later",
+                BounceCategory::Greylisted,
+                true,
+            ),
             (
                 r"(?i)rate.?limit|too many (messages|connections|recipients)|throttl|4\.7\.28|TSS0[45]|4\.7\.65[01]|try again later|temporarily deferred",
                 BounceCategory::RateLimited,

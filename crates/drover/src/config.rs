@@ -81,6 +81,20 @@ pub struct Config {
     pub egress_pool: Vec<EgressPoolConfig>,
     /// `[[egress_rule]]`: which pool a message uses, first match wins (extension).
     pub egress_rule: Vec<EgressRuleConfig>,
+    /// `[[rate_limit]]`: message rates per tenant or campaign (extension).
+    pub rate_limit: Vec<RateLimitConfig>,
+}
+
+/// `[[rate_limit]]`: exactly one of `tenant` and `campaign`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Tenant as injected.
+    pub tenant: Option<String>,
+    /// Campaign as injected.
+    pub campaign: Option<String>,
+    /// `N/s`, `N/m`, `N/h` across every destination.
+    pub max_message_rate: String,
 }
 
 /// `[[egress_source]]`
@@ -460,6 +474,7 @@ impl Config {
             }
         }
         self.validate_egress()?;
+        self.keyed_rates()?;
         for net in &self.smtp_listener.relay_networks {
             parse_cidr(net).ok_or_else(|| {
                 invalid(
@@ -589,18 +604,35 @@ impl Config {
             .collect()
     }
 
+    /// `[[rate_limit]]` as keyed rates (`tenant:<name>`, `campaign:<name>`).
+    pub fn keyed_rates(&self) -> Result<std::collections::HashMap<String, Rate>, ConfigError> {
+        self.rate_limit
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let key = match (&r.tenant, &r.campaign) {
+                    (Some(t), None) => format!("tenant:{t}"),
+                    (None, Some(c)) => format!("campaign:{c}"),
+                    _ => {
+                        return Err(invalid(
+                            format!("rate_limit[{i}]"),
+                            "give exactly one of tenant and campaign",
+                        ))
+                    }
+                };
+                let rate = r
+                    .max_message_rate
+                    .parse::<Rate>()
+                    .map_err(|e| invalid(format!("rate_limit[{i}].max_message_rate"), e))?;
+                Ok((key, rate))
+            })
+            .collect()
+    }
+
     /// The STARTTLS mode of a destination: the most specific `[[shaping]]` rule with a `tls`
     /// key decides; opportunistic when none has one.
     pub fn tls_mode(&self, domain: &str, mx_hosts: &[String]) -> connection_pool::TlsMode {
-        self.shaping
-            .iter()
-            .filter_map(|s| {
-                let mode = parse_tls_mode(s.tls.as_deref()?)?;
-                let matcher: Matcher = s.matches.parse().ok()?;
-                Some((matcher.specificity(domain, mx_hosts)?, mode))
-            })
-            .max_by_key(|(score, _)| *score)
-            .map_or(connection_pool::TlsMode::Opportunistic, |(_, mode)| mode)
+        tls_mode_of(&self.shaping, domain, mx_hosts)
     }
 
     /// The SMTP listener's STARTTLS certificate, loaded from `tls_cert_file` and
@@ -631,6 +663,24 @@ impl Config {
             PathBuf::from(&self.accounting.path)
         }
     }
+}
+
+/// The STARTTLS mode the most specific `[[shaping]]` rule with a `tls` key gives a
+/// destination; opportunistic when none has one.
+pub fn tls_mode_of(
+    shaping: &[ShapingConfig],
+    domain: &str,
+    mx_hosts: &[String],
+) -> connection_pool::TlsMode {
+    shaping
+        .iter()
+        .filter_map(|s| {
+            let mode = parse_tls_mode(s.tls.as_deref()?)?;
+            let matcher: Matcher = s.matches.parse().ok()?;
+            Some((matcher.specificity(domain, mx_hosts)?, mode))
+        })
+        .max_by_key(|(score, _)| *score)
+        .map_or(connection_pool::TlsMode::Opportunistic, |(_, mode)| mode)
 }
 
 fn parse_tls_mode(s: &str) -> Option<connection_pool::TlsMode> {

@@ -224,7 +224,7 @@ impl Engine {
         limiter.until_connection_permitted().await;
         let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
         let tls = self
-            .config
+            .policy()
             .tls_mode(queue::split_queue_key(queue).0, &mx_hosts);
         let ehlo_name = source
             .and_then(|s| s.ehlo_name.as_deref())
@@ -308,6 +308,19 @@ impl Engine {
             self.scheduler.finish(id);
             return true;
         };
+        let policy = self.policy();
+        if let Some(tenant) = &meta.tenant {
+            policy
+                .rates
+                .until_permitted(&format!("tenant:{tenant}"))
+                .await;
+        }
+        if let Some(campaign) = &meta.campaign {
+            policy
+                .rates
+                .until_permitted(&format!("campaign:{campaign}"))
+                .await;
+        }
         let envelope = Envelope {
             sender: meta.sender.clone(),
             recipients: vec![meta.recipient.clone()],
@@ -355,6 +368,19 @@ impl Engine {
             }
         };
         meta.attempts += 1;
+        // A bare 450/451 4.7.1 to a first attempt is how many greylisters answer without
+        // saying so: retry soon, from the same source, rather than on the slow schedule.
+        if meta.attempts == 1
+            && outcome.verdict == Verdict::Deferred
+            && matches!(outcome.response.code, 450 | 451)
+            && outcome.response.enhanced_code.as_deref() == Some("4.7.1")
+            && matches!(
+                outcome.category,
+                BounceCategory::Other | BounceCategory::PolicyRelated
+            )
+        {
+            outcome.category = BounceCategory::Greylisted;
+        }
         outcome.peer = Some(peer);
         outcome.source = source;
         outcome.tls = tls;
@@ -370,7 +396,8 @@ impl Engine {
         }
         let r = &outcome.response;
         let Some((action, duration)) =
-            self.automation
+            self.policy()
+                .automation
                 .react(r.code, r.enhanced_code.as_deref(), &r.text)
         else {
             return;

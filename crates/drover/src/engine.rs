@@ -7,6 +7,7 @@
 
 use crate::automation::Automation;
 use crate::config::Config;
+use crate::config::ShapingConfig;
 use crate::delivery::{Session, AUTOMATION, DELIVERY_DURATION};
 use crate::egress::Egress;
 use accounting::{Accounting, BounceCategory, Record, RecordType, Response};
@@ -116,7 +117,8 @@ pub struct Engine {
     pub(crate) pool: Pool<Session>,
     pub(crate) shaper: Shaper,
     pub(crate) egress: Egress,
-    pub(crate) automation: Automation,
+    /// The parts of the configuration a reload (SIGHUP) replaces.
+    policy: std::sync::RwLock<Arc<Policy>>,
     /// Delivery workers running per recipient domain.
     pub(crate) active: DashMap<String, usize>,
     pub(crate) ehlo_name: String,
@@ -204,7 +206,7 @@ impl Engine {
             other: command.min(Duration::from_secs(120)),
         };
         let egress = Egress::from_config(&config);
-        let automation = Automation::from_config(&config);
+        let policy = std::sync::RwLock::new(Arc::new(Policy::from_config(&config)?));
         let engine = Arc::new(Engine {
             pool: Pool::new(config.delivery.idle_timeout.0),
             config,
@@ -214,7 +216,7 @@ impl Engine {
             resolver,
             shaper,
             egress,
-            automation,
+            policy,
             active: DashMap::new(),
             ehlo_name,
             timeouts,
@@ -228,7 +230,7 @@ impl Engine {
         let reloading = Arc::clone(&engine);
         let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = reloading.reload(&runtime) {
+            if let Err(e) = reloading.reload_spool(&runtime) {
                 tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
             }
         });
@@ -237,7 +239,7 @@ impl Engine {
         Ok(engine)
     }
 
-    fn reload(&self, runtime: &tokio::runtime::Handle) -> Result<(), EngineError> {
+    fn reload_spool(&self, runtime: &tokio::runtime::Handle) -> Result<(), EngineError> {
         let mut count = 0u64;
         let mut unfinished = Vec::new();
         for meta in self.spool.scan() {
@@ -364,6 +366,27 @@ impl Engine {
         Ok(purged)
     }
 
+    /// The reloadable policy in force.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Applies a new configuration's shaping, automation, TLS and rate rules (SIGHUP) without
+    /// dropping sessions or messages. Other settings need a restart; they are left as they are.
+    pub fn reload_policy(&self, config: &Config) -> Result<(), EngineError> {
+        config
+            .validate()
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let rules = config
+            .shaping_rules()
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let policy = Arc::new(Policy::from_config(config)?);
+        self.shaper.reload(rules);
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
+        tracing::info!("reloaded shaping, automation, TLS and rate rules");
+        Ok(())
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config
@@ -461,5 +484,32 @@ impl Engine {
         if let Err(e) = self.spool.close() {
             tracing::error!(error = %e, "spool flush at shutdown failed");
         }
+    }
+}
+
+/// Rules that can change while the engine runs.
+#[derive(Debug)]
+pub(crate) struct Policy {
+    pub(crate) automation: Automation,
+    shaping: Vec<ShapingConfig>,
+    pub(crate) rates: rate_limiter::KeyedRates,
+}
+
+impl Policy {
+    fn from_config(config: &Config) -> Result<Policy, EngineError> {
+        Ok(Policy {
+            automation: Automation::from_config(config),
+            shaping: config.shaping.clone(),
+            rates: rate_limiter::KeyedRates::new(
+                config
+                    .keyed_rates()
+                    .map_err(|e| EngineError::Config(e.to_string()))?,
+            ),
+        })
+    }
+
+    /// STARTTLS mode of a destination.
+    pub(crate) fn tls_mode(&self, domain: &str, mx_hosts: &[String]) -> connection_pool::TlsMode {
+        crate::config::tls_mode_of(&self.shaping, domain, mx_hosts)
     }
 }

@@ -206,9 +206,9 @@ async fn run(command: Cmd) -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Cmd::Serve { config } => {
-            let config = match config {
-                Some(path) => match Config::load(&path) {
+        Cmd::Serve { config: path } => {
+            let config = match &path {
+                Some(path) => match Config::load(path) {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("{}: {e}", path.display());
@@ -217,7 +217,7 @@ async fn run(command: Cmd) -> ExitCode {
                 },
                 None => Config::default(),
             };
-            exit(serve(config).await)
+            exit(serve(config, path).await)
         }
         Cmd::Sink(args) => exit(sink(args).await),
         Cmd::Queue(args) => exit(queue(args).await),
@@ -253,8 +253,29 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let running = drover::serve::start(config).await.context("cannot start")?;
+    let engine = std::sync::Arc::clone(&running.engine);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let Some(path) = &path else {
+                tracing::warn!("SIGHUP: running on embedded defaults, nothing to reload");
+                continue;
+            };
+            // A bad file leaves the running rules in place.
+            match Config::load(path)
+                .map_err(|e| e.to_string())
+                .and_then(|c| engine.reload_policy(&c).map_err(|e| e.to_string()))
+            {
+                Ok(()) => tracing::info!(path = %path.display(), "configuration reloaded"),
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "reload refused"),
+            }
+        }
+    });
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight deliveries");
     running.shutdown(Duration::from_secs(30)).await;

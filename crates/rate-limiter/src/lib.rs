@@ -353,9 +353,11 @@ pub struct Rule {
 
 /// The rule table and the limiter of every destination seen.
 pub struct Shaper {
-    rules: Vec<Rule>,
+    rules: std::sync::RwLock<Arc<Vec<Rule>>>,
     default: Limits,
-    live: DashMap<String, Arc<DestinationLimiter>>,
+    /// Live limiters with the domain and MX hosts they were made for (to re-derive them
+    /// when the rules are reloaded).
+    live: DashMap<String, (Arc<DestinationLimiter>, String, Vec<String>)>,
 }
 
 impl std::fmt::Debug for Shaper {
@@ -370,16 +372,30 @@ impl Shaper {
     /// A shaper with these rules; destinations no rule matches get `default`.
     pub fn new(rules: Vec<Rule>, default: Limits) -> Shaper {
         Shaper {
-            rules,
+            rules: std::sync::RwLock::new(Arc::new(rules)),
             default,
             live: DashMap::new(),
         }
     }
 
+    fn rules(&self) -> Arc<Vec<Rule>> {
+        Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the rules (config reload). Destinations whose limits change get a fresh
+    /// limiter for their next sessions; sessions already open keep their slots until they
+    /// close, so nothing is dropped, and a lowered cap takes hold as they finish.
+    pub fn reload(&self, rules: Vec<Rule>) {
+        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+        self.live.retain(|_, (limiter, domain, mx_hosts)| {
+            *limiter.limits() == self.limits_for(domain, mx_hosts)
+        });
+    }
+
     /// The limits the most specific rule gives a destination.
     pub fn limits_for(&self, domain: &str, mx_hosts: &[String]) -> Limits {
         let domain = domain.to_ascii_lowercase();
-        self.rules
+        self.rules()
             .iter()
             .filter_map(|r| r.matcher.specificity(&domain, mx_hosts).map(|s| (s, r)))
             .max_by_key(|(s, _)| *s)
@@ -391,15 +407,60 @@ impl Shaper {
     /// the first time).
     pub fn limiter(&self, key: &str, domain: &str, mx_hosts: &[String]) -> Arc<DestinationLimiter> {
         if let Some(l) = self.live.get(key) {
-            return Arc::clone(&l);
+            return Arc::clone(&l.0);
         }
         let limits = self.limits_for(domain, mx_hosts);
-        Arc::clone(
-            &self
-                .live
-                .entry(key.to_owned())
-                .or_insert_with(|| Arc::new(DestinationLimiter::new(limits))),
-        )
+        let entry = self.live.entry(key.to_owned()).or_insert_with(|| {
+            (
+                Arc::new(DestinationLimiter::new(limits)),
+                domain.to_owned(),
+                mx_hosts.to_vec(),
+            )
+        });
+        Arc::clone(&entry.0)
+    }
+
+    /// Destinations currently backing off, for the admin view and metrics.
+    pub fn backing_off(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .live
+            .iter()
+            .filter(|e| e.value().0.is_backing_off())
+            .map(|e| e.key().clone())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// Message rates per tenant or campaign (`[[rate_limit]]`), on top of the destinations'.
+#[derive(Debug, Default)]
+pub struct KeyedRates {
+    rates: std::collections::HashMap<String, Rate>,
+    live: DashMap<String, Arc<DestinationLimiter>>,
+}
+
+impl KeyedRates {
+    /// Rates by key (e.g. `tenant:acme`, `campaign:nov`).
+    pub fn new(rates: std::collections::HashMap<String, Rate>) -> KeyedRates {
+        KeyedRates {
+            rates,
+            live: DashMap::new(),
+        }
+    }
+
+    /// Waits until `key` may send another message; keys without a rate never wait.
+    pub async fn until_permitted(&self, key: &str) {
+        let Some(rate) = self.rates.get(key) else {
+            return;
+        };
+        let limiter = Arc::clone(&self.live.entry(key.to_owned()).or_insert_with(|| {
+            Arc::new(DestinationLimiter::new(Limits {
+                max_message_rate: Some(*rate),
+                ..Limits::default()
+            }))
+        }));
+        limiter.until_message_permitted().await;
     }
 }
 
@@ -485,6 +546,44 @@ mod tests {
         assert_eq!(l.connections_in_use(), 2);
         drop(a);
         assert!(l.try_connection_slot().is_some());
+    }
+
+    #[test]
+    fn reload_replaces_only_changed_limiters() {
+        let rule = |m: &str, n| Rule {
+            matcher: m.parse().unwrap(),
+            limits: Limits {
+                max_connections: n,
+                ..Limits::default()
+            },
+        };
+        let shaper = Shaper::new(
+            vec![rule("a.test", 2), rule("b.test", 3)],
+            Limits::default(),
+        );
+        let a = shaper.limiter("a.test", "a.test", &[]);
+        let b = shaper.limiter("b.test", "b.test", &[]);
+        shaper.reload(vec![rule("a.test", 5), rule("b.test", 3)]);
+        let a2 = shaper.limiter("a.test", "a.test", &[]);
+        let b2 = shaper.limiter("b.test", "b.test", &[]);
+        assert_eq!(a2.limits().max_connections, 5);
+        assert!(!Arc::ptr_eq(&a, &a2));
+        assert!(
+            Arc::ptr_eq(&b, &b2),
+            "unchanged limits keep their live state"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keyed_rates_apply_only_to_their_keys() {
+        let rates = KeyedRates::new([("tenant:acme".to_owned(), "10/s".parse().unwrap())].into());
+        let start = tokio::time::Instant::now();
+        for _ in 0..21 {
+            rates.until_permitted("tenant:acme").await;
+            rates.until_permitted("tenant:other").await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((1.9..=2.2).contains(&took), "took {took}");
     }
 
     #[tokio::test(start_paused = true)]
