@@ -299,3 +299,94 @@ async fn greylisted_retries_leave_from_the_same_source_address() {
     assert_eq!(sink.stats().greylisted, 12);
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_closed_by_421_or_dropped_after_data_lose_no_message() {
+    // 421 after every 3 messages on a connection: the session closes, the message that got
+    // the 421 is retried, the others go over new sessions.
+    let closing = start_sink(sink::SinkConfig {
+        reply_after_messages: Some((3, 421, "4.3.2 Too many messages for this session".into())),
+        ..Default::default()
+    })
+    .await;
+    // Half of the connections vanish after the final dot: outcome unknown, so retried.
+    let dropping = start_sink(sink::SinkConfig {
+        drop_after_data_percent: 50,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}{}[retry]\nintervals = [\"1s\"]\n",
+        routes(&["closing.test"], closing.local_addr()),
+        routes(&["dropping.test"], dropping.local_addr())
+    ))
+    .await;
+    let mut recipients: Vec<String> = (0..20).map(|i| format!("c{i}@closing.test")).collect();
+    recipients.extend((0..20).map(|i| format!("d{i}@dropping.test")));
+    assert_eq!(engine.inject(&message_for(&recipients)).await.0, 200);
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(40), |r| {
+        count_type(r, "Delivery") == 40
+    })
+    .await;
+    assert_eq!(count_type(&recs, "Bounce"), 0);
+    let failures: Vec<_> = recs
+        .iter()
+        .filter(|r| r["type"] == "TransientFailure")
+        .collect();
+    assert!(
+        failures.iter().any(|r| r["response"]["code"] == 421),
+        "421s were seen"
+    );
+    assert!(
+        failures.iter().any(
+            |r| r["domain"] == "dropping.test" && r["bounce_category"] == "no-answer-from-host"
+        ),
+        "drops after DATA were deferred, not bounced"
+    );
+    assert_eq!(closing.stats().transactions, 20);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_addresses_need_smtputf8_and_bounce_clearly_without_it() {
+    let modern = start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let old = start_sink(sink::SinkConfig {
+        smtputf8: false,
+        eight_bit_mime: false,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}{}",
+        routes(&["utf8.test"], modern.local_addr()),
+        routes(&["ascii.test"], old.local_addr())
+    ))
+    .await;
+    let (status, _) = engine
+        .inject(&message_for(&[
+            "jösé@utf8.test".into(),
+            "jösé@ascii.test".into(),
+        ]))
+        .await;
+    assert_eq!(status, 200);
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1 && count_type(r, "Bounce") == 1
+    })
+    .await;
+    assert_eq!(
+        modern.messages()[0].recipients,
+        vec!["jösé@utf8.test".to_owned()]
+    );
+    let bounce = recs.iter().find(|r| r["type"] == "Bounce").unwrap();
+    assert_eq!(bounce["response"]["enhanced_code"], "5.6.7");
+    assert!(bounce["response"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("SMTPUTF8"));
+    assert_eq!(old.stats().transactions, 0);
+    engine.stop().await;
+}

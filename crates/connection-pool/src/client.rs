@@ -3,7 +3,7 @@
 use crate::tls::{self, TlsFailureMemory, TlsInfo, TlsMode};
 use rustls::RootCertStore;
 use smtp_proto::{
-    parse_reply, Capabilities, Command, DotStuffer, ProtoError, Reply, MAX_REPLY_LINE,
+    parse_reply, Capabilities, Command, DotStuffer, EnhancedCode, ProtoError, Reply, MAX_REPLY_LINE,
 };
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -176,6 +176,15 @@ pub struct TransactionResult {
 }
 
 impl TransactionResult {
+    /// A transaction decided before it started (the server lacks what the message needs).
+    fn refused(reply: Reply) -> TransactionResult {
+        TransactionResult {
+            mail: reply,
+            rcpts: Vec::new(),
+            data: None,
+        }
+    }
+
     /// The reply that decides recipient `i`'s fate.
     ///
     /// A recipient the server never answered (the transaction was cut short by a `421`) gets
@@ -658,12 +667,47 @@ impl SmtpClient {
         envelope: &Envelope,
         message: &[u8],
     ) -> Result<TransactionResult, ClientError> {
+        let needs_utf8 =
+            !envelope.sender.is_ascii() || envelope.recipients.iter().any(|r| !r.is_ascii());
+        let eight_bit = message.iter().any(|b| *b >= 0x80);
+        // What the message needs and the server lacks decides the outcome without a word on
+        // the wire: the answer is a permanent failure with the reason (RFC 6531 §3.2,
+        // RFC 6152 §3), which the caller records as a bounce.
+        if needs_utf8 && !self.capabilities.smtputf8 {
+            return Ok(TransactionResult::refused(Reply::new(
+                553,
+                Some(EnhancedCode::new(5, 6, 7)),
+                "non-ASCII address and the server does not offer SMTPUTF8",
+            )));
+        }
+        if eight_bit && !self.capabilities.eight_bit_mime && !self.capabilities.smtputf8 {
+            return Ok(TransactionResult::refused(Reply::new(
+                554,
+                Some(EnhancedCode::new(5, 6, 3)),
+                "8-bit message and the server does not offer 8BITMIME",
+            )));
+        }
+        if let Some(limit) = self.capabilities.size.filter(|l| *l > 0) {
+            if message.len() as u64 > limit {
+                return Ok(TransactionResult::refused(Reply::new(
+                    552,
+                    Some(EnhancedCode::new(5, 3, 4)),
+                    format!(
+                        "message of {} bytes exceeds the server's SIZE {limit}",
+                        message.len()
+                    ),
+                )));
+            }
+        }
         let mut params = Vec::new();
         if self.capabilities.size.is_some() {
             params.push(("SIZE".to_owned(), Some(message.len().to_string())));
         }
-        if self.capabilities.eight_bit_mime && message.iter().any(|b| *b >= 0x80) {
+        if self.capabilities.eight_bit_mime && eight_bit {
             params.push(("BODY".to_owned(), Some("8BITMIME".to_owned())));
+        }
+        if needs_utf8 {
+            params.push(("SMTPUTF8".to_owned(), None));
         }
         let mail = Command::MailFrom {
             address: envelope.sender.clone(),

@@ -91,6 +91,12 @@ struct SinkArgs {
     /// Offer STARTTLS with a self-signed certificate for the host name.
     #[arg(long)]
     tls: bool,
+    /// Do not advertise SMTPUTF8.
+    #[arg(long)]
+    no_smtputf8: bool,
+    /// Do not advertise 8BITMIME.
+    #[arg(long = "no-8bitmime")]
+    no_8bitmime: bool,
 }
 
 #[derive(clap::Args)]
@@ -318,6 +324,8 @@ async fn sink(args: SinkArgs) -> anyhow::Result<()> {
         banner_delay: Duration::from_millis(args.banner_delay),
         max_message_size: args.max_message_size,
         capture: false,
+        smtputf8: !args.no_smtputf8,
+        eight_bit_mime: !args.no_8bitmime,
     };
     let handle = sink::Sink::bind(args.listen, config)
         .await

@@ -79,6 +79,10 @@ pub struct SinkConfig {
     pub max_message_size: u64,
     /// Keep received messages in memory, for [`SinkHandle::messages`].
     pub capture: bool,
+    /// Advertise SMTPUTF8 (default true); off, it behaves like a server without it.
+    pub smtputf8: bool,
+    /// Advertise 8BITMIME (default true).
+    pub eight_bit_mime: bool,
     /// Offer STARTTLS with this certificate; `None`: plaintext only.
     pub tls: Option<SinkTls>,
 }
@@ -184,6 +188,8 @@ impl Default for SinkConfig {
             banner_delay: Duration::ZERO,
             max_message_size: 50 * 1024 * 1024,
             capture: false,
+            smtputf8: true,
+            eight_bit_mime: true,
             tls: None,
         }
     }
@@ -612,8 +618,8 @@ fn session_config(cfg: &SinkConfig, tls_active: bool) -> ServerConfig {
         capabilities: Capabilities {
             pipelining: cfg.pipelining,
             size: Some(cfg.max_message_size),
-            eight_bit_mime: true,
-            smtputf8: true,
+            eight_bit_mime: cfg.eight_bit_mime,
+            smtputf8: cfg.smtputf8,
             enhanced_status_codes: true,
             dsn: true,
             starttls: cfg.tls.is_some() && !tls_active,
