@@ -85,3 +85,56 @@ async fn a_tss04_reply_suspends_its_destination_while_others_flow_and_rules_can_
     );
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_reply_puts_the_site_in_backoff_until_the_operator_lifts_it() {
+    let gmail = start_sink(sink::SinkConfig {
+        reply_after_messages: Some((
+            0,
+            421,
+            "4.7.28 Our system has detected an unusual rate of unsolicited mail".into(),
+        )),
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}[[automation]]\nmatch_response = \"4\\\\.7\\\\.28\"\naction = \"backoff\"\nduration = \"1h\"\n\
+         [[shaping]]\nmatch = \"gmail.test\"\nmax_connections = 8\nbackoff_max_connections = 1\n[retry]\nintervals = [\"1h\"]\n",
+        routes(&["gmail.test"], gmail.local_addr())
+    ))
+    .await;
+    assert_eq!(
+        engine
+            .inject(&message_for(&["a@gmail.test".into()]))
+            .await
+            .0,
+        200
+    );
+    wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "TransientFailure") == 1
+    })
+    .await;
+    let holds: serde_json::Value = reqwest::get(engine.url("/api/admin/v1/suspensions"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(holds["backoff"], serde_json::json!(["route:gmail.test"]));
+    let (status, reply) = post_json(
+        &engine.url("/api/admin/v1/resume"),
+        &serde_json::json!({"domain": "route:gmail.test"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(reply["was_suspended"], true);
+    let holds: serde_json::Value = reqwest::get(engine.url("/api/admin/v1/suspensions"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(holds["backoff"], serde_json::json!([]));
+    engine.stop().await;
+}

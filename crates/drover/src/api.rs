@@ -382,7 +382,7 @@ async fn suspensions(State(state): State<AppState>, headers: HeaderMap) -> Respo
             v
         })
         .collect();
-    Json(json!({ "suspensions": list })).into_response()
+    Json(json!({ "suspensions": list, "backoff": state.engine.backing_off() })).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

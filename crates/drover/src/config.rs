@@ -280,6 +280,44 @@ pub struct DeliveryConfig {
     pub command_timeout: HumanDuration,
     /// Timeout for the reply to the final dot (extension; RFC 5321 says 10 min).
     pub data_timeout: HumanDuration,
+    /// The greeting (extension; default `command_timeout`, RFC 5321: 5 min).
+    pub banner_timeout: Option<HumanDuration>,
+    /// EHLO/HELO, STARTTLS and the TLS handshake (extension; default `command_timeout`).
+    pub ehlo_timeout: Option<HumanDuration>,
+    /// MAIL FROM (extension; default `command_timeout`, RFC 5321: 5 min).
+    pub mail_timeout: Option<HumanDuration>,
+    /// Each RCPT TO (extension; default `command_timeout`, RFC 5321: 5 min).
+    pub rcpt_timeout: Option<HumanDuration>,
+    /// DATA's 354 (extension; default the lesser of `command_timeout` and RFC 5321's 2 min).
+    pub data_start_timeout: Option<HumanDuration>,
+    /// Each block of the message body (extension; default the lesser of `command_timeout`
+    /// and RFC 5321's 3 min).
+    pub data_block_timeout: Option<HumanDuration>,
+}
+
+impl DeliveryConfig {
+    /// The per-stage timeouts of outbound sessions.
+    pub fn timeouts(&self) -> connection_pool::Timeouts {
+        let command = self.command_timeout.0;
+        let or = |v: &Option<HumanDuration>, d: Duration| v.map_or(d, |v| v.0);
+        connection_pool::Timeouts {
+            connect: self.connect_timeout.0,
+            banner: or(&self.banner_timeout, command),
+            ehlo: or(&self.ehlo_timeout, command),
+            mail: or(&self.mail_timeout, command),
+            rcpt: or(&self.rcpt_timeout, command),
+            data: or(
+                &self.data_start_timeout,
+                command.min(Duration::from_secs(120)),
+            ),
+            data_block: or(
+                &self.data_block_timeout,
+                command.min(Duration::from_secs(180)),
+            ),
+            final_dot: self.data_timeout.0,
+            other: command.min(Duration::from_secs(120)),
+        }
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -291,6 +329,12 @@ impl Default for DeliveryConfig {
             connect_timeout: secs(30),
             command_timeout: secs(300),
             data_timeout: secs(600),
+            banner_timeout: None,
+            ehlo_timeout: None,
+            mail_timeout: None,
+            rcpt_timeout: None,
+            data_start_timeout: None,
+            data_block_timeout: None,
         }
     }
 }
@@ -737,6 +781,20 @@ mod tests {
             c.tls_mode("customer.test", &google),
             connection_pool::TlsMode::Required
         );
+    }
+
+    #[test]
+    fn the_readme_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let block = readme
+            .split("### A production-shaped example")
+            .nth(1)
+            .and_then(|rest| rest.split("```toml").nth(1))
+            .and_then(|rest| rest.split("```").next())
+            .expect("the README keeps its example");
+        let c = Config::parse(block).unwrap();
+        assert_eq!(c.automation.len(), 4);
+        assert_eq!(c.egress_source.len(), 2);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use crate::automation::Action;
 use crate::egress::Source;
-use crate::engine::{now_ms, Engine};
+use crate::engine::{now_ms, Engine, BACKOFF, HOLDS};
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
 use queue::{Finalizing, MessageId, MessageMeta, Selector};
@@ -106,12 +106,21 @@ impl Engine {
         }
     }
 
+    /// Housekeeping: closes idle sessions past their time and publishes the hold gauges.
     pub(crate) async fn reap_idle_sessions(self: Arc<Self>) {
-        let period = (self.config.delivery.idle_timeout.0 / 2).max(Duration::from_millis(100));
+        let period = (self.config.delivery.idle_timeout.0 / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(period) => self.pool.reap(),
+                _ = tokio::time::sleep(period) => {
+                    self.pool.reap();
+                    let holds = self.scheduler.suspensions(now_ms());
+                    let domains = holds.iter().filter(|(s, _)| matches!(s, Selector::Domain(_))).count();
+                    metrics::gauge!(HOLDS, "kind" => "domain").set(domains as f64);
+                    metrics::gauge!(HOLDS, "kind" => "campaign").set((holds.len() - domains) as f64);
+                    metrics::gauge!(BACKOFF).set(self.backing_off().len() as f64);
+                }
             }
         }
     }
@@ -355,11 +364,16 @@ impl Engine {
             Err(e) => {
                 // The session broke (timeout, reset, garbage): not the message's fault, so
                 // it is deferred, never bounced.
+                let text = if e.after_final_dot() {
+                    format!("{e} (after the final dot: the message may have been delivered)")
+                } else {
+                    e.to_string()
+                };
                 let outcome = Outcome::synthetic(
                     Response {
                         code: 451,
                         enhanced_code: Some("4.4.2".into()),
-                        text: e.to_string(),
+                        text,
                     },
                     BounceCategory::NoAnswerFromHost,
                     false,

@@ -31,6 +31,14 @@ pub fn describe_metrics() {
         AUTOMATION,
         "Reactions of [[automation]] rules to receivers' replies, by action."
     );
+    metrics::describe_gauge!(
+        HOLDS,
+        "Operator and automation holds in force, by kind (domain, campaign)."
+    );
+    metrics::describe_gauge!(
+        BACKOFF,
+        "Destinations whose automation backoff limits are in force."
+    );
     metrics::describe_histogram!(
         DELIVERY_DURATION,
         metrics::Unit::Seconds,
@@ -58,6 +66,8 @@ pub fn describe_metrics() {
 }
 
 const SUSPEND_PREFIX: &str = "suspend/";
+pub(crate) const HOLDS: &str = "drover_holds";
+pub(crate) const BACKOFF: &str = "drover_backoff_destinations";
 
 fn suspend_key(selector: &Selector) -> String {
     match selector {
@@ -193,18 +203,7 @@ impl Engine {
         } else {
             config.delivery.ehlo_name.clone()
         };
-        let command = config.delivery.command_timeout.0;
-        let timeouts = Timeouts {
-            connect: config.delivery.connect_timeout.0,
-            banner: command,
-            ehlo: command,
-            mail: command,
-            rcpt: command,
-            data: command.min(Duration::from_secs(120)),
-            data_block: command.min(Duration::from_secs(180)),
-            final_dot: config.delivery.data_timeout.0,
-            other: command.min(Duration::from_secs(120)),
-        };
+        let timeouts = config.delivery.timeouts();
         let egress = Egress::from_config(&config);
         let policy = std::sync::RwLock::new(Arc::new(Policy::from_config(&config)?));
         let engine = Arc::new(Engine {
@@ -332,10 +331,21 @@ impl Engine {
         Ok(until)
     }
 
-    /// Lifts a hold; returns whether there was one.
+    /// Lifts a hold (and, for a destination, an automation backoff); returns whether there
+    /// was one.
     pub async fn resume(&self, selector: &Selector) -> Result<bool, EngineError> {
         self.spool.delete_state(&suspend_key(selector)).await?;
-        Ok(self.scheduler.resume(selector, now_ms()))
+        let held = self.scheduler.resume(selector, now_ms());
+        let backed_off = match selector {
+            Selector::Domain(name) => self.shaper.end_backoff(name),
+            Selector::Campaign(_) => false,
+        };
+        Ok(held || backed_off)
+    }
+
+    /// Destinations (site, or `site|source`) whose automation backoff is in force.
+    pub fn backing_off(&self) -> Vec<String> {
+        self.shaper.backing_off()
     }
 
     /// Makes the selected deferred messages due now; returns how many.

@@ -430,4 +430,7 @@ fn print_queues(body: &serde_json::Value, holds: &serde_json::Value) {
         let until = h["suspended_until"].as_str().unwrap_or("resumed by hand");
         println!("suspended: {what} until {until}");
     }
+    for b in holds["backoff"].as_array().into_iter().flatten() {
+        println!("backing off: {}", b.as_str().unwrap_or("?"));
+    }
 }

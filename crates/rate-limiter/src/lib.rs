@@ -269,6 +269,11 @@ impl DestinationLimiter {
             .fetch_max(until.max(1), Ordering::SeqCst);
     }
 
+    /// Ends a backoff now (operator action).
+    pub fn end_backoff(&self) {
+        self.backoff_until_ms.store(0, Ordering::SeqCst);
+    }
+
     /// Whether the backoff limits are in force.
     pub fn is_backing_off(&self) -> bool {
         self.elapsed_ms() < self.backoff_until_ms.load(Ordering::SeqCst)
@@ -418,6 +423,24 @@ impl Shaper {
             )
         });
         Arc::clone(&entry.0)
+    }
+
+    /// Ends the backoff of destination `name` (a site, or every `site|source` of it); returns
+    /// whether one was in force.
+    pub fn end_backoff(&self, name: &str) -> bool {
+        let mut ended = false;
+        for entry in self.live.iter() {
+            let key = entry.key();
+            let matches = key == name
+                || key
+                    .strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('|'));
+            if matches && entry.value().0.is_backing_off() {
+                entry.value().0.end_backoff();
+                ended = true;
+            }
+        }
+        ended
     }
 
     /// Destinations currently backing off, for the admin view and metrics.
