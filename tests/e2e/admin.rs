@@ -12,12 +12,7 @@ async fn admin(engine: &TestEngine, action: &str, body: serde_json::Value) -> se
 }
 
 async fn queues(engine: &TestEngine) -> serde_json::Value {
-    reqwest::get(engine.url("/api/admin/v1/queues"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    engine.get_json("/api/admin/v1/queues").await
 }
 
 fn destination<'a>(q: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
@@ -47,12 +42,7 @@ async fn a_suspended_domain_waits_across_a_restart_and_flows_when_resumed() {
     let hold = destination(&q, "hold.test").unwrap();
     assert_eq!(hold["ready"], 5);
     assert!(hold["suspended_until"].is_null());
-    let holds: serde_json::Value = reqwest::get(engine.url("/api/admin/v1/suspensions"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let holds: serde_json::Value = engine.get_json("/api/admin/v1/suspensions").await;
     assert_eq!(
         holds["suspensions"],
         json!([{"domain": "hold.test", "suspended_until": null}])

@@ -67,12 +67,7 @@ async fn mx_failover_implicit_mx_and_dns_bounces() {
     let e = by_rcpt("e@nullmx.mx.test", "Bounce");
     assert_eq!(e["response"]["enhanced_code"], "5.1.10");
     assert_eq!(sink.stats().transactions, 3);
-    let metrics = reqwest::get(engine.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = engine.metrics().await;
     assert!(
         metrics.contains("drover_dns_lookups_total{result=\"nxdomain\"} "),
         "{metrics}"

@@ -40,6 +40,26 @@ impl TestEngine {
         self.dir.path().join("spool").join("accounting.jsonl")
     }
 
+    /// GET a JSON document from the engine's HTTP API.
+    pub async fn get_json(&self, path: &str) -> Value {
+        reqwest::get(self.url(path))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The Prometheus exposition.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn inject(&self, body: &Value) -> (u16, Value) {
         post_json(&self.url("/api/inject/v1"), body, None).await
     }

@@ -100,12 +100,7 @@ async fn tokens_are_required_when_configured_and_big_bodies_get_413() {
     assert_eq!(health.status().as_u16(), 200);
     let ready = reqwest::get(engine.url("/readyz")).await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
-    let metrics = reqwest::get(engine.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = engine.metrics().await;
     assert!(
         metrics.contains("drover_messages_received_total"),
         "{metrics}"

@@ -168,12 +168,7 @@ async fn listener_queues_one_message_per_recipient_and_delivers_them() {
         assert_eq!(body, MESSAGE);
     }
 
-    let metrics = reqwest::get(engine.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = engine.metrics().await;
     let smtp_count: f64 = metrics
         .lines()
         .find(|l| l.starts_with("drover_messages_received_total{via=\"smtp\"}"))

@@ -56,12 +56,7 @@ async fn a_tss04_reply_suspends_its_destination_while_others_flow_and_rules_can_
     let bounce = recs.iter().find(|r| r["type"] == "Bounce").unwrap();
     assert_eq!(bounce["recipient"], "x@full.test");
     assert_eq!(bounce["response"]["code"], 452);
-    let queues: serde_json::Value = reqwest::get(engine.url("/api/admin/v1/queues"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let queues: serde_json::Value = engine.get_json("/api/admin/v1/queues").await;
     let held = queues["destinations"]
         .as_array()
         .unwrap()
@@ -73,12 +68,7 @@ async fn a_tss04_reply_suspends_its_destination_while_others_flow_and_rules_can_
         held["scheduled"].as_u64().unwrap() + held["ready"].as_u64().unwrap(),
         6
     );
-    let metrics = reqwest::get(engine.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = engine.metrics().await;
     assert!(
         metrics.contains("drover_automation_actions_total{action=\"suspend\"}"),
         "{metrics}"
@@ -114,12 +104,7 @@ async fn a_rate_limit_reply_puts_the_site_in_backoff_until_the_operator_lifts_it
         count_type(r, "TransientFailure") == 1
     })
     .await;
-    let holds: serde_json::Value = reqwest::get(engine.url("/api/admin/v1/suspensions"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let holds: serde_json::Value = engine.get_json("/api/admin/v1/suspensions").await;
     assert_eq!(holds["backoff"], serde_json::json!(["route:gmail.test"]));
     let (status, reply) = post_json(
         &engine.url("/api/admin/v1/resume"),
@@ -129,12 +114,7 @@ async fn a_rate_limit_reply_puts_the_site_in_backoff_until_the_operator_lifts_it
     .await;
     assert_eq!(status, 200);
     assert_eq!(reply["was_suspended"], true);
-    let holds: serde_json::Value = reqwest::get(engine.url("/api/admin/v1/suspensions"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let holds: serde_json::Value = engine.get_json("/api/admin/v1/suspensions").await;
     assert_eq!(holds["backoff"], serde_json::json!([]));
     engine.stop().await;
 }
