@@ -127,9 +127,9 @@ impl Engine {
 
     /// A delivery worker: one session at a time, many messages of one queue (a domain, or a
     /// domain and egress source).
-    async fn work(&self, queue: String) {
+    async fn work(self: Arc<Self>, queue: String) {
         let _guard = WorkerGuard {
-            engine: self,
+            engine: &self,
             domain: queue.clone(),
         };
         let (domain, source_name) = queue::split_queue_key(&queue);
@@ -305,7 +305,7 @@ impl Engine {
     /// goes back to the ready queue without an attempt counted, as the server most likely
     /// closed the idle connection.
     async fn attempt(
-        &self,
+        self: &Arc<Self>,
         id: MessageId,
         queue: &str,
         dest: &Destination,
@@ -398,8 +398,15 @@ impl Engine {
         outcome.peer = Some(peer);
         outcome.source = source;
         outcome.tls = tls;
-        let next = self.conclude(meta, &dest.site, outcome).await;
-        self.requeue_or_forget(id, next);
+        // The outcome is decided; recording it (two synced writes) need not hold the session.
+        // The message stays in flight until its record is down, so nothing can pick it up
+        // twice, and a crash before that repeats at most this delivery.
+        let engine = Arc::clone(self);
+        let site = dest.site.clone();
+        self.workers.spawn(async move {
+            let next = engine.conclude(meta, &site, outcome).await;
+            engine.requeue_or_forget(id, next);
+        });
         keep
     }
 
