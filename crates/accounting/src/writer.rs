@@ -195,10 +195,7 @@ fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path, synced_len: &At
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "accounting write failed");
-                // What reached the file is unknown; re-read its length so offsets stay honest.
-                if let Ok(meta) = out.get_ref().metadata() {
-                    written = meta.len();
-                }
+                out = discard_failed(out, path, &mut written);
             }
         }
         for job in jobs {
@@ -212,6 +209,21 @@ fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path, synced_len: &At
         }
     }
     let _ = out.flush();
+}
+
+/// Undoes a failed batch: its callers are told it failed and may write the same records again
+/// (the engine retries final records), so neither its buffered rest nor the part that reached
+/// the file (a torn line on a full disk) may stay. Cutting the file back also frees the space.
+fn discard_failed(out: BufWriter<File>, path: &Path, written: &mut u64) -> BufWriter<File> {
+    let (file, _unwritten) = out.into_parts();
+    if let Err(e) = file.set_len(*written).and_then(|()| file.sync_data()) {
+        tracing::error!(path = %path.display(), error = %e, "cannot cut a failed write off the accounting file");
+        // What stays in the file is unknown; re-read its length so offsets stay honest.
+        if let Ok(meta) = file.metadata() {
+            *written = meta.len();
+        }
+    }
+    BufWriter::with_capacity(256 * 1024, file)
 }
 
 fn write_batch(out: &mut BufWriter<File>, jobs: &[Job]) -> std::io::Result<u64> {
