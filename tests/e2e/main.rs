@@ -9,6 +9,7 @@
 mod admin;
 mod crash;
 mod delivery;
+mod fulldisk;
 mod harness;
 mod inject;
 mod listener;
