@@ -24,6 +24,8 @@
 //!   are appended to the accounting file (synced), then the message is deleted. After a crash a
 //!   message still in `meta` is owed either a delivery attempt (no marker) or the completion
 //!   of its marker's records, never both.
+//! - A failed write (full disk) leaves nothing applied and makes the spool read-only until it
+//!   can be reopened; see the `spool` module for the recovery (`Spool::is_writable`).
 
 mod message;
 #[cfg(test)]
