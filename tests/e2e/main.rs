@@ -10,6 +10,7 @@ mod admin;
 mod crash;
 mod delivery;
 mod dns;
+mod fulldisk;
 mod harness;
 mod inject;
 mod listener;

@@ -195,10 +195,7 @@ fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path, synced_len: &At
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "accounting write failed");
-                // What reached the file is unknown; re-read its length so offsets stay honest.
-                if let Ok(meta) = out.get_ref().metadata() {
-                    written = meta.len();
-                }
+                out = discard_failed(out, path, &mut written);
             }
         }
         for job in jobs {
@@ -212,6 +209,21 @@ fn writer_loop(file: File, rx: mpsc::Receiver<Job>, path: &Path, synced_len: &At
         }
     }
     let _ = out.flush();
+}
+
+/// Undoes a failed batch: its callers are told it failed and may write the same records again
+/// (the engine retries final records), so neither its buffered rest nor the part that reached
+/// the file (a torn line on a full disk) may stay. Cutting the file back also frees the space.
+fn discard_failed(out: BufWriter<File>, path: &Path, written: &mut u64) -> BufWriter<File> {
+    let (file, _unwritten) = out.into_parts();
+    if let Err(e) = file.set_len(*written).and_then(|()| file.sync_data()) {
+        tracing::error!(path = %path.display(), error = %e, "cannot cut a failed write off the accounting file");
+        // What stays in the file is unknown; re-read its length so offsets stay honest.
+        if let Ok(meta) = file.metadata() {
+            *written = meta.len();
+        }
+    }
+    BufWriter::with_capacity(256 * 1024, file)
 }
 
 fn write_batch(out: &mut BufWriter<File>, jobs: &[Job]) -> std::io::Result<u64> {
@@ -298,5 +310,60 @@ mod tests {
         assert!(final_ids_since(&dir.path().join("none"), 0)
             .unwrap()
             .is_empty());
+    }
+}
+
+#[cfg(test)]
+mod full_disk_tests {
+    use super::*;
+    use std::process::Command;
+
+    #[tokio::test]
+    async fn a_failed_batch_leaves_no_torn_line_and_is_not_written_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipping: cannot mount a tmpfs (needs root)");
+            return;
+        }
+        // Unmounts even if an assertion below fails.
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg("-l").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let ballast = dir.path().join("ballast");
+        std::fs::write(&ballast, vec![0u8; 900 << 10]).unwrap();
+        let path = dir.path().join("a.jsonl");
+        let acct = Accounting::open(&path).unwrap();
+        let mut record = Record::new(RecordType::Delivery, "x");
+        record.recipient = "r".repeat(4000);
+        let mut written = 0;
+        let failed = loop {
+            record.id = format!("id{written}");
+            match acct.record(record.clone()).await {
+                Ok(()) => written += 1,
+                Err(_) => break record.id.clone(),
+            }
+            assert!(written < 1000, "the disk never filled up");
+        };
+        assert_eq!(acct.synced_len(), std::fs::metadata(&path).unwrap().len());
+        std::fs::remove_file(&ballast).unwrap();
+        record.id = "after".into();
+        acct.record(record).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Record>(l).unwrap().id)
+            .collect();
+        assert_eq!(ids.len(), written + 1);
+        assert!(!ids.contains(&failed));
+        assert_eq!(ids.last().map(String::as_str), Some("after"));
     }
 }

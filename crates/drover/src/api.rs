@@ -396,6 +396,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.engine.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !state.engine.spool_writable() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "spool read-only after a storage error (disk full?)\n",
+        )
+            .into_response()
     } else {
         "ready\n".into_response()
     }

@@ -76,6 +76,14 @@ impl Engine {
     /// Moves due messages to their ready queues and starts workers where messages wait.
     pub(crate) async fn dispatch(self: Arc<Self>) {
         loop {
+            if !self.spool.is_writable() {
+                // An attempt's outcome could not be recorded: deliveries wait, the messages
+                // stay queued, until the spool is writable again.
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    _ = self.spool.wait_writable() => {}
+                }
+            }
             let now = now_ms();
             self.scheduler.promote(now);
             for (domain, ready) in self.scheduler.ready_destinations(now) {
@@ -135,7 +143,10 @@ impl Engine {
         let (domain, source_name) = queue::split_queue_key(&queue);
         let source = source_name.and_then(|name| self.egress.source(name));
         let mut current: Option<(Session, String)> = None;
-        while !self.cancel.is_cancelled() && self.scheduler.has_ready(&queue, now_ms()) {
+        while !self.cancel.is_cancelled()
+            && self.spool.is_writable()
+            && self.scheduler.has_ready(&queue, now_ms())
+        {
             let dest = match self.resolver.resolve(domain).await {
                 Ok(dest) => dest,
                 Err(e) => {
@@ -501,26 +512,61 @@ impl Engine {
     /// Ends a message's life: its final records on disk, then the message out of the spool,
     /// with a synced marker in between steps so a crash can neither lose the records nor
     /// write them twice (see [`queue::Finalizing`]). Returns whether the message is gone.
+    ///
+    /// A step that fails on a storage error (a full disk) is retried once the spool is
+    /// writable again, so the outcome is recorded without delivering the message twice; the
+    /// worker waits meanwhile. Only shutdown ends the wait: a message without its marker is
+    /// then attempted again at the next start (its final record was never written), one with
+    /// the marker gets the marker's records written then.
     pub(crate) async fn finalize(&self, mut meta: MessageMeta, records: Vec<Record>) -> bool {
         meta.finalizing = Some(Finalizing {
             accounting_offset: self.accounting.synced_len(),
             records: records.iter().map(Accounting::to_line).collect(),
         });
-        if let Err(e) = self.spool.update(meta.clone(), meta.due_ms).await {
-            // Nothing was recorded; the message stays and is tried again after a restart.
-            tracing::error!(id = %meta.id, error = %e, "cannot mark a message final");
-            return false;
+        while let Err(e) = self.spool.update(meta.clone(), meta.due_ms).await {
+            tracing::error!(id = %meta.id, error = %e, "cannot mark a message final; waiting for the spool");
+            if !self.wait_for_spool().await {
+                return false;
+            }
         }
-        if let Err(e) = self.accounting.record_all(records).await {
-            // The marker holds the records: the next start writes them.
-            tracing::error!(id = %meta.id, error = %e, "could not write the final record");
-            return false;
+        let mut pause = Duration::from_millis(250);
+        while let Err(e) = self.accounting.record_all(records.clone()).await {
+            // The accounting writer discards a failed batch, so a retry cannot duplicate it.
+            tracing::error!(id = %meta.id, error = %e, "could not write the final record; retrying");
+            if matches!(e, accounting::AccountingError::Stopped) {
+                return false;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
         }
         // Unsynced: if this delete is lost, the start-up finds the marker and the record.
-        if let Err(e) = self.spool.remove_lazily(meta.id, meta.due_ms).await {
+        while let Err(e) = self.spool.remove_lazily(meta.id, meta.due_ms).await {
             tracing::error!(id = %meta.id, error = %e, "could not remove a finished message");
+            if !self.wait_for_spool().await {
+                break;
+            }
         }
         true
+    }
+
+    /// After a failed spool write: waits until the spool is writable again. False when the
+    /// engine shuts down first or the spool is closed.
+    async fn wait_for_spool(&self) -> bool {
+        if self.cancel.is_cancelled() {
+            return false;
+        }
+        if self.spool.is_writable() {
+            // Not a storage error the spool recovers from by itself (it is closing): give up
+            // rather than spin.
+            return false;
+        }
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            _ = self.spool.wait_writable() => true,
+        }
     }
 
     fn retry_delay(&self, meta: &MessageMeta, category: BounceCategory) -> Duration {

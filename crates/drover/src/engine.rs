@@ -412,6 +412,12 @@ impl Engine {
         &self.scheduler
     }
 
+    /// Whether the spool accepts writes; false while it is read-only after a storage error
+    /// (injection then answers 503, deliveries wait).
+    pub fn spool_writable(&self) -> bool {
+        self.spool.is_writable()
+    }
+
     /// Whether shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)

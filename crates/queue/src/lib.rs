@@ -24,6 +24,8 @@
 //!   are appended to the accounting file (synced), then the message is deleted. After a crash a
 //!   message still in `meta` is owed either a delivery attempt (no marker) or the completion
 //!   of its marker's records, never both.
+//! - A failed write (full disk) leaves nothing applied and makes the spool read-only until it
+//!   can be reopened; see the `spool` module for the recovery (`Spool::is_writable`).
 
 mod message;
 #[cfg(test)]
@@ -33,7 +35,7 @@ mod spool;
 
 pub use message::{Finalizing, MessageId, MessageMeta};
 pub use schedule::{queue_key, split_queue_key, DestinationCounts, Scheduler, Selector};
-pub use spool::{Spool, SpoolOptions};
+pub use spool::{Spool, SpoolOptions, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM};
 
 /// Errors of the spool.
 #[non_exhaustive]
@@ -53,6 +55,12 @@ pub enum QueueError {
         /// What was wrong.
         reason: String,
     },
+    /// The spool refuses writes since an earlier storage error (e.g. a full disk) and has not
+    /// been reopened yet; nothing of this write was applied. It recovers by itself.
+    #[error(
+        "the spool is read-only after a storage error ({0}); writes resume when it can be reopened"
+    )]
+    Unwritable(String),
     /// The writer thread is gone (the spool is shutting down).
     #[error("the spool is closed")]
     Closed,
@@ -66,5 +74,9 @@ pub fn describe_metrics() {
     metrics::describe_gauge!(
         schedule::QUEUE_GAUGE,
         "Messages in the queue, by state (scheduled, ready, in_flight)."
+    );
+    metrics::describe_gauge!(
+        spool::WRITABLE_GAUGE,
+        "1 while the spool accepts writes, 0 while it is read-only after a storage error."
     );
 }

@@ -1,16 +1,57 @@
-//! RocksDB storage with group-committed, synced writes.
+//! RocksDB storage with group-committed, synced writes, and recovery from storage errors.
+//!
+//! # Full disk and other storage errors
+//!
+//! RocksDB 7.8 treats a failed WAL write (ENOSPC, EIO) as a hard background error: every later
+//! write of that `DB` instance fails, even once space returns, and this library version has no
+//! `DB::Resume` binding. Reads keep working. So the writer thread, on a failed batch:
+//! - answers that batch's callers with [`QueueError::Write`] (nothing of it was applied: the
+//!   torn WAL record is dropped when the log is replayed) and marks the spool *degraded*:
+//!   [`Spool::is_writable`] turns false and the gauge `drover_spool_writable` drops to 0;
+//! - answers every later write at once with [`QueueError::Unwritable`], without touching the
+//!   disk, while reads go on from the failed instance;
+//! - probes every second whether the file system has room for a reopen (free space at least
+//!   the WAL's size plus [`REOPEN_HEADROOM`]; a failed reopen leaves an orphan table file and
+//!   costs a flush, so it is not tried blindly), and when it has, closes the database and opens
+//!   it again. Opening replays the WAL, so everything acknowledged is there. If the read-write
+//!   open fails, a read-only instance serves reads and the next attempt backs off (up to
+//!   [`MAX_REOPEN_BACKOFF`]).
+//! - After a successful reopen it deletes any message of the failed batch that reached the
+//!   disk after all (possible if only the sync failed): its callers were told it failed.
+//!
+//! Readers hold a read lock on the instance only for one lookup (scans: for one chunk), so the
+//! writer can swap instances without anyone keeping the old one open.
+//!
+//! RocksDB's info log (`LOG`) is kept at the `Fatal` level: Debian's librocksdb is built with
+//! assertions, and a second append to a `LOG` whose previous append failed with ENOSPC aborts
+//! the process. For the same reason [`Spool::flush`] does not touch a failed instance's WAL.
 
 use crate::{MessageId, MessageMeta, QueueError};
-use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
-use std::path::Path;
-use std::sync::{mpsc, Arc};
+use rocksdb::{ColumnFamilyDescriptor, LogLevel, Options, WriteBatch, WriteOptions, DB};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, PoisonError, RwLock};
 use std::thread;
-use tokio::sync::oneshot;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
 
 const CF_META: &str = "meta";
 const CF_BODY: &str = "body";
 const CF_SCHEDULE: &str = "schedule";
 const CF_STATE: &str = "state";
+
+/// Gauge: 1 while the spool accepts writes, 0 while it is degraded after a storage error.
+pub(crate) const WRITABLE_GAUGE: &str = "drover_spool_writable";
+
+/// Free space wanted beyond the WAL's size before a reopen is tried: the reopen flushes the
+/// replayed WAL into table and blob files, and writes a new MANIFEST and OPTIONS file.
+pub const REOPEN_HEADROOM: u64 = 4 << 20;
+/// How often a degraded spool checks for free space.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait between reopen attempts that failed although space seemed available.
+pub const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(16);
+/// Metadata records a scan reads under one read lock.
+const SCAN_CHUNK: usize = 1024;
 
 /// Tunables of the spool.
 #[derive(Debug, Clone)]
@@ -51,11 +92,20 @@ enum Op {
     },
 }
 
+/// Why a write was refused.
+#[derive(Debug, Clone)]
+enum Refusal {
+    /// This batch failed.
+    Failed(String),
+    /// The spool is degraded since an earlier failure.
+    Unwritable(String),
+}
+
 struct Job {
     ops: Vec<Op>,
     /// Whether the caller needs the write synced before its answer.
     durable: bool,
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), Refusal>>,
 }
 
 enum Msg {
@@ -64,17 +114,29 @@ enum Msg {
     Close(mpsc::Sender<()>),
 }
 
+/// What the handles and the writer thread share.
+struct Shared {
+    path: PathBuf,
+    options: SpoolOptions,
+    /// The open instance. `None` only while the writer swaps instances, or when even a
+    /// read-only open failed after a storage error.
+    db: RwLock<Option<DB>>,
+    /// Whether writes are accepted (false while degraded after a storage error).
+    writable: watch::Sender<bool>,
+}
+
 /// The durable spool. Cheap to clone.
 #[derive(Clone)]
 pub struct Spool {
-    db: Arc<DB>,
+    shared: Arc<Shared>,
     tx: mpsc::Sender<Msg>,
 }
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Spool")
-            .field("path", &self.db.path())
+            .field("path", &self.shared.path)
+            .field("writable", &self.is_writable())
             .finish()
     }
 }
@@ -86,35 +148,98 @@ fn schedule_key(due_ms: u64, id: &MessageId) -> [u8; 24] {
     key
 }
 
+fn db_options() -> Options {
+    let mut db_opts = Options::default();
+    db_opts.create_if_missing(true);
+    db_opts.create_missing_column_families(true);
+    db_opts.set_max_background_jobs(2);
+    // See the module header: anything above Fatal can abort the process on a full disk.
+    db_opts.set_log_level(LogLevel::Fatal);
+    // Every open rotates the (empty) LOG; failed reopens on a full disk must not pile them up.
+    db_opts.set_keep_log_file_num(4);
+    db_opts
+}
+
+fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
+    let mut body_opts = Options::default();
+    body_opts.set_enable_blob_files(true);
+    body_opts.set_min_blob_size(options.min_blob_size);
+    body_opts.set_enable_blob_gc(true);
+    vec![
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_BODY, body_opts),
+        ColumnFamilyDescriptor::new(CF_SCHEDULE, Options::default()),
+        ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
+    ]
+}
+
+fn open_db(path: &Path, options: &SpoolOptions) -> Result<DB, rocksdb::Error> {
+    DB::open_cf_descriptors(&db_options(), path, cf_descriptors(options))
+}
+
+fn open_db_read_only(path: &Path, options: &SpoolOptions) -> Result<DB, rocksdb::Error> {
+    let mut db_opts = db_options();
+    db_opts.create_if_missing(false);
+    DB::open_cf_descriptors_read_only(&db_opts, path, cf_descriptors(options), false)
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, QueueError> {
+    db.cf_handle(name).ok_or_else(|| QueueError::Corrupt {
+        id: String::new(),
+        reason: format!("column family {name} is missing"),
+    })
+}
+
 impl Spool {
     /// Opens (or creates) the spool at `path`.
     pub fn open(path: &Path, options: SpoolOptions) -> Result<Spool, QueueError> {
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_max_background_jobs(2);
-        let mut body_opts = Options::default();
-        body_opts.set_enable_blob_files(true);
-        body_opts.set_min_blob_size(options.min_blob_size);
-        body_opts.set_enable_blob_gc(true);
-        let cfs = vec![
-            ColumnFamilyDescriptor::new(CF_META, Options::default()),
-            ColumnFamilyDescriptor::new(CF_BODY, body_opts),
-            ColumnFamilyDescriptor::new(CF_SCHEDULE, Options::default()),
-            ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
-        ];
-        let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, cfs)?);
+        let db = open_db(path, &options)?;
+        let (writable, _) = watch::channel(true);
+        let shared = Arc::new(Shared {
+            path: path.to_owned(),
+            options,
+            db: RwLock::new(Some(db)),
+            writable,
+        });
+        metrics::gauge!(WRITABLE_GAUGE).set(1.0);
         let (tx, rx) = mpsc::channel();
-        let writer_db = Arc::clone(&db);
-        let sync = options.sync;
+        let writer = Arc::clone(&shared);
         thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer_loop(writer_db, &rx, sync))
+            .spawn(move || writer_loop(writer, &rx))
             .map_err(|e| QueueError::Corrupt {
                 id: String::new(),
                 reason: format!("cannot start the spool writer: {e}"),
             })?;
-        Ok(Spool { db, tx })
+        Ok(Spool { shared, tx })
+    }
+
+    /// Whether the spool accepts writes. False while it is degraded after a storage error
+    /// (e.g. a full disk); it turns true again by itself once a reopen succeeds.
+    pub fn is_writable(&self) -> bool {
+        *self.shared.writable.borrow()
+    }
+
+    /// Returns once the spool accepts writes (at once if it does).
+    pub async fn wait_writable(&self) {
+        let mut rx = self.shared.writable.subscribe();
+        // An error means the spool is gone: nothing to wait for.
+        let _ = rx.wait_for(|w| *w).await;
+    }
+
+    /// Runs `f` on the current instance under a read lock.
+    fn with_db<T>(&self, f: impl FnOnce(&DB) -> Result<T, QueueError>) -> Result<T, QueueError> {
+        let guard = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(QueueError::Unwritable(
+                "the spool database could not be reopened".into(),
+            )),
+        }
     }
 
     async fn submit(&self, ops: Vec<Op>) -> Result<(), QueueError> {
@@ -128,7 +253,8 @@ impl Spool {
             .map_err(|_| QueueError::Closed)?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(QueueError::Write(reason)),
+            Ok(Err(Refusal::Failed(reason))) => Err(QueueError::Write(reason)),
+            Ok(Err(Refusal::Unwritable(reason))) => Err(QueueError::Unwritable(reason)),
             Err(_) => Err(QueueError::Closed),
         }
     }
@@ -200,50 +326,93 @@ impl Spool {
 
     /// Every state record whose key starts with `prefix`.
     pub fn states(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QueueError> {
-        let cf = self.cf(CF_STATE)?;
-        let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(cf, prefix.as_bytes()) {
-            let (k, v) = item?;
-            if !k.starts_with(prefix.as_bytes()) {
-                break;
+        self.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.prefix_iterator_cf(cf(db, CF_STATE)?, prefix.as_bytes()) {
+                let (k, v) = item?;
+                if !k.starts_with(prefix.as_bytes()) {
+                    break;
+                }
+                out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
             }
-            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Reads a message's metadata.
     pub fn meta(&self, id: &MessageId) -> Result<Option<MessageMeta>, QueueError> {
-        let cf = self.cf(CF_META)?;
-        match self.db.get_pinned_cf(cf, id.as_bytes())? {
-            None => Ok(None),
-            Some(bytes) => decode_meta(id, &bytes).map(Some),
-        }
+        self.with_db(
+            |db| match db.get_pinned_cf(cf(db, CF_META)?, id.as_bytes())? {
+                None => Ok(None),
+                Some(bytes) => decode_meta(id, &bytes).map(Some),
+            },
+        )
     }
 
     /// Reads a message's body.
     pub fn body(&self, id: &MessageId) -> Result<Option<Vec<u8>>, QueueError> {
-        let cf = self.cf(CF_BODY)?;
-        Ok(self.db.get_cf(cf, id.as_bytes())?)
+        self.with_db(|db| Ok(db.get_cf(cf(db, CF_BODY)?, id.as_bytes())?))
     }
 
     /// Every stored message's metadata, in id (reception) order. Used to rebuild the schedule
-    /// at start-up; a record that does not decode is reported, not skipped silently.
+    /// at start-up; a record that does not decode is reported, not skipped silently. Reads in
+    /// chunks, each under its own read lock, so a long scan never holds up a reopen.
     pub fn scan(&self) -> impl Iterator<Item = Result<MessageMeta, QueueError>> + '_ {
-        let cf = self.cf(CF_META);
-        let iter = cf
-            .ok()
-            .map(|cf| self.db.iterator_cf(cf, rocksdb::IteratorMode::Start));
-        iter.into_iter().flatten().map(|item| {
-            let (key, value) = item?;
-            let id = MessageId::from_slice(&key)?;
-            decode_meta(&id, &value)
+        let mut after: Option<Vec<u8>> = None;
+        let mut chunk: VecDeque<Result<MessageMeta, QueueError>> = VecDeque::new();
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if chunk.is_empty() && !done {
+                let read = self.with_db(|db| {
+                    let mode = match &after {
+                        Some(key) => rocksdb::IteratorMode::From(key, rocksdb::Direction::Forward),
+                        None => rocksdb::IteratorMode::Start,
+                    };
+                    let mut out = Vec::with_capacity(SCAN_CHUNK);
+                    for item in db.iterator_cf(cf(db, CF_META)?, mode) {
+                        let (key, value) = item?;
+                        if after.as_deref() == Some(&key[..]) {
+                            continue;
+                        }
+                        out.push((key.to_vec(), value));
+                        if out.len() == SCAN_CHUNK {
+                            break;
+                        }
+                    }
+                    Ok(out)
+                });
+                match read {
+                    Ok(items) => {
+                        done = items.len() < SCAN_CHUNK;
+                        if let Some((key, _)) = items.last() {
+                            after = Some(key.clone());
+                        }
+                        chunk.extend(items.into_iter().map(|(key, value)| {
+                            let id = MessageId::from_slice(&key)?;
+                            decode_meta(&id, &value)
+                        }));
+                    }
+                    Err(e) => {
+                        done = true;
+                        chunk.push_back(Err(e));
+                    }
+                }
+            }
+            chunk.pop_front()
         })
     }
 
-    /// Syncs the WAL; used at shutdown.
+    /// Syncs the WAL; used at shutdown. A degraded spool has nothing to sync: its synced
+    /// writes are on disk, and its failed instance's WAL must not be touched (module header).
     pub fn flush(&self) -> Result<(), QueueError> {
-        self.db.flush_wal(true)?;
+        let guard = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let (Some(db), true) = (guard.as_ref(), self.is_writable()) {
+            db.flush_wal(true)?;
+        }
         Ok(())
     }
 
@@ -257,13 +426,6 @@ impl Spool {
         }
         flushed
     }
-
-    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, QueueError> {
-        self.db.cf_handle(name).ok_or_else(|| QueueError::Corrupt {
-            id: String::new(),
-            reason: format!("column family {name} is missing"),
-        })
-    }
 }
 
 fn decode_meta(id: &MessageId, bytes: &[u8]) -> Result<MessageMeta, QueueError> {
@@ -273,12 +435,39 @@ fn decode_meta(id: &MessageId, bytes: &[u8]) -> Result<MessageMeta, QueueError> 
     })
 }
 
-fn writer_loop(db: Arc<DB>, rx: &mpsc::Receiver<Msg>, sync: bool) {
+/// The writer's memory of a storage error, until a reopen succeeds.
+struct Degraded {
+    cause: String,
+    next_probe: Instant,
+    backoff: Duration,
+    /// Messages of the failed batch: if any reached the disk after all, they are deleted
+    /// after the reopen, since their callers were told they failed.
+    failed_inserts: Vec<(MessageId, u64)>,
+}
+
+fn writer_loop(shared: Arc<Shared>, rx: &mpsc::Receiver<Msg>) {
     let mut synced = WriteOptions::default();
-    synced.set_sync(sync);
+    synced.set_sync(shared.options.sync);
     let lazy = WriteOptions::default();
     let mut closing = None;
-    while let Ok(first) = rx.recv() {
+    let mut degraded: Option<Degraded> = None;
+    loop {
+        let first = match &degraded {
+            None => match rx.recv() {
+                Ok(msg) => msg,
+                Err(_) => break,
+            },
+            Some(d) => {
+                match rx.recv_timeout(d.next_probe.saturating_duration_since(Instant::now())) {
+                    Ok(msg) => msg,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        degraded = try_recover(&shared, degraded.take(), &synced);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
         // Everything queued while the last sync ran goes into one batch: the group commit.
         let mut jobs = Vec::new();
         for msg in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
@@ -287,17 +476,30 @@ fn writer_loop(db: Arc<DB>, rx: &mpsc::Receiver<Msg>, sync: bool) {
                 Msg::Close(ack) => closing = Some(ack),
             }
         }
+        if degraded
+            .as_ref()
+            .is_some_and(|d| d.next_probe <= Instant::now())
+        {
+            degraded = try_recover(&shared, degraded.take(), &synced);
+        }
         if !jobs.is_empty() {
-            // One durable job makes the whole batch synced; lazy ones then ride along free.
-            let opts = if jobs.iter().any(|j| j.durable) {
-                &synced
-            } else {
-                &lazy
+            let result = match &degraded {
+                Some(d) => Err(Refusal::Unwritable(d.cause.clone())),
+                None => {
+                    // One durable job makes the whole batch synced; lazy ones then ride along.
+                    let opts = if jobs.iter().any(|j| j.durable) {
+                        &synced
+                    } else {
+                        &lazy
+                    };
+                    let result = write_jobs(&shared, &jobs, opts);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "spool write failed; the spool is read-only until it can be reopened");
+                        degraded = Some(degrade(&shared, e.clone(), &jobs));
+                    }
+                    result.map_err(Refusal::Failed)
+                }
             };
-            let result = write_jobs(&db, &jobs, opts);
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "spool write failed");
-            }
             for job in jobs {
                 let _ = job.done.send(result.clone());
             }
@@ -306,17 +508,125 @@ fn writer_loop(db: Arc<DB>, rx: &mpsc::Receiver<Msg>, sync: bool) {
             break;
         }
     }
-    drop(db);
+    drop(shared);
     if let Some(ack) = closing {
         let _ = ack.send(());
     }
 }
 
-fn write_jobs(db: &DB, jobs: &[Job], write_opts: &WriteOptions) -> Result<(), String> {
-    let cf = |name: &str| {
-        db.cf_handle(name)
-            .ok_or_else(|| format!("column family {name} is missing"))
+fn degrade(shared: &Shared, cause: String, jobs: &[Job]) -> Degraded {
+    shared.writable.send_replace(false);
+    metrics::gauge!(WRITABLE_GAUGE).set(0.0);
+    let failed_inserts = jobs
+        .iter()
+        .flat_map(|j| &j.ops)
+        .filter_map(|op| match op {
+            Op::Insert(meta, _) => Some((meta.id, meta.due_ms)),
+            _ => None,
+        })
+        .collect();
+    Degraded {
+        cause,
+        next_probe: Instant::now() + PROBE_INTERVAL,
+        backoff: PROBE_INTERVAL,
+        failed_inserts,
+    }
+}
+
+/// Bytes of the WAL files, which a reopen replays and flushes.
+fn wal_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn free_bytes(path: &Path) -> Option<u64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// One probe of a degraded spool: reopens it when the file system seems to have room.
+/// Returns the degraded state still in force, or `None` once writable again.
+fn try_recover(
+    shared: &Shared,
+    degraded: Option<Degraded>,
+    synced: &WriteOptions,
+) -> Option<Degraded> {
+    let mut d = degraded?;
+    let needed = wal_bytes(&shared.path).saturating_add(REOPEN_HEADROOM);
+    if free_bytes(&shared.path).is_some_and(|free| free < needed) {
+        d.next_probe = Instant::now() + PROBE_INTERVAL;
+        return Some(d);
+    }
+    let mut slot = shared.db.write().unwrap_or_else(PoisonError::into_inner);
+    // The failed instance must be closed (its lock file released) before the new one opens.
+    drop(slot.take());
+    let db = match open_db(&shared.path, &shared.options) {
+        Ok(db) => db,
+        Err(e) => {
+            *slot = open_db_read_only(&shared.path, &shared.options)
+                .map_err(|ro| tracing::error!(error = %ro, "the spool cannot even be read"))
+                .ok();
+            d.backoff = (d.backoff * 2).min(MAX_REOPEN_BACKOFF);
+            d.next_probe = Instant::now() + d.backoff;
+            tracing::warn!(error = %e, retry_in = ?d.backoff, "reopening the spool failed");
+            return Some(d);
+        }
     };
+    if let Err(e) = undo_failed_inserts(&db, &d.failed_inserts, synced) {
+        // Writes fail again already: stay degraded and keep the list for the next attempt.
+        *slot = Some(db);
+        d.cause = e;
+        d.next_probe = Instant::now() + PROBE_INTERVAL;
+        return Some(d);
+    }
+    *slot = Some(db);
+    drop(slot);
+    shared.writable.send_replace(true);
+    metrics::gauge!(WRITABLE_GAUGE).set(1.0);
+    tracing::info!(cause = %d.cause, "the spool is writable again");
+    None
+}
+
+fn undo_failed_inserts(
+    db: &DB,
+    inserts: &[(MessageId, u64)],
+    synced: &WriteOptions,
+) -> Result<(), String> {
+    let cf = |name| cf(db, name).map_err(|e| e.to_string());
+    let (meta_cf, body_cf, sched_cf) = (cf(CF_META)?, cf(CF_BODY)?, cf(CF_SCHEDULE)?);
+    let mut batch = WriteBatch::default();
+    for (id, due_ms) in inserts {
+        if db
+            .get_pinned_cf(meta_cf, id.as_bytes())
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            tracing::warn!(%id, "removing a message whose failed insert reached the disk");
+            batch.delete_cf(meta_cf, id.as_bytes());
+            batch.delete_cf(body_cf, id.as_bytes());
+            batch.delete_cf(sched_cf, schedule_key(*due_ms, id));
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    db.write_opt(batch, synced).map_err(|e| e.to_string())
+}
+
+fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Result<(), String> {
+    let guard = shared.db.read().unwrap_or_else(PoisonError::into_inner);
+    let db = guard
+        .as_ref()
+        .ok_or_else(|| "the spool database is not open".to_owned())?;
+    let cf = |name| cf(db, name).map_err(|e| e.to_string());
     let (meta_cf, body_cf, sched_cf, state_cf) =
         (cf(CF_META)?, cf(CF_BODY)?, cf(CF_SCHEDULE)?, cf(CF_STATE)?);
     let mut batch = WriteBatch::default();
@@ -359,14 +669,14 @@ pub(crate) fn schedule_key_for_tests(due_ms: u64, id: &MessageId) -> Vec<u8> {
 #[cfg(test)]
 impl Spool {
     pub(crate) fn schedule_keys(&self) -> Vec<Vec<u8>> {
-        let Ok(cf) = self.cf(CF_SCHEDULE) else {
-            return Vec::new();
-        };
-        self.db
-            .iterator_cf(cf, rocksdb::IteratorMode::Start)
-            .filter_map(Result::ok)
-            .map(|(k, _)| k.to_vec())
-            .collect()
+        self.with_db(|db| {
+            Ok(db
+                .iterator_cf(cf(db, CF_SCHEDULE)?, rocksdb::IteratorMode::Start)
+                .filter_map(Result::ok)
+                .map(|(k, _)| k.to_vec())
+                .collect())
+        })
+        .unwrap_or_default()
     }
 }
 
@@ -425,12 +735,7 @@ mod tests {
         assert!(spool.body(&b.id).unwrap().is_none());
         assert!(spool.meta(&b.id).unwrap().is_none());
         // The schedule index holds exactly the one current key.
-        let sched = spool.cf(CF_SCHEDULE).unwrap();
-        let keys: Vec<_> = spool
-            .db
-            .iterator_cf(sched, rocksdb::IteratorMode::Start)
-            .map(|kv| kv.unwrap().0.to_vec())
-            .collect();
+        let keys = spool.schedule_keys();
         assert_eq!(keys, vec![schedule_key(99, &a.id).to_vec()]);
     }
 
@@ -472,5 +777,128 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(spool.scan().count(), 50);
+    }
+}
+
+#[cfg(test)]
+mod full_disk_tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::process::Command;
+
+    /// A size-limited tmpfs, unmounted on drop so a failing test leaves nothing behind.
+    struct SmallDisk {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallDisk {
+        fn mount(size: &str) -> Option<SmallDisk> {
+            let dir = tempfile::tempdir().ok()?;
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .ok()?;
+            status.success().then_some(SmallDisk { dir })
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.dir.path()).status();
+        }
+    }
+
+    fn meta(n: u32) -> MessageMeta {
+        MessageMeta {
+            id: MessageId::generate(),
+            sender: "s@example.com".into(),
+            recipient: format!("r{n}@example.test"),
+            domain: "example.test".into(),
+            campaign: None,
+            tenant: None,
+            received_ms: 1,
+            due_ms: u64::from(n),
+            attempts: 0,
+            headers: BTreeMap::new(),
+            last_source: None,
+            size: 200_000,
+            finalizing: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_degrades_the_spool_and_freeing_space_recovers_it() {
+        let Some(disk) = SmallDisk::mount("16m") else {
+            eprintln!("skipping: cannot mount a tmpfs (needs root)");
+            return;
+        };
+        let ballast = disk.dir.path().join("ballast");
+        std::fs::write(&ballast, vec![0u8; 9 << 20]).unwrap();
+        let path = disk.dir.path().join("spool");
+        let spool = Spool::open(&path, SpoolOptions::default()).unwrap();
+        let mut stored = Vec::new();
+        let failed = loop {
+            let m = meta(stored.len() as u32);
+            match spool.insert(vec![(m.clone(), vec![b'x'; 200_000])]).await {
+                Ok(()) => stored.push(m),
+                Err(e) => break (m, e),
+            }
+            assert!(stored.len() < 200, "the disk never filled up");
+        };
+        assert!(matches!(failed.1, QueueError::Write(_)), "{:?}", failed.1);
+        assert!(!stored.is_empty());
+        assert!(!spool.is_writable());
+        // Later writes are refused at once, and reads go on.
+        let again = spool.insert(vec![(meta(999), b"small".to_vec())]).await;
+        assert!(matches!(again, Err(QueueError::Unwritable(_))), "{again:?}");
+        assert!(spool.remove(stored[0].id, stored[0].due_ms).await.is_err());
+        assert_eq!(spool.meta(&stored[0].id).unwrap().unwrap(), stored[0]);
+        assert_eq!(spool.scan().count(), stored.len());
+        // Still full: the probes do not reopen, nothing changes.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!spool.is_writable());
+
+        std::fs::remove_file(&ballast).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), spool.wait_writable())
+            .await
+            .expect("the spool recovers once space returns");
+        let late = meta(1000);
+        spool
+            .insert(vec![(late.clone(), b"after".to_vec())])
+            .await
+            .unwrap();
+        stored.push(late);
+        let check = |spool: &Spool| {
+            for m in &stored {
+                assert_eq!(spool.meta(&m.id).unwrap().as_ref(), Some(m));
+                assert!(spool.body(&m.id).unwrap().is_some());
+            }
+            assert!(spool.meta(&failed.0.id).unwrap().is_none());
+            assert_eq!(spool.scan().count(), stored.len());
+            assert_eq!(spool.schedule_keys().len(), stored.len());
+        };
+        check(&spool);
+        spool.close().unwrap();
+        drop(spool);
+        let spool = Spool::open(&path, SpoolOptions::default()).unwrap();
+        check(&spool);
+        drop(spool);
+        drop(disk);
+    }
+
+    #[tokio::test]
+    async fn scans_span_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let all: Vec<_> = (0..(SCAN_CHUNK as u32 * 2 + 7)).map(meta).collect();
+        spool
+            .insert(all.iter().map(|m| (m.clone(), b"b".to_vec())).collect())
+            .await
+            .unwrap();
+        let scanned: Vec<MessageId> = spool.scan().map(|m| m.unwrap().id).collect();
+        let mut ids: Vec<MessageId> = all.iter().map(|m| m.id).collect();
+        ids.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        assert_eq!(scanned, ids);
     }
 }
