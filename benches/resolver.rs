@@ -217,6 +217,74 @@ fn memory_summary() {
     }
 }
 
+/// A cold burst: 10 000 distinct domains (sharing 50 MX hosts, as real domains share
+/// providers) resolved against the in-process DNS server on loopback, 500 at a time, then the
+/// same 10 000 again from the warm cache.
+fn cold_burst_summary() {
+    const DOMAINS: usize = 10_000;
+    let mut zone = String::from(
+        "$ORIGIN burst.test.\n$TTL 3600\n@ IN SOA ns.burst.test. admin.burst.test. ( 1 3600 600 86400 60 )\n@ IN NS ns\nns IN A 127.0.0.1\n",
+    );
+    for j in 0..50 {
+        zone.push_str(&format!("mx{j} IN A 192.0.2.{}\n", j + 1));
+    }
+    for i in 0..DOMAINS {
+        zone.push_str(&format!("d{i} IN MX 10 mx{}\n", i % 50));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dns = resolver_cache::testing::TestDns::start(&zone, "burst.test.").await;
+        let resolver = Arc::new(
+            MxResolver::new(ResolverSettings {
+                nameservers: vec![dns.addr],
+                max_entries: 2 * DOMAINS,
+                ..ResolverSettings::default()
+            })
+            .unwrap(),
+        );
+        let names: Vec<String> = (0..DOMAINS).map(|i| format!("d{i}.burst.test")).collect();
+        let run = |names: Vec<String>| {
+            let resolver = Arc::clone(&resolver);
+            async move {
+                let start = Instant::now();
+                for chunk in names.chunks(500) {
+                    let lookups: Vec<_> = chunk
+                        .iter()
+                        .map(|n| {
+                            let r = Arc::clone(&resolver);
+                            let n = n.clone();
+                            tokio::spawn(async move { r.resolve(&n).await.is_ok() })
+                        })
+                        .collect();
+                    for l in lookups {
+                        assert!(l.await.unwrap());
+                    }
+                }
+                start.elapsed()
+            }
+        };
+        let cold = run(names.clone()).await;
+        let queries = dns.total_queries();
+        let warm = run(names).await;
+        println!("\n== cold burst: {DOMAINS} domains (50 MX hosts) against loopback DNS, 500 in flight ==");
+        println!(
+            "cold: {:.2} s, {:.0} lookups/s, {queries} upstream queries ({:.2} per domain)",
+            cold.as_secs_f64(),
+            DOMAINS as f64 / cold.as_secs_f64(),
+            queries as f64 / DOMAINS as f64
+        );
+        println!(
+            "warm: {:.3} s, {:.0} lookups/s; cold costs {:.0}x warm",
+            warm.as_secs_f64(),
+            DOMAINS as f64 / warm.as_secs_f64(),
+            cold.as_secs_f64() / warm.as_secs_f64()
+        );
+    });
+}
+
 fn main() {
     if let Ok(variant) = std::env::var(MEM_ENV) {
         memory_child(&variant);
@@ -226,6 +294,7 @@ fn main() {
     let f = fixture();
     if std::env::var_os("DROVER_BENCH_SUMMARY_ONLY").is_some() {
         ratio_summary(&f);
+        cold_burst_summary();
         return;
     }
     let mut c = Criterion::default()
@@ -237,5 +306,6 @@ fn main() {
     if !quick {
         ratio_summary(&f);
         memory_summary();
+        cold_burst_summary();
     }
 }
