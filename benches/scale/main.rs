@@ -1,0 +1,459 @@
+//! The scale benchmark (issue 7): a million queued messages over 100 000 domains, scheduled
+//! into the future.
+//!
+//! `cargo bench -p drover --bench scale` (see README.md, "Benchmarks"). Reports:
+//! 1. memory of the in-memory schedule alone (`queue::Scheduler`, filled in this process):
+//!    VmRSS before/after, bytes per queued message;
+//! 2. the whole engine: a spool of N messages (written directly with `queue::Spool`), one more
+//!    message due now routed to a sink and written last (the reload reaches it last: the worst
+//!    case); `drover serve` is started on it and timed until that message's `Delivery` record
+//!    (restart to first delivery) and until the whole queue is reloaded; then its VmRSS minus
+//!    that of an engine on an empty spool, per queued message;
+//! 3. the delivery rate when messages come due: the campaign `due` (20 000 messages over 1 000
+//!    domains; 10 000 in quick mode) made due at once through the admin API's retry, timed to
+//!    the last `Delivery` record and counting deferrals (a 20 s command timeout). Every due
+//!    domain opens its own connections at once, all to one sink (`drover sink`).
+//!
+//! Environment: `DROVER_BENCH_QUICK=1` (100 000 messages over 10 000 domains),
+//! `DROVER_BENCH_SCALE_N`, `DROVER_BENCH_SCALE_DOMAINS`, `DROVER_BENCH_SCALE_DUE`,
+//! `DROVER_BENCH_SCALE_DUE_DOMAINS`,
+//! `DROVER_BENCH_SCALE_BODY` (bytes, default 1024). Writes `target/bench/scale.json`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    unreachable_pub
+)]
+
+#[path = "../relay/proc.rs"]
+mod proc;
+
+use queue::{MessageId, MessageMeta, Scheduler, Spool, SpoolOptions};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn wait_for_port(port: u16) -> bool {
+    wait_until(Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+}
+
+fn domain(k: usize) -> String {
+    format!("d{k}.scale.test")
+}
+
+/// The shape of the queue: `n` messages over `domains` domains; the first `due` of them (the
+/// campaign `due`, made due at once later) over the first `due_domains` domains.
+#[derive(Clone, Copy)]
+struct Shape {
+    n: usize,
+    domains: usize,
+    due: usize,
+    due_domains: usize,
+}
+
+fn meta(i: usize, shape: Shape, due_ms: u64) -> MessageMeta {
+    let due = shape.due;
+    let d = if i < due {
+        domain(i % shape.due_domains)
+    } else {
+        domain(i % shape.domains)
+    };
+    MessageMeta {
+        id: MessageId::generate(),
+        sender: "bounces@sender.example.com".into(),
+        recipient: format!("user{i}@{d}"),
+        domain: d,
+        campaign: Some(if i < due { "due" } else { "later" }.into()),
+        tenant: None,
+        received_ms: now_ms(),
+        due_ms,
+        attempts: 0,
+        headers: BTreeMap::new(),
+        last_source: None,
+        size: 0,
+        finalizing: None,
+    }
+}
+
+/// 1. The schedule alone, in this process.
+fn scheduler_memory(shape: Shape) -> serde_json::Value {
+    let Shape {
+        n, domains, due, ..
+    } = shape;
+    let names: Vec<String> = (0..domains).map(domain).collect();
+    let ids: Vec<MessageId> = (0..n).map(|_| MessageId::generate()).collect();
+    let me = std::process::id();
+    let before = proc::rss_kb(me).unwrap_or(0);
+    let scheduler = Scheduler::new();
+    let now = now_ms();
+    let later = now + 86_400_000;
+    let start = Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        let campaign = if i < due { "due" } else { "later" };
+        scheduler.schedule(*id, &names[i % domains], Some(campaign), later, now, now);
+    }
+    let fill = start.elapsed().as_secs_f64();
+    let after = proc::rss_kb(me).unwrap_or(0);
+    let per = (after.saturating_sub(before) * 1024) as f64 / n as f64;
+    eprintln!(
+        "scheduler: {n} messages over {domains} domains: +{} MB RSS, {per:.0} bytes/message, filled in {fill:.2} s",
+        (after - before) / 1024
+    );
+    assert_eq!(scheduler.len(), n);
+    drop(scheduler);
+    json!({
+        "messages": n,
+        "domains": domains,
+        "rss_before_kb": before,
+        "rss_after_kb": after,
+        "bytes_per_message": per.round(),
+        "fill_seconds": (fill * 1000.0).round() / 1000.0,
+    })
+}
+
+/// Writes the spool: `n` messages due in a day, then one due now for `now.scale.test`.
+fn build_spool(path: &Path, shape: Shape, body_size: usize) -> f64 {
+    let n = shape.n;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let spool = Spool::open(path, SpoolOptions::default()).unwrap();
+    let body = vec![b'x'; body_size];
+    let later = now_ms() + 86_400_000;
+    rt.block_on(async {
+        let mut i = 0;
+        while i < n {
+            let batch: Vec<_> = (i..(i + 2000).min(n))
+                .map(|j| (meta(j, shape, later), body.clone()))
+                .collect();
+            i += batch.len();
+            spool.insert(batch).await.unwrap();
+        }
+        let mut now_msg = meta(n, shape, 0);
+        now_msg.domain = "now.scale.test".into();
+        now_msg.recipient = "first@now.scale.test".into();
+        now_msg.campaign = Some("first".into());
+        spool.insert(vec![(now_msg, body.clone())]).await.unwrap();
+        spool.close().unwrap();
+    });
+    start.elapsed().as_secs_f64()
+}
+
+struct Engine {
+    child: Child,
+    port: u16,
+    accounting: PathBuf,
+}
+
+fn start_engine(drover: &Path, dir: &Path, spool: &Path, sink_port: u16) -> Engine {
+    let port = free_port();
+    let accounting = dir.join("accounting.jsonl");
+    let config = format!(
+        r#"
+[spool]
+path = "{spool}"
+[http]
+listen = "127.0.0.1:{port}"
+[accounting]
+path = "{accounting}"
+[delivery]
+ehlo_name = "drover.scale.test"
+command_timeout = "20s"
+[[route]]
+domain = "*"
+hosts = ["127.0.0.1:{sink_port}"]
+"#,
+        spool = spool.display(),
+        accounting = accounting.display(),
+    );
+    let config_path = dir.join("drover.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let log = std::fs::File::create(dir.join("drover.log")).unwrap();
+    let child = Command::new(drover)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Engine {
+        child,
+        port,
+        accounting,
+    }
+}
+
+impl Engine {
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        if !wait_until(Duration::from_secs(60), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        }) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn http(&self, method: &str, path: &str, body: &str) -> String {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// `drover_queue_messages{state="scheduled"}` from /metrics.
+    fn scheduled(&self) -> u64 {
+        let text = self.http("GET", "/metrics", "");
+        text.lines()
+            .find(|l| l.starts_with("drover_queue_messages{state=\"scheduled\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+}
+
+/// Counts `Delivery` lines of the accounting file incrementally.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+    deliveries: u64,
+    failures: u64,
+}
+
+impl Tail {
+    fn poll(&mut self) -> u64 {
+        if let Ok(mut f) = std::fs::File::open(&self.path) {
+            let mut buf = Vec::new();
+            if f.seek(SeekFrom::Start(self.offset)).is_ok() && f.read_to_end(&mut buf).is_ok() {
+                self.offset += buf.len() as u64;
+                self.partial.extend_from_slice(&buf);
+                if let Some(end) = self.partial.iter().rposition(|b| *b == b'\n') {
+                    for l in self.partial[..end].split(|b| *b == b'\n') {
+                        if l.starts_with(br#"{"type":"Delivery""#) {
+                            self.deliveries += 1;
+                        } else if l.starts_with(br#"{"type":"TransientFailure""#) {
+                            self.failures += 1;
+                        }
+                    }
+                    self.partial.drain(..=end);
+                }
+            }
+        }
+        self.deliveries
+    }
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("scale: run with `cargo bench -p drover --bench scale`; skipped");
+        return;
+    }
+    let quick = std::env::var("DROVER_BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
+    let n = env_usize(
+        "DROVER_BENCH_SCALE_N",
+        if quick { 100_000 } else { 1_000_000 },
+    );
+    let domains = env_usize(
+        "DROVER_BENCH_SCALE_DOMAINS",
+        if quick { 10_000 } else { 100_000 },
+    )
+    .clamp(1, n);
+    let due = env_usize(
+        "DROVER_BENCH_SCALE_DUE",
+        if quick { 10_000 } else { 20_000 },
+    )
+    .min(n);
+    // Each due domain opens its own connections at once, all to one sink: a burst the sink
+    // must accept; keep the due domains few (see README, "Benchmarks").
+    let due_domains = env_usize("DROVER_BENCH_SCALE_DUE_DOMAINS", 1000).clamp(1, domains.min(due));
+    let shape = Shape {
+        n,
+        domains,
+        due,
+        due_domains,
+    };
+    let body_size = env_usize("DROVER_BENCH_SCALE_BODY", 1024);
+    let drover = PathBuf::from(env!("CARGO_BIN_EXE_drover"));
+    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
+        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
+        PathBuf::from,
+    );
+    let work = target.join("bench");
+    std::fs::create_dir_all(&work).unwrap();
+    let machine = proc::machine();
+
+    let sched = scheduler_memory(shape);
+
+    // The sink: Drover's own (this bench measures the engine's memory and start-up, not the wire).
+    let sink_port = free_port();
+    let mut sink = Command::new(&drover)
+        .args(["sink", "--listen", &format!("127.0.0.1:{sink_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_port(sink_port));
+
+    // An engine on an empty spool: the fixed part of its memory.
+    let empty_dir = tempfile::Builder::new()
+        .prefix("scale-empty-")
+        .tempdir_in(&work)
+        .unwrap();
+    let e = start_engine(
+        &drover,
+        empty_dir.path(),
+        &empty_dir.path().join("spool"),
+        sink_port,
+    );
+    assert!(wait_for_port(e.port));
+    std::thread::sleep(Duration::from_secs(2));
+    let empty_rss = proc::rss_kb(e.child.id()).unwrap_or(0);
+    e.stop();
+
+    let dir = tempfile::Builder::new()
+        .prefix("scale-")
+        .tempdir_in(&work)
+        .unwrap();
+    let spool = dir.path().join("spool");
+    eprintln!("writing a spool of {n} messages over {domains} domains ({body_size} B bodies)...");
+    let build = build_spool(&spool, shape, body_size);
+    eprintln!("  written in {build:.1} s");
+
+    let start = Instant::now();
+    let e = start_engine(&drover, dir.path(), &spool, sink_port);
+    let pid = e.child.id();
+    let mut tail = Tail {
+        path: e.accounting.clone(),
+        offset: 0,
+        partial: Vec::new(),
+        deliveries: 0,
+        failures: 0,
+    };
+    assert!(
+        wait_until(Duration::from_secs(600), || tail.poll() >= 1),
+        "the due message was not delivered"
+    );
+    let first_delivery = start.elapsed().as_secs_f64();
+    eprintln!("restart to first delivery: {first_delivery:.2} s");
+    assert!(
+        wait_until(Duration::from_secs(900), || e.scheduled() >= n as u64),
+        "the reload did not finish"
+    );
+    let reloaded = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let full_rss = proc::rss_kb(pid).unwrap_or(0);
+    let per = (full_rss.saturating_sub(empty_rss) * 1024) as f64 / n as f64;
+    eprintln!(
+        "reloaded {n} in {reloaded:.1} s; engine RSS {} MB (empty: {} MB): {per:.0} bytes/message",
+        full_rss / 1024,
+        empty_rss / 1024
+    );
+
+    // Delivery rate when messages come due: one per domain, all at once.
+    let due_start = Instant::now();
+    let reply = e.http("POST", "/api/admin/v1/retry", r#"{"campaign":"due"}"#);
+    assert!(reply.starts_with("HTTP/1.1 200"), "retry failed: {reply}");
+    let ok = wait_until(Duration::from_secs(1800), || {
+        tail.poll() + tail.failures > due as u64
+    });
+    let due_secs = due_start.elapsed().as_secs_f64();
+    let delivered = tail.deliveries.saturating_sub(1);
+    let rate = delivered as f64 / due_secs;
+    eprintln!(
+        "came due: {delivered} messages over {due_domains} domains delivered in {due_secs:.1} s: {rate:.0} msgs/s, {} deferred{}",
+        tail.failures,
+        if ok { "" } else { " (timed out)" }
+    );
+    let cpu = proc::cpu_seconds(pid).unwrap_or(0.0);
+    let peak = proc::peak_rss_kb(pid).unwrap_or(0);
+    e.stop();
+    let _ = sink.kill();
+    let _ = sink.wait();
+
+    let out = json!({
+        "bench": "scale",
+        "mode": if quick { "quick" } else { "full" },
+        "machine": machine,
+        "scheduler_only": sched,
+        "engine": {
+            "messages": n,
+            "domains": domains,
+            "body_bytes": body_size,
+            "spool_write_seconds": (build * 10.0).round() / 10.0,
+            "empty_rss_kb": empty_rss,
+            "loaded_rss_kb": full_rss,
+            "bytes_per_message": per.round(),
+            "restart_to_first_delivery_s": (first_delivery * 1000.0).round() / 1000.0,
+            "restart_to_full_reload_s": (reloaded * 100.0).round() / 100.0,
+            "peak_rss_kb": peak,
+            "cpu_seconds_total": (cpu * 10.0).round() / 10.0,
+        },
+        "came_due": {
+            "messages": delivered,
+            "domains": due_domains,
+            "deferred": tail.failures,
+            "seconds": (due_secs * 100.0).round() / 100.0,
+            "msgs_per_s": rate.round(),
+            "completed": ok,
+        },
+    });
+    let path = work.join("scale.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    println!("written: {}", path.display());
+}
