@@ -84,11 +84,14 @@ pub async fn post_json(url: &str, body: &Value, token: Option<&str>) -> (u16, Va
     (status, value)
 }
 
+/// The complete records of an accounting file. A line still being written (no newline yet)
+/// is not a record yet; every complete line must parse.
 pub fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l:?}: {e}")))
         .collect()
 }
 

@@ -65,6 +65,7 @@ impl Accounting {
             .append(true)
             .open(path)
             .map_err(io)?;
+        drop_torn_tail(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let synced_len = Arc::new(AtomicU64::new(len));
         let (tx, rx) = mpsc::channel();
@@ -143,6 +144,38 @@ impl Accounting {
             Err(_) => Err(AccountingError::Stopped),
         }
     }
+}
+
+/// A crash in the middle of a write can leave a last line without its newline. Its batch was
+/// never acknowledged (answers come after the sync), so the line is cut off rather than left
+/// for the next record to be glued onto.
+fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
+    let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut end = len;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let buf = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        std::io::Read::read_exact(&mut file, buf)?;
+        if let Some(i) = buf.iter().rposition(|b| *b == b'\n') {
+            let keep = start + i as u64 + 1;
+            if keep < len {
+                tracing::warn!(path = %path.display(), bytes = len - keep, "cutting a torn last record");
+                file.set_len(keep)?;
+                file.sync_data()?;
+            }
+            return Ok(());
+        }
+        end = start;
+    }
+    // No newline at all: a single torn line.
+    file.set_len(0)?;
+    file.sync_data()
 }
 
 /// Ids that have a final record (`Delivery`, `Bounce`, `Expiration`, `AdminBounce`) in the
@@ -274,6 +307,25 @@ mod tests {
         let back: Record = serde_json::from_value(lines[0].clone()).unwrap();
         assert_eq!(back.kind, RecordType::Bounce);
         assert_eq!(acct.synced_len(), text.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        std::fs::write(&path, "{\"type\":\"Reception\"}\n{\"type\":\"Deliv").unwrap();
+        let acct = Accounting::open(&path).unwrap();
+        assert_eq!(acct.synced_len(), 21);
+        acct.record(Record::new(RecordType::Delivery, "x"))
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 2);
     }
 
     #[tokio::test]
