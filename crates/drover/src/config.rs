@@ -280,6 +280,9 @@ pub struct DeliveryConfig {
     pub command_timeout: HumanDuration,
     /// Timeout for the reply to the final dot (extension; RFC 5321 says 10 min).
     pub data_timeout: HumanDuration,
+    /// Outbound SMTP sessions open at once across every destination (extension): a burst of
+    /// thousands of due domains opens sessions up to this, not one per domain at once.
+    pub max_connections: usize,
     /// The greeting (extension; default `command_timeout`, RFC 5321: 5 min).
     pub banner_timeout: Option<HumanDuration>,
     /// EHLO/HELO, STARTTLS and the TLS handshake (extension; default `command_timeout`).
@@ -329,6 +332,7 @@ impl Default for DeliveryConfig {
             connect_timeout: secs(30),
             command_timeout: secs(300),
             data_timeout: secs(600),
+            max_connections: 1000,
             banner_timeout: None,
             ehlo_timeout: None,
             mail_timeout: None,
@@ -478,6 +482,9 @@ impl Config {
                     format!("{ns:?} is not ip:port"),
                 )
             })?;
+        }
+        if self.delivery.max_connections == 0 {
+            return Err(invalid("delivery.max_connections", "must be at least 1"));
         }
         if self.retry.intervals.iter().any(|d| d.0.is_zero()) {
             return Err(invalid("retry.intervals", "intervals must be positive"));

@@ -29,10 +29,11 @@ pub(crate) const AUTOMATION: &str = "drover_automation_actions_total";
 /// same domain: a session carries many messages, and receivers count connections.
 const BACKLOG_PER_WORKER: usize = 4;
 
-/// An SMTP session with the connection slot it occupies.
+/// An SMTP session with the connection slots it occupies (its site's and the global one).
 pub(crate) struct Session {
     client: SmtpClient,
     _slot: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
 }
 
 impl Pooled for Session {
@@ -41,11 +42,15 @@ impl Pooled for Session {
     }
 
     fn close(self) -> impl Future<Output = ()> + Send {
-        // The slot is released when the session is gone, not before.
-        let Session { client, _slot } = self;
+        // The slots are released when the session is gone, not before.
+        let Session {
+            client,
+            _slot,
+            _global,
+        } = self;
         async move {
             client.quit().await;
-            drop(_slot);
+            drop((_slot, _global));
         }
     }
 }
@@ -238,6 +243,10 @@ impl Engine {
             _ = self.cancel.cancelled() => return None,
             slot = limiter.connection_slot() => slot,
         };
+        let global = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            permit = Arc::clone(&self.global_slots).acquire_owned() => permit.ok()?,
+        };
         if !self.scheduler.has_ready(queue, now_ms()) {
             return None;
         }
@@ -261,6 +270,7 @@ impl Engine {
                         return Some(Ok(Session {
                             client,
                             _slot: slot,
+                            _global: global,
                         }))
                     }
                     Err(e) => {

@@ -66,6 +66,8 @@ pub fn describe_metrics() {
 }
 
 const SUSPEND_PREFIX: &str = "suspend/";
+/// How many due messages a restart schedules before the full reload scan.
+const DUE_FIRST: usize = 100_000;
 pub(crate) const HOLDS: &str = "drover_holds";
 pub(crate) const BACKOFF: &str = "drover_backoff_destinations";
 
@@ -129,6 +131,8 @@ pub struct Engine {
     pub(crate) egress: Egress,
     /// The parts of the configuration a reload (SIGHUP) replaces.
     policy: std::sync::RwLock<Arc<Policy>>,
+    /// Outbound sessions open at once, across every destination (`delivery.max_connections`).
+    pub(crate) global_slots: Arc<tokio::sync::Semaphore>,
     /// Delivery workers running per recipient domain.
     pub(crate) active: DashMap<String, usize>,
     pub(crate) ehlo_name: String,
@@ -205,6 +209,7 @@ impl Engine {
         };
         let timeouts = config.delivery.timeouts();
         let egress = Egress::from_config(&config);
+        let global_slots = Arc::new(tokio::sync::Semaphore::new(config.delivery.max_connections));
         let policy = std::sync::RwLock::new(Arc::new(Policy::from_config(&config)?));
         let engine = Arc::new(Engine {
             pool: Pool::new(config.delivery.idle_timeout.0),
@@ -216,6 +221,7 @@ impl Engine {
             shaper,
             egress,
             policy,
+            global_slots,
             active: DashMap::new(),
             ehlo_name,
             timeouts,
@@ -241,6 +247,16 @@ impl Engine {
     fn reload_spool(&self, runtime: &tokio::runtime::Handle) -> Result<(), EngineError> {
         let mut count = 0u64;
         let mut unfinished = Vec::new();
+        // What is due goes first, straight from the schedule index, so delivery restarts in
+        // moments however large the queue; the full scan then adds the rest (messages already
+        // scheduled are left as they are).
+        for id in self.spool.due_ids(now_ms(), DUE_FIRST)? {
+            if let Some(meta) = self.spool.meta(&id)? {
+                if meta.finalizing.is_none() {
+                    self.enqueue(&meta);
+                }
+            }
+        }
         for meta in self.spool.scan() {
             if self.cancel.is_cancelled() {
                 break;

@@ -326,6 +326,12 @@ fn complete_headers(head: &str, id: &str, sender_domain: &str) -> String {
 
 /// Normalises line endings to CRLF (bare LF and bare CR alike).
 pub fn to_crlf(input: &[u8]) -> Vec<u8> {
+    // Most messages already use CRLF throughout: then this is one copy.
+    let clean = memchr::memchr_iter(b'\n', input).all(|i| i > 0 && input[i - 1] == b'\r')
+        && memchr::memchr_iter(b'\r', input).all(|i| input.get(i + 1) == Some(&b'\n'));
+    if clean {
+        return input.to_vec();
+    }
     let mut out = Vec::with_capacity(input.len() + input.len() / 50);
     let mut i = 0;
     while i < input.len() {
@@ -502,5 +508,9 @@ mod tests {
     #[test]
     fn crlf_normalisation() {
         assert_eq!(to_crlf(b"a\nb\r\nc\rd"), b"a\r\nb\r\nc\r\nd");
+        assert_eq!(to_crlf(b"a\r\nb\r\n"), b"a\r\nb\r\n");
+        assert_eq!(to_crlf(b"\nx"), b"\r\nx");
+        assert_eq!(to_crlf(b"x\r"), b"x\r\n");
+        assert_eq!(to_crlf(b""), b"");
     }
 }

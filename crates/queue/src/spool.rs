@@ -354,6 +354,25 @@ impl Spool {
         self.with_db(|db| Ok(db.get_cf(cf(db, CF_BODY)?, id.as_bytes())?))
     }
 
+    /// Ids of messages due at `until_ms` or earlier, earliest first, at most `limit`: the
+    /// `schedule` index makes this a range scan, so a restart can start with what is due.
+    pub fn due_ids(&self, until_ms: u64, limit: usize) -> Result<Vec<MessageId>, QueueError> {
+        self.with_db(|db| {
+            let mut out = Vec::new();
+            for item in db.iterator_cf(cf(db, CF_SCHEDULE)?, rocksdb::IteratorMode::Start) {
+                let (key, _) = item?;
+                let Some((due, id)) = key.split_first_chunk::<8>() else {
+                    continue;
+                };
+                if u64::from_be_bytes(*due) > until_ms || out.len() >= limit {
+                    break;
+                }
+                out.push(MessageId::from_slice(id)?);
+            }
+            Ok(out)
+        })
+    }
+
     /// Every stored message's metadata, in id (reception) order. Used to rebuild the schedule
     /// at start-up; a record that does not decode is reported, not skipped silently. Reads in
     /// chunks, each under its own read lock, so a long scan never holds up a reopen.
@@ -737,6 +756,28 @@ mod tests {
         // The schedule index holds exactly the one current key.
         let keys = spool.schedule_keys();
         assert_eq!(keys, vec![schedule_key(99, &a.id).to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn due_ids_come_from_the_schedule_index_in_due_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let (a, b, c) = (
+            meta("a@x.test", 30),
+            meta("b@x.test", 10),
+            meta("c@x.test", 99),
+        );
+        spool
+            .insert(vec![
+                (a.clone(), b"a".to_vec()),
+                (b.clone(), b"b".to_vec()),
+                (c.clone(), b"c".to_vec()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(spool.due_ids(50, 10).unwrap(), vec![b.id, a.id]);
+        assert_eq!(spool.due_ids(50, 1).unwrap(), vec![b.id]);
+        assert!(spool.due_ids(5, 10).unwrap().is_empty());
     }
 
     #[tokio::test]

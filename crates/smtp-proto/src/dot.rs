@@ -23,25 +23,33 @@ impl DotStuffer {
     /// Appends the stuffed form of `input` to `out`.
     pub fn stuff(&mut self, input: &[u8], out: &mut Vec<u8>) {
         out.reserve(input.len() + input.len() / 64 + 2);
-        for &b in input {
-            match b {
-                b'\n' => {
-                    if !self.prev_cr {
+        // Whole lines are copied at once; only line starts and ends need a look.
+        let mut rest = input;
+        while let Some(&first) = rest.first() {
+            if !self.mid_line && first == b'.' {
+                out.push(b'.');
+            }
+            match memchr::memchr(b'\n', rest) {
+                Some(i) => {
+                    out.extend_from_slice(&rest[..i]);
+                    let cr_before = if i > 0 {
+                        rest[i - 1] == b'\r'
+                    } else {
+                        self.prev_cr
+                    };
+                    if !cr_before {
                         out.push(b'\r');
                     }
                     out.push(b'\n');
                     self.mid_line = false;
                     self.prev_cr = false;
+                    rest = &rest[i + 1..];
                 }
-                b'.' if !self.mid_line => {
-                    out.extend_from_slice(b"..");
+                None => {
+                    out.extend_from_slice(rest);
                     self.mid_line = true;
-                    self.prev_cr = false;
-                }
-                _ => {
-                    out.push(b);
-                    self.mid_line = true;
-                    self.prev_cr = b == b'\r';
+                    self.prev_cr = rest.last() == Some(&b'\r');
+                    rest = &[];
                 }
             }
         }
