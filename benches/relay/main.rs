@@ -59,6 +59,8 @@ enum Variant {
     Batch,
     /// One recipient per request.
     Single,
+    /// `smtp-source -d -s 20` into Drover's SMTP listener.
+    Smtp,
 }
 
 impl Variant {
@@ -66,12 +68,13 @@ impl Variant {
         match self {
             Variant::Batch => "drover-http-batch100",
             Variant::Single => "drover-http-single",
+            Variant::Smtp => "drover-smtp",
         }
     }
     fn per_request(self) -> usize {
         match self {
             Variant::Batch => 100,
-            Variant::Single => 1,
+            Variant::Single | Variant::Smtp => 1,
         }
     }
     /// Concurrent HTTP clients: enough requests in flight to fill group commits.
@@ -79,6 +82,7 @@ impl Variant {
         match self {
             Variant::Batch => env_usize("DROVER_BENCH_BATCH_CLIENTS", 8),
             Variant::Single => env_usize("DROVER_BENCH_SINGLE_CLIENTS", 64),
+            Variant::Smtp => 20,
         }
     }
 }
@@ -103,11 +107,12 @@ fn settings() -> Settings {
                 .filter_map(|x| match x.trim() {
                     "batch" => Some(Variant::Batch),
                     "single" => Some(Variant::Single),
+                    "smtp" => Some(Variant::Smtp),
                     _ => None,
                 })
                 .collect()
         })
-        .unwrap_or_else(|| vec![Variant::Batch, Variant::Single]);
+        .unwrap_or_else(|| vec![Variant::Batch, Variant::Single, Variant::Smtp]);
     let target_dir = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
@@ -472,6 +477,7 @@ impl AccountingTail {
 struct Drover {
     child: Child,
     port: u16,
+    smtp_port: u16,
     dir: tempfile::TempDir,
 }
 
@@ -483,12 +489,15 @@ impl Drover {
             .tempdir_in(&s.work)
             .unwrap();
         let port = free_port();
+        let smtp_port = free_port();
         let config = format!(
             r#"
 [spool]
 path = "{spool}"
 [http]
 listen = "127.0.0.1:{port}"
+[smtp_listener]
+listen = "127.0.0.1:{smtp_port}"
 [delivery]
 ehlo_name = "drover.bench.test"
 [[route]]
@@ -519,7 +528,12 @@ max_deliveries_per_connection = 1000
             "drover serve did not listen; see {}",
             dir.path().join("drover.log").display()
         );
-        Drover { child, port, dir }
+        Drover {
+            child,
+            port,
+            smtp_port,
+            dir,
+        }
     }
 
     fn accounting(&self) -> PathBuf {
@@ -574,49 +588,73 @@ fn drover_run(
         .pool_max_idle_per_host(variant.clients())
         .build()
         .unwrap();
-    let latencies: Vec<Duration> = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for _ in 0..variant.clients() {
-            let (client, url, bodies, next) = (
-                client.clone(),
-                url.clone(),
-                Arc::clone(&bodies),
-                Arc::clone(&next),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
-                        break;
+    let latencies: Vec<Duration> = if variant == Variant::Smtp {
+        // smtp-source reports no per-message latency; the whole run is timed below.
+        let status = Command::new(which("smtp-source").expect("smtp-source"))
+            .args([
+                "-d",
+                "-s",
+                "20",
+                "-m",
+                &n.to_string(),
+                "-l",
+                &size.to_string(),
+                "-f",
+                SENDER,
+                "-t",
+                &format!("rcpt@{DOMAIN}"),
+                &format!("127.0.0.1:{}", drover.smtp_port),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("cannot run smtp-source");
+        assert!(status.success(), "smtp-source into drover failed: {status}");
+        Vec::new()
+    } else {
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..variant.clients() {
+                let (client, url, bodies, next) = (
+                    client.clone(),
+                    url.clone(),
+                    Arc::clone(&bodies),
+                    Arc::clone(&next),
+                );
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= requests {
+                            break;
+                        }
+                        let body = bodies.request((i * per) as u64, per);
+                        let sent = Instant::now();
+                        let resp = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                            .expect("inject request failed");
+                        let status = resp.status();
+                        let text = resp.bytes().await.unwrap_or_default();
+                        assert!(
+                            status.is_success(),
+                            "inject answered {status}: {}",
+                            String::from_utf8_lossy(&text)
+                        );
+                        lat.push(sent.elapsed());
                     }
-                    let body = bodies.request((i * per) as u64, per);
-                    let sent = Instant::now();
-                    let resp = client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                        .expect("inject request failed");
-                    let status = resp.status();
-                    let text = resp.bytes().await.unwrap_or_default();
-                    assert!(
-                        status.is_success(),
-                        "inject answered {status}: {}",
-                        String::from_utf8_lossy(&text)
-                    );
-                    lat.push(sent.elapsed());
-                }
-                lat
-            }));
-        }
-        let mut all = Vec::with_capacity(requests);
-        for t in tasks {
-            all.extend(t.await.unwrap());
-        }
-        all
-    });
+                    lat
+                }));
+            }
+            let mut all = Vec::with_capacity(requests);
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        })
+    };
     let inject_seconds = start.elapsed().as_secs_f64();
     let self_cpu = proc::cpu_seconds(std::process::id()).unwrap_or(0.0) - self_before;
     let mut tail = AccountingTail::new(drover.accounting());
