@@ -69,6 +69,8 @@ pub enum DkimError {
     Entry {
         /// Position of the entry in the list given to [`Signers::load`].
         index: usize,
+        /// `domain` or `selector`.
+        field: &'static str,
         /// What is wrong with it.
         reason: String,
     },
@@ -82,7 +84,18 @@ pub enum DkimError {
 }
 
 impl DkimError {
-    /// For a key loading error, the position of the offending entry.
+    /// For a loading error, the offending entry's key as `[[dkim]]` names it, e.g.
+    /// `dkim[2].key_file`.
+    pub fn config_key(&self) -> Option<String> {
+        let field = match self {
+            DkimError::Read { .. } | DkimError::Key { .. } => "key_file",
+            DkimError::Entry { field, .. } => field,
+            DkimError::Message(_) | DkimError::Sign(_) => return None,
+        };
+        Some(format!("dkim[{}].{field}", self.entry_index()?))
+    }
+
+    /// For a loading error, the position of the offending entry.
     pub fn entry_index(&self) -> Option<usize> {
         match self {
             DkimError::Read { index, .. }
@@ -239,12 +252,14 @@ impl Signers {
             if !valid_label_text(&domain) {
                 return Err(DkimError::Entry {
                     index,
+                    field: "domain",
                     reason: format!("domain {:?} is not a domain name", k.domain),
                 });
             }
             if !valid_label_text(&k.selector) {
                 return Err(DkimError::Entry {
                     index,
+                    field: "selector",
                     reason: format!("selector {:?} is not a DNS label", k.selector),
                 });
             }
