@@ -9,6 +9,7 @@
 mod admin;
 mod crash;
 mod delivery;
+mod dkim;
 mod dns;
 mod fulldisk;
 mod harness;

@@ -1,6 +1,6 @@
 //! The HTTP API: injection, admin, `/metrics`, `/healthz`, `/readyz` (contract §3).
 
-use crate::engine::{now_ms, Engine, EngineError, NewMessage};
+use crate::engine::{now_ms, Engine, EngineError, NewMessage, Unsignable};
 use crate::message::{tracked_headers, InjectRequest, Renderer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -81,6 +81,19 @@ struct InjectReply {
     errors: Vec<String>,
     /// Queued message ids, in the order of the accepted recipients (Drover extension).
     ids: Vec<String>,
+}
+
+fn no_valid_recipient(failed_recipients: Vec<String>, errors: Vec<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({
+            "error": "no valid recipient",
+            "fail_count": failed_recipients.len(),
+            "failed_recipients": failed_recipients,
+            "errors": errors,
+        })),
+    )
+        .into_response()
 }
 
 async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
@@ -175,20 +188,40 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         messages.push(NewMessage { meta, body });
     }
     if messages.is_empty() {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({
-                "error": "no valid recipient",
-                "fail_count": failed_recipients.len(),
-                "failed_recipients": failed_recipients,
-                "errors": errors,
-            })),
-        )
-            .into_response();
+        return no_valid_recipient(failed_recipients, errors);
     }
-    let ids: Vec<String> = messages.iter().map(|m| m.meta.id.to_string()).collect();
-    match state.engine.accept(messages, "http").await {
-        Ok(()) => Json(InjectReply {
+    // A message that cannot be DKIM-signed fails its recipient only; the others are
+    // accepted (signing outcomes do not change on a second try, so this loops at most twice).
+    let result = loop {
+        let ids: Vec<String> = messages.iter().map(|m| m.meta.id.to_string()).collect();
+        match state.engine.accept(messages, "http").await {
+            Err(EngineError::Unsignable(unsignable)) => {
+                let Unsignable {
+                    failures,
+                    messages: batch,
+                } = *unsignable;
+                let mut refused = vec![false; batch.len()];
+                for (i, e) in failures {
+                    if let Some(m) = batch.get(i) {
+                        refused[i] = true;
+                        failed_recipients.push(m.meta.recipient.clone());
+                        errors.push(format!("{}: DKIM signing failed: {e}", m.meta.recipient));
+                    }
+                }
+                messages = batch
+                    .into_iter()
+                    .zip(refused)
+                    .filter_map(|(m, refused)| (!refused).then_some(m))
+                    .collect();
+                if messages.is_empty() {
+                    return no_valid_recipient(failed_recipients, errors);
+                }
+            }
+            other => break other.map(|()| ids),
+        }
+    };
+    match result {
+        Ok(ids) => Json(InjectReply {
             success_count: ids.len(),
             fail_count: failed_recipients.len(),
             failed_recipients,

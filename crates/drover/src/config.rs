@@ -516,14 +516,7 @@ impl Config {
                 ));
             }
         }
-        for (i, d) in self.dkim.iter().enumerate() {
-            if d.domain.is_empty() || d.selector.is_empty() {
-                return Err(invalid(
-                    format!("dkim[{i}]"),
-                    "domain and selector are required",
-                ));
-            }
-        }
+        self.dkim_signers()?;
         self.validate_egress()?;
         self.keyed_rates()?;
         for net in &self.smtp_listener.relay_networks {
@@ -706,6 +699,24 @@ impl Config {
         }
     }
 
+    /// Loads every `[[dkim]]` key: a missing or unusable key file is a configuration error,
+    /// found by `check-config` and at start-up rather than at the first message.
+    pub fn dkim_signers(&self) -> Result<dkim::Signers, ConfigError> {
+        let keys: Vec<dkim::KeyConfig> = self
+            .dkim
+            .iter()
+            .map(|d| dkim::KeyConfig {
+                domain: d.domain.clone(),
+                selector: d.selector.clone(),
+                key_file: d.key_file.clone(),
+            })
+            .collect();
+        dkim::Signers::load(&keys).map_err(|e| {
+            let key = e.config_key().unwrap_or_else(|| "dkim".to_owned());
+            invalid(key, e)
+        })
+    }
+
     /// Where accounting records go.
     pub fn accounting_path(&self) -> PathBuf {
         if self.accounting.path.is_empty() {
@@ -854,6 +865,23 @@ mod tests {
             (
                 "[smtp_listener]\nauth_users = [{ user = \"u\", pass = \"p\" }]\n",
                 "pass",
+            ),
+            (
+                "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"/nonexistent/k.pem\"\n",
+                "dkim[0].key_file",
+            ),
+            (
+                // A file that exists but holds no private key.
+                concat!(
+                    "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"",
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/Cargo.toml\"\n"
+                ),
+                "dkim[0].key_file",
+            ),
+            (
+                "[[dkim]]\ndomain = \"example.com\"\nselector = \"\"\nkey_file = \"/k.pem\"\n",
+                "dkim[0].selector",
             ),
         ];
         for (text, key) in cases {

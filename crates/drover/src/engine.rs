@@ -23,10 +23,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const RECEIVED: &str = "drover_messages_received_total";
+const DKIM_SIGNATURES: &str = "drover_dkim_signatures_total";
 
 /// Registers the descriptions of every metric (contract §5).
 pub fn describe_metrics() {
     metrics::describe_counter!(RECEIVED, "Messages accepted into the spool, by channel.");
+    metrics::describe_counter!(
+        DKIM_SIGNATURES,
+        "Injected messages by DKIM outcome: signed, unsigned (no [[dkim]] key for the From \
+         domain) or error (refused as unsignable)."
+    );
     metrics::describe_counter!(
         AUTOMATION,
         "Reactions of [[automation]] rules to receivers' replies, by action."
@@ -51,6 +57,9 @@ pub fn describe_metrics() {
     // Series exist from the first scrape, so dashboards and rate() see a zero, not a gap.
     for via in ["http", "smtp"] {
         metrics::counter!(RECEIVED, "via" => via).increment(0);
+    }
+    for result in ["signed", "unsigned", "error"] {
+        metrics::counter!(DKIM_SIGNATURES, "result" => result).increment(0);
     }
     metrics::counter!("drover_messages_delivered_total").increment(0);
     metrics::counter!("drover_messages_transient_failures_total").increment(0);
@@ -116,6 +125,69 @@ pub enum EngineError {
     /// The queue holds `spool.max_queued` messages already.
     #[error("the queue is full ({0} messages)")]
     Full(usize),
+    /// Some messages cannot be DKIM-signed although a key applies (malformed headers); nothing
+    /// was stored, and the messages come back unchanged.
+    #[error("{0}")]
+    Unsignable(Box<Unsignable>),
+    /// Signing stopped abnormally.
+    #[error("signing failed: {0}")]
+    Signing(String),
+}
+
+/// Messages handed back by [`Engine::accept`] because some of them cannot be signed.
+pub struct Unsignable {
+    /// Position (in the batch) and reason of each message that cannot be signed.
+    pub failures: Vec<(usize, dkim::DkimError)>,
+    /// The whole batch, unchanged: the caller may retry without the failed ones.
+    pub messages: Vec<NewMessage>,
+}
+
+impl std::fmt::Debug for Unsignable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsignable")
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for Unsignable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.failures.first() {
+            Some((_, e)) => write!(f, "DKIM signing failed: {e}"),
+            None => write!(f, "DKIM signing failed"),
+        }
+    }
+}
+
+/// Signs every message whose From domain has a key; all or nothing. Returns the batch with
+/// signed bodies and how many were signed.
+fn sign_all(
+    signers: &dkim::Signers,
+    mut messages: Vec<NewMessage>,
+) -> Result<(Vec<NewMessage>, u64), Box<Unsignable>> {
+    let mut signed = Vec::with_capacity(messages.len());
+    let mut failures = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        match signers.sign(&m.body) {
+            Ok(body) => signed.push(body),
+            Err(e) => {
+                failures.push((i, e));
+                signed.push(None);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        return Err(Box::new(Unsignable { failures, messages }));
+    }
+    let mut count = 0;
+    for (m, body) in messages.iter_mut().zip(signed) {
+        if let Some(body) = body {
+            m.meta.size = body.len() as u64;
+            m.body = body;
+            count += 1;
+        }
+    }
+    Ok((messages, count))
 }
 
 /// Shared state of a running engine.
@@ -397,8 +469,9 @@ impl Engine {
         Arc::clone(&self.policy.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Applies a new configuration's shaping, automation, TLS and rate rules (SIGHUP) without
-    /// dropping sessions or messages. Other settings need a restart; they are left as they are.
+    /// Applies a new configuration's shaping, automation, TLS and rate rules and `[[dkim]]`
+    /// keys (SIGHUP) without dropping sessions or messages. Other settings need a restart;
+    /// they are left as they are.
     pub fn reload_policy(&self, config: &Config) -> Result<(), EngineError> {
         config
             .validate()
@@ -409,7 +482,7 @@ impl Engine {
         let policy = Arc::new(Policy::from_config(config)?);
         self.shaper.reload(rules);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
-        tracing::info!("reloaded shaping, automation, TLS and rate rules");
+        tracing::info!("reloaded shaping, automation, TLS and rate rules and DKIM keys");
         Ok(())
     }
 
@@ -439,8 +512,11 @@ impl Engine {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Stores messages (synced), writes their `Reception` records and queues them.
-    /// All or nothing: on error nothing was queued.
+    /// DKIM-signs messages (`[[dkim]]`), stores them (synced), writes their `Reception`
+    /// records and queues them. All or nothing: on error nothing was queued. A message that a
+    /// key applies to but that cannot be signed fails the batch with
+    /// [`EngineError::Unsignable`], which hands the batch back: sending it unsigned would
+    /// fail DMARC at the receiver, and retrying the same bytes fails the same way.
     pub async fn accept(
         &self,
         messages: Vec<NewMessage>,
@@ -454,6 +530,24 @@ impl Engine {
             return Err(EngineError::Full(queued));
         }
         let count = messages.len() as u64;
+        let policy = self.policy();
+        let (messages, signed) = if policy.signers.is_empty() {
+            (messages, 0)
+        } else {
+            // RSA signing costs about a millisecond per message: a large batch would stall
+            // the runtime's worker thread.
+            let signing = tokio::task::spawn_blocking(move || sign_all(&policy.signers, messages))
+                .await
+                .map_err(|e| EngineError::Signing(e.to_string()))?;
+            match signing {
+                Ok(done) => done,
+                Err(unsignable) => {
+                    metrics::counter!(DKIM_SIGNATURES, "result" => "error")
+                        .increment(unsignable.failures.len() as u64);
+                    return Err(EngineError::Unsignable(unsignable));
+                }
+            }
+        };
         let metas: Vec<MessageMeta> = messages.iter().map(|m| m.meta.clone()).collect();
         self.spool
             .insert(messages.into_iter().map(|m| (m.meta, m.body)).collect())
@@ -467,6 +561,8 @@ impl Engine {
             tracing::error!(error = %e, "could not write Reception records");
         }
         metrics::counter!(RECEIVED, "via" => via).increment(count);
+        metrics::counter!(DKIM_SIGNATURES, "result" => "signed").increment(signed);
+        metrics::counter!(DKIM_SIGNATURES, "result" => "unsigned").increment(count - signed);
         for m in &metas {
             self.enqueue(m);
         }
@@ -523,6 +619,8 @@ impl Engine {
 #[derive(Debug)]
 pub(crate) struct Policy {
     pub(crate) automation: Automation,
+    /// `[[dkim]]` keys: reloaded with the rest, so a key rotation needs no restart.
+    pub(crate) signers: dkim::Signers,
     shaping: Vec<ShapingConfig>,
     pub(crate) rates: rate_limiter::KeyedRates,
 }
@@ -531,6 +629,9 @@ impl Policy {
     fn from_config(config: &Config) -> Result<Policy, EngineError> {
         Ok(Policy {
             automation: Automation::from_config(config),
+            signers: config
+                .dkim_signers()
+                .map_err(|e| EngineError::Config(e.to_string()))?,
             shaping: config.shaping.clone(),
             rates: rate_limiter::KeyedRates::new(
                 config

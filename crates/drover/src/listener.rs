@@ -300,6 +300,12 @@ impl InjectPolicy {
                 Reply::new(250, ec(2, 0, 0), format!("Ok: queued as {}", ids.join(" ")))
             }
             Err(EngineError::Draining) => Reply::new(421, ec(4, 3, 2), "shutting down"),
+            // Every copy carries the same headers, so one failure stands for all; the same
+            // bytes would fail again, hence permanent.
+            Err(EngineError::Unsignable(u)) => {
+                tracing::info!(peer = %self.peer, error = %u, "refused an unsignable message");
+                Reply::new(554, ec(5, 6, 0), u.to_string())
+            }
             Err(EngineError::Full(n)) => Reply::new(
                 451,
                 ec(4, 3, 0),
