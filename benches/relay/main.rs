@@ -304,11 +304,8 @@ fn n_for(rate: f64, secs: f64, per_request: usize) -> u64 {
     n.div_ceil(per_request as u64) * per_request as u64
 }
 
-/// `smtp-source -d -s 20 -m n -l size` into the sink.
-fn baseline(sink: &Sink, size: usize, n: u64) -> Run {
-    let before = sink.count();
-    let sink_cpu = sink.cpu();
-    let start = Instant::now();
+/// `smtp-source -d -s 20 -m n -l size` (connection reuse, 20 sessions) into `port`.
+fn smtp_source(port: u16, size: usize, n: u64) {
     let status = Command::new(which("smtp-source").expect("smtp-source"))
         .args([
             "-d",
@@ -322,13 +319,24 @@ fn baseline(sink: &Sink, size: usize, n: u64) -> Run {
             SENDER,
             "-t",
             &format!("rcpt@{DOMAIN}"),
-            &format!("127.0.0.1:{}", sink.port),
+            &format!("127.0.0.1:{port}"),
         ])
         .stdout(Stdio::null())
         .status()
         .expect("cannot run smtp-source");
+    assert!(
+        status.success(),
+        "smtp-source into port {port} failed: {status}"
+    );
+}
+
+/// `smtp-source` into the sink: the baseline.
+fn baseline(sink: &Sink, size: usize, n: u64) -> Run {
+    let before = sink.count();
+    let sink_cpu = sink.cpu();
+    let start = Instant::now();
+    smtp_source(sink.port, size, n);
     let seconds = start.elapsed().as_secs_f64();
-    assert!(status.success(), "smtp-source failed: {status}");
     wait_until(Duration::from_secs(10), || sink.count() >= before + n);
     Run {
         messages: n,
@@ -590,25 +598,7 @@ fn drover_run(
         .unwrap();
     let latencies: Vec<Duration> = if variant == Variant::Smtp {
         // smtp-source reports no per-message latency; the whole run is timed below.
-        let status = Command::new(which("smtp-source").expect("smtp-source"))
-            .args([
-                "-d",
-                "-s",
-                "20",
-                "-m",
-                &n.to_string(),
-                "-l",
-                &size.to_string(),
-                "-f",
-                SENDER,
-                "-t",
-                &format!("rcpt@{DOMAIN}"),
-                &format!("127.0.0.1:{}", drover.smtp_port),
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .expect("cannot run smtp-source");
-        assert!(status.success(), "smtp-source into drover failed: {status}");
+        smtp_source(drover.smtp_port, size, n);
         Vec::new()
     } else {
         rt.block_on(async {
