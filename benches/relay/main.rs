@@ -61,6 +61,9 @@ enum Variant {
     Single,
     /// `smtp-source -d -s 20` into Drover's SMTP listener.
     Smtp,
+    /// Delivery alone: inject in batches of 100 with the domain suspended, then resume and
+    /// time from the resume to the last `Delivery` (a queue of already-spooled messages).
+    Spooled,
 }
 
 impl Variant {
@@ -69,18 +72,19 @@ impl Variant {
             Variant::Batch => "drover-http-batch100",
             Variant::Single => "drover-http-single",
             Variant::Smtp => "drover-smtp",
+            Variant::Spooled => "drover-spooled",
         }
     }
     fn per_request(self) -> usize {
         match self {
-            Variant::Batch => 100,
+            Variant::Batch | Variant::Spooled => 100,
             Variant::Single | Variant::Smtp => 1,
         }
     }
     /// Concurrent HTTP clients: enough requests in flight to fill group commits.
     fn clients(self) -> usize {
         match self {
-            Variant::Batch => env_usize("DROVER_BENCH_BATCH_CLIENTS", 8),
+            Variant::Batch | Variant::Spooled => env_usize("DROVER_BENCH_BATCH_CLIENTS", 8),
             Variant::Single => env_usize("DROVER_BENCH_SINGLE_CLIENTS", 64),
             Variant::Smtp => 20,
         }
@@ -108,11 +112,19 @@ fn settings() -> Settings {
                     "batch" => Some(Variant::Batch),
                     "single" => Some(Variant::Single),
                     "smtp" => Some(Variant::Smtp),
+                    "spooled" => Some(Variant::Spooled),
                     _ => None,
                 })
                 .collect()
         })
-        .unwrap_or_else(|| vec![Variant::Batch, Variant::Single, Variant::Smtp]);
+        .unwrap_or_else(|| {
+            vec![
+                Variant::Batch,
+                Variant::Single,
+                Variant::Smtp,
+                Variant::Spooled,
+            ]
+        });
     let target_dir = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
@@ -583,6 +595,21 @@ fn drover_run(
     let drover = Drover::start(s, sink.port);
     let pid = drover.child.id();
     let url = format!("http://127.0.0.1:{}/api/inject/v1", drover.port);
+    let admin = |action: &str| {
+        let url = format!("http://127.0.0.1:{}/api/admin/v1/{action}", drover.port);
+        rt.block_on(async {
+            let resp = reqwest::Client::new()
+                .post(&url)
+                .json(&json!({ "domain": DOMAIN }))
+                .send()
+                .await
+                .expect("admin request failed");
+            assert!(resp.status().is_success(), "{action}: {}", resp.status());
+        });
+    };
+    if variant == Variant::Spooled {
+        admin("suspend");
+    }
     let bodies = Arc::new(Bodies::new(size));
     let per = variant.per_request();
     let requests = n.div_ceil(per as u64) as usize;
@@ -647,6 +674,14 @@ fn drover_run(
     };
     let inject_seconds = start.elapsed().as_secs_f64();
     let self_cpu = proc::cpu_seconds(std::process::id()).unwrap_or(0.0) - self_before;
+    // For the spooled variant the clock (and the CPU account) starts at the resume.
+    let (wall_start, cpu_before) = if variant == Variant::Spooled {
+        let marks = (SystemTime::now(), proc::cpu_seconds(pid).unwrap_or(0.0));
+        admin("resume");
+        marks
+    } else {
+        (wall_start, cpu_before)
+    };
     let mut tail = AccountingTail::new(drover.accounting());
     let limit = Duration::from_secs(600);
     let done = wait_until(limit, || {

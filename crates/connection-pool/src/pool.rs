@@ -99,6 +99,32 @@ impl<S: Pooled> Pool<S> {
         close_all(stale);
     }
 
+    /// Closes the idle session that has waited longest, of any destination; returns whether
+    /// there was one. Used when a global connection budget is exhausted: an idle session to
+    /// one destination must not keep a busy destination waiting.
+    pub fn evict_oldest(&self) -> bool {
+        let oldest = self
+            .idle
+            .iter()
+            .filter_map(|e| e.value().first().map(|i| (i.since, e.key().clone())))
+            .min_by_key(|(since, _)| *since);
+        let Some((_, key)) = oldest else {
+            return false;
+        };
+        let victim = self
+            .idle
+            .get_mut(&key)
+            .and_then(|mut sessions| (!sessions.is_empty()).then(|| sessions.remove(0).client));
+        self.idle.remove_if(&key, |_, sessions| sessions.is_empty());
+        match victim {
+            Some(client) => {
+                close_all(vec![client]);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Number of idle sessions held.
     pub fn idle_count(&self) -> usize {
         self.idle.iter().map(|e| e.value().len()).sum()

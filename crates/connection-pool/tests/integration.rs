@@ -758,3 +758,29 @@ impl RawClient {
         }
     }
 }
+
+#[tokio::test]
+async fn evict_oldest_closes_the_longest_idle_session_of_any_destination() {
+    let sink = Sink::bind("127.0.0.1:0".parse().unwrap(), SinkConfig::default())
+        .await
+        .unwrap();
+    let pool: Pool = Pool::new(Duration::from_secs(60));
+    let connect = || {
+        SmtpClient::connect(
+            "sink",
+            sink.local_addr(),
+            None,
+            "client.test",
+            Timeouts::default(),
+        )
+    };
+    pool.checkin("a", connect().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    pool.checkin("b", connect().await.unwrap());
+    assert_eq!(pool.idle_count(), 2);
+    assert!(pool.evict_oldest());
+    assert_eq!(pool.idle_count(), 1);
+    assert!(pool.checkout("a").is_none(), "the older one went");
+    assert!(pool.checkout("b").is_some());
+    assert!(!pool.evict_oldest());
+}

@@ -182,7 +182,7 @@ impl Engine {
                 Some((session, key)) if key == site_key => (session, true),
                 other => {
                     if let Some((old, key)) = other {
-                        self.pool.checkin(&key, old);
+                        self.park(&key, old).await;
                     }
                     match self.pool.checkout(&site_key) {
                         Some(session) => (session, true),
@@ -208,7 +208,7 @@ impl Engine {
                 }
             };
             let Some(id) = self.scheduler.pop_ready(&queue, now_ms()) else {
-                self.pool.checkin(&site_key, session);
+                self.park(&site_key, session).await;
                 break;
             };
             limiter.until_message_permitted().await;
@@ -225,7 +225,17 @@ impl Engine {
             }
         }
         if let Some((session, site)) = current {
-            self.pool.checkin(&site, session);
+            self.park(&site, session).await;
+        }
+    }
+
+    /// Keeps a session for reuse, unless others wait for a connection slot: then it is closed,
+    /// so an idle session never holds up a destination with mail to send.
+    async fn park(&self, key: &str, session: Session) {
+        if self.global_slots.available_permits() == 0 {
+            session.close().await;
+        } else {
+            self.pool.checkin(key, session);
         }
     }
 
@@ -243,9 +253,16 @@ impl Engine {
             _ = self.cancel.cancelled() => return None,
             slot = limiter.connection_slot() => slot,
         };
-        let global = tokio::select! {
-            _ = self.cancel.cancelled() => return None,
-            permit = Arc::clone(&self.global_slots).acquire_owned() => permit.ok()?,
+        let global = match Arc::clone(&self.global_slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // The budget is spent; idle sessions elsewhere give theirs back first.
+                self.pool.evict_oldest();
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return None,
+                    permit = Arc::clone(&self.global_slots).acquire_owned() => permit.ok()?,
+                }
+            }
         };
         if !self.scheduler.has_ready(queue, now_ms()) {
             return None;
