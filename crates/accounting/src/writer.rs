@@ -99,6 +99,21 @@ impl Accounting {
         self.submit(lines, Vec::new()).await
     }
 
+    /// Appends records serialised beforehand (`lines[i]` is `records[i]` as
+    /// [`Accounting::to_line`] made it), counting them in the metrics; returns once synced.
+    /// Saves a second serialisation where the caller needed the lines anyway.
+    pub async fn record_serialised(
+        &self,
+        records: &[Record],
+        lines: Vec<String>,
+    ) -> Result<(), AccountingError> {
+        let counted = records
+            .iter()
+            .map(|r| (r.kind, r.bounce_category))
+            .collect();
+        self.submit(lines, counted).await
+    }
+
     /// The file records go to.
     pub fn path(&self) -> &Path {
         &self.path

@@ -546,9 +546,10 @@ impl Engine {
     /// then attempted again at the next start (its final record was never written), one with
     /// the marker gets the marker's records written then.
     pub(crate) async fn finalize(&self, mut meta: MessageMeta, records: Vec<Record>) -> bool {
+        let lines: Vec<String> = records.iter().map(Accounting::to_line).collect();
         meta.finalizing = Some(Finalizing {
             accounting_offset: self.accounting.synced_len(),
-            records: records.iter().map(Accounting::to_line).collect(),
+            records: lines.clone(),
         });
         while let Err(e) = self.spool.update(meta.clone(), meta.due_ms).await {
             tracing::error!(id = %meta.id, error = %e, "cannot mark a message final; waiting for the spool");
@@ -557,7 +558,11 @@ impl Engine {
             }
         }
         let mut pause = Duration::from_millis(250);
-        while let Err(e) = self.accounting.record_all(records.clone()).await {
+        while let Err(e) = self
+            .accounting
+            .record_serialised(&records, lines.clone())
+            .await
+        {
             // The accounting writer discards a failed batch, so a retry cannot duplicate it.
             tracing::error!(id = %meta.id, error = %e, "could not write the final record; retrying");
             if matches!(e, accounting::AccountingError::Stopped) {

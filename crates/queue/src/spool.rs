@@ -664,8 +664,11 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                 } => {
                     let value = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
                     batch.put_cf(meta_cf, meta.id.as_bytes(), value);
-                    batch.delete_cf(sched_cf, schedule_key(*previous_due_ms, &meta.id));
-                    batch.put_cf(sched_cf, schedule_key(meta.due_ms, &meta.id), b"");
+                    // Unchanged due time (e.g. the finalizing marker): the index entry stands.
+                    if *previous_due_ms != meta.due_ms {
+                        batch.delete_cf(sched_cf, schedule_key(*previous_due_ms, &meta.id));
+                        batch.put_cf(sched_cf, schedule_key(meta.due_ms, &meta.id), b"");
+                    }
                 }
                 Op::Remove { id, due_ms } => {
                     batch.delete_cf(meta_cf, id.as_bytes());
