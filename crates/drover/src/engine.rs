@@ -518,7 +518,7 @@ impl Engine {
     /// [`EngineError::Unsignable`], which hands the batch back: sending it unsigned would
     /// fail DMARC at the receiver, and retrying the same bytes fails the same way.
     pub async fn accept(
-        &self,
+        self: &Arc<Self>,
         messages: Vec<NewMessage>,
         via: &'static str,
     ) -> Result<(), EngineError> {
@@ -552,20 +552,27 @@ impl Engine {
         self.spool
             .insert(messages.into_iter().map(|m| (m.meta, m.body)).collect())
             .await?;
-        let records = metas
-            .iter()
-            .map(|m| self.record(RecordType::Reception, m))
-            .collect();
-        if let Err(e) = self.accounting.record_all(records).await {
-            // The messages are safely spooled and will be delivered; only the log line is lost.
-            tracing::error!(error = %e, "could not write Reception records");
-        }
         metrics::counter!(RECEIVED, "via" => via).increment(count);
         metrics::counter!(DKIM_SIGNATURES, "result" => "signed").increment(signed);
         metrics::counter!(DKIM_SIGNATURES, "result" => "unsigned").increment(count - signed);
-        for m in &metas {
-            self.enqueue(m);
-        }
+        // Accepted means spooled: the caller is answered now, and the Reception records are
+        // synced in the background, each message queued only after its record is down, so a
+        // Reception never follows its message's final record. A crash in that moment can lose
+        // a Reception line, never a message or its final record.
+        let engine = Arc::clone(self);
+        self.workers.spawn(async move {
+            let records = metas
+                .iter()
+                .map(|m| engine.record(RecordType::Reception, m))
+                .collect();
+            if let Err(e) = engine.accounting.record_all(records).await {
+                // The messages are safely spooled and will be delivered; only the line is lost.
+                tracing::error!(error = %e, "could not write Reception records");
+            }
+            for m in &metas {
+                engine.enqueue(m);
+            }
+        });
         Ok(())
     }
 
