@@ -217,3 +217,57 @@ async fn sighup_reloads_shaping_rules_and_keeps_running_on_a_bad_file() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn dkim_records_prints_the_txt_records_to_publish() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dkim/tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("drover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = {:?}\n[[dkim]]\ndomain = \"example.com\"\nselector = \"ed\"\nkey_file = {:?}\n",
+            fixtures.join("rsa2048.pem"),
+            fixtures.join("ed25519.pem")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(DROVER)
+        .arg("dkim-records")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let rsa_key = std::fs::read_to_string(fixtures.join("rsa2048.pub.b64")).unwrap();
+    let rsa_line = text
+        .lines()
+        .find(|l| l.starts_with("s1._domainkey.example.com. IN TXT"))
+        .unwrap();
+    // Split into DNS strings of at most 255 bytes; joined they give the record back.
+    let joined: String = rsa_line
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .inspect(|chunk| assert!(chunk.len() <= 255))
+        .collect();
+    assert_eq!(joined, format!("v=DKIM1; k=rsa; p={}", rsa_key.trim()));
+    assert!(text.contains("ed._domainkey.example.com. IN TXT ( \"v=DKIM1; k=ed25519; p="));
+    let missing = dir.path().join("bad.toml");
+    std::fs::write(
+        &missing,
+        "[[dkim]]\ndomain = \"a.test\"\nselector = \"s\"\nkey_file = \"/nonexistent.pem\"\n",
+    )
+    .unwrap();
+    let out = Command::new(DROVER)
+        .arg("dkim-records")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -45,6 +45,11 @@ enum Cmd {
     },
     /// View and control the queues of a running engine through its admin API.
     Queue(QueueArgs),
+    /// Print the DNS TXT records the `[[dkim]]` keys of a configuration file need.
+    DkimRecords {
+        /// The configuration file.
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -226,8 +231,31 @@ async fn run(command: Cmd) -> ExitCode {
             exit(serve(config, path).await)
         }
         Cmd::Sink(args) => exit(sink(args).await),
+        Cmd::DkimRecords { file } => match Config::load(&file).and_then(|c| c.dkim_signers()) {
+            Ok(signers) => {
+                for (name, value) in signers.dns_records() {
+                    println!("{}", zone_txt(&name, &value));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", file.display());
+                ExitCode::from(2)
+            }
+        },
         Cmd::Queue(args) => exit(queue(args).await),
     }
+}
+
+/// A zone-file TXT line; values over 255 bytes are split into several strings, as DNS
+/// character-strings cannot be longer (a 2048-bit RSA key needs two).
+fn zone_txt(name: &str, value: &str) -> String {
+    let chunks: Vec<String> = value
+        .as_bytes()
+        .chunks(255)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect();
+    format!("{name}. IN TXT ( {} )", chunks.join(" "))
 }
 
 fn exit(result: anyhow::Result<()>) -> ExitCode {
