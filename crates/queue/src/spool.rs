@@ -850,7 +850,10 @@ mod full_disk_tests {
     impl Drop for SmallDisk {
         fn drop(&mut self) {
             // Lazy: the spool's writer thread may still hold files open for a moment.
-            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
         }
     }
 
