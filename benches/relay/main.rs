@@ -25,12 +25,15 @@
     unreachable_pub
 )]
 
+#[path = "../support/net.rs"]
+mod net;
 mod postfix;
 mod proc;
 
+use net::{free_port, wait_for_port, wait_until};
+
 use serde_json::{json, Value};
 use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -141,26 +144,6 @@ fn settings() -> Settings {
         work: target_dir.join("bench"),
         drover: PathBuf::from(env!("CARGO_BIN_EXE_drover")),
     }
-}
-
-/// A free TCP port on 127.0.0.1 (bound, read, released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for_port(port: u16, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -317,8 +300,8 @@ fn n_for(rate: f64, secs: f64, per_request: usize) -> u64 {
 }
 
 /// `smtp-source -d -s 20 -m n -l size` (connection reuse, 20 sessions) into `port`.
-fn smtp_source(port: u16, size: usize, n: u64) {
-    let status = Command::new(which("smtp-source").expect("smtp-source"))
+fn smtp_source(port: u16, size: usize, n: u64) -> Result<(), String> {
+    let status = Command::new(which("smtp-source").ok_or("smtp-source is not installed")?)
         .args([
             "-d",
             "-s",
@@ -335,11 +318,12 @@ fn smtp_source(port: u16, size: usize, n: u64) {
         ])
         .stdout(Stdio::null())
         .status()
-        .expect("cannot run smtp-source");
-    assert!(
-        status.success(),
-        "smtp-source into port {port} failed: {status}"
-    );
+        .map_err(|e| format!("cannot run smtp-source: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("smtp-source into port {port} failed: {status}"))
+    }
 }
 
 /// `smtp-source` into the sink: the baseline.
@@ -347,7 +331,7 @@ fn baseline(sink: &Sink, size: usize, n: u64) -> Run {
     let before = sink.count();
     let sink_cpu = sink.cpu();
     let start = Instant::now();
-    smtp_source(sink.port, size, n);
+    smtp_source(sink.port, size, n).expect("baseline run");
     let seconds = start.elapsed().as_secs_f64();
     wait_until(Duration::from_secs(10), || sink.count() >= before + n);
     Run {
@@ -357,17 +341,6 @@ fn baseline(sink: &Sink, size: usize, n: u64) -> Run {
         sink_cpu_share: (sink.cpu() - sink_cpu) / seconds,
         ..Run::default()
     }
-}
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
 }
 
 /// A message template of about `size` bytes: headers with substitutions, a body of 76-column
@@ -625,7 +598,7 @@ fn drover_run(
         .unwrap();
     let latencies: Vec<Duration> = if variant == Variant::Smtp {
         // smtp-source reports no per-message latency; the whole run is timed below.
-        smtp_source(drover.smtp_port, size, n);
+        smtp_source(drover.smtp_port, size, n).expect("SMTP-fed run");
         Vec::new()
     } else {
         rt.block_on(async {

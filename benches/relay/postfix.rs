@@ -1,7 +1,7 @@
 //! A loopback-only Postfix relay (own config and queue directories, `relayhost` to the sink),
 //! fed by `smtp-source`: the side-by-side with the MTA users know.
 
-use crate::{free_port, wait_for_port, wait_until, which, Run, Sink, DOMAIN, SENDER};
+use crate::{free_port, smtp_source, wait_for_port, wait_until, which, Run, Sink};
 use std::path::{Path, PathBuf};
 
 use std::process::{Command, Stdio};
@@ -120,27 +120,7 @@ biff = no
         let before = sink.count();
         let sink_cpu = sink.cpu();
         let start = Instant::now();
-        let status = Command::new(which("smtp-source").ok_or("smtp-source")?)
-            .args([
-                "-d",
-                "-s",
-                "20",
-                "-m",
-                &n.to_string(),
-                "-l",
-                &size.to_string(),
-                "-f",
-                SENDER,
-                "-t",
-                &format!("rcpt@{DOMAIN}"),
-                &format!("127.0.0.1:{}", self.port),
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err(format!("smtp-source into postfix: {status}"));
-        }
+        smtp_source(self.port, size, n).map_err(|e| format!("into postfix: {e}"))?;
         let limit = Duration::from_secs(300);
         if !wait_until(limit, || sink.count() >= before + n) {
             return Err(format!(

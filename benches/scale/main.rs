@@ -26,14 +26,17 @@
     unreachable_pub
 )]
 
+#[path = "../support/net.rs"]
+mod net;
 #[path = "../relay/proc.rs"]
 mod proc;
+
+use net::{free_port, wait_until};
 
 use queue::{MessageId, MessageMeta, Scheduler, Spool, SpoolOptions};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -50,31 +53,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
-}
-
-fn wait_for_port(port: u16) -> bool {
-    wait_until(Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
 }
 
 fn domain(k: usize) -> String {
@@ -347,7 +325,7 @@ fn main() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    assert!(wait_for_port(sink_port));
+    assert!(net::wait_for_port(sink_port, Duration::from_secs(30)));
 
     // An engine on an empty spool: the fixed part of its memory.
     let empty_dir = tempfile::Builder::new()
@@ -360,7 +338,7 @@ fn main() {
         &empty_dir.path().join("spool"),
         sink_port,
     );
-    assert!(wait_for_port(e.port));
+    assert!(net::wait_for_port(e.port, Duration::from_secs(30)));
     std::thread::sleep(Duration::from_secs(2));
     let empty_rss = proc::rss_kb(e.child.id()).unwrap_or(0);
     e.stop();

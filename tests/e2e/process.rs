@@ -6,24 +6,24 @@ use std::time::Duration;
 
 const DROVER: &str = env!("CARGO_BIN_EXE_drover");
 
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(DROVER)
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[delivery]\nsmtp_port = 2525\n").unwrap();
-    let out = Command::new(DROVER)
-        .args(["check-config"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let out = check_config(&good);
     assert_eq!(out.status.code(), Some(0));
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[delivery]\nsmtp_prot = 2525\n").unwrap();
-    let out = Command::new(DROVER)
-        .args(["check-config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check_config(&bad);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("smtp_prot"));
     let example = concat!(
