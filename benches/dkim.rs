@@ -10,13 +10,19 @@ use dkim::{KeyConfig, Signers};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// This crate's directory, as cargo gives it to the running test: a compile-time path can
+/// name another checkout when a target directory is shared between clones.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn signers(selector: &str, file: &str) -> Signers {
     Signers::load(&[KeyConfig {
         domain: "example.com".into(),
         selector: selector.into(),
-        key_file: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(file),
+        key_file: manifest_dir().join("tests/fixtures").join(file),
     }])
     .unwrap()
 }

@@ -9,9 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../dkim/tests/fixtures")
-        .join(name)
+    manifest_dir().join("../dkim/tests/fixtures").join(name)
 }
 
 /// `[[dkim]]` for example.com with an RSA and an Ed25519 key, and the DNS records they need.

@@ -144,3 +144,11 @@ pub fn message_for(recipients: &[String]) -> Value {
         "tenant": "acme",
     })
 }
+
+/// This crate's directory, as cargo gives it to the running test: a compile-time path can
+/// name another checkout when a target directory is shared between clones.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}

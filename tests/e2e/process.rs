@@ -26,12 +26,10 @@ fn check_config_exit_codes() {
     let out = check_config(&bad);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("smtp_prot"));
-    let example = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../deploy/drover.example.toml"
-    );
+    let example = manifest_dir().join("../../deploy/drover.example.toml");
     let out = Command::new(DROVER)
-        .args(["check-config", example])
+        .arg("check-config")
+        .arg(&example)
         .output()
         .unwrap();
     assert_eq!(
@@ -220,7 +218,7 @@ async fn sighup_reloads_shaping_rules_and_keeps_running_on_a_bad_file() {
 
 #[test]
 fn dkim_records_prints_the_txt_records_to_publish() {
-    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dkim/tests/fixtures");
+    let fixtures = manifest_dir().join("../dkim/tests/fixtures");
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("drover.toml");
     std::fs::write(

@@ -11,10 +11,16 @@ use dkim::testing::{verify, Verdict};
 use dkim::{DkimError, KeyConfig, Signers};
 use std::path::PathBuf;
 
+/// This crate's directory, as cargo gives it to the running test: a compile-time path can
+/// name another checkout when a target directory is shared between clones.
+fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    manifest_dir().join("tests/fixtures").join(name)
 }
 
 fn key(domain: &str, selector: &str, file: &str) -> KeyConfig {

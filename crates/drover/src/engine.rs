@@ -306,10 +306,14 @@ impl Engine {
         // not delay the first delivery.
         let reloading = Arc::clone(&engine);
         let runtime = tokio::runtime::Handle::current();
+        // Before anything can be injected or delivered, so that every message this process
+        // finishes during the reload is remembered.
+        engine.scheduler.begin_reload();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = reloading.reload_spool(&runtime) {
                 tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
             }
+            reloading.scheduler.end_reload();
         });
         tokio::spawn(Arc::clone(&engine).dispatch());
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
@@ -325,7 +329,7 @@ impl Engine {
         for id in self.spool.due_ids(now_ms(), DUE_FIRST)? {
             if let Some(meta) = self.spool.meta(&id)? {
                 if meta.finalizing.is_none() {
-                    self.enqueue(&meta);
+                    self.enqueue_new(&meta);
                 }
             }
         }
@@ -345,8 +349,9 @@ impl Engine {
                 unfinished.push(meta);
                 continue;
             }
-            self.enqueue(&meta);
-            count += 1;
+            if self.enqueue_new(&meta) {
+                count += 1;
+            }
         }
         if count > 0 {
             tracing::info!(messages = count, "reloaded the spool");
@@ -374,6 +379,11 @@ impl Engine {
             let Some(fin) = &meta.finalizing else {
                 continue;
             };
+            // A marker this process wrote (the scan read the message while a worker was
+            // finishing it): that worker writes the records and removes the message.
+            if self.scheduler.knows(meta.id) {
+                continue;
+            }
             if !written.contains(&meta.id.to_string()) {
                 self.accounting.record_lines(fin.records.clone()).await?;
                 completed += 1;
@@ -570,14 +580,15 @@ impl Engine {
                 tracing::error!(error = %e, "could not write Reception records");
             }
             for m in &metas {
-                engine.enqueue(m);
+                engine.enqueue_new(m);
             }
         });
         Ok(())
     }
 
-    /// Puts a message on the schedule under its queue: the domain, or `domain|source` when
-    /// egress sources are configured (each source has its own sessions and limits).
+    /// Puts a message back on the schedule under its queue (after an attempt): the domain,
+    /// or `domain|source` when egress sources are configured (each source has its own
+    /// sessions and limits).
     pub(crate) fn enqueue(&self, meta: &MessageMeta) {
         let key = queue::queue_key(&meta.domain, self.egress.source_for(meta));
         self.scheduler.schedule(
@@ -588,6 +599,22 @@ impl Engine {
             meta.received_ms,
             now_ms(),
         );
+    }
+
+    /// Queues a message just accepted or found by the spool reload, unless this process
+    /// already has it in hand: the reload and the injection race for the messages accepted
+    /// while it runs, and neither may re-queue one that is in flight or finished. Returns
+    /// whether it was queued.
+    fn enqueue_new(&self, meta: &MessageMeta) -> bool {
+        let key = queue::queue_key(&meta.domain, self.egress.source_for(meta));
+        self.scheduler.restore(
+            meta.id,
+            &key,
+            meta.campaign.as_deref(),
+            meta.due_ms,
+            meta.received_ms,
+            now_ms(),
+        )
     }
 
     pub(crate) fn record(&self, kind: RecordType, meta: &MessageMeta) -> Record {

@@ -91,6 +91,9 @@ struct Inner {
     totals: DestinationCounts,
     suspended_dests: HashMap<Arc<str>, u64>,
     suspended_campaigns: HashMap<Arc<str>, u64>,
+    /// While a spool reload runs: the messages finished since it began (see
+    /// [`Scheduler::begin_reload`]).
+    finished_during_reload: Option<HashSet<MessageId>>,
 }
 
 fn bump(c: &mut DestinationCounts, state: State, delta: isize) {
@@ -104,6 +107,45 @@ fn bump(c: &mut DestinationCounts, state: State, delta: isize) {
 }
 
 impl Inner {
+    fn knows(&self, id: &MessageId) -> bool {
+        self.entries.contains_key(id)
+            || self
+                .finished_during_reload
+                .as_ref()
+                .is_some_and(|f| f.contains(id))
+    }
+
+    /// Puts a new or in-flight message in its place for `due_ms`.
+    fn place(
+        &mut self,
+        id: MessageId,
+        destination: &str,
+        campaign: Option<&str>,
+        due_ms: u64,
+        received_ms: u64,
+        now_ms: u64,
+    ) {
+        let dest = self.intern(destination);
+        let campaign = campaign.map(|c| self.intern(c));
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.entries.entry(id) {
+            // Counted as in flight for one instant so `set_state` can do the bookkeeping.
+            slot.insert(Entry {
+                dest: Arc::clone(&dest),
+                campaign,
+                received_ms,
+                state: State::InFlight,
+            });
+            self.count(&dest, State::InFlight, 1);
+        }
+        let to = if due_ms <= now_ms {
+            self.due_state(&id, now_ms)
+        } else {
+            State::Scheduled(due_ms)
+        };
+        self.set_state(id, to);
+        self.publish();
+    }
+
     fn intern(&mut self, name: &str) -> Arc<str> {
         if let Some(n) = self.names.get(name) {
             return Arc::clone(n);
@@ -243,31 +285,50 @@ impl Scheduler {
                     return;
                 }
             }
-            let dest = inner.intern(destination);
-            let campaign = campaign.map(|c| inner.intern(c));
-            let fresh = !inner.entries.contains_key(&id);
-            if fresh {
-                // Counted as in flight for one instant so `set_state` can do the bookkeeping.
-                inner.entries.insert(
-                    id,
-                    Entry {
-                        dest: Arc::clone(&dest),
-                        campaign,
-                        received_ms,
-                        state: State::InFlight,
-                    },
-                );
-                inner.count(&dest, State::InFlight, 1);
-            }
-            let to = if due_ms <= now_ms {
-                inner.due_state(&id, now_ms)
-            } else {
-                State::Scheduled(due_ms)
-            };
-            inner.set_state(id, to);
-            inner.publish();
+            inner.place(id, destination, campaign, due_ms, received_ms, now_ms);
         }
         self.notify.notify_one();
+    }
+
+    /// Starts a spool reload. Until [`Scheduler::end_reload`] the scheduler remembers the
+    /// messages it finishes, so that a reload that read a message from disk before its
+    /// delivery ended cannot bring it back (see [`Scheduler::restore`]).
+    pub fn begin_reload(&self) {
+        self.lock().finished_during_reload = Some(HashSet::new());
+    }
+
+    /// Ends a spool reload and forgets what was finished meanwhile.
+    pub fn end_reload(&self) {
+        self.lock().finished_during_reload = None;
+    }
+
+    /// Queues a message a spool reload found, unless this process already has it in hand:
+    /// queued, in flight (a reload must never hand an in-flight message to a second
+    /// worker), or finished since the reload began. Returns whether it was queued.
+    pub fn restore(
+        &self,
+        id: MessageId,
+        destination: &str,
+        campaign: Option<&str>,
+        due_ms: u64,
+        received_ms: u64,
+        now_ms: u64,
+    ) -> bool {
+        {
+            let mut inner = self.lock();
+            if inner.knows(&id) {
+                return false;
+            }
+            inner.place(id, destination, campaign, due_ms, received_ms, now_ms);
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// Whether this process has the message in hand: queued, in flight, or finished since
+    /// the running reload began.
+    pub fn knows(&self, id: MessageId) -> bool {
+        self.lock().knows(&id)
     }
 
     /// Moves every message due at `now_ms` from the timer to its ready queue (or parks it when
@@ -538,6 +599,9 @@ fn forget(inner: &mut Inner, id: MessageId) {
     let Some(entry) = inner.entries.remove(&id) else {
         return;
     };
+    if let Some(finished) = &mut inner.finished_during_reload {
+        finished.insert(id);
+    }
     match entry.state {
         State::Scheduled(due) => {
             inner.timer.remove(&(due, id));
@@ -567,6 +631,37 @@ fn unpark(inner: &mut Inner, campaign: &Arc<str>, now_ms: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_never_brings_back_an_in_flight_or_finished_message() {
+        let s = Scheduler::new();
+        s.begin_reload();
+        let (a, b, c) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
+        s.schedule(a, "x.test", None, 10, 1, 50);
+        s.schedule(b, "x.test", None, 10, 1, 50);
+        assert_eq!(s.pop_ready("x.test", 50), Some(a));
+        assert_eq!(s.pop_ready("x.test", 50), Some(b));
+        s.finish(b);
+        // The reload read both before the worker got them: neither comes back, and the
+        // in-flight one stays with its worker instead of going to a second one.
+        assert!(!s.restore(a, "x.test", None, 10, 1, 50));
+        assert!(!s.restore(b, "x.test", None, 10, 1, 50));
+        assert_eq!(s.totals().in_flight, 1);
+        assert_eq!(s.totals().ready, 0);
+        assert!(s.knows(a) && s.knows(b) && !s.knows(c));
+        assert!(s.restore(c, "x.test", None, 10, 1, 50));
+        assert!(!s.restore(c, "x.test", None, 10, 1, 50));
+        assert_eq!(s.totals().ready, 1);
+        s.end_reload();
+        // Outside a reload nothing is remembered about finished messages.
+        assert!(!s.knows(b));
+        s.finish(a);
+        assert!(!s.knows(a));
+    }
 
     #[test]
     fn due_messages_move_to_ready_in_order() {
