@@ -22,37 +22,36 @@ impl DotStuffer {
 
     /// Appends the stuffed form of `input` to `out`.
     pub fn stuff(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let Some(&last) = input.last() else {
+            return;
+        };
         out.reserve(input.len() + input.len() / 64 + 2);
-        // Whole lines are copied at once; only line starts and ends need a look.
-        let mut rest = input;
-        while let Some(&first) = rest.first() {
-            if !self.mid_line && first == b'.' {
-                out.push(b'.');
+        // Mail is almost all CRLF lines that do not start with a dot: the line ends are
+        // found with SIMD and only inspected, and the input is copied in long runs between
+        // the rare places where a CR or a dot has to be inserted.
+        if !self.mid_line && input[0] == b'.' {
+            out.push(b'.');
+        }
+        let mut copied = 0;
+        for i in memchr::memchr_iter(b'\n', input) {
+            let cr_before = match i.checked_sub(1) {
+                Some(p) => input[p] == b'\r',
+                None => self.prev_cr,
+            };
+            if !cr_before {
+                out.extend_from_slice(&input[copied..i]);
+                out.push(b'\r');
+                copied = i;
             }
-            match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    out.extend_from_slice(&rest[..i]);
-                    let cr_before = if i > 0 {
-                        rest[i - 1] == b'\r'
-                    } else {
-                        self.prev_cr
-                    };
-                    if !cr_before {
-                        out.push(b'\r');
-                    }
-                    out.push(b'\n');
-                    self.mid_line = false;
-                    self.prev_cr = false;
-                    rest = &rest[i + 1..];
-                }
-                None => {
-                    out.extend_from_slice(rest);
-                    self.mid_line = true;
-                    self.prev_cr = rest.last() == Some(&b'\r');
-                    rest = &[];
-                }
+            if input.get(i + 1) == Some(&b'.') {
+                out.extend_from_slice(&input[copied..=i]);
+                out.push(b'.');
+                copied = i + 1;
             }
         }
+        out.extend_from_slice(&input[copied..]);
+        self.mid_line = last != b'\n';
+        self.prev_cr = last == b'\r';
     }
 
     /// Ends the message: appends CRLF if the data did not end with one, then
