@@ -158,6 +158,9 @@ pub struct SpoolConfig {
     pub sync: bool,
     /// Most messages queued at once; injection beyond it gets 503 (extension; back-pressure).
     pub max_queued: usize,
+    /// MiB of message bodies held in memory before they are flushed to blob files
+    /// (extension): bodies delivered and deleted before the flush are never written twice.
+    pub body_buffer_mb: usize,
 }
 
 impl Default for SpoolConfig {
@@ -166,6 +169,7 @@ impl Default for SpoolConfig {
             path: PathBuf::from("./drover-data"),
             sync: true,
             max_queued: 10_000_000,
+            body_buffer_mb: queue::DEFAULT_BODY_BUFFER_BYTES >> 20,
         }
     }
 }

@@ -247,6 +247,7 @@ impl Engine {
             &config.spool.path,
             SpoolOptions {
                 sync: config.spool.sync,
+                body_buffer_bytes: config.spool.body_buffer_mb.saturating_mul(1 << 20),
                 ..SpoolOptions::default()
             },
         )?;

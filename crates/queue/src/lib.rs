@@ -35,7 +35,9 @@ mod spool;
 
 pub use message::{Finalizing, MessageId, MessageMeta};
 pub use schedule::{queue_key, split_queue_key, DestinationCounts, Scheduler, Selector};
-pub use spool::{Spool, SpoolOptions, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM};
+pub use spool::{
+    Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
+};
 
 /// Errors of the spool.
 #[non_exhaustive]

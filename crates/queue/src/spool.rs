@@ -50,6 +50,11 @@ pub const REOPEN_HEADROOM: u64 = 4 << 20;
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest wait between reopen attempts that failed although space seemed available.
 pub const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(16);
+/// A group commit is written as several batches of about this size (synced once, at the
+/// end): one batch of 80 MB (8 requests of 100 messages of 100 KB) is a fresh `mmap` whose
+/// every page faults in, while batches this size reuse the allocator's heap (measured: page
+/// faults were 12 % of the engine's CPU at 100 KB).
+const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Metadata records a scan reads under one read lock.
 const SCAN_CHUNK: usize = 1024;
 
@@ -62,13 +67,23 @@ pub struct SpoolOptions {
     /// Bodies at least this large go to RocksDB blob files instead of the LSM tree, so they are
     /// not rewritten by every compaction.
     pub min_blob_size: u64,
+    /// Size of the body column family's memtable. A relay delivers most messages within
+    /// seconds of their arrival; while a body is still in the memtable when it is deleted,
+    /// the flush drops it and it is never written to a blob file (measured: writing blobs
+    /// was a quarter of the engine's CPU at 100 KB). Larger means fewer bodies written twice,
+    /// at the price of that much memory (twice, while one memtable flushes).
+    pub body_buffer_bytes: usize,
 }
+
+/// The default body memtable size: 256 MiB.
+pub const DEFAULT_BODY_BUFFER_BYTES: usize = 256 << 20;
 
 impl Default for SpoolOptions {
     fn default() -> Self {
         SpoolOptions {
             sync: true,
             min_blob_size: 4096,
+            body_buffer_bytes: DEFAULT_BODY_BUFFER_BYTES,
         }
     }
 }
@@ -165,6 +180,9 @@ fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
     body_opts.set_enable_blob_files(true);
     body_opts.set_min_blob_size(options.min_blob_size);
     body_opts.set_enable_blob_gc(true);
+    body_opts.set_write_buffer_size(options.body_buffer_bytes.max(1 << 20));
+    // One memtable flushing while the next fills, so a flush never stalls injection.
+    body_opts.set_max_write_buffer_number(3);
     vec![
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ColumnFamilyDescriptor::new(CF_BODY, body_opts),
@@ -650,6 +668,14 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
         (cf(CF_META)?, cf(CF_BODY)?, cf(CF_SCHEDULE)?, cf(CF_STATE)?);
     let mut batch = WriteBatch::default();
     for job in jobs {
+        if batch.size_in_bytes() >= MAX_BATCH_BYTES {
+            // Unsynced: the final write's sync covers it, as the WAL is written in order.
+            // No caller is answered before that final write, and a job is never split, so
+            // each job stays all-or-nothing.
+            let full = std::mem::take(&mut batch);
+            db.write_opt(full, &WriteOptions::default())
+                .map_err(|e| e.to_string())?;
+        }
         for op in &job.ops {
             match op {
                 Op::Insert(meta, body) => {
@@ -821,6 +847,42 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(spool.scan().count(), 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commits_larger_than_one_batch_are_all_stored() {
+        // 24 concurrent requests of 4 messages of 256 KiB: group commits well above
+        // MAX_BATCH_BYTES, written as several batches behind one sync.
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = Vec::new();
+        {
+            let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            let mut tasks = Vec::new();
+            for i in 0..24u8 {
+                let spool = spool.clone();
+                let messages: Vec<_> = (0..4u64)
+                    .map(|j| {
+                        (
+                            meta(&format!("r{i}-{j}@example.test"), j),
+                            vec![i; 256 << 10],
+                        )
+                    })
+                    .collect();
+                ids.extend(messages.iter().map(|(m, _)| (m.id, i)));
+                tasks.push(tokio::spawn(async move { spool.insert(messages).await }));
+            }
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+            spool.close().unwrap();
+        }
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(spool.scan().count(), ids.len());
+        for (id, fill) in ids {
+            let body = spool.body(&id).unwrap().unwrap();
+            assert_eq!(body.len(), 256 << 10);
+            assert!(body.iter().all(|b| *b == fill));
+        }
     }
 }
 
