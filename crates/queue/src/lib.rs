@@ -18,7 +18,12 @@
 //!   scan up to "now" yields what is due.
 //! - Every write that changes a message's fate (insert, reschedule, removal) is synced to the WAL
 //!   before its caller is answered. Writes from concurrent callers are group-committed: one
-//!   `WriteBatch`, one sync.
+//!   sync for all of them, written as `WriteBatch`es of at most about 8 MiB (one caller's
+//!   writes are never split, so each caller's writes stay all-or-nothing).
+//! - A start-up reload (which reads the spool while the engine already injects and delivers)
+//!   never queues a message this process already has in hand: [`Scheduler::restore`] skips
+//!   ids that are queued, in flight, or finished since [`Scheduler::begin_reload`]. Without
+//!   that, a message read by the scan before its delivery ended would be delivered twice.
 //! - A message is removed only after its final accounting record is synced (the engine's rule):
 //!   first its `meta` gains a `finalizing` marker holding the records (synced), then the records
 //!   are appended to the accounting file (synced), then the message is deleted. After a crash a
