@@ -26,7 +26,6 @@ fn meta(size: usize) -> MessageMeta {
         headers: Default::default(),
         last_source: None,
         size: size as u64,
-        finalizing: None,
     }
 }
 

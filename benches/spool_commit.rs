@@ -36,7 +36,6 @@ fn meta(i: u64) -> MessageMeta {
         headers: BTreeMap::new(),
         last_source: None,
         size: 2048,
-        finalizing: None,
     }
 }
 

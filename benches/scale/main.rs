@@ -89,7 +89,6 @@ fn meta(i: usize, shape: Shape, due_ms: u64) -> MessageMeta {
         headers: BTreeMap::new(),
         last_source: None,
         size: 0,
-        finalizing: None,
     }
 }
 

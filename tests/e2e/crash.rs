@@ -140,3 +140,90 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
         assert!(received.contains(rcpt), "{rcpt} never reached the sink");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_final_record_was_written_before_a_crash_is_not_delivered_again() {
+    // The engine appends a final record, then deletes the message without a sync. Play the
+    // crash in between: a deferred message gets a Delivery record behind the engine's back
+    // while it stays spooled. The next start must delete it, not deliver it again.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = probe.local_addr().unwrap();
+    drop(probe);
+    let extra = format!(
+        "{}[retry]\nintervals = [\"1h\"]\n",
+        routes(&["later.test"], addr)
+    );
+    let engine = TestEngine::start(&extra).await;
+    let recipients = vec!["done@later.test".to_owned(), "owed@later.test".to_owned()];
+    let (status, body) = engine.inject(&message_for(&recipients)).await;
+    assert_eq!(status, 200, "{body}");
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "TransientFailure") == 2
+    })
+    .await;
+    let dir = engine.stop().await;
+    let accounting = dir.path().join("spool/accounting.jsonl");
+    let mut delivered = recs
+        .iter()
+        .find(|r| r["type"] == "TransientFailure" && r["recipient"] == "done@later.test")
+        .unwrap()
+        .clone();
+    delivered["type"] = "Delivery".into();
+    delivered["response"]["code"] = 250.into();
+    let done_id = delivered["id"].as_str().unwrap().to_owned();
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&accounting)
+            .unwrap();
+        writeln!(f, "{delivered}").unwrap();
+    }
+
+    let sink = sink::Sink::bind(
+        addr,
+        sink::SinkConfig {
+            capture: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let engine = TestEngine::start_in(dir, &extra).await;
+    // The reload runs in the background: wait until it has queued what it will.
+    let mut queued = 0;
+    for _ in 0..100 {
+        queued = engine.get_json("/api/admin/v1/queues").await["totals"]["scheduled"]
+            .as_u64()
+            .unwrap_or(0);
+        if queued > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(queued, 1, "only the owed message is queued");
+    let (status, reply) = post_json(
+        &engine.url("/api/admin/v1/retry"),
+        &serde_json::json!({"domain": "later.test"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["rescheduled"], 1);
+    let recs = wait_records(&accounting, Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 2
+    })
+    .await;
+    engine.stop().await;
+    let finals_of_done = recs
+        .iter()
+        .filter(|r| r["id"] == done_id.as_str() && r["type"] == "Delivery")
+        .count();
+    assert_eq!(finals_of_done, 1);
+    let received: Vec<String> = sink
+        .messages()
+        .iter()
+        .flat_map(|m| m.recipients.clone())
+        .collect();
+    assert_eq!(received, vec!["owed@later.test".to_owned()]);
+}

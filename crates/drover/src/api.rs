@@ -183,7 +183,6 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
             headers: tracked_headers(&body),
             last_source: None,
             size: body.len() as u64,
-            finalizing: None,
         };
         messages.push(NewMessage { meta, body });
     }

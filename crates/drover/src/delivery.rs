@@ -13,7 +13,7 @@ use crate::egress::Source;
 use crate::engine::{now_ms, Engine, BACKOFF, HOLDS};
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
-use queue::{Finalizing, MessageId, MessageMeta, Selector};
+use queue::{MessageId, MessageMeta, Selector};
 use rate_limiter::DestinationLimiter;
 use resolver_cache::Destination;
 use smtp_proto::Reply;
@@ -536,27 +536,19 @@ impl Engine {
         Some(meta)
     }
 
-    /// Ends a message's life: its final records on disk, then the message out of the spool,
-    /// with a synced marker in between steps so a crash can neither lose the records nor
-    /// write them twice (see [`queue::Finalizing`]). Returns whether the message is gone.
+    /// Ends a message's life: its final records appended to the accounting file (synced),
+    /// then the message removed from the spool. The [`crate::finals::Ledger`] keeps the
+    /// accounting checkpoint from passing the record until the removal is done, so a crash in
+    /// between leaves a record the next start finds, and the message is removed then instead
+    /// of delivered again. Returns whether the message is gone.
     ///
-    /// A step that fails on a storage error (a full disk) is retried once the spool is
-    /// writable again, so the outcome is recorded without delivering the message twice; the
-    /// worker waits meanwhile. Only shutdown ends the wait: a message without its marker is
-    /// then attempted again at the next start (its final record was never written), one with
-    /// the marker gets the marker's records written then.
-    pub(crate) async fn finalize(&self, mut meta: MessageMeta, records: Vec<Record>) -> bool {
+    /// A step that fails (a full disk) is retried, so the outcome is recorded without
+    /// delivering the message twice; the worker waits meanwhile. Only shutdown ends the wait:
+    /// a message whose record was not written is attempted again at the next start.
+    pub(crate) async fn finalize(&self, meta: MessageMeta, records: Vec<Record>) -> bool {
         let lines: Vec<String> = records.iter().map(Accounting::to_line).collect();
-        meta.finalizing = Some(Finalizing {
-            accounting_offset: self.accounting.synced_len(),
-            records: lines.clone(),
-        });
-        while let Err(e) = self.spool.update(meta.clone(), meta.due_ms).await {
-            tracing::error!(id = %meta.id, error = %e, "cannot mark a message final; waiting for the spool");
-            if !self.wait_for_spool().await {
-                return false;
-            }
-        }
+        let offset = self.accounting.synced_len();
+        self.ledger.begin(offset);
         let mut pause = Duration::from_millis(250);
         while let Err(e) = self
             .accounting
@@ -565,22 +557,30 @@ impl Engine {
         {
             // The accounting writer discards a failed batch, so a retry cannot duplicate it.
             tracing::error!(id = %meta.id, error = %e, "could not write the final record; retrying");
-            if matches!(e, accounting::AccountingError::Stopped) {
+            let stop = matches!(e, accounting::AccountingError::Stopped) || {
+                tokio::select! {
+                    _ = self.cancel.cancelled() => true,
+                    _ = tokio::time::sleep(pause) => false,
+                }
+            };
+            if stop {
+                // Nothing was written: the message stays owed a delivery.
+                self.ledger.end(offset);
                 return false;
-            }
-            tokio::select! {
-                _ = self.cancel.cancelled() => return false,
-                _ = tokio::time::sleep(pause) => {}
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }
-        // Unsynced: if this delete is lost, the start-up finds the marker and the record.
+        // Unsynced: the next checkpoint write (synced, after this one in the spool's order)
+        // makes it durable; until then the ledger holds the checkpoint back.
         while let Err(e) = self.spool.remove_lazily(meta.id, meta.due_ms).await {
             tracing::error!(id = %meta.id, error = %e, "could not remove a finished message");
             if !self.wait_for_spool().await {
-                break;
+                // Left in the ledger on purpose: the checkpoint must not pass this record
+                // while its message is still spooled.
+                return true;
             }
         }
+        self.ledger.end(offset);
         true
     }
 

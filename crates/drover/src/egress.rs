@@ -151,7 +151,6 @@ mod tests {
             headers: Default::default(),
             last_source: None,
             size: 0,
-            finalizing: None,
         }
     }
 

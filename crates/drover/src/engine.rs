@@ -13,7 +13,7 @@ use crate::egress::Egress;
 use accounting::{Accounting, BounceCategory, Record, RecordType, Response};
 use connection_pool::{Pool, Timeouts};
 use dashmap::DashMap;
-use queue::{MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
+use queue::{MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
 use rate_limiter::{Limits, Shaper};
 use resolver_cache::{MxResolver, ResolveError, ResolverSettings};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +75,8 @@ pub fn describe_metrics() {
 }
 
 const SUSPEND_PREFIX: &str = "suspend/";
+/// How often the accounting checkpoint (see `finals`) is advanced.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// How many due messages a restart schedules before the full reload scan.
 const DUE_FIRST: usize = 100_000;
 pub(crate) const HOLDS: &str = "drover_holds";
@@ -212,6 +214,8 @@ pub struct Engine {
     pub(crate) cancel: CancellationToken,
     pub(crate) workers: TaskTracker,
     draining: AtomicBool,
+    /// Finalizations between their record and their message's removal (see `finals`).
+    pub(crate) ledger: crate::finals::Ledger,
 }
 
 impl std::fmt::Debug for Engine {
@@ -301,101 +305,132 @@ impl Engine {
             cancel: CancellationToken::new(),
             workers: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            ledger: crate::finals::Ledger::default(),
         });
         engine.load_suspensions()?;
+        // Before anything is delivered: messages whose final record was written just before
+        // the last stop are removed, not delivered again.
+        let checkpoint = engine.settle_recorded_finals().await?;
         // The reload streams the spool while delivery already runs, so a large queue does
         // not delay the first delivery.
         let reloading = Arc::clone(&engine);
-        let runtime = tokio::runtime::Handle::current();
         // Before anything can be injected or delivered, so that every message this process
         // finishes during the reload is remembered.
         engine.scheduler.begin_reload();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = reloading.reload_spool(&runtime) {
+            if let Err(e) = reloading.reload_spool() {
                 tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
             }
             reloading.scheduler.end_reload();
         });
         tokio::spawn(Arc::clone(&engine).dispatch());
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
+        tokio::spawn(Arc::clone(&engine).keep_checkpoint(checkpoint));
         Ok(engine)
     }
 
-    fn reload_spool(&self, runtime: &tokio::runtime::Handle) -> Result<(), EngineError> {
+    fn reload_spool(&self) -> Result<(), EngineError> {
         let mut count = 0u64;
-        let mut unfinished = Vec::new();
         // What is due goes first, straight from the schedule index, so delivery restarts in
         // moments however large the queue; the full scan then adds the rest (messages already
         // scheduled are left as they are).
         for id in self.spool.due_ids(now_ms(), DUE_FIRST)? {
             if let Some(meta) = self.spool.meta(&id)? {
-                if meta.finalizing.is_none() {
-                    self.enqueue_new(&meta);
-                }
+                self.enqueue_new(&meta);
             }
         }
         for meta in self.spool.scan() {
             if self.cancel.is_cancelled() {
                 break;
             }
-            let meta = match meta {
-                Ok(meta) => meta,
-                Err(e) => {
-                    // One bad record must not keep every other message from being delivered.
-                    tracing::error!(error = %e, "skipping an unreadable spool record");
-                    continue;
+            match meta {
+                Ok(meta) => {
+                    if self.enqueue_new(&meta) {
+                        count += 1;
+                    }
                 }
-            };
-            if meta.finalizing.is_some() {
-                unfinished.push(meta);
-                continue;
-            }
-            if self.enqueue_new(&meta) {
-                count += 1;
+                // One bad record must not keep every other message from being delivered.
+                Err(e) => tracing::error!(error = %e, "skipping an unreadable spool record"),
             }
         }
         if count > 0 {
             tracing::info!(messages = count, "reloaded the spool");
         }
-        if !unfinished.is_empty() {
-            runtime.block_on(self.complete_finalizations(unfinished))?;
-        }
         Ok(())
     }
 
-    /// Messages whose final records were being written when the engine stopped: write the
-    /// records that did not reach the accounting file, then remove the messages.
-    async fn complete_finalizations(&self, metas: Vec<MessageMeta>) -> Result<(), EngineError> {
-        let offset = metas
-            .iter()
-            .filter_map(|m| m.finalizing.as_ref().map(|f| f.accounting_offset))
-            .min()
-            .unwrap_or(0);
+    /// Removes the spooled messages that already have a final record after the stored
+    /// accounting checkpoint (the engine stopped between a record and its message's removal),
+    /// and stores a checkpoint if there was none. Returns the checkpoint in force.
+    async fn settle_recorded_finals(&self) -> Result<u64, EngineError> {
+        let stored = self
+            .spool
+            .states(crate::finals::CHECKPOINT_KEY)?
+            .into_iter()
+            .find(|(k, _)| k == crate::finals::CHECKPOINT_KEY)
+            .and_then(|(_, v)| crate::finals::decode(&v));
+        let Some(checkpoint) = stored else {
+            // A new spool: none of its messages can have a record before this point.
+            let len = self.accounting.synced_len();
+            self.store_checkpoint(len).await?;
+            return Ok(len);
+        };
         let path = self.accounting.path().to_owned();
-        let written = accounting::final_ids_since(&path, offset).map_err(|source| {
+        let recorded = accounting::final_ids_since(&path, checkpoint).map_err(|source| {
             EngineError::Accounting(accounting::AccountingError::Io { path, source })
         })?;
-        let mut completed = 0;
-        for meta in metas {
-            let Some(fin) = &meta.finalizing else {
-                continue;
-            };
-            // A marker this process wrote (the scan read the message while a worker was
-            // finishing it): that worker writes the records and removes the message.
-            if self.scheduler.knows(meta.id) {
-                continue;
+        let mut removed = 0u64;
+        for id in recorded
+            .iter()
+            .filter_map(|id| id.parse::<MessageId>().ok())
+        {
+            if let Some(meta) = self.spool.meta(&id)? {
+                self.spool.remove(id, meta.due_ms).await?;
+                removed += 1;
             }
-            if !written.contains(&meta.id.to_string()) {
-                self.accounting.record_lines(fin.records.clone()).await?;
-                completed += 1;
-            }
-            self.spool.remove(meta.id, meta.due_ms).await?;
         }
-        tracing::info!(
-            completed,
-            "finished final records interrupted by the last stop"
-        );
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed messages whose final record was written before the last stop"
+            );
+        }
+        Ok(checkpoint)
+    }
+
+    async fn store_checkpoint(&self, offset: u64) -> Result<(), EngineError> {
+        self.spool
+            .put_state(crate::finals::CHECKPOINT_KEY, offset.to_be_bytes().to_vec())
+            .await?;
         Ok(())
+    }
+
+    /// Advances the accounting checkpoint about once a second, so a restart reads only the
+    /// last moments of the accounting file.
+    async fn keep_checkpoint(self: Arc<Self>, mut stored: u64) {
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
+            }
+            stored = self.advance_checkpoint(stored).await;
+        }
+    }
+
+    async fn advance_checkpoint(&self, stored: u64) -> u64 {
+        // In this order: see `Ledger::checkpoint`.
+        let synced = self.accounting.synced_len();
+        let next = self.ledger.checkpoint(synced);
+        if next <= stored {
+            return stored;
+        }
+        match self.store_checkpoint(next).await {
+            Ok(()) => next,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not store the accounting checkpoint");
+                stored
+            }
+        }
     }
 
     fn load_suspensions(&self) -> Result<(), EngineError> {
@@ -644,6 +679,8 @@ impl Engine {
             tracing::warn!("workers still busy after {grace:?}; their messages stay spooled");
         }
         self.pool.close().await;
+        // Finished messages need no look at the accounting file at the next start.
+        self.advance_checkpoint(0).await;
         if let Err(e) = self.spool.close() {
             tracing::error!(error = %e, "spool flush at shutdown failed");
         }

@@ -8,6 +8,7 @@ pub mod config;
 mod delivery;
 pub mod egress;
 pub mod engine;
+mod finals;
 pub mod listener;
 pub mod message;
 pub mod serve;

@@ -288,7 +288,6 @@ impl InjectPolicy {
                     headers: headers.clone(),
                     last_source: None,
                     size: body.len() as u64,
-                    finalizing: None,
                 };
                 NewMessage { meta, body }
             })

@@ -16,19 +16,21 @@
 //!   deleted in the same `WriteBatch` as `meta`.
 //! - `schedule` holds exactly one key per message, the one of its current `due_ms`, so a range
 //!   scan up to "now" yields what is due.
-//! - Every write that changes a message's fate (insert, reschedule, removal) is synced to the WAL
-//!   before its caller is answered. Writes from concurrent callers are group-committed: one
+//! - An insert is synced to the WAL before its caller is answered. Reschedules and removals
+//!   may be written unsynced (`*_lazily`) where losing them only repeats an attempt or is
+//!   covered by the accounting checkpoint below; the spool writes in order, so any later
+//!   synced write makes them durable. Writes from concurrent callers are group-committed: one
 //!   sync for all of them, written as `WriteBatch`es of at most about 8 MiB (one caller's
 //!   writes are never split, so each caller's writes stay all-or-nothing).
 //! - A start-up reload (which reads the spool while the engine already injects and delivers)
 //!   never queues a message this process already has in hand: [`Scheduler::restore`] skips
 //!   ids that are queued, in flight, or finished since [`Scheduler::begin_reload`]. Without
 //!   that, a message read by the scan before its delivery ended would be delivered twice.
-//! - A message is removed only after its final accounting record is synced (the engine's rule):
-//!   first its `meta` gains a `finalizing` marker holding the records (synced), then the records
-//!   are appended to the accounting file (synced), then the message is deleted. After a crash a
-//!   message still in `meta` is owed either a delivery attempt (no marker) or the completion
-//!   of its marker's records, never both.
+//! - A message is removed only after its final accounting record is synced (the engine's rule;
+//!   see `drover::finals`): the record is appended (synced), then the message is deleted
+//!   (unsynced). The `state` key `accounting/checkpoint` holds an accounting offset before
+//!   which every final record's message is durably deleted; at start the engine deletes the
+//!   spooled messages that have a final record after it instead of delivering them again.
 //! - A failed write (full disk) leaves nothing applied and makes the spool read-only until it
 //!   can be reopened; see the `spool` module for the recovery (`Spool::is_writable`).
 
@@ -38,7 +40,7 @@ mod model_check;
 mod schedule;
 mod spool;
 
-pub use message::{Finalizing, MessageId, MessageMeta};
+pub use message::{MessageId, MessageMeta};
 pub use schedule::{queue_key, split_queue_key, DestinationCounts, Scheduler, Selector};
 pub use spool::{
     Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,

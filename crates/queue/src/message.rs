@@ -98,24 +98,6 @@ pub struct MessageMeta {
     /// Byte length of the body.
     #[serde(default)]
     pub size: u64,
-    /// Set while the message's final records are being written (see [`Finalizing`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finalizing: Option<Finalizing>,
-}
-
-/// A message whose fate is decided but whose final records may not be on disk yet.
-///
-/// The engine stores this (synced) before it appends the records to the accounting file and
-/// removes the message after. A crash in between leaves the marker: at start-up the engine
-/// looks for the records in the accounting file after `accounting_offset` and appends the
-/// missing ones, so every message gets its final record exactly once, without delivering
-/// it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Finalizing {
-    /// Length of the accounting file, synced, before the records were appended.
-    pub accounting_offset: u64,
-    /// The records to write, one JSON object each.
-    pub records: Vec<String>,
 }
 
 #[cfg(test)]

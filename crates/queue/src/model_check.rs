@@ -42,7 +42,6 @@ fn meta(due_ms: u64) -> MessageMeta {
         headers: Default::default(),
         last_source: None,
         size: 4,
-        finalizing: None,
     }
 }
 

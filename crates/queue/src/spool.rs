@@ -301,7 +301,7 @@ impl Spool {
     }
 
     /// Deletes a message without waiting for a sync: for callers whose state survives a lost
-    /// delete anyway (a message marked `finalizing` is cleaned up at the next start). The
+    /// delete anyway (the engine's accounting checkpoint covers a lost removal of a finished message). The
     /// write still goes through the same ordered queue, so it is never overtaken.
     pub async fn remove_lazily(&self, id: MessageId, due_ms: u64) -> Result<(), QueueError> {
         self.submit_with(vec![Op::Remove { id, due_ms }], false)
@@ -690,7 +690,7 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                 } => {
                     let value = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
                     batch.put_cf(meta_cf, meta.id.as_bytes(), value);
-                    // Unchanged due time (e.g. the finalizing marker): the index entry stands.
+                    // Unchanged due time: the index entry stands.
                     if *previous_due_ms != meta.due_ms {
                         batch.delete_cf(sched_cf, schedule_key(*previous_due_ms, &meta.id));
                         batch.put_cf(sched_cf, schedule_key(meta.due_ms, &meta.id), b"");
@@ -747,7 +747,6 @@ mod tests {
             headers: BTreeMap::new(),
             last_source: None,
             size: 5,
-            finalizing: None,
         }
     }
 
@@ -933,7 +932,6 @@ mod full_disk_tests {
             headers: BTreeMap::new(),
             last_source: None,
             size: 200_000,
-            finalizing: None,
         }
     }
 
