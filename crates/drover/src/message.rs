@@ -227,11 +227,11 @@ impl Renderer {
                 let head = self.render("headers", &header_ctx)?;
                 let body = self.render("body", &ctx)?;
                 let head = complete_headers(&head, id, sender_domain);
-                let mut out = String::with_capacity(head.len() + body.len() + 4);
-                out.push_str(&head);
-                out.push_str("\r\n\r\n");
-                out.push_str(&body);
-                to_crlf(out.as_bytes())
+                let mut out = Vec::with_capacity(head.len() + body.len() + 64);
+                to_crlf_into(head.as_bytes(), &mut out);
+                out.extend_from_slice(b"\r\n\r\n");
+                to_crlf_into(body.as_bytes(), &mut out);
+                out
             }
             Kind::Builder(b) => self.build(b, &ctx, &header_ctx, recipient, id, sender_domain)?,
         };
@@ -326,28 +326,31 @@ fn complete_headers(head: &str, id: &str, sender_domain: &str) -> String {
 
 /// Normalises line endings to CRLF (bare LF and bare CR alike).
 pub fn to_crlf(input: &[u8]) -> Vec<u8> {
-    // Most messages already use CRLF throughout: then this is one copy.
-    let clean = memchr::memchr_iter(b'\n', input).all(|i| i > 0 && input[i - 1] == b'\r')
-        && memchr::memchr_iter(b'\r', input).all(|i| input.get(i + 1) == Some(&b'\n'));
-    if clean {
-        return input.to_vec();
-    }
-    let mut out = Vec::with_capacity(input.len() + input.len() / 50);
-    let mut i = 0;
-    while i < input.len() {
-        match input[i] {
-            b'\r' => {
-                out.extend_from_slice(b"\r\n");
-                if input.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b'\n' => out.extend_from_slice(b"\r\n"),
-            c => out.push(c),
-        }
-        i += 1;
-    }
+    let mut out = Vec::with_capacity(input.len() + 2);
+    to_crlf_into(input, &mut out);
     out
+}
+
+/// [`to_crlf`], appending to `out`.
+pub fn to_crlf_into(input: &[u8], out: &mut Vec<u8>) {
+    out.reserve(input.len() + 2);
+    // One SIMD pass over the line ends; the input is copied in long runs between the rare
+    // places that need a byte inserted.
+    let mut copied = 0;
+    for i in memchr::memchr2_iter(b'\r', b'\n', input) {
+        if input[i] == b'\r' {
+            if input.get(i + 1) != Some(&b'\n') {
+                out.extend_from_slice(&input[copied..=i]);
+                out.push(b'\n');
+                copied = i + 1;
+            }
+        } else if i == 0 || input[i - 1] != b'\r' {
+            out.extend_from_slice(&input[copied..i]);
+            out.extend_from_slice(b"\r\n");
+            copied = i + 1;
+        }
+    }
+    out.extend_from_slice(&input[copied..]);
 }
 
 /// The header fields of a message, in order, unfolded, names and values trimmed.
@@ -512,5 +515,37 @@ mod tests {
         assert_eq!(to_crlf(b"\nx"), b"\r\nx");
         assert_eq!(to_crlf(b"x\r"), b"x\r\n");
         assert_eq!(to_crlf(b""), b"");
+        assert_eq!(to_crlf(b"\r\r\n\n\r"), b"\r\n\r\n\r\n\r\n");
+    }
+
+    #[test]
+    fn crlf_normalisation_matches_a_byte_by_byte_reference() {
+        fn reference(input: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < input.len() {
+                match input[i] {
+                    b'\r' => {
+                        out.extend_from_slice(b"\r\n");
+                        if input.get(i + 1) == Some(&b'\n') {
+                            i += 1;
+                        }
+                    }
+                    b'\n' => out.extend_from_slice(b"\r\n"),
+                    c => out.push(c),
+                }
+                i += 1;
+            }
+            out
+        }
+        // Every string of up to 7 bytes over {CR, LF, 'a'}.
+        for len in 0..=7u32 {
+            for n in 0..3usize.pow(len) {
+                let input: Vec<u8> = (0..len)
+                    .map(|k| [b'\r', b'\n', b'a'][n / 3usize.pow(k) % 3])
+                    .collect();
+                assert_eq!(to_crlf(&input), reference(&input), "{input:?}");
+            }
+        }
     }
 }
