@@ -861,7 +861,8 @@ fn report(s: &Settings, machine: Value, cases: &[Case]) {
             m.rate,
             ratio,
             vs_pf.map_or("–".into(), |v| format!("{v:.1}")),
-            if is_drover {
+            // smtp-source feeds the SMTP variant: no per-request latencies to report.
+            if is_drover && m.latency_p99_ms > 0.0 {
                 format!("{:.1} / {:.1}", m.latency_p50_ms, m.latency_p99_ms)
             } else {
                 "–".into()
