@@ -250,6 +250,8 @@ struct Tail {
     partial: Vec<u8>,
     deliveries: u64,
     failures: u64,
+    /// Deferral reasons (the reply text) and how often each came.
+    reasons: std::collections::BTreeMap<String, u64>,
 }
 
 impl Tail {
@@ -265,6 +267,11 @@ impl Tail {
                             self.deliveries += 1;
                         } else if l.starts_with(br#"{"type":"TransientFailure""#) {
                             self.failures += 1;
+                            let text = serde_json::from_slice::<serde_json::Value>(l)
+                                .ok()
+                                .and_then(|r| r["response"]["text"].as_str().map(str::to_owned))
+                                .unwrap_or_default();
+                            *self.reasons.entry(text).or_default() += 1;
                         }
                     }
                     self.partial.drain(..=end);
@@ -360,6 +367,7 @@ fn main() {
         partial: Vec::new(),
         deliveries: 0,
         failures: 0,
+        reasons: Default::default(),
     };
     assert!(
         wait_until(Duration::from_secs(600), || tail.poll() >= 1),
@@ -396,6 +404,9 @@ fn main() {
         tail.failures,
         if ok { "" } else { " (timed out)" }
     );
+    for (reason, count) in &tail.reasons {
+        eprintln!("  deferred {count}×: {reason}");
+    }
     let cpu = proc::cpu_seconds(pid).unwrap_or(0.0);
     let peak = proc::peak_rss_kb(pid).unwrap_or(0);
     e.stop();
@@ -424,6 +435,7 @@ fn main() {
             "messages": delivered,
             "domains": due_domains,
             "deferred": tail.failures,
+            "deferred_reasons": tail.reasons,
             "seconds": (due_secs * 100.0).round() / 100.0,
             "msgs_per_s": rate.round(),
             "completed": ok,

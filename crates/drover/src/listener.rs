@@ -98,7 +98,7 @@ impl SmtpListener {
             addr: listen,
             source,
         };
-        let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+        let listener = sink::server::bind(listen).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();

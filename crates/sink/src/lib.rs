@@ -350,9 +350,7 @@ impl Sink {
     /// Binds `addr` (use port 0 for an ephemeral port) and spawns the accept
     /// loop on the current tokio runtime.
     pub async fn bind(addr: SocketAddr, config: SinkConfig) -> Result<SinkHandle, SinkError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| SinkError::Bind { addr, source })?;
+        let listener = server::bind(addr).map_err(|source| SinkError::Bind { addr, source })?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,

@@ -448,3 +448,25 @@ pub async fn serve_connection<P: Policy>(
         }
     }
 }
+
+/// Connections waiting to be accepted that a listener bound by [`bind`] asks the kernel to
+/// hold (capped by `net.core.somaxconn`).
+pub const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listening socket with a deep accept queue. tokio's `TcpListener::bind` asks for
+/// 1 024: a burst of more connections than that (a sending MTA opening a session per
+/// destination at once) overflows the queue, and the kernel then completes the extra
+/// handshakes only after SYN-ACK retransmissions seconds apart, while the clients, already
+/// connected from their side, wait for a banner (measured: 20 s banner timeouts when 1 000
+/// destinations came due at once).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted server must not wait for the old connections' TIME_WAIT to end.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
