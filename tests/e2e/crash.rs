@@ -180,15 +180,7 @@ async fn a_message_whose_final_record_was_written_before_a_crash_is_not_delivere
         writeln!(f, "{delivered}").unwrap();
     }
 
-    let sink = sink::Sink::bind(
-        addr,
-        sink::SinkConfig {
-            capture: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sink = capturing_sink_at(addr).await;
     let engine = TestEngine::start_in(dir, &extra).await;
     // The reload runs in the background: wait until it has queued what it will.
     let mut queued = 0;

@@ -205,15 +205,7 @@ async fn a_restart_with_thousands_due_delivers_each_message_once() {
     let dir = engine.stop().await;
     // Let every message come due before the restart.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let sink = sink::Sink::bind(
-        addr,
-        sink::SinkConfig {
-            capture: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sink = capturing_sink_at(addr).await;
     let engine = TestEngine::start_in(dir, &extra).await;
     wait_records(&engine.accounting_path(), Duration::from_secs(60), |r| {
         count_type(r, "Delivery") >= N

@@ -127,6 +127,19 @@ pub async fn start_sink(config: sink::SinkConfig) -> sink::SinkHandle {
         .unwrap()
 }
 
+/// A sink that keeps what it receives, on a chosen address (one a test first left unanswered).
+pub async fn capturing_sink_at(addr: std::net::SocketAddr) -> sink::SinkHandle {
+    sink::Sink::bind(
+        addr,
+        sink::SinkConfig {
+            capture: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 pub fn routes(domains: &[&str], sink: std::net::SocketAddr) -> String {
     domains
         .iter()

@@ -626,15 +626,7 @@ impl Engine {
     /// or `domain|source` when egress sources are configured (each source has its own
     /// sessions and limits).
     pub(crate) fn enqueue(&self, meta: &MessageMeta) {
-        let key = queue::queue_key(&meta.domain, self.egress.source_for(meta));
-        self.scheduler.schedule(
-            meta.id,
-            &key,
-            meta.campaign.as_deref(),
-            meta.due_ms,
-            meta.received_ms,
-            now_ms(),
-        );
+        self.put_on_schedule(meta, false);
     }
 
     /// Queues a message just accepted or found by the spool reload, unless this process
@@ -642,8 +634,18 @@ impl Engine {
     /// while it runs, and neither may re-queue one that is in flight or finished. Returns
     /// whether it was queued.
     fn enqueue_new(&self, meta: &MessageMeta) -> bool {
+        self.put_on_schedule(meta, true)
+    }
+
+    fn put_on_schedule(&self, meta: &MessageMeta, only_new: bool) -> bool {
         let key = queue::queue_key(&meta.domain, self.egress.source_for(meta));
-        self.scheduler.restore(
+        let place = if only_new {
+            Scheduler::restore
+        } else {
+            Scheduler::schedule
+        };
+        place(
+            &self.scheduler,
             meta.id,
             &key,
             meta.campaign.as_deref(),

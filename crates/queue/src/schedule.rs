@@ -268,7 +268,8 @@ impl Scheduler {
     }
 
     /// Queues `id` for `destination` at `due_ms`; if that is not in the future it is ready now.
-    /// A message already known (e.g. found again by a reload) is left where it is.
+    /// An in-flight message (its attempt is over) is placed again; a message already queued
+    /// is left where it is. Returns whether the message was placed.
     pub fn schedule(
         &self,
         id: MessageId,
@@ -277,17 +278,18 @@ impl Scheduler {
         due_ms: u64,
         received_ms: u64,
         now_ms: u64,
-    ) {
+    ) -> bool {
         {
             let mut inner = self.lock();
             if let Some(e) = inner.entries.get(&id) {
                 if e.state != State::InFlight {
-                    return;
+                    return false;
                 }
             }
             inner.place(id, destination, campaign, due_ms, received_ms, now_ms);
         }
         self.notify.notify_one();
+        true
     }
 
     /// Starts a spool reload. Until [`Scheduler::end_reload`] the scheduler remembers the
