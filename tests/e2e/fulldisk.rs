@@ -6,42 +6,10 @@
 //! is safe), which would make "every accepted id has its Reception" untestable.
 
 use crate::harness::*;
+use queue::testing::SmallDisk;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A size-limited tmpfs, lazily unmounted on drop so a failing test leaves no mount behind
-/// (lazily: a panicking test may still hold spool files open).
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().ok()?;
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .ok()?;
-        status.success().then_some(SmallDisk { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 const BODY_SIZE: usize = 200_000;
 

@@ -39,6 +39,8 @@ mod message;
 mod model_check;
 mod schedule;
 mod spool;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use message::{MessageId, MessageMeta};
 pub use schedule::{queue_key, split_queue_key, DestinationCounts, Scheduler, Selector};

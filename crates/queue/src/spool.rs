@@ -889,35 +889,8 @@ mod tests {
 #[cfg(test)]
 mod full_disk_tests {
     use super::*;
+    use crate::testing::SmallDisk;
     use std::collections::BTreeMap;
-    use std::process::Command;
-
-    /// A size-limited tmpfs, unmounted on drop so a failing test leaves nothing behind.
-    struct SmallDisk {
-        dir: tempfile::TempDir,
-    }
-
-    impl SmallDisk {
-        fn mount(size: &str) -> Option<SmallDisk> {
-            let dir = tempfile::tempdir().ok()?;
-            let status = Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(dir.path())
-                .status()
-                .ok()?;
-            status.success().then_some(SmallDisk { dir })
-        }
-    }
-
-    impl Drop for SmallDisk {
-        fn drop(&mut self) {
-            // Lazy: the spool's writer thread may still hold files open for a moment.
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
 
     fn meta(n: u32) -> MessageMeta {
         MessageMeta {
@@ -942,9 +915,9 @@ mod full_disk_tests {
             eprintln!("skipping: cannot mount a tmpfs (needs root)");
             return;
         };
-        let ballast = disk.dir.path().join("ballast");
+        let ballast = disk.path().join("ballast");
         std::fs::write(&ballast, vec![0u8; 9 << 20]).unwrap();
-        let path = disk.dir.path().join("spool");
+        let path = disk.path().join("spool");
         let spool = Spool::open(&path, SpoolOptions::default()).unwrap();
         let mut stored = Vec::new();
         let failed = loop {
