@@ -6,15 +6,14 @@ use smtp_proto::{
     parse_reply, Capabilities, Command, DotStuffer, EnhancedCode, ProtoError, Reply, MAX_REPLY_LINE,
 };
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
 
 /// RFC 5321 §4.5.3.2 timeouts, per stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,51 +249,8 @@ impl ConnectOptions {
     }
 }
 
-/// The socket, before or after STARTTLS.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// The socket, before (`Left`) or after (`Right`) STARTTLS.
+type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// Outcome of [`SmtpClient::starttls`]: the session comes back upgraded, or still in
 /// plaintext together with the refusal.
@@ -394,7 +350,7 @@ impl SmtpClient {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let mut client = SmtpClient {
-            stream: Stream::Plain(stream),
+            stream: Either::Left(stream),
             read_buf: Vec::with_capacity(4096),
             write_buf: Vec::with_capacity(4096),
             capabilities: Capabilities::default(),
@@ -529,7 +485,7 @@ impl SmtpClient {
             broken,
             _gauge,
         } = self;
-        let Stream::Plain(tcp) = stream else {
+        let Either::Left(tcp) = stream else {
             return Err(ClientError::UnexpectedData {
                 command: "STARTTLS inside TLS",
             });
@@ -548,7 +504,7 @@ impl SmtpClient {
         let info = TlsInfo::from_connection(tls_stream.get_ref().1, verify);
         tracing::debug!(peer = %peer.address, tls = %info, "STARTTLS done");
         Ok(StartTls::Upgraded(SmtpClient {
-            stream: Stream::Tls(Box::new(tls_stream)),
+            stream: Either::Right(Box::new(tls_stream)),
             read_buf,
             write_buf,
             // RFC 3207 §4.2: forget what the server said before TLS; EHLO again.

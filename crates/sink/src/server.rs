@@ -57,16 +57,15 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use smtp_proto::server::{Action, Event, ServerConfig, ServerSession};
 use smtp_proto::{take_line, EnhancedCode, Reply, MAX_COMMAND_LINE};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 pub use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 
 /// How much the read buffer grows by for each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -159,51 +158,8 @@ enum Next {
     StartTls,
 }
 
-/// The connection, before or after STARTTLS.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// The connection, before (`Left`) or after (`Right`) STARTTLS.
+type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// `protocol:cipher` of a finished server handshake.
 pub fn describe_tls(connection: &rustls::ServerConnection) -> String {
@@ -325,7 +281,7 @@ pub async fn serve_connection<P: Policy>(
     options: &ConnectionOptions,
     policy: &mut P,
 ) -> io::Result<()> {
-    let mut stream = Stream::Plain(tcp);
+    let mut stream = Either::Left(tcp);
     let mut session = ServerSession::new(policy.session_config(false));
     let mut driver = Driver {
         policy,
@@ -420,14 +376,14 @@ pub async fn serve_connection<P: Policy>(
                     driver.policy.discarded_after_starttls(buf.len());
                     buf.clear();
                 }
-                let (Stream::Plain(tcp), Some(acceptor)) = (stream, &options.tls) else {
+                let (Either::Left(tcp), Some(acceptor)) = (stream, &options.tls) else {
                     return Err(io::Error::other("STARTTLS inside TLS"));
                 };
                 let tls_stream = acceptor.accept(tcp).await?;
                 let (_, connection) = tls_stream.get_ref();
                 driver.policy.tls_established(&describe_tls(connection));
                 driver.tls_active = true;
-                stream = Stream::Tls(Box::new(tls_stream));
+                stream = Either::Right(Box::new(tls_stream));
                 // A fresh session forgets everything said before TLS, as
                 // ServerSession::tls_established does, and also stops
                 // advertising STARTTLS, which tls_established cannot.
