@@ -242,11 +242,7 @@ fn check_config_names_a_bad_dkim_key() {
             ),
         )
         .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
-            .arg("check-config")
-            .arg(&config)
-            .output()
-            .unwrap();
+        let out = drover_command("check-config", &config);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains("dkim[0].key_file"), "{stderr}");
@@ -261,17 +257,7 @@ fn check_config_names_a_bad_dkim_key() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&drover_command("check-config", &config));
 }
 
 /// dkimpy (`python3 -m pip install dkimpy`) as an independent verifier, with the key records

@@ -165,3 +165,22 @@ pub fn manifest_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
+
+/// Runs `drover <command> <file>` to completion.
+pub fn drover_command(command: &str, file: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .arg(command)
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+/// Asserts that a finished command exited 0, showing its stderr otherwise.
+pub fn assert_success(out: &std::process::Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

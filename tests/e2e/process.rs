@@ -6,38 +6,20 @@ use std::time::Duration;
 
 const DROVER: &str = env!("CARGO_BIN_EXE_drover");
 
-fn check_config(path: &std::path::Path) -> std::process::Output {
-    Command::new(DROVER)
-        .arg("check-config")
-        .arg(path)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn check_config_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "[delivery]\nsmtp_port = 2525\n").unwrap();
-    let out = check_config(&good);
+    let out = drover_command("check-config", &good);
     assert_eq!(out.status.code(), Some(0));
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[delivery]\nsmtp_prot = 2525\n").unwrap();
-    let out = check_config(&bad);
+    let out = drover_command("check-config", &bad);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("smtp_prot"));
     let example = manifest_dir().join("../../deploy/drover.example.toml");
-    let out = Command::new(DROVER)
-        .arg("check-config")
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&drover_command("check-config", &example));
     let out = Command::new(DROVER).args(["--version"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("drover "));
     let out = Command::new(DROVER)
@@ -230,17 +212,8 @@ fn dkim_records_prints_the_txt_records_to_publish() {
         ),
     )
     .unwrap();
-    let out = Command::new(DROVER)
-        .arg("dkim-records")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = drover_command("dkim-records", &config);
+    assert_success(&out);
     let text = String::from_utf8(out.stdout).unwrap();
     let rsa_key = std::fs::read_to_string(fixtures.join("rsa2048.pub.b64")).unwrap();
     let rsa_line = text
