@@ -98,6 +98,14 @@ fn selector_from_key(key: &str) -> Option<Selector> {
         .map(|c| Selector::Campaign(c.to_owned()))
 }
 
+/// Engine state records that hold a time or an offset store it as a big-endian u64.
+fn state_u64(value: &[u8]) -> Option<u64> {
+    value
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_be_bytes)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -365,10 +373,8 @@ impl Engine {
     async fn settle_recorded_finals(&self) -> Result<u64, EngineError> {
         let stored = self
             .spool
-            .states(crate::finals::CHECKPOINT_KEY)?
-            .into_iter()
-            .find(|(k, _)| k == crate::finals::CHECKPOINT_KEY)
-            .and_then(|(_, v)| crate::finals::decode(&v));
+            .state(crate::finals::CHECKPOINT_KEY)?
+            .and_then(|v| state_u64(&v));
         let Some(checkpoint) = stored else {
             // A new spool: none of its messages can have a record before this point.
             let len = self.accounting.synced_len();
@@ -439,10 +445,7 @@ impl Engine {
             let Some(selector) = selector_from_key(&key) else {
                 continue;
             };
-            let until = value
-                .get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(u64::MAX, u64::from_be_bytes);
+            let until = state_u64(&value).unwrap_or(u64::MAX);
             if until > now {
                 self.scheduler.suspend(&selector, until, now);
             }
@@ -718,5 +721,16 @@ impl Policy {
     /// STARTTLS mode of a destination.
     pub(crate) fn tls_mode(&self, domain: &str, mx_hosts: &[String]) -> connection_pool::TlsMode {
         crate::config::tls_mode_of(&self.shaping, domain, mx_hosts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_values_round_trip() {
+        assert_eq!(state_u64(&1234u64.to_be_bytes()), Some(1234));
+        assert_eq!(state_u64(b"short"), None);
     }
 }

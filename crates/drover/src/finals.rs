@@ -58,14 +58,6 @@ impl Ledger {
     }
 }
 
-/// Decodes a stored checkpoint.
-pub(crate) fn decode(value: &[u8]) -> Option<u64> {
-    value
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,11 +79,5 @@ mod tests {
         // Ending what was never begun changes nothing.
         ledger.end(42);
         assert_eq!(ledger.checkpoint(700), 700);
-    }
-
-    #[test]
-    fn checkpoints_round_trip() {
-        assert_eq!(decode(&1234u64.to_be_bytes()), Some(1234));
-        assert_eq!(decode(b"short"), None);
     }
 }

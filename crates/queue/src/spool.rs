@@ -343,6 +343,11 @@ impl Spool {
         .await
     }
 
+    /// The state record stored under `key`, if any.
+    pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        self.with_db(|db| Ok(db.get_cf(cf(db, CF_STATE)?, key.as_bytes())?))
+    }
+
     /// Every state record whose key starts with `prefix`.
     pub fn states(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, QueueError> {
         self.with_db(|db| {
