@@ -328,8 +328,9 @@ impl Scheduler {
     }
 
     /// Whether this process has the message in hand: queued, in flight, or finished since
-    /// the running reload began.
-    pub fn knows(&self, id: MessageId) -> bool {
+    /// the running reload began. (Only tests ask from outside the lock.)
+    #[cfg(test)]
+    fn knows(&self, id: MessageId) -> bool {
         self.lock().knows(&id)
     }
 
