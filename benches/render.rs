@@ -56,7 +56,7 @@ fn main() {
         let kb = size / 1024;
         let t = template(size);
         g.throughput(Throughput::Bytes(size as u64));
-        let renderer = Renderer::new(Content::Raw(t.clone())).unwrap();
+        let renderer = Renderer::new(Content::Raw(t.clone()), 1 << 24).unwrap();
         let name = format!("render_for/{kb}KB");
         g.bench_function(&name, |b| {
             b.iter_custom(|iters| {
@@ -76,7 +76,7 @@ fn main() {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    black_box(Renderer::new(Content::Raw(black_box(t.clone()))).is_ok());
+                    black_box(Renderer::new(Content::Raw(black_box(t.clone())), 1 << 24).is_ok());
                 }
                 timing::tally(&compile, iters, start.elapsed())
             })

@@ -73,6 +73,18 @@ impl TestEngine {
     }
 }
 
+/// Waits until `/readyz` says ready (the start-up reload of the spool is done).
+pub async fn wait_ready(engine: &TestEngine) {
+    let start = std::time::Instant::now();
+    while !reqwest::get(engine.url("/readyz"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(start.elapsed() < Duration::from_secs(30), "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub async fn post_json(url: &str, body: &Value, token: Option<&str>) -> (u16, Value) {
     let mut req = reqwest::Client::new().post(url).json(body);
     if let Some(t) = token {

@@ -98,6 +98,7 @@ async fn tokens_are_required_when_configured_and_big_bodies_get_413() {
     // Health endpoints need no token; metrics are served.
     let health = reqwest::get(engine.url("/healthz")).await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
+    wait_ready(&engine).await;
     let ready = reqwest::get(engine.url("/readyz")).await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
     let metrics = engine.metrics().await;

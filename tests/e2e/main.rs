@@ -16,4 +16,5 @@ mod harness;
 mod inject;
 mod listener;
 mod process;
+mod readiness;
 mod shaping;

@@ -34,12 +34,20 @@ struct Job {
     done: oneshot::Sender<Result<(), String>>,
 }
 
+/// Bytes of records queued for the writer thread and not yet synced. Callers beyond it wait
+/// for room (back-pressure) rather than letting the queue grow while a sync is slow.
+pub(crate) const MAX_PENDING_BYTES: usize = 64 << 20;
+/// The unit of [`MAX_PENDING_BYTES`] accounting (semaphore permits are u32).
+const PENDING_UNIT: usize = 1024;
+
 /// Handle to the accounting file; cheap to clone.
 #[derive(Clone)]
 pub struct Accounting {
     tx: mpsc::Sender<Job>,
     path: PathBuf,
     synced_len: Arc<AtomicU64>,
+    /// Room in the writer's queue, in [`PENDING_UNIT`]s.
+    pending: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Accounting {
@@ -79,6 +87,9 @@ impl Accounting {
             tx,
             path: path.to_owned(),
             synced_len,
+            pending: Arc::new(tokio::sync::Semaphore::new(
+                MAX_PENDING_BYTES / PENDING_UNIT,
+            )),
         })
     }
 
@@ -142,6 +153,17 @@ impl Accounting {
         if lines.is_empty() {
             return Ok(());
         }
+        let bytes: usize = lines.iter().map(|l| l.len() + 1).sum();
+        let units = (bytes / PENDING_UNIT)
+            .clamp(1, MAX_PENDING_BYTES / PENDING_UNIT)
+            .try_into()
+            .unwrap_or(u32::MAX);
+        // Held until the writer answered; a batch larger than the whole budget goes alone.
+        let _room = self
+            .pending
+            .acquire_many(units)
+            .await
+            .map_err(|_| AccountingError::Stopped)?;
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Job {

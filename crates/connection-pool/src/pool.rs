@@ -70,8 +70,15 @@ impl<S: Pooled> Pool<S> {
             }
             found
         };
+        // An emptied entry is dropped, so destinations seen once do not stay in the map.
+        self.idle.remove_if(key, |_, sessions| sessions.is_empty());
         close_all(stale);
         found
+    }
+
+    /// Whether an idle session for `key` is waiting (it may still turn out stale).
+    pub fn has_idle(&self, key: &str) -> bool {
+        self.idle.get(key).is_some_and(|s| !s.is_empty())
     }
 
     /// Returns a session after use. Broken sessions are dropped.

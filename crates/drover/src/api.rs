@@ -1,7 +1,7 @@
 //! The HTTP API: injection, admin, `/metrics`, `/healthz`, `/readyz` (contract §3).
 
-use crate::engine::{now_ms, Engine, EngineError, NewMessage, Unsignable};
-use crate::message::{tracked_headers, InjectRequest, Renderer};
+use crate::engine::{now_ms, Engine, EngineError, Unsignable};
+use crate::message::{prepare, InjectRequest, Origin, Prepared, Renderer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use queue::{MessageId, MessageMeta, Selector};
+use queue::Selector;
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -125,67 +125,48 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         .rsplit_once('@')
         .map(|(_, d)| d.to_owned())
         .unwrap_or_else(|| "drover.invalid".to_owned());
-    let renderer = match Renderer::new(request.content) {
+    let max_size = state.engine.config().smtp_listener.max_message_size;
+    let InjectRequest {
+        content,
+        recipients,
+        substitutions,
+        campaign,
+        tenant,
+        ..
+    } = request;
+    let renderer = match Renderer::new(content, usize::try_from(max_size).unwrap_or(usize::MAX)) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("content: {e}")),
     };
-    let max_size = state.engine.config().smtp_listener.max_message_size;
-    let now = now_ms();
-    let mut messages = Vec::with_capacity(request.recipients.len());
-    let mut failed_recipients = Vec::new();
-    let mut errors = Vec::new();
-    for recipient in &request.recipients {
-        let email = recipient.email.trim();
-        let domain = match smtp_proto::validate_mailbox(email) {
-            Ok(()) => email
-                .rsplit_once('@')
-                .map(|(_, d)| d.to_ascii_lowercase())
-                .unwrap_or_default(),
-            Err(e) => {
-                failed_recipients.push(recipient.email.clone());
-                errors.push(format!("{}: {e}", recipient.email));
-                continue;
-            }
-        };
-        let id = MessageId::generate();
-        let body = match renderer.render_for(
-            &request.substitutions,
-            recipient,
-            &id.to_string(),
+    let origin = Origin {
+        sender,
+        campaign,
+        tenant,
+        received_ms: now_ms(),
+    };
+    // Rendering a large batch takes a while: not on an async worker thread.
+    let prepared = tokio::task::spawn_blocking(move || {
+        prepare(
+            &renderer,
+            &substitutions,
+            &recipients,
+            &origin,
             &sender_domain,
-        ) {
-            Ok(b) => b,
-            Err(e) => {
-                failed_recipients.push(recipient.email.clone());
-                errors.push(format!("{}: {e}", recipient.email));
-                continue;
-            }
-        };
-        if body.len() as u64 > max_size {
-            failed_recipients.push(recipient.email.clone());
-            errors.push(format!(
-                "{}: message of {} bytes exceeds the limit of {max_size}",
-                recipient.email,
-                body.len()
-            ));
-            continue;
+            max_size,
+        )
+    })
+    .await;
+    let Prepared {
+        mut messages,
+        mut failed_recipients,
+        mut errors,
+    } = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "rendering failed");
+            return unavailable("rendering failed; retry later");
         }
-        let meta = MessageMeta {
-            id,
-            sender: sender.clone(),
-            recipient: email.to_owned(),
-            domain,
-            campaign: request.campaign.clone(),
-            tenant: request.tenant.clone(),
-            received_ms: now,
-            due_ms: now,
-            attempts: 0,
-            headers: tracked_headers(&body),
-            last_source: None,
-            size: body.len() as u64,
-        };
-        messages.push(NewMessage { meta, body });
-    }
+    };
     if messages.is_empty() {
         return no_valid_recipient(failed_recipients, errors);
     }
@@ -428,6 +409,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.engine.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if state.engine.is_reloading() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reloading the spool (delivering meanwhile)\n",
+        )
+            .into_response()
     } else if !state.engine.spool_writable() {
         (
             StatusCode::SERVICE_UNAVAILABLE,

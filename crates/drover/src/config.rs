@@ -256,6 +256,9 @@ pub struct DnsConfig {
     pub timeout: HumanDuration,
     /// Attempts per query (extension).
     pub attempts: usize,
+    /// Most MX lookups sent to the name servers at once (extension): a burst of due domains
+    /// waits its turn instead of flooding the resolver.
+    pub max_in_flight: usize,
 }
 
 impl Default for DnsConfig {
@@ -264,6 +267,7 @@ impl Default for DnsConfig {
             nameservers: Vec::new(),
             timeout: secs(5),
             attempts: 2,
+            max_in_flight: 256,
         }
     }
 }
@@ -300,6 +304,17 @@ pub struct DeliveryConfig {
     /// Each block of the message body (extension; default the lesser of `command_timeout`
     /// and RFC 5321's 3 min).
     pub data_block_timeout: Option<HumanDuration>,
+    /// Delivery workers at once across every queue (extension). A worker serves one queue
+    /// (a domain, or a domain and egress source) at a time; when all are busy, queues without
+    /// a worker are served first and busy workers hand over after a turn, so a big domain
+    /// never starves small ones.
+    pub max_workers: usize,
+    /// Most MX addresses one attempt to open a session tries, across all MX hosts
+    /// (extension; Postfix's `smtp_mx_address_limit`).
+    pub mx_address_limit: usize,
+    /// Most time one attempt to open a session may take across all the addresses it tries,
+    /// connect, banner, EHLO and STARTTLS included (extension).
+    pub session_setup_timeout: HumanDuration,
 }
 
 impl DeliveryConfig {
@@ -343,6 +358,9 @@ impl Default for DeliveryConfig {
             rcpt_timeout: None,
             data_start_timeout: None,
             data_block_timeout: None,
+            max_workers: 2000,
+            mx_address_limit: 5,
+            session_setup_timeout: secs(120),
         }
     }
 }
@@ -489,6 +507,21 @@ impl Config {
         }
         if self.delivery.max_connections == 0 {
             return Err(invalid("delivery.max_connections", "must be at least 1"));
+        }
+        if self.delivery.max_workers == 0 {
+            return Err(invalid("delivery.max_workers", "must be at least 1"));
+        }
+        if self.delivery.mx_address_limit == 0 {
+            return Err(invalid("delivery.mx_address_limit", "must be at least 1"));
+        }
+        if self.delivery.session_setup_timeout.0.is_zero() {
+            return Err(invalid(
+                "delivery.session_setup_timeout",
+                "must be positive",
+            ));
+        }
+        if self.dns.max_in_flight == 0 {
+            return Err(invalid("dns.max_in_flight", "must be at least 1"));
         }
         if self.retry.intervals.iter().any(|d| d.0.is_zero()) {
             return Err(invalid("retry.intervals", "intervals must be positive"));

@@ -18,6 +18,7 @@ use rate_limiter::DestinationLimiter;
 use resolver_cache::Destination;
 use smtp_proto::Reply;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
@@ -28,6 +29,16 @@ pub(crate) const AUTOMATION: &str = "drover_automation_actions_total";
 /// Messages a worker should have queued before the dispatcher adds another worker for the
 /// same domain: a session carries many messages, and receivers count connections.
 const BACKLOG_PER_WORKER: usize = 4;
+/// While queues wait for a worker, a busy worker hands its turn over after this many
+/// messages or [`TURN_TIME`], whichever comes first: a big domain never starves small ones.
+const TURN_MESSAGES: u32 = 20;
+/// See [`TURN_MESSAGES`].
+const TURN_TIME: Duration = Duration::from_secs(2);
+/// How long a message whose spool record could not be read (a reopen in progress, a storage
+/// error) waits before it is tried again; it stays on the schedule meanwhile.
+const READ_RETRY: Duration = Duration::from_secs(5);
+/// Ready queues one dispatcher look at the schedule reads.
+const SCAN_CHUNK: usize = 256;
 
 /// An SMTP session with the connection slots it occupies (its site's and the global one).
 pub(crate) struct Session {
@@ -55,7 +66,7 @@ impl Pooled for Session {
     }
 }
 
-/// Decrements the domain's worker count however the worker ends.
+/// Decrements the domain's and the global worker counts however the worker ends.
 struct WorkerGuard<'a> {
     engine: &'a Engine,
     domain: String,
@@ -73,13 +84,27 @@ impl Drop for WorkerGuard<'_> {
         if empty {
             self.engine.active.remove_if(&self.domain, |_, n| *n == 0);
         }
+        self.engine.workers_running.fetch_sub(1, Ordering::SeqCst);
         self.engine.scheduler.wake();
     }
+}
+
+/// A message read from the spool for an attempt.
+enum Loaded {
+    Found(MessageMeta, Vec<u8>),
+    /// Purged or finished meanwhile.
+    Gone,
+    /// Not readable now (a reopen, a storage error): try again later.
+    Unreadable,
+    /// The record does not decode: it stays in the spool, and the next start reports it.
+    Corrupt,
 }
 
 impl Engine {
     /// Moves due messages to their ready queues and starts workers where messages wait.
     pub(crate) async fn dispatch(self: Arc<Self>) {
+        // Where the last pass stopped: queues are served round-robin in name order.
+        let mut cursor: Option<String> = None;
         loop {
             if !self.spool.is_writable() {
                 // An attempt's outcome could not be recorded: deliveries wait, the messages
@@ -91,22 +116,7 @@ impl Engine {
             }
             let now = now_ms();
             self.scheduler.promote(now);
-            for (domain, ready) in self.scheduler.ready_destinations(now) {
-                let (recipient_domain, _) = queue::split_queue_key(&domain);
-                let cap = self
-                    .shaper
-                    .limits_for(recipient_domain, &[])
-                    .max_connections
-                    .max(1);
-                let desired = ready.div_ceil(BACKLOG_PER_WORKER).clamp(1, cap);
-                let mut running = self.active.entry(domain.clone()).or_insert(0);
-                while *running < desired {
-                    *running += 1;
-                    let engine = Arc::clone(&self);
-                    let domain = domain.clone();
-                    self.workers.spawn(async move { engine.work(domain).await });
-                }
-            }
+            self.start_workers(&mut cursor, now);
             let sleep = match self.scheduler.next_due() {
                 Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).clamp(1, 1000)),
                 None => Duration::from_secs(1),
@@ -119,10 +129,89 @@ impl Engine {
         }
     }
 
-    /// Housekeeping: closes idle sessions past their time and publishes the hold gauges.
+    /// One dispatcher pass: walks the ready queues from `cursor`, once round, and starts
+    /// workers where they are wanted, up to `delivery.max_workers` in all. A queue without a
+    /// worker comes before a second worker for a busy one; when some queue cannot get one
+    /// (every worker busy, or its site's connections all in use), `starving` makes busy
+    /// workers hand over after their turn.
+    fn start_workers(self: &Arc<Self>, cursor: &mut Option<String>, now: u64) {
+        let max_workers = self.config.delivery.max_workers;
+        let began = cursor.clone();
+        let others_waited = self.starving.load(Ordering::SeqCst);
+        let mut starved = false;
+        let mut wrapped = false;
+        'pass: loop {
+            let batch = self
+                .scheduler
+                .ready_after(cursor.as_deref(), SCAN_CHUNK, now);
+            let at_end = batch.len() < SCAN_CHUNK;
+            for (queue, ready) in batch {
+                if wrapped && began.as_deref().is_some_and(|b| queue.as_str() > b) {
+                    break 'pass;
+                }
+                let running = self.active.get(&queue).map_or(0, |n| *n);
+                let (cap, saturated) = self.worker_cap(&queue);
+                let desired = ready.div_ceil(BACKLOG_PER_WORKER).clamp(1, cap);
+                if running >= desired || (running > 0 && others_waited) {
+                    *cursor = Some(queue);
+                    continue;
+                }
+                if saturated {
+                    // Its site's sessions are all busy with other domains: they hand over.
+                    starved |= running == 0;
+                    *cursor = Some(queue);
+                    continue;
+                }
+                if self.workers_running.load(Ordering::SeqCst) >= max_workers {
+                    // This queue comes first in the next pass.
+                    starved |= running == 0;
+                    break 'pass;
+                }
+                let mut running = self.active.entry(queue.clone()).or_insert(0);
+                while *running < desired
+                    && self.workers_running.load(Ordering::SeqCst) < max_workers
+                {
+                    *running += 1;
+                    self.workers_running.fetch_add(1, Ordering::SeqCst);
+                    let engine = Arc::clone(self);
+                    let queue = queue.clone();
+                    self.workers.spawn(async move { engine.work(queue).await });
+                }
+                drop(running);
+                *cursor = Some(queue);
+            }
+            if at_end {
+                if wrapped || began.is_none() {
+                    break;
+                }
+                wrapped = true;
+                *cursor = None;
+            }
+        }
+        self.starving.store(starved, Ordering::SeqCst);
+    }
+
+    /// How many workers a queue may have (its site's connection cap, once the site is
+    /// known without a lookup; one until then), and whether its site's connections are all
+    /// in use with no idle session to take over.
+    fn worker_cap(&self, queue: &str) -> (usize, bool) {
+        let (domain, source) = queue::split_queue_key(queue);
+        let Some(Ok(dest)) = self.resolver.peek(domain) else {
+            return (1, false);
+        };
+        let site_key = queue::queue_key(&dest.site, source);
+        let limiter = self.shaper.limiter(&site_key, domain, &mx_hosts(&dest));
+        let cap = limiter.max_connections_now().max(1);
+        let saturated = limiter.connections_in_use() >= cap && !self.pool.has_idle(&site_key);
+        (cap, saturated)
+    }
+
+    /// Housekeeping: closes idle sessions past their time, publishes the hold gauges, and
+    /// drops bookkeeping of destinations nothing refers to any more.
     pub(crate) async fn reap_idle_sessions(self: Arc<Self>) {
         let period = (self.config.delivery.idle_timeout.0 / 2)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last_compaction = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -133,13 +222,18 @@ impl Engine {
                     metrics::gauge!(HOLDS, "kind" => "domain").set(domains as f64);
                     metrics::gauge!(HOLDS, "kind" => "campaign").set((holds.len() - domains) as f64);
                     metrics::gauge!(BACKOFF).set(self.backing_off().len() as f64);
+                    if last_compaction.elapsed() >= Duration::from_secs(60) {
+                        last_compaction = tokio::time::Instant::now();
+                        self.scheduler.compact();
+                    }
                 }
             }
         }
     }
 
     /// A delivery worker: one session at a time, many messages of one queue (a domain, or a
-    /// domain and egress source).
+    /// domain and egress source). Each message is taken and read before any session is:
+    /// its tenant's and campaign's rates are waited for with no session held.
     async fn work(self: Arc<Self>, queue: String) {
         let _guard = WorkerGuard {
             engine: &self,
@@ -148,35 +242,50 @@ impl Engine {
         let (domain, source_name) = queue::split_queue_key(&queue);
         let source = source_name.and_then(|name| self.egress.source(name));
         let mut current: Option<(Session, String)> = None;
-        while !self.cancel.is_cancelled()
-            && self.spool.is_writable()
-            && self.scheduler.has_ready(&queue, now_ms())
-        {
+        let turn = tokio::time::Instant::now();
+        let mut delivered = 0u32;
+        while !self.cancel.is_cancelled() && self.spool.is_writable() {
+            if delivered > 0
+                && self.starving.load(Ordering::SeqCst)
+                && (delivered >= TURN_MESSAGES || turn.elapsed() >= TURN_TIME)
+            {
+                // Others wait for a worker: this queue gets another turn in the next round.
+                break;
+            }
+            let Some(id) = self.scheduler.pop_ready(&queue, now_ms()) else {
+                break;
+            };
+            let (meta, body) = match self.load(id).await {
+                Loaded::Found(meta, body) => (meta, body),
+                Loaded::Gone | Loaded::Corrupt => {
+                    self.scheduler.finish(id);
+                    continue;
+                }
+                Loaded::Unreadable => {
+                    self.scheduler
+                        .defer(id, now_ms() + READ_RETRY.as_millis() as u64);
+                    continue;
+                }
+            };
+            if !self.wait_for_rates(&meta, &mut current).await {
+                // Shutting down: the message goes back as it was.
+                self.scheduler.defer(id, meta.due_ms);
+                break;
+            }
             let dest = match self.resolver.resolve(domain).await {
                 Ok(dest) => dest,
                 Err(e) => {
                     // Every message of the domain shares the answer: settle them all now.
-                    let permanent = e.is_permanent();
-                    let response = Response {
-                        code: if permanent { 550 } else { 451 },
-                        enhanced_code: Some(e.enhanced_code().to_owned()),
-                        text: e.to_string(),
-                    };
-                    let category = if permanent {
-                        BounceCategory::BadDomain
-                    } else {
-                        BounceCategory::RoutingErrors
-                    };
-                    let outcome = Outcome::synthetic(response, category, permanent);
+                    let outcome = Outcome::unresolvable(&e);
+                    self.settle_one(meta, domain, &outcome).await;
                     self.settle_all(&queue, domain, &outcome).await;
                     break;
                 }
             };
-            let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
             // Sessions, caps and rates are per site and egress source (contract §2:
             // max_connections is per source).
             let site_key = queue::queue_key(&dest.site, source_name);
-            let limiter = self.shaper.limiter(&site_key, domain, &mx_hosts);
+            let limiter = self.shaper.limiter(&site_key, domain, &mx_hosts(&dest));
             let max_per_session = limiter.limits().max_deliveries_per_connection;
             let (mut session, reused) = match current.take() {
                 Some((session, key)) if key == site_key => (session, true),
@@ -189,32 +298,25 @@ impl Engine {
                         None => match self.open_session(&queue, &dest, source, &limiter).await {
                             Some(Ok(session)) => (session, false),
                             Some(Err(e)) => {
-                                let outcome = Outcome::synthetic(
-                                    Response {
-                                        code: 451,
-                                        enhanced_code: Some("4.4.1".into()),
-                                        text: format!("no MX host of {domain} answered: {e}"),
-                                    },
-                                    BounceCategory::NoAnswerFromHost,
-                                    false,
-                                );
+                                let outcome = Outcome::no_host_answered(domain, &e);
+                                self.settle_one(meta, &dest.site, &outcome).await;
                                 self.settle_all(&queue, &dest.site, &outcome).await;
                                 break;
                             }
-                            // Cancelled, or the queue emptied while we waited for a slot.
-                            None => break,
+                            None => {
+                                // Cancelled while waiting for a connection slot.
+                                self.scheduler.defer(id, meta.due_ms);
+                                break;
+                            }
                         },
                     }
                 }
             };
-            let Some(id) = self.scheduler.pop_ready(&queue, now_ms()) else {
-                self.park(&site_key, session).await;
-                break;
-            };
             limiter.until_message_permitted().await;
             let kept = self
-                .attempt(id, &queue, &dest, &limiter, &mut session, reused)
+                .attempt(meta, body, &queue, &dest, &limiter, &mut session, reused)
                 .await;
+            delivered += 1;
             if kept
                 && session.client.transactions() < max_per_session
                 && !limiter.over_connection_cap()
@@ -229,6 +331,33 @@ impl Engine {
         }
     }
 
+    /// Waits until the message's tenant and campaign (`[[rate_limit]]`) may send another
+    /// message. A session in hand goes back to the pool first, so a slow tenant never idles
+    /// a site's sessions. False when the engine shuts down meanwhile.
+    async fn wait_for_rates(
+        &self,
+        meta: &MessageMeta,
+        current: &mut Option<(Session, String)>,
+    ) -> bool {
+        let policy = self.policy();
+        let keys = [
+            meta.tenant.as_ref().map(|t| format!("tenant:{t}")),
+            meta.campaign.as_ref().map(|c| format!("campaign:{c}")),
+        ];
+        for key in keys.iter().flatten() {
+            while let Err(wait) = policy.rates.check(key) {
+                if let Some((session, site)) = current.take() {
+                    self.park(&site, session).await;
+                }
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return false,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        true
+    }
+
     /// Keeps a session for reuse, unless others wait for a connection slot: then it is closed,
     /// so an idle session never holds up a destination with mail to send.
     async fn park(&self, key: &str, session: Session) {
@@ -240,8 +369,9 @@ impl Engine {
     }
 
     /// Waits for a connection slot of the site, then connects through the destination's
-    /// hosts in order (next address, then next host). `None`: cancelled, or nothing is left
-    /// to deliver by the time a slot came free.
+    /// hosts in order (next address, then next host), trying at most
+    /// `delivery.mx_address_limit` addresses within `delivery.session_setup_timeout` in all.
+    /// `None`: cancelled.
     async fn open_session(
         &self,
         queue: &str,
@@ -264,36 +394,52 @@ impl Engine {
                 }
             }
         };
-        if !self.scheduler.has_ready(queue, now_ms()) {
-            return None;
-        }
         limiter.until_connection_permitted().await;
-        let mx_hosts: Vec<String> = dest.hosts.iter().map(|h| h.name.clone()).collect();
         let tls = self
             .policy()
-            .tls_mode(queue::split_queue_key(queue).0, &mx_hosts);
+            .tls_mode(queue::split_queue_key(queue).0, &mx_hosts(dest));
         let ehlo_name = source
             .and_then(|s| s.ehlo_name.as_deref())
             .unwrap_or(&self.ehlo_name);
+        let budget = self.config.delivery.session_setup_timeout.0;
+        let deadline = tokio::time::Instant::now() + budget;
+        let addresses: Vec<(&str, std::net::SocketAddr)> = dest
+            .hosts
+            .iter()
+            .flat_map(|host| {
+                host.addresses
+                    .iter()
+                    .map(|a| (host.name.as_str(), *a))
+                    .collect::<Vec<_>>()
+            })
+            .take(self.config.delivery.mx_address_limit)
+            .collect();
         let mut last = None;
-        for host in &dest.hosts {
-            for address in &host.addresses {
-                let mut options = ConnectOptions::new(&host.name, *address, ehlo_name);
-                options.timeouts = self.timeouts;
-                options.tls = tls;
-                options.source = source.and_then(|s| s.address);
-                match SmtpClient::connect_with(options).await {
-                    Ok(client) => {
-                        return Some(Ok(Session {
-                            client,
-                            _slot: slot,
-                            _global: global,
-                        }))
-                    }
-                    Err(e) => {
-                        tracing::debug!(host = %host.name, %address, error = %e, "connect failed");
-                        last = Some(e);
-                    }
+        for (host, address) in addresses {
+            let mut options = ConnectOptions::new(host, address, ehlo_name);
+            options.timeouts = self.timeouts;
+            options.tls = tls;
+            options.source = source.and_then(|s| s.address);
+            let connecting = tokio::time::timeout_at(deadline, SmtpClient::connect_with(options));
+            match connecting.await {
+                Ok(Ok(client)) => {
+                    return Some(Ok(Session {
+                        client,
+                        _slot: slot,
+                        _global: global,
+                    }))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%host, %address, error = %e, "connect failed");
+                    last = Some(e);
+                }
+                Err(_) => {
+                    tracing::debug!(%host, %address, "session setup budget spent");
+                    last = Some(ClientError::Timeout {
+                        command: "session setup",
+                        duration: budget,
+                    });
+                    break;
                 }
             }
         }
@@ -303,17 +449,24 @@ impl Engine {
         })))
     }
 
-    /// Gives every ready message of `domain` the same outcome (DNS failure, no host answered):
+    /// Gives one message (taken, with an attempt counted) `outcome` and moves it on.
+    async fn settle_one(&self, mut meta: MessageMeta, site: &str, outcome: &Outcome) {
+        let id = meta.id;
+        meta.attempts += 1;
+        let next = self.conclude(meta, site, outcome.clone()).await;
+        self.requeue_or_forget(id, next);
+    }
+
+    /// Gives every ready message of `queue` the same outcome (DNS failure, no host answered):
     /// they would all meet it, and trying each would only repeat the wait.
     async fn settle_all(&self, queue: &str, site: &str, outcome: &Outcome) {
         while let Some(id) = self.scheduler.pop_ready(queue, now_ms()) {
-            match self.load(id) {
-                Some((mut meta, _)) => {
-                    meta.attempts += 1;
-                    let next = self.conclude(meta, site, outcome.clone()).await;
-                    self.requeue_or_forget(id, next);
-                }
-                None => self.scheduler.finish(id),
+            match self.load(id).await {
+                Loaded::Found(meta, _) => self.settle_one(meta, site, outcome).await,
+                Loaded::Gone | Loaded::Corrupt => self.scheduler.finish(id),
+                Loaded::Unreadable => self
+                    .scheduler
+                    .defer(id, now_ms() + READ_RETRY.as_millis() as u64),
             }
         }
     }
@@ -325,15 +478,32 @@ impl Engine {
         }
     }
 
-    fn load(&self, id: MessageId) -> Option<(MessageMeta, Vec<u8>)> {
-        match (self.spool.meta(&id), self.spool.body(&id)) {
-            (Ok(Some(meta)), Ok(Some(body))) => Some((meta, body)),
-            // Purged while it waited.
-            (Ok(None), _) | (_, Ok(None)) => None,
-            (Err(e), _) | (_, Err(e)) => {
-                // Left in the spool: the next start retries it.
-                tracing::error!(%id, error = %e, "cannot read message from the spool");
-                None
+    /// Reads a message on the blocking pool: a RocksDB read may wait for the disk, and an
+    /// async worker thread must not.
+    async fn load(&self, id: MessageId) -> Loaded {
+        let spool = self.spool.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<_, queue::QueueError> {
+            let meta = spool.meta(&id)?;
+            match meta {
+                Some(meta) => Ok(spool.body(&id)?.map(|body| (meta, body))),
+                None => Ok(None),
+            }
+        })
+        .await;
+        match read {
+            Ok(Ok(Some((meta, body)))) => Loaded::Found(meta, body),
+            Ok(Ok(None)) => Loaded::Gone,
+            Ok(Err(e)) if !e.is_transient() => {
+                tracing::error!(%id, error = %e, "cannot decode a spooled message; it stays in the spool");
+                Loaded::Corrupt
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(%id, error = %e, "cannot read a spooled message now; retrying later");
+                Loaded::Unreadable
+            }
+            Err(e) => {
+                tracing::error!(%id, error = %e, "reading a spooled message failed");
+                Loaded::Unreadable
             }
         }
     }
@@ -342,32 +512,18 @@ impl Engine {
     /// kept. A reused session that fails before the final dot costs the message nothing: it
     /// goes back to the ready queue without an attempt counted, as the server most likely
     /// closed the idle connection.
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         self: &Arc<Self>,
-        id: MessageId,
+        mut meta: MessageMeta,
+        body: Vec<u8>,
         queue: &str,
         dest: &Destination,
         limiter: &DestinationLimiter,
         session: &mut Session,
         reused: bool,
     ) -> bool {
-        let Some((mut meta, body)) = self.load(id) else {
-            self.scheduler.finish(id);
-            return true;
-        };
-        let policy = self.policy();
-        if let Some(tenant) = &meta.tenant {
-            policy
-                .rates
-                .until_permitted(&format!("tenant:{tenant}"))
-                .await;
-        }
-        if let Some(campaign) = &meta.campaign {
-            policy
-                .rates
-                .until_permitted(&format!("campaign:{campaign}"))
-                .await;
-        }
+        let id = meta.id;
         let envelope = Envelope {
             sender: meta.sender.clone(),
             recipients: vec![meta.recipient.clone()],
@@ -584,6 +740,33 @@ impl Engine {
         true
     }
 
+    /// Ends many messages' lives at once (a purge): their records appended as one group
+    /// (synced), then the messages removed as one spool write, under the same checkpoint
+    /// rule as [`Engine::finalize`]. An error before the records are down leaves everything
+    /// as it was, for the caller to put back on the schedule.
+    pub(crate) async fn finalize_group(
+        &self,
+        metas: Vec<MessageMeta>,
+        records: Vec<Record>,
+    ) -> Result<(), crate::engine::EngineError> {
+        let offset = self.accounting.synced_len();
+        self.ledger.begin(offset);
+        if let Err(e) = self.accounting.record_all(records).await {
+            self.ledger.end(offset);
+            return Err(e.into());
+        }
+        let doomed: Vec<(MessageId, u64)> = metas.iter().map(|m| (m.id, m.due_ms)).collect();
+        while let Err(e) = self.spool.remove_many_lazily(doomed.clone()).await {
+            tracing::error!(error = %e, "could not remove purged messages");
+            if !self.wait_for_spool().await {
+                // Left in the ledger on purpose, as in `finalize`.
+                return Ok(());
+            }
+        }
+        self.ledger.end(offset);
+        Ok(())
+    }
+
     /// After a failed spool write: waits until the spool is writable again. False when the
     /// engine shuts down first or the spool is closed.
     async fn wait_for_spool(&self) -> bool {
@@ -661,6 +844,35 @@ impl Outcome {
         }
     }
 
+    /// The domain's MX lookup failed: NXDOMAIN and null MX bounce, the rest defers.
+    fn unresolvable(e: &resolver_cache::ResolveError) -> Outcome {
+        let permanent = e.is_permanent();
+        let response = Response {
+            code: if permanent { 550 } else { 451 },
+            enhanced_code: Some(e.enhanced_code().to_owned()),
+            text: e.to_string(),
+        };
+        let category = if permanent {
+            BounceCategory::BadDomain
+        } else {
+            BounceCategory::RoutingErrors
+        };
+        Outcome::synthetic(response, category, permanent)
+    }
+
+    /// No MX host gave a usable session: deferred.
+    fn no_host_answered(domain: &str, e: &ClientError) -> Outcome {
+        Outcome::synthetic(
+            Response {
+                code: 451,
+                enhanced_code: Some("4.4.1".into()),
+                text: format!("no MX host of {domain} answered: {e}"),
+            },
+            BounceCategory::NoAnswerFromHost,
+            false,
+        )
+    }
+
     fn synthetic(response: Response, category: BounceCategory, permanent: bool) -> Outcome {
         Outcome {
             verdict: if permanent {
@@ -675,4 +887,9 @@ impl Outcome {
             tls: None,
         }
     }
+}
+
+/// The MX host names of a destination, as shaping and TLS rules match them.
+fn mx_hosts(dest: &Destination) -> Vec<String> {
+    dest.hosts.iter().map(|h| h.name.clone()).collect()
 }

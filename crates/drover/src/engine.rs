@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::config::ShapingConfig;
 use crate::delivery::{Session, AUTOMATION, DELIVERY_DURATION};
 use crate::egress::Egress;
+pub use crate::message::{NewMessage, Origin};
 use accounting::{Accounting, BounceCategory, Record, RecordType, Response};
 use connection_pool::{Pool, Timeouts};
 use dashmap::DashMap;
@@ -75,6 +76,8 @@ pub fn describe_metrics() {
 }
 
 const SUSPEND_PREFIX: &str = "suspend/";
+/// Messages a purge records and deletes per write.
+const PURGE_CHUNK: usize = 10_000;
 /// How often the accounting checkpoint (see `finals`) is advanced.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// How many due messages a restart schedules before the full reload scan.
@@ -215,13 +218,21 @@ pub struct Engine {
     policy: std::sync::RwLock<Arc<Policy>>,
     /// Outbound sessions open at once, across every destination (`delivery.max_connections`).
     pub(crate) global_slots: Arc<tokio::sync::Semaphore>,
-    /// Delivery workers running per recipient domain.
+    /// Delivery workers running per queue.
     pub(crate) active: DashMap<String, usize>,
+    /// Delivery workers running in all (`delivery.max_workers`).
+    pub(crate) workers_running: std::sync::atomic::AtomicUsize,
+    /// Some queue with ready mail found no worker in the last dispatcher pass: busy workers
+    /// hand over after their turn.
+    pub(crate) starving: AtomicBool,
     pub(crate) ehlo_name: String,
     pub(crate) timeouts: Timeouts,
     pub(crate) cancel: CancellationToken,
     pub(crate) workers: TaskTracker,
     draining: AtomicBool,
+    /// True while the start-up reload of the spool runs: the engine already delivers, but it
+    /// does not know every queued message yet, so it does not say it is ready.
+    reloading: Arc<AtomicBool>,
     /// Finalizations between their record and their message's removal (see `finals`).
     pub(crate) ledger: crate::finals::Ledger,
 }
@@ -238,14 +249,6 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
-}
-
-/// One message ready to be stored.
-pub struct NewMessage {
-    /// Metadata (id, envelope, campaign...).
-    pub meta: MessageMeta,
-    /// The RFC 5322 message.
-    pub body: Vec<u8>,
 }
 
 impl Engine {
@@ -276,6 +279,7 @@ impl Engine {
             smtp_port: config.delivery.smtp_port,
             timeout: config.dns.timeout.0,
             attempts: config.dns.attempts,
+            max_in_flight: config.dns.max_in_flight,
             routes: config
                 .route
                 .iter()
@@ -308,11 +312,14 @@ impl Engine {
             policy,
             global_slots,
             active: DashMap::new(),
+            workers_running: std::sync::atomic::AtomicUsize::new(0),
+            starving: AtomicBool::new(false),
             ehlo_name,
             timeouts,
             cancel: CancellationToken::new(),
             workers: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            reloading: Arc::new(AtomicBool::new(true)),
             ledger: crate::finals::Ledger::default(),
         });
         engine.load_suspensions()?;
@@ -330,6 +337,7 @@ impl Engine {
                 tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
             }
             reloading.scheduler.end_reload();
+            reloading.reloading.store(false, Ordering::SeqCst);
         });
         tokio::spawn(Arc::clone(&engine).dispatch());
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
@@ -491,26 +499,72 @@ impl Engine {
     }
 
     /// Removes the selected queued messages, each with an `AdminBounce` record; returns how
-    /// many. Messages in flight finish their attempt first.
+    /// many. Messages in flight finish their attempt first. The schedule gives the messages
+    /// up in one pass; then, outside its lock, records are written and messages deleted a
+    /// chunk at a time, each chunk one group of records and one spool write. If a chunk
+    /// cannot be recorded, it and the rest go back on the schedule, untouched.
     pub async fn purge(&self, selector: &Selector) -> Result<usize, EngineError> {
         let ids = self.scheduler.take(selector);
         let mut purged = 0;
-        for id in ids {
-            let Some(meta) = self.spool.meta(&id)? else {
-                continue;
-            };
-            let mut r = self.record(RecordType::AdminBounce, &meta);
-            r.response = Some(Response {
-                code: 550,
-                enhanced_code: Some("5.0.0".into()),
-                text: "purged by the operator".into(),
-            });
-            r.bounce_category = Some(BounceCategory::Other);
-            if self.finalize(meta, vec![r]).await {
-                purged += 1;
+        for (i, chunk) in ids.chunks(PURGE_CHUNK).enumerate() {
+            match self.purge_chunk(chunk).await {
+                Ok(n) => purged += n,
+                Err(e) => {
+                    self.restore_ids(&ids[i * PURGE_CHUNK..]).await;
+                    tracing::error!(error = %e, purged, "purge stopped; the rest stays queued");
+                    return Err(e);
+                }
             }
         }
         Ok(purged)
+    }
+
+    async fn purge_chunk(&self, ids: &[MessageId]) -> Result<usize, EngineError> {
+        let metas = self.read_metas(ids.to_vec()).await?;
+        let records = metas
+            .iter()
+            .map(|meta| {
+                let mut r = self.record(RecordType::AdminBounce, meta);
+                r.response = Some(Response {
+                    code: 550,
+                    enhanced_code: Some("5.0.0".into()),
+                    text: "purged by the operator".into(),
+                });
+                r.bounce_category = Some(BounceCategory::Other);
+                r
+            })
+            .collect();
+        let count = metas.len();
+        self.finalize_group(metas, records).await?;
+        Ok(count)
+    }
+
+    /// Reads the metadata of `ids` on the blocking pool; ids no longer spooled are left out.
+    async fn read_metas(&self, ids: Vec<MessageId>) -> Result<Vec<MessageMeta>, EngineError> {
+        let spool = self.spool.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .filter_map(|id| spool.meta(id).transpose())
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| EngineError::Config(format!("spool reader failed: {e}")))?;
+        Ok(read?)
+    }
+
+    /// Puts messages taken off the schedule back on it, as the spool has them.
+    async fn restore_ids(&self, ids: &[MessageId]) {
+        for chunk in ids.chunks(PURGE_CHUNK) {
+            match self.read_metas(chunk.to_vec()).await {
+                Ok(metas) => {
+                    for meta in &metas {
+                        self.enqueue_new(meta);
+                    }
+                }
+                // Still in the spool: the next start queues them again.
+                Err(e) => tracing::error!(error = %e, "could not requeue messages a purge left"),
+            }
+        }
     }
 
     /// The reloadable policy in force.
@@ -559,6 +613,17 @@ impl Engine {
     /// Whether shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the start-up reload of the spool still runs.
+    pub fn is_reloading(&self) -> bool {
+        self.reloading.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new messages from now on (`/readyz` and injection answer 503) while the
+    /// listeners stay up, so a load balancer takes the instance out before they close.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// DKIM-signs messages (`[[dkim]]`), stores them (synced), writes their `Reception`
@@ -674,7 +739,7 @@ impl Engine {
     /// Stops accepting, lets workers finish their current message (up to `grace`), closes
     /// sessions and the spool.
     pub async fn shutdown(&self, grace: Duration) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.begin_drain();
         self.cancel.cancel();
         self.workers.close();
         if tokio::time::timeout(grace, self.workers.wait())
@@ -686,8 +751,12 @@ impl Engine {
         self.pool.close().await;
         // Finished messages need no look at the accounting file at the next start.
         self.advance_checkpoint(0).await;
-        if let Err(e) = self.spool.close() {
-            tracing::error!(error = %e, "spool flush at shutdown failed");
+        // Flushing the WAL waits for the disk: not on an async worker thread.
+        let spool = self.spool.clone();
+        match tokio::task::spawn_blocking(move || spool.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "spool flush at shutdown failed"),
+            Err(e) => tracing::error!(error = %e, "spool flush at shutdown failed"),
         }
     }
 }

@@ -16,10 +16,10 @@
 //! the message.
 
 use crate::config::{parse_cidr, AuthUser, Config};
-use crate::engine::{now_ms, Engine, EngineError, NewMessage};
-use crate::message::{header_value, tracked_headers};
+use crate::engine::{now_ms, Engine, EngineError, NewMessage, Origin};
+use crate::message::header_value;
 use crate::serve::ServeError;
-use queue::{MessageId, MessageMeta};
+use queue::MessageId;
 use sink::server::{serve_connection, ConnectionOptions, Policy};
 use smtp_proto::server::{Event, ServerConfig, ServerSession};
 use smtp_proto::{Capabilities, EnhancedCode, Reply};
@@ -249,9 +249,12 @@ impl InjectPolicy {
                 ),
             );
         }
-        let campaign = header_value(data, "X-Campaign");
-        let tenant = header_value(data, "X-Tenant");
-        let headers = tracked_headers(data);
+        let origin = Origin {
+            sender: sender.to_owned(),
+            campaign: header_value(data, "X-Campaign"),
+            tenant: header_value(data, "X-Tenant"),
+            received_ms: now_ms(),
+        };
         let protocol = match (self.tls, session.authenticated().is_some()) {
             (false, false) => "ESMTP",
             (true, false) => "ESMTPS",
@@ -262,7 +265,6 @@ impl InjectPolicy {
         let date = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc2822)
             .unwrap_or_default();
-        let now = now_ms();
         let messages: Vec<NewMessage> = unique
             .into_iter()
             .map(|(recipient, domain)| {
@@ -275,21 +277,7 @@ impl InjectPolicy {
                 let mut body = Vec::with_capacity(received.len() + data.len());
                 body.extend_from_slice(received.as_bytes());
                 body.extend_from_slice(data);
-                let meta = MessageMeta {
-                    id,
-                    sender: sender.to_owned(),
-                    recipient,
-                    domain,
-                    campaign: campaign.clone(),
-                    tenant: tenant.clone(),
-                    received_ms: now,
-                    due_ms: now,
-                    attempts: 0,
-                    headers: headers.clone(),
-                    last_source: None,
-                    size: body.len() as u64,
-                };
-                NewMessage { meta, body }
+                NewMessage::new(id, &origin, recipient, domain, body)
             })
             .collect();
         let ids: Vec<String> = messages.iter().map(|m| m.meta.id.to_string()).collect();

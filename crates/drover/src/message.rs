@@ -5,6 +5,7 @@
 //! recipient's name can never inject a header, while the body gets values verbatim.
 
 use minijinja::{Environment, UndefinedBehavior};
+use queue::{MessageId, MessageMeta};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -17,6 +18,115 @@ pub const TRACKED_HEADERS: &[&str] = &[
     "List-Unsubscribe-Post",
     "X-Campaign",
 ];
+
+/// One message ready to be stored.
+pub struct NewMessage {
+    /// Metadata (id, envelope, campaign...).
+    pub meta: MessageMeta,
+    /// The RFC 5322 message.
+    pub body: Vec<u8>,
+}
+
+/// What the messages of one injection (a request, an SMTP transaction) share.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// Envelope sender ("" for the null sender).
+    pub sender: String,
+    /// Campaign, if any.
+    pub campaign: Option<String>,
+    /// Tenant, if any.
+    pub tenant: Option<String>,
+    /// When it was received (ms since the epoch).
+    pub received_ms: u64,
+}
+
+impl NewMessage {
+    /// A message for one recipient, due now, its tracked headers taken from `body`.
+    pub fn new(
+        id: MessageId,
+        origin: &Origin,
+        recipient: String,
+        domain: String,
+        body: Vec<u8>,
+    ) -> NewMessage {
+        let meta = MessageMeta {
+            id,
+            sender: origin.sender.clone(),
+            recipient,
+            domain,
+            campaign: origin.campaign.clone(),
+            tenant: origin.tenant.clone(),
+            received_ms: origin.received_ms,
+            due_ms: origin.received_ms,
+            attempts: 0,
+            headers: tracked_headers(&body),
+            last_source: None,
+            size: body.len() as u64,
+        };
+        NewMessage { meta, body }
+    }
+}
+
+/// The messages made from an inject request, and the recipients refused with why.
+pub struct Prepared {
+    /// One message per accepted recipient.
+    pub messages: Vec<NewMessage>,
+    /// Recipients refused (as given).
+    pub failed_recipients: Vec<String>,
+    /// Why, one line per refused recipient.
+    pub errors: Vec<String>,
+}
+
+/// Renders one message per recipient (CPU work: run it off the async threads). A recipient
+/// with an invalid address, a failing template or a message over `max_size` is refused alone.
+pub fn prepare(
+    renderer: &Renderer,
+    substitutions: &Map<String, Value>,
+    recipients: &[Recipient],
+    origin: &Origin,
+    sender_domain: &str,
+    max_size: u64,
+) -> Prepared {
+    let mut out = Prepared {
+        messages: Vec::with_capacity(recipients.len()),
+        failed_recipients: Vec::new(),
+        errors: Vec::new(),
+    };
+    for recipient in recipients {
+        let mut refuse = |why: String| {
+            out.failed_recipients.push(recipient.email.clone());
+            out.errors.push(format!("{}: {why}", recipient.email));
+        };
+        let email = recipient.email.trim();
+        if let Err(e) = smtp_proto::validate_mailbox(email) {
+            refuse(e.to_string());
+            continue;
+        }
+        let domain = email
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        let id = MessageId::generate();
+        let body =
+            match renderer.render_for(substitutions, recipient, &id.to_string(), sender_domain) {
+                Ok(b) => b,
+                Err(e) => {
+                    refuse(e);
+                    continue;
+                }
+            };
+        if body.len() as u64 > max_size {
+            refuse(format!(
+                "message of {} bytes exceeds the limit of {max_size}",
+                body.len()
+            ));
+            continue;
+        }
+        out.messages
+            .push(NewMessage::new(id, origin, email.to_owned(), domain, body));
+    }
+    out
+}
 
 /// The body of `POST /api/inject/v1`. Field names follow KumoMTA's inject API.
 #[derive(Debug, Deserialize)]
@@ -114,10 +224,41 @@ pub struct Recipient {
 #[error("{0}")]
 pub struct TemplateError(pub String);
 
+/// Instructions one template render may execute: far beyond what a newsletter needs (a
+/// few hundred; a loop over a thousand items some ten thousand), small enough that a hostile
+/// template cannot hold a thread for long.
+pub const RENDER_FUEL: u64 = 1_000_000;
+
 /// Compiled templates for one request.
 pub struct Renderer {
     env: Environment<'static>,
     kind: Kind,
+    /// Most bytes one rendered part may have (the message size limit).
+    max_size: usize,
+}
+
+/// Collects rendered output up to a limit, then refuses more: a template cannot build a
+/// message larger than the size limit in memory before it is refused.
+struct Capped {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other(format!(
+                "the rendered message exceeds the limit of {} bytes",
+                self.limit
+            )));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 enum Kind {
@@ -153,9 +294,10 @@ fn split_message(raw: &str) -> (&str, &str) {
 }
 
 impl Renderer {
-    /// Compiles the request's templates.
-    pub fn new(content: Content) -> Result<Renderer, TemplateError> {
+    /// Compiles the request's templates; no rendered part may exceed `max_size` bytes.
+    pub fn new(content: Content, max_size: usize) -> Result<Renderer, TemplateError> {
         let mut env = Environment::new();
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         // Messages are not HTML documents to escape; values go in as given.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
@@ -193,14 +335,34 @@ impl Renderer {
                 Kind::Builder(b)
             }
         };
-        Ok(Renderer { env, kind })
+        Ok(Renderer {
+            env,
+            kind,
+            max_size,
+        })
     }
 
     fn render(&self, name: &str, ctx: &Map<String, Value>) -> Result<String, String> {
-        self.env
+        let template = self
+            .env
             .get_template(name)
-            .and_then(|t| t.render(ctx))
-            .map_err(|e| format!("template error: {e}"))
+            .map_err(|e| format!("template error: {e}"))?;
+        let mut out = Capped {
+            out: Vec::new(),
+            limit: self.max_size,
+        };
+        template
+            .render_captured_to(ctx, &mut out)
+            .map(drop)
+            .map_err(|e| match e.kind() {
+                minijinja::ErrorKind::WriteFailure => format!(
+                    "the rendered message exceeds the limit of {} bytes",
+                    self.max_size
+                ),
+                _ => format!("template error: {e}"),
+            })?;
+        // Rendering writes only the UTF-8 of strings.
+        String::from_utf8(out.out).map_err(|e| format!("template error: {e}"))
     }
 
     /// Renders the message for one recipient, with CRLF line endings and the headers every
@@ -435,7 +597,7 @@ mod tests {
         let r = req(Value::String(
             "From: n@example.com\nSubject: Hi {{ name }}\nX-Campaign: {{ campaign_name }}\n\nDear {{ name }}, plan {{ plan }} for {{ email }}.{{ missing }}\n".into(),
         ));
-        let renderer = Renderer::new(r.content).unwrap();
+        let renderer = Renderer::new(r.content, 1 << 20).unwrap();
         let out = renderer
             .render_for(
                 &r.substitutions,
@@ -470,9 +632,27 @@ mod tests {
     #[test]
     fn bad_templates_are_request_errors() {
         let r = req(Value::String("Subject: {{ oops\n\nx".into()));
-        assert!(Renderer::new(r.content).is_err());
+        assert!(Renderer::new(r.content, 1 << 20).is_err());
         let r = req(Value::String("   ".into()));
-        assert!(Renderer::new(r.content).is_err());
+        assert!(Renderer::new(r.content, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn hostile_templates_stop_at_the_fuel_and_size_limits() {
+        let render = |template: &str, max_size: usize| {
+            let r = req(Value::String(template.into()));
+            let renderer = Renderer::new(r.content, max_size).unwrap();
+            renderer.render_for(&r.substitutions, &r.recipients[0], "abc", "example.com")
+        };
+        // Endless work: nested loops of a billion iterations run out of fuel.
+        let spin = "Subject: x\n\n{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}";
+        let err = render(spin, 1 << 20).unwrap_err();
+        assert!(err.contains("fuel"), "{err}");
+        // A small template that expands beyond the size limit is refused while it renders.
+        let bomb = "Subject: x\n\n{% for a in range(50000) %}{{ plan * 1000 }}{% endfor %}";
+        let err = render(bomb, 100_000).unwrap_err();
+        assert!(err.contains("exceeds the limit of 100000 bytes"), "{err}");
+        assert!(render("Subject: x\n\n{{ plan }}", 100_000).is_ok());
     }
 
     #[test]
@@ -484,7 +664,7 @@ mod tests {
             "html_body": "<p>Hi {{ name }}</p>",
             "headers": {"X-Campaign": "{{ campaign_name }}"},
         }));
-        let renderer = Renderer::new(r.content).unwrap();
+        let renderer = Renderer::new(r.content, 1 << 20).unwrap();
         let out = renderer
             .render_for(
                 &r.substitutions,

@@ -110,13 +110,16 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
 impl Running {
     /// Graceful stop: refuse new work, finish in-flight deliveries (up to `grace`), flush.
+    /// The HTTP listener closes last, so `/readyz` answers 503 (not a refused connection)
+    /// while the engine drains and a load balancer takes the instance out first.
     pub async fn shutdown(self, grace: Duration) {
-        self.stop.cancel();
+        self.engine.begin_drain();
         if let Some(smtp) = &self.smtp {
             smtp.stop_accepting();
         }
-        let engine_stop = self.engine.shutdown(grace);
-        let _ = tokio::join!(engine_stop, self.server);
+        self.engine.shutdown(grace).await;
+        self.stop.cancel();
+        let _ = self.server.await;
         // The engine refuses messages now, so a transaction still open gets 421, not a 250
         // for a message the closed spool would lose.
         if let Some(smtp) = self.smtp {

@@ -78,6 +78,18 @@ pub enum QueueError {
     /// A message id string did not parse.
     #[error("invalid message id {0:?}")]
     BadId(String),
+    /// The writer is reopening the database after a storage error: reads fail fast instead of
+    /// waiting for the WAL replay; retry shortly.
+    #[error("the spool is being reopened; retry shortly")]
+    Reopening,
+}
+
+impl QueueError {
+    /// Whether the same read or write may succeed if tried again later (storage errors,
+    /// a reopen, a degraded spool), as opposed to a record that will never decode.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, QueueError::Corrupt { .. } | QueueError::BadId(_))
+    }
 }
 
 /// Registers the descriptions of the metrics this crate records.

@@ -10,7 +10,8 @@
 //! moves and published as the `drover_queue_messages{state}` gauges.
 
 use crate::MessageId;
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
@@ -85,7 +86,9 @@ pub enum Selector {
 struct Inner {
     entries: HashMap<MessageId, Entry>,
     timer: BTreeSet<(u64, MessageId)>,
-    ready: HashMap<Arc<str>, VecDeque<MessageId>>,
+    /// Ordered by name, so the dispatcher can walk the queues round-robin from where it
+    /// stopped ([`Scheduler::ready_after`]).
+    ready: BTreeMap<Arc<str>, VecDeque<MessageId>>,
     names: HashSet<Arc<str>>,
     counts: HashMap<Arc<str>, DestinationCounts>,
     totals: DestinationCounts,
@@ -380,6 +383,27 @@ impl Scheduler {
             .collect()
     }
 
+    /// Up to `limit` destinations with ready messages that are not suspended, with their
+    /// ready counts, in name order after `after` (from the first without it). The dispatcher
+    /// walks the queues with this round-robin, so each pass costs what it looks at, not the
+    /// number of queues.
+    pub fn ready_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Vec<(String, usize)> {
+        let inner = self.lock();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        inner
+            .ready
+            .range::<str, _>((lower, Bound::Unbounded))
+            .filter(|(d, q)| !q.is_empty() && !inner.dest_held(d, now_ms))
+            .take(limit)
+            .map(|(d, q)| (d.to_string(), q.len()))
+            .collect()
+    }
+
     /// Whether `destination` has a message ready (and is not suspended).
     pub fn has_ready(&self, destination: &str, now_ms: u64) -> bool {
         let inner = self.lock();
@@ -418,7 +442,9 @@ impl Scheduler {
     }
 
     /// Removes every message `selector` matches from the schedule and returns their ids (for
-    /// purge). In-flight messages are not returned: their workers finish them.
+    /// purge). In-flight messages are not returned: their workers finish them. One pass over
+    /// the entries and one over each affected ready queue, so taking 100 000 messages costs
+    /// milliseconds of lock time, not a scan of the queue per message.
     pub fn take(&self, selector: &Selector) -> Vec<MessageId> {
         let mut inner = self.lock();
         let ids: Vec<MessageId> = inner
@@ -431,11 +457,64 @@ impl Scheduler {
                     .is_some_and(|e| e.state != State::InFlight)
             })
             .collect();
+        let mut ready: HashMap<Arc<str>, HashSet<MessageId>> = HashMap::new();
         for id in &ids {
-            forget(&mut inner, *id);
+            let Some(entry) = inner.entries.remove(id) else {
+                continue;
+            };
+            if let Some(finished) = &mut inner.finished_during_reload {
+                finished.insert(*id);
+            }
+            match entry.state {
+                State::Scheduled(due) => {
+                    inner.timer.remove(&(due, *id));
+                }
+                State::Ready => {
+                    ready
+                        .entry(Arc::clone(&entry.dest))
+                        .or_default()
+                        .insert(*id);
+                }
+                State::InFlight | State::Parked => {}
+            }
+            inner.count(&entry.dest, entry.state, -1);
+        }
+        for (dest, ids) in ready {
+            inner.remove_from_ready(&dest, &ids);
         }
         inner.publish();
         ids
+    }
+
+    /// Puts an in-flight message back on the timer for `due_ms` without touching its
+    /// destination or campaign (e.g. its spool record could not be read just now).
+    pub fn defer(&self, id: MessageId, due_ms: u64) {
+        let mut inner = self.lock();
+        if inner
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.state == State::InFlight)
+        {
+            inner.set_state(id, State::Scheduled(due_ms));
+            inner.publish();
+        }
+    }
+
+    /// Drops interned destination and campaign names nothing refers to any more, so a
+    /// long-running engine that has seen millions of domains does not keep them all.
+    /// Returns how many were dropped.
+    pub fn compact(&self) -> usize {
+        let mut inner = self.lock();
+        let before = inner.names.len();
+        // Held only by the set itself: no entry, count, ready queue or hold uses the name.
+        inner.names.retain(|n| Arc::strong_count(n) > 1);
+        inner.counts.shrink_to_fit();
+        before - inner.names.len()
+    }
+
+    /// Interned names held (for tests and the memory view).
+    pub fn interned(&self) -> usize {
+        self.lock().names.len()
     }
 
     /// Makes every scheduled message `selector` matches due now; returns how many.
@@ -753,6 +832,89 @@ mod tests {
         s.finish(a);
         s.schedule(a, &key, None, 50, 0, 10);
         assert_eq!(s.take(&Selector::Domain("x.test".into())), vec![a]);
+    }
+
+    #[test]
+    fn taking_a_large_ready_queue_is_one_pass() {
+        // One scan of the queue per taken id made this quadratic: minutes at this size.
+        let s = Scheduler::new();
+        let ids: Vec<MessageId> = (0..200_000).map(|_| MessageId::generate()).collect();
+        for id in &ids {
+            s.schedule(*id, "big.test", None, 0, 0, 10);
+        }
+        let keep = MessageId::generate();
+        s.schedule(keep, "big.test", Some("other"), 0, 0, 10);
+        let started = std::time::Instant::now();
+        let taken = s.take(&Selector::Domain("big.test".into()));
+        assert_eq!(taken.len(), 200_001);
+        assert!(s.is_empty());
+        assert_eq!(s.totals(), DestinationCounts::default());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn deferring_an_in_flight_message_keeps_it_scheduled() {
+        let s = Scheduler::new();
+        let a = MessageId::generate();
+        s.schedule(a, "x.test", Some("nov"), 0, 0, 10);
+        assert_eq!(s.pop_ready("x.test", 10), Some(a));
+        s.defer(a, 500);
+        assert_eq!(s.totals().scheduled, 1);
+        assert_eq!(s.totals().in_flight, 0);
+        assert_eq!(s.next_due(), Some(500));
+        s.promote(500);
+        assert_eq!(s.pop_ready("x.test", 500), Some(a));
+        // A queued message is not moved by a late defer.
+        s.schedule(a, "x.test", Some("nov"), 0, 0, 10);
+        s.defer(a, 900);
+        assert_eq!(s.totals().ready, 1);
+    }
+
+    #[test]
+    fn names_nothing_uses_are_dropped() {
+        let s = Scheduler::new();
+        let ids: Vec<MessageId> = (0..100).map(|_| MessageId::generate()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            s.schedule(*id, &format!("d{i}.test"), Some("c"), 0, 0, 10);
+        }
+        s.suspend(&Selector::Domain("held.test".into()), u64::MAX, 10);
+        assert_eq!(s.interned(), 102);
+        assert_eq!(s.compact(), 0, "every name is in use");
+        for id in &ids {
+            s.finish(*id);
+        }
+        assert_eq!(s.compact(), 101);
+        // The campaign's and the held domain's names were in use until now; the hold stays.
+        assert_eq!(s.interned(), 1);
+        assert!(!s
+            .ready_destinations(10)
+            .iter()
+            .any(|(d, _)| d == "held.test"));
+        assert_eq!(s.suspensions(10).len(), 1);
+    }
+
+    #[test]
+    fn ready_queues_are_walked_in_turn_from_a_cursor() {
+        let s = Scheduler::new();
+        for d in ["a.test", "b.test", "c.test", "d.test"] {
+            s.schedule(MessageId::generate(), d, None, 0, 0, 10);
+        }
+        s.schedule(MessageId::generate(), "b.test", None, 0, 0, 10);
+        s.suspend(&Selector::Domain("c.test".into()), u64::MAX, 10);
+        let names = |v: Vec<(String, usize)>| v.into_iter().map(|(d, _)| d).collect::<Vec<_>>();
+        assert_eq!(
+            s.ready_after(None, 2, 10),
+            vec![("a.test".to_owned(), 1), ("b.test".to_owned(), 2)]
+        );
+        // Held queues are skipped; the walk ends at the last name.
+        assert_eq!(names(s.ready_after(Some("b.test"), 2, 10)), ["d.test"]);
+        assert!(s.ready_after(Some("d.test"), 2, 10).is_empty());
+        // A cursor that names no queue still orders the walk.
+        assert_eq!(names(s.ready_after(Some("aa"), 1, 10)), ["b.test"]);
     }
 
     #[test]

@@ -57,6 +57,11 @@ pub const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(16);
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Metadata records a scan reads under one read lock.
 const SCAN_CHUNK: usize = 1024;
+/// Bytes of writes queued for the writer thread and not yet answered. Callers beyond it wait
+/// for room (back-pressure) instead of piling bodies up in memory while a sync is slow.
+pub(crate) const MAX_PENDING_WRITE_BYTES: usize = 256 << 20;
+/// The unit of [`MAX_PENDING_WRITE_BYTES`] accounting (semaphore permits are u32).
+const PENDING_UNIT: usize = 4096;
 
 /// Tunables of the spool.
 #[derive(Debug, Clone)]
@@ -108,6 +113,17 @@ enum Op {
     },
 }
 
+impl Op {
+    /// About how many bytes the op holds in memory until it is written.
+    fn size(&self) -> usize {
+        match self {
+            Op::Insert(meta, body) => body.len() + meta.recipient.len() + 256,
+            Op::PutState { key, value } => key.len() + value.len() + 64,
+            Op::Update { .. } | Op::Remove { .. } | Op::DeleteState { .. } => 256,
+        }
+    }
+}
+
 /// Why a write was refused.
 #[derive(Debug, Clone)]
 enum Refusal {
@@ -139,6 +155,11 @@ struct Shared {
     db: RwLock<Option<DB>>,
     /// Whether writes are accepted (false while degraded after a storage error).
     writable: watch::Sender<bool>,
+    /// Room in the writer's queue, in [`PENDING_UNIT`]s of [`MAX_PENDING_WRITE_BYTES`].
+    pending: tokio::sync::Semaphore,
+    /// Test hook: the next this many reads fail (feature `testing`).
+    #[cfg(any(test, feature = "testing"))]
+    failing_reads: std::sync::atomic::AtomicUsize,
 }
 
 /// The durable spool. Cheap to clone.
@@ -219,6 +240,9 @@ impl Spool {
             options,
             db: RwLock::new(Some(db)),
             writable,
+            pending: tokio::sync::Semaphore::new(MAX_PENDING_WRITE_BYTES / PENDING_UNIT),
+            #[cfg(any(test, feature = "testing"))]
+            failing_reads: std::sync::atomic::AtomicUsize::new(0),
         });
         metrics::gauge!(WRITABLE_GAUGE).set(1.0);
         let (tx, rx) = mpsc::channel();
@@ -246,13 +270,26 @@ impl Spool {
         let _ = rx.wait_for(|w| *w).await;
     }
 
-    /// Runs `f` on the current instance under a read lock.
+    /// Runs `f` on the current instance under a read lock. While the writer holds the write
+    /// lock to reopen the database (a WAL replay can take seconds), readers fail at once with
+    /// [`QueueError::Reopening`] rather than block the thread they run on.
     fn with_db<T>(&self, f: impl FnOnce(&DB) -> Result<T, QueueError>) -> Result<T, QueueError> {
-        let guard = self
-            .shared
-            .db
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        #[cfg(any(test, feature = "testing"))]
+        {
+            use std::sync::atomic::Ordering;
+            let failing = &self.shared.failing_reads;
+            if failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(QueueError::Reopening);
+            }
+        }
+        let guard = match self.shared.db.try_read() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(QueueError::Reopening),
+        };
         match guard.as_ref() {
             Some(db) => f(db),
             None => Err(QueueError::Unwritable(
@@ -261,11 +298,33 @@ impl Spool {
         }
     }
 
+    /// Makes the next `count` reads fail with [`QueueError::Reopening`], as they do while the
+    /// database is reopened: for tests of callers' handling of transient read errors.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn fail_next_reads(&self, count: usize) {
+        self.shared
+            .failing_reads
+            .store(count, std::sync::atomic::Ordering::SeqCst);
+    }
+
     async fn submit(&self, ops: Vec<Op>) -> Result<(), QueueError> {
         self.submit_with(ops, true).await
     }
 
     async fn submit_with(&self, ops: Vec<Op>, durable: bool) -> Result<(), QueueError> {
+        let bytes: usize = ops.iter().map(Op::size).sum();
+        let units = (bytes / PENDING_UNIT)
+            .clamp(1, MAX_PENDING_WRITE_BYTES / PENDING_UNIT)
+            .try_into()
+            .unwrap_or(u32::MAX);
+        // Held until the writer answered: the queue never holds more than the budget (one
+        // job larger than the whole budget still goes, alone).
+        let _room = self
+            .shared
+            .pending
+            .acquire_many(units)
+            .await
+            .map_err(|_| QueueError::Closed)?;
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Msg::Write(Job { ops, durable, done }))
@@ -307,6 +366,22 @@ impl Spool {
     pub async fn remove_lazily(&self, id: MessageId, due_ms: u64) -> Result<(), QueueError> {
         self.submit_with(vec![Op::Remove { id, due_ms }], false)
             .await
+    }
+
+    /// Deletes many messages as one write, without waiting for a sync (see
+    /// [`Spool::remove_lazily`]): `(id, due_ms)` pairs.
+    pub async fn remove_many_lazily(
+        &self,
+        messages: Vec<(MessageId, u64)>,
+    ) -> Result<(), QueueError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let ops = messages
+            .into_iter()
+            .map(|(id, due_ms)| Op::Remove { id, due_ms })
+            .collect();
+        self.submit_with(ops, false).await
     }
 
     /// Rewrites metadata without waiting for a sync: for updates whose loss only repeats work
@@ -790,6 +865,55 @@ mod tests {
         // The schedule index holds exactly the one current key.
         let keys = spool.schedule_keys();
         assert_eq!(keys, vec![schedule_key(99, &a.id).to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn reads_fail_fast_while_the_database_is_being_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let a = meta("a@example.test", 10);
+        spool
+            .insert(vec![(a.clone(), b"x".to_vec())])
+            .await
+            .unwrap();
+        // The writer holds the write lock for the whole WAL replay of a reopen.
+        let reopening = spool.shared.db.write().unwrap();
+        let started = Instant::now();
+        assert!(matches!(spool.meta(&a.id), Err(QueueError::Reopening)));
+        assert!(matches!(spool.body(&a.id), Err(QueueError::Reopening)));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(QueueError::Reopening.is_transient());
+        drop(reopening);
+        assert_eq!(spool.meta(&a.id).unwrap().unwrap().id, a.id);
+        spool.fail_next_reads(1);
+        assert!(spool.body(&a.id).is_err());
+        assert!(spool.body(&a.id).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn many_removals_are_one_write_and_big_jobs_pass_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let all: Vec<MessageMeta> = (0..1000)
+            .map(|i| meta(&format!("u{i}@example.test"), i))
+            .collect();
+        let free = spool.shared.pending.available_permits();
+        // One request larger than the whole pending-write budget still goes through, alone.
+        let big = vec![0u8; MAX_PENDING_WRITE_BYTES / 1000 + 1];
+        spool
+            .insert(all.iter().map(|m| (m.clone(), big.clone())).collect())
+            .await
+            .unwrap();
+        assert_eq!(spool.shared.pending.available_permits(), free);
+        spool
+            .remove_many_lazily(all[..600].iter().map(|m| (m.id, m.due_ms)).collect())
+            .await
+            .unwrap();
+        spool.flush().unwrap();
+        let left: Vec<_> = spool.scan().collect::<Result<_, _>>().unwrap();
+        assert_eq!(left.len(), 400);
+        assert_eq!(spool.schedule_keys().len(), 400);
+        assert_eq!(spool.shared.pending.available_permits(), free);
     }
 
     #[tokio::test]

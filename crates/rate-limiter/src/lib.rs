@@ -472,6 +472,26 @@ impl KeyedRates {
         }
     }
 
+    /// Takes a permit for `key` if one is free now; otherwise says how long until the next
+    /// one (nothing is taken then). Keys without a rate are always permitted.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        let Some(rate) = self.rates.get(key) else {
+            return Ok(());
+        };
+        let limiter = Arc::clone(&self.live.entry(key.to_owned()).or_insert_with(|| {
+            Arc::new(DestinationLimiter::new(Limits {
+                max_message_rate: Some(*rate),
+                ..Limits::default()
+            }))
+        }));
+        match &limiter.messages {
+            Some(gcra) => gcra
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(TokioClock.now())),
+            None => Ok(()),
+        }
+    }
+
     /// Waits until `key` may send another message; keys without a rate never wait.
     pub async fn until_permitted(&self, key: &str) {
         let Some(rate) = self.rates.get(key) else {

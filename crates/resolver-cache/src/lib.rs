@@ -157,6 +157,10 @@ pub struct ResolverSettings {
     /// Most domains whose answers are kept (MX host addresses get a quarter as many slots); the
     /// ones not used lately go first (CLOCK, an approximation of LRU).
     pub max_entries: usize,
+    /// Most domain lookups sent upstream at once: a burst of 100 000 due domains waits its
+    /// turn instead of sending 100 000 queries at the name server together. Cache hits and
+    /// callers waiting for a lookup already in flight do not count.
+    pub max_in_flight: usize,
 }
 
 impl Default for ResolverSettings {
@@ -172,6 +176,7 @@ impl Default for ResolverSettings {
             error_ttl: Duration::from_secs(30),
             address_order: AddressOrder::Ipv4First,
             max_entries: 100_000,
+            max_in_flight: 256,
         }
     }
 }
@@ -200,6 +205,8 @@ pub struct MxResolver {
     /// MX hosts are shared by many domains (one provider serves millions), so their addresses
     /// are cached and single-flighted on their own.
     hosts: Cache<HostAddrs>,
+    /// Upstream domain lookups in flight ([`ResolverSettings::max_in_flight`]).
+    lookups: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for MxResolver {
@@ -246,6 +253,7 @@ impl MxResolver {
             resolver,
             domains: Cache::new(settings.max_entries),
             hosts: Cache::new(settings.max_entries.div_ceil(4)),
+            lookups: tokio::sync::Semaphore::new(settings.max_in_flight.max(1)),
             settings,
         })
     }
@@ -274,6 +282,8 @@ impl MxResolver {
         let (answer, _, source) = self
             .domains
             .get_or_fetch(&domain, || async {
+                // The semaphore is never closed; a failed acquire would only lift the cap.
+                let _turn = self.lookups.acquire().await.ok();
                 let (answer, ttl) = self.lookup(&domain).await;
                 let ttl = match &answer {
                     Err(ResolveError::Temporary { .. }) => self.settings.error_ttl,
@@ -304,6 +314,21 @@ impl MxResolver {
         };
         let (answer, _) = self.domains.get(&domain)?;
         Some(answer.map_err(|e| (*e).clone()))
+    }
+
+    /// What [`MxResolver::resolve`] would answer without asking a name server: a static
+    /// route, an address literal or a fresh cached answer. `None` when it would have to ask.
+    pub fn peek(&self, domain: &str) -> Option<Answer> {
+        if !self.settings.routes.is_empty() || domain.starts_with('[') {
+            let domain = normalize(domain).ok()?;
+            if let Some(dest) = self.static_route(&domain) {
+                return Some(Ok(Arc::new(dest)));
+            }
+            if domain.starts_with('[') {
+                return Some(self.literal(&domain));
+            }
+        }
+        self.cached(domain)
     }
 
     /// Number of domains in the cache, fresh or expired (at most about `max_entries`).

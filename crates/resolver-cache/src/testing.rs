@@ -27,6 +27,8 @@ struct Script {
     counts: Mutex<HashMap<(String, RecordType), usize>>,
     servfail: Mutex<HashSet<String>>,
     delay: Mutex<HashMap<String, Duration>>,
+    /// Queries being answered now, and the most there ever were at once.
+    concurrent: Mutex<(usize, usize)>,
 }
 
 struct Counting {
@@ -58,7 +60,13 @@ impl RequestHandler for Counting {
                 .or_default() += 1;
             let delay = self.script.delay.lock().unwrap().get(&name).copied();
             if let Some(delay) = delay {
+                {
+                    let mut c = self.script.concurrent.lock().unwrap();
+                    c.0 += 1;
+                    c.1 = c.1.max(c.0);
+                }
                 tokio::time::sleep(delay).await;
+                self.script.concurrent.lock().unwrap().0 -= 1;
             }
             if self.script.servfail.lock().unwrap().contains(&name) {
                 let response = MessageResponseBuilder::from_message_request(request)
@@ -149,6 +157,11 @@ impl TestDns {
     /// Answers SERVFAIL for `name` from now on.
     pub fn servfail(&self, name: &str) {
         self.script.servfail.lock().unwrap().insert(name.to_owned());
+    }
+
+    /// The most delayed queries (see [`TestDns::delay`]) that were being answered at once.
+    pub fn max_concurrent_delayed(&self) -> usize {
+        self.script.concurrent.lock().unwrap().1
     }
 
     /// Answers queries for `name` only after `delay`.

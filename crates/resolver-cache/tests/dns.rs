@@ -361,6 +361,38 @@ async fn a_thousand_concurrent_lookups_of_a_cold_name_share_one_query() {
     assert!(answers.iter().all(|a| Arc::ptr_eq(a, &answers[0])));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_lookups_in_flight_are_capped() {
+    let dns = TestDns::start(ZONE, "example.test.").await;
+    let names: Vec<String> = (0..40).map(|i| format!("burst{i}.example.test")).collect();
+    for name in &names {
+        dns.delay(name, Duration::from_millis(100));
+    }
+    let r = Arc::new(
+        MxResolver::new(ResolverSettings {
+            max_in_flight: 4,
+            ..dns.settings()
+        })
+        .unwrap(),
+    );
+    let tasks: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let (r, name) = (Arc::clone(&r), name.clone());
+            tokio::spawn(async move { r.resolve(&name).await })
+        })
+        .collect();
+    for t in tasks {
+        // The names do not exist: each lookup still went upstream, in its turn.
+        assert!(t.await.unwrap().is_err());
+    }
+    for name in &names {
+        assert!(dns.count(name, RecordType::MX) >= 1, "{name} never asked");
+    }
+    let most = dns.max_concurrent_delayed();
+    assert!((1..=4).contains(&most), "{most} lookups at once");
+}
+
 #[tokio::test]
 async fn the_cache_stays_within_max_entries_and_keeps_recently_used_names() {
     let dns = TestDns::start(ZONE, "example.test.").await;

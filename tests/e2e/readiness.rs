@@ -1,0 +1,123 @@
+//! `/readyz` tells a load balancer the truth: not ready while the spool reload runs, and
+//! 503 (not a refused connection) while the engine drains.
+
+use crate::harness::*;
+use queue::{MessageId, MessageMeta, Spool, SpoolOptions};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+async fn readyz(engine: &TestEngine) -> Result<(u16, String), reqwest::Error> {
+    let resp = reqwest::get(engine.url("/readyz")).await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.text().await.unwrap_or_default()))
+}
+
+/// Writes `count` messages due in an hour straight into a spool.
+async fn fill_spool(path: &std::path::Path, count: usize) {
+    let spool = Spool::open(path, SpoolOptions::default()).unwrap();
+    let now = drover::engine::now_ms();
+    for chunk in 0..count.div_ceil(10_000) {
+        let batch = (0..10_000.min(count - chunk * 10_000))
+            .map(|i| {
+                let domain = format!("d{}.example.test", i % 1000);
+                let meta = MessageMeta {
+                    id: MessageId::generate(),
+                    sender: "bounces@example.com".into(),
+                    recipient: format!("u{i}@{domain}"),
+                    domain,
+                    campaign: None,
+                    tenant: None,
+                    received_ms: now,
+                    due_ms: now + 3_600_000,
+                    attempts: 0,
+                    headers: BTreeMap::new(),
+                    last_source: None,
+                    size: 20,
+                };
+                (meta, b"Subject: x\r\n\r\nhi\r\n".to_vec())
+            })
+            .collect();
+        spool.insert(batch).await.unwrap();
+    }
+    spool.close().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_until_the_spool_reload_has_seen_every_message() {
+    const QUEUED: usize = 200_000;
+    let dir = tempfile::tempdir().unwrap();
+    fill_spool(&dir.path().join("spool"), QUEUED).await;
+    let engine = TestEngine::start_in(dir, "").await;
+    let running = engine.running.as_ref().unwrap();
+    let mut not_ready = 0;
+    let start = std::time::Instant::now();
+    loop {
+        let (status, text) = readyz(&engine).await.unwrap();
+        if status == 200 {
+            // Ready means the schedule holds every spooled message.
+            assert_eq!(running.engine.scheduler().len(), QUEUED);
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(text.contains("reloading"), "{text}");
+        not_ready += 1;
+        assert!(start.elapsed() < Duration::from_secs(60), "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(not_ready > 0, "ready before the reload finished");
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_while_the_engine_drains() {
+    // A slow receiver keeps one delivery in flight while the engine shuts down.
+    let sink = start_sink(sink::SinkConfig {
+        latency: Duration::from_millis(1500),
+        ..Default::default()
+    })
+    .await;
+    let mut engine = TestEngine::start(&routes(&["slow.test"], sink.local_addr())).await;
+    wait_ready(&engine).await;
+    let (status, _) = engine
+        .inject(&message_for(&["a@slow.test".to_owned()]))
+        .await;
+    assert_eq!(status, 200);
+    let scheduler_busy = || {
+        engine
+            .running
+            .as_ref()
+            .unwrap()
+            .engine
+            .scheduler()
+            .totals()
+            .in_flight
+            > 0
+    };
+    let start = std::time::Instant::now();
+    while !scheduler_busy() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let running = engine.running.take().unwrap();
+    let url = format!("http://{}/readyz", running.http_addr);
+    let stopping = tokio::spawn(running.shutdown(Duration::from_secs(20)));
+    // While the delivery finishes, the listener is still up and says it is not ready.
+    let mut seen_draining = false;
+    while !stopping.is_finished() {
+        match reqwest::get(&url).await {
+            Ok(resp) => {
+                assert_eq!(resp.status().as_u16(), 503);
+                assert!(resp.text().await.unwrap().contains("draining"));
+                seen_draining = true;
+            }
+            // Only at the very end, once the engine has stopped, may the listener close.
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stopping.await.unwrap();
+    assert!(seen_draining, "the listener closed before saying it drains");
+    let records = records(&engine.accounting_path());
+    assert_eq!(count_type(&records, "Delivery"), 1, "the delivery finished");
+    sink.shutdown().await;
+}
