@@ -14,7 +14,7 @@ use crate::engine::{now_ms, Engine, BACKOFF, HOLDS};
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
 use queue::{MessageId, MessageMeta, Selector};
-use rate_limiter::DestinationLimiter;
+use rate_limiter::{ConnectionSlot, DestinationLimiter};
 use resolver_cache::Destination;
 use smtp_proto::Reply;
 use std::future::Future;
@@ -32,7 +32,7 @@ const BACKLOG_PER_WORKER: usize = 4;
 /// An SMTP session with the connection slots it occupies (its site's and the global one).
 pub(crate) struct Session {
     client: SmtpClient,
-    _slot: OwnedSemaphorePermit,
+    _slot: ConnectionSlot,
     _global: OwnedSemaphorePermit,
 }
 
