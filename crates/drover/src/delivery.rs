@@ -133,6 +133,9 @@ impl Engine {
                     metrics::gauge!(HOLDS, "kind" => "domain").set(domains as f64);
                     metrics::gauge!(HOLDS, "kind" => "campaign").set((holds.len() - domains) as f64);
                     metrics::gauge!(BACKOFF).set(self.backing_off().len() as f64);
+                    let now = tokio::time::Instant::now();
+                    self.shaper.evict_idle(now, rate_limiter::IDLE_EVICTION);
+                    self.rates.evict_idle(now, rate_limiter::IDLE_EVICTION);
                 }
             }
         }
@@ -355,16 +358,13 @@ impl Engine {
             self.scheduler.finish(id);
             return true;
         };
-        let policy = self.policy();
         if let Some(tenant) = &meta.tenant {
-            policy
-                .rates
+            self.rates
                 .until_permitted(&format!("tenant:{tenant}"))
                 .await;
         }
         if let Some(campaign) = &meta.campaign {
-            policy
-                .rates
+            self.rates
                 .until_permitted(&format!("campaign:{campaign}"))
                 .await;
         }
