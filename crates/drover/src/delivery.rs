@@ -14,7 +14,7 @@ use crate::engine::{now_ms, Engine, BACKOFF, HOLDS};
 use accounting::{classify, Accounting, BounceCategory, Peer, Record, RecordType, Response};
 use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
 use queue::{MessageId, MessageMeta, Selector};
-use rate_limiter::DestinationLimiter;
+use rate_limiter::{ConnectionSlot, DestinationLimiter};
 use resolver_cache::Destination;
 use smtp_proto::Reply;
 use std::future::Future;
@@ -43,7 +43,7 @@ const SCAN_CHUNK: usize = 256;
 /// An SMTP session with the connection slots it occupies (its site's and the global one).
 pub(crate) struct Session {
     client: SmtpClient,
-    _slot: OwnedSemaphorePermit,
+    _slot: ConnectionSlot,
     _global: OwnedSemaphorePermit,
 }
 
@@ -225,6 +225,9 @@ impl Engine {
                     if last_compaction.elapsed() >= Duration::from_secs(60) {
                         last_compaction = tokio::time::Instant::now();
                         self.scheduler.compact();
+                        let now = tokio::time::Instant::now();
+                        self.shaper.evict_idle(now, rate_limiter::IDLE_EVICTION);
+                        self.rates.evict_idle(now, rate_limiter::IDLE_EVICTION);
                     }
                 }
             }
@@ -339,13 +342,12 @@ impl Engine {
         meta: &MessageMeta,
         current: &mut Option<(Session, String)>,
     ) -> bool {
-        let policy = self.policy();
         let keys = [
             meta.tenant.as_ref().map(|t| format!("tenant:{t}")),
             meta.campaign.as_ref().map(|c| format!("campaign:{c}")),
         ];
         for key in keys.iter().flatten() {
-            while let Err(wait) = policy.rates.check(key) {
+            while let Err(wait) = self.rates.check(key) {
                 if let Some((session, site)) = current.take() {
                     self.park(&site, session).await;
                 }

@@ -15,7 +15,7 @@ use accounting::{Accounting, BounceCategory, Record, RecordType, Response};
 use connection_pool::{Pool, Timeouts};
 use dashmap::DashMap;
 use queue::{MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
-use rate_limiter::{Limits, Shaper};
+use rate_limiter::{KeyedRates, Limits, Shaper};
 use resolver_cache::{MxResolver, ResolveError, ResolverSettings};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -213,6 +213,9 @@ pub struct Engine {
     /// Idle sessions by site, each holding its connection slot.
     pub(crate) pool: Pool<Session>,
     pub(crate) shaper: Shaper,
+    /// `[[rate_limit]]` rates per tenant and campaign: outside `policy`, so that a reload
+    /// updates them instead of starting them afresh.
+    pub(crate) rates: KeyedRates,
     pub(crate) egress: Egress,
     /// The parts of the configuration a reload (SIGHUP) replaces.
     policy: std::sync::RwLock<Arc<Policy>>,
@@ -291,6 +294,11 @@ impl Engine {
             .shaping_rules()
             .map_err(|e| EngineError::Config(e.to_string()))?;
         let shaper = Shaper::new(rules, Limits::default());
+        let rates = KeyedRates::new(
+            config
+                .keyed_rates()
+                .map_err(|e| EngineError::Config(e.to_string()))?,
+        );
         let ehlo_name = if config.delivery.ehlo_name.is_empty() {
             hostname()
         } else {
@@ -308,6 +316,7 @@ impl Engine {
             accounting,
             resolver,
             shaper,
+            rates,
             egress,
             policy,
             global_slots,
@@ -582,8 +591,12 @@ impl Engine {
         let rules = config
             .shaping_rules()
             .map_err(|e| EngineError::Config(e.to_string()))?;
+        let rates = config
+            .keyed_rates()
+            .map_err(|e| EngineError::Config(e.to_string()))?;
         let policy = Arc::new(Policy::from_config(config)?);
         self.shaper.reload(rules);
+        self.rates.reload(rates);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
         tracing::info!("reloaded shaping, automation, TLS and rate rules and DKIM keys");
         Ok(())
@@ -768,7 +781,6 @@ pub(crate) struct Policy {
     /// `[[dkim]]` keys: reloaded with the rest, so a key rotation needs no restart.
     pub(crate) signers: dkim::Signers,
     shaping: Vec<ShapingConfig>,
-    pub(crate) rates: rate_limiter::KeyedRates,
 }
 
 impl Policy {
@@ -779,11 +791,6 @@ impl Policy {
                 .dkim_signers()
                 .map_err(|e| EngineError::Config(e.to_string()))?,
             shaping: config.shaping.clone(),
-            rates: rate_limiter::KeyedRates::new(
-                config
-                    .keyed_rates()
-                    .map_err(|e| EngineError::Config(e.to_string()))?,
-            ),
         })
     }
 

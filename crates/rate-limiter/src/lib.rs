@@ -1,21 +1,34 @@
 //! Traffic shaping: per-destination connection caps and message/connection rates.
 //!
-//! Rules come from `[[shaping]]`: the most specific match for a destination wins (an exact
-//! domain, then the longest glob, then an `mx:` provider suffix, then `*`). Rates are enforced
-//! with governor's GCRA, so a throttled destination sleeps until its next permit instead of
-//! polling, and never holds up another destination.
+//! Rules come from `[[shaping]]`: the most specific match for a domain wins (an exact
+//! domain, then the longest glob, then an `mx:` provider suffix, then `*`). Limits are kept
+//! per site (the MX rollup several recipient domains share): a site gets the tightest of the
+//! limits of the domains seen going to it, so the order in which they arrive does not matter.
+//! Rates are enforced with governor's GCRA, so a throttled destination sleeps until its next
+//! permit instead of polling, and never holds up another destination.
+//!
+//! Limiters live as long as they are used: a reload changes them in place (sessions already
+//! open keep counting against the cap, unchanged rates keep their state), and
+//! [`Shaper::evict_idle`] drops the ones nothing has used for a while.
 
 use dashmap::DashMap;
 use governor::clock::{Clock, Reference};
 use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How long a limiter nobody uses is kept before [`Shaper::evict_idle`] or
+/// [`KeyedRates::evict_idle`] may drop it, when the caller has no reason to pick another.
+pub const IDLE_EVICTION: Duration = Duration::from_secs(600);
 
 /// governor's clock on tokio's time: waits are tokio sleeps, and tests with paused time
 /// drive the limits deterministically.
@@ -61,15 +74,33 @@ type Gcra = RateLimiter<
     governor::middleware::NoOpMiddleware<TokioInstant>,
 >;
 
-fn gcra(rate: &Rate) -> Gcra {
-    RateLimiter::direct_with_clock(rate.quota(), TokioClock)
+fn gcra(rate: &Rate) -> Arc<Gcra> {
+    Arc::new(RateLimiter::direct_with_clock(rate.quota(), TokioClock))
 }
 
-/// Sleeps until the limiter grants a permit.
-async fn wait(limiter: &Gcra) {
-    while let Err(not_until) = limiter.check() {
-        tokio::time::sleep(not_until.wait_time_from(TokioClock.now())).await;
+/// Takes a permit if one is free now, else says how long until the next one.
+fn check(limiter: &Gcra) -> Result<(), Duration> {
+    limiter
+        .check()
+        .map_err(|not_until| not_until.wait_time_from(TokioClock.now()))
+}
+
+/// The governor limiter of `new`: the one in use when the rate is unchanged, so its state
+/// (the permits already spent) survives, else a fresh one.
+fn keep_or_fresh(
+    old: Option<&Arc<Gcra>>,
+    old_rate: Option<Rate>,
+    new: Option<Rate>,
+) -> Option<Arc<Gcra>> {
+    match (old, new) {
+        (Some(live), Some(_)) if old_rate == new => Some(Arc::clone(live)),
+        (_, rate) => rate.as_ref().map(gcra),
     }
+}
+
+/// Milliseconds from `base` to `now` (0 when `now` is earlier).
+fn ms_since(base: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(base).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Errors of this crate.
@@ -112,11 +143,24 @@ impl FromStr for Rate {
 }
 
 impl Rate {
+    /// How long one permit takes to come back.
+    pub fn period(&self) -> Duration {
+        self.per / self.count.get()
+    }
+
+    /// Orders rates from the slowest (fewest messages over time) to the fastest; equal paces
+    /// (`60/m`, `1/s`) are ordered by count, so that picking the slowest of several never
+    /// depends on the order they come in.
+    fn pace_cmp(&self, other: &Rate) -> CmpOrdering {
+        let mine = u128::from(self.count.get()) * other.per.as_nanos();
+        let theirs = u128::from(other.count.get()) * self.per.as_nanos();
+        mine.cmp(&theirs).then(self.count.cmp(&other.count))
+    }
+
     fn quota(&self) -> Quota {
         // GCRA with a burst of one: permits are spread evenly (one every per/count), as
         // receivers that count per second or per minute expect, not bunched at the start.
-        let period = self.per / self.count.get();
-        Quota::with_period(period.max(Duration::from_nanos(1)))
+        Quota::with_period(self.period().max(Duration::from_nanos(1)))
             .unwrap_or_else(|| Quota::per_second(self.count))
     }
 }
@@ -151,6 +195,86 @@ impl Default for Limits {
             backoff_max_message_rate: None,
             backoff_max_connection_rate: None,
         }
+    }
+}
+
+/// The slower of two rates; `None` is no limit, so it loses to any rate.
+fn slowest(a: Option<Rate>, b: Option<Rate>) -> Option<Rate> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if a.pace_cmp(&b) == CmpOrdering::Greater {
+            b
+        } else {
+            a
+        }),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Limits {
+    /// The connection cap while backing off.
+    fn backoff_connections(&self) -> usize {
+        let normal = self.max_connections.max(1);
+        self.backoff_max_connections
+            .unwrap_or(normal / 4)
+            .clamp(1, normal)
+    }
+
+    /// The limits that satisfy both `self` and `other`, field by field: the lower caps,
+    /// the slower rates, the fewer deliveries per connection, and the tighter backoff limits
+    /// (compared as they take effect: an unset backoff cap is a quarter of the normal one, an
+    /// unset backoff rate is the normal rate). Commutative and associative, so the limits of
+    /// a site do not depend on the order its domains were seen in.
+    pub fn tightest(&self, other: &Limits) -> Limits {
+        let backoff_rate = |mine: Option<Rate>, my_normal, theirs: Option<Rate>, their_normal| {
+            if mine.is_none() && theirs.is_none() {
+                None
+            } else {
+                slowest(mine.or(my_normal), theirs.or(their_normal))
+            }
+        };
+        Limits {
+            max_connections: self.max_connections.min(other.max_connections),
+            max_message_rate: slowest(self.max_message_rate, other.max_message_rate),
+            max_connection_rate: slowest(self.max_connection_rate, other.max_connection_rate),
+            max_deliveries_per_connection: self
+                .max_deliveries_per_connection
+                .min(other.max_deliveries_per_connection),
+            backoff_max_connections: if self.backoff_max_connections.is_none()
+                && other.backoff_max_connections.is_none()
+            {
+                None
+            } else {
+                Some(self.backoff_connections().min(other.backoff_connections()))
+            },
+            backoff_max_message_rate: backoff_rate(
+                self.backoff_max_message_rate,
+                self.max_message_rate,
+                other.backoff_max_message_rate,
+                other.max_message_rate,
+            ),
+            backoff_max_connection_rate: backoff_rate(
+                self.backoff_max_connection_rate,
+                self.max_connection_rate,
+                other.backoff_max_connection_rate,
+                other.max_connection_rate,
+            ),
+        }
+    }
+
+    /// The longest time one permit of any of the rates takes to come back: a limiter idle
+    /// for longer has no rate state worth keeping.
+    fn longest_period(&self) -> Duration {
+        [
+            self.max_message_rate,
+            self.max_connection_rate,
+            self.backoff_max_message_rate,
+            self.backoff_max_connection_rate,
+        ]
+        .iter()
+        .flatten()
+        .map(Rate::period)
+        .max()
+        .unwrap_or(Duration::ZERO)
     }
 }
 
@@ -216,55 +340,153 @@ impl Matcher {
     }
 }
 
-/// Holds the live limiters of each destination.
-pub struct DestinationLimiter {
+/// The connection count of a destination, shared with the slots it handed out.
+#[derive(Debug)]
+struct Connections {
+    in_use: AtomicUsize,
+    /// Signalled when a slot is freed or the cap may have risen.
+    changed: Notify,
+    /// Origin of the millisecond readings below and of the backoff deadline.
+    base: Instant,
+    last_used_ms: AtomicU64,
+}
+
+impl Connections {
+    fn touch(&self) {
+        self.last_used_ms
+            .fetch_max(ms_since(self.base, Instant::now()), Ordering::Relaxed);
+    }
+}
+
+/// A connection slot of a destination, held for as long as its SMTP session lives; dropping
+/// it frees the slot.
+///
+/// Slots are counted, not pre-allocated, so a cap can be lowered below the slots already
+/// held (a reload, a backoff): the holders keep theirs, and no new one is handed out until
+/// enough of them have closed.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    connections: Arc<Connections>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.connections.in_use.fetch_sub(1, Ordering::SeqCst);
+        self.connections.touch();
+        self.connections.changed.notify_waiters();
+    }
+}
+
+/// The limits of a destination with the GCRA limiters enforcing its rates. A limiter is
+/// shared (`Arc`) so that a waiter can sleep on it without holding the lock, and so that a
+/// limits change keeps the ones whose rate stayed the same.
+struct Enforced {
     limits: Limits,
-    connections: Arc<Semaphore>,
-    messages: Option<Gcra>,
-    new_connections: Option<Gcra>,
-    backoff_messages: Option<Gcra>,
-    backoff_new_connections: Option<Gcra>,
-    base: tokio::time::Instant,
-    /// Backoff lasts until this many ms after `base` (0: not backing off).
+    messages: Option<Arc<Gcra>>,
+    new_connections: Option<Arc<Gcra>>,
+    backoff_messages: Option<Arc<Gcra>>,
+    backoff_new_connections: Option<Arc<Gcra>>,
+}
+
+impl Enforced {
+    fn new(limits: Limits, old: Option<&Enforced>) -> Enforced {
+        let keep = |gcra: fn(&Enforced) -> Option<&Arc<Gcra>>,
+                    rate: fn(&Limits) -> Option<Rate>| {
+            keep_or_fresh(
+                old.and_then(gcra),
+                old.and_then(|o| rate(&o.limits)),
+                rate(&limits),
+            )
+        };
+        Enforced {
+            messages: keep(|e| e.messages.as_ref(), |l| l.max_message_rate),
+            new_connections: keep(|e| e.new_connections.as_ref(), |l| l.max_connection_rate),
+            backoff_messages: keep(
+                |e| e.backoff_messages.as_ref(),
+                |l| l.backoff_max_message_rate,
+            ),
+            backoff_new_connections: keep(
+                |e| e.backoff_new_connections.as_ref(),
+                |l| l.backoff_max_connection_rate,
+            ),
+            limits,
+        }
+    }
+}
+
+/// The live limits of one destination: its connection cap, rates and backoff.
+pub struct DestinationLimiter {
+    enforced: RwLock<Enforced>,
+    connections: Arc<Connections>,
+    /// Backoff lasts until this many ms after `connections.base` (0: not backing off).
     backoff_until_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for DestinationLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DestinationLimiter")
-            .field("limits", &self.limits)
+            .field("limits", &self.limits())
+            .field("in_use", &self.connections_in_use())
             .field("backing_off", &self.is_backing_off())
             .finish_non_exhaustive()
     }
+}
+
+/// Which of a destination's rates a wait is for.
+#[derive(Clone, Copy)]
+enum Kind {
+    Messages,
+    NewConnections,
 }
 
 impl DestinationLimiter {
     /// A limiter enforcing `limits`.
     pub fn new(limits: Limits) -> DestinationLimiter {
         DestinationLimiter {
-            connections: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-            messages: limits.max_message_rate.as_ref().map(gcra),
-            new_connections: limits.max_connection_rate.as_ref().map(gcra),
-            backoff_messages: limits.backoff_max_message_rate.as_ref().map(gcra),
-            backoff_new_connections: limits.backoff_max_connection_rate.as_ref().map(gcra),
-            base: tokio::time::Instant::now(),
+            enforced: RwLock::new(Enforced::new(limits, None)),
+            connections: Arc::new(Connections {
+                in_use: AtomicUsize::new(0),
+                changed: Notify::new(),
+                base: Instant::now(),
+                last_used_ms: AtomicU64::new(0),
+            }),
             backoff_until_ms: AtomicU64::new(0),
-            limits,
         }
     }
 
+    fn enforced(&self) -> std::sync::RwLockReadGuard<'_, Enforced> {
+        self.enforced.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The limits in force (the normal ones; see [`DestinationLimiter::is_backing_off`]).
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    pub fn limits(&self) -> Limits {
+        self.enforced().limits.clone()
+    }
+
+    /// Puts new limits in force without disturbing what is under way: slots already held
+    /// stay held (a lower cap takes hold as they are freed), and a rate that did not change
+    /// keeps its limiter and so the permits already spent.
+    fn update(&self, limits: Limits) {
+        {
+            let mut enforced = self.enforced.write().unwrap_or_else(|p| p.into_inner());
+            if enforced.limits == limits {
+                return;
+            }
+            let next = Enforced::new(limits, Some(&enforced));
+            *enforced = next;
+        }
+        // The cap may have risen: waiters look again.
+        self.connections.changed.notify_waiters();
     }
 
     fn elapsed_ms(&self) -> u64 {
-        self.base.elapsed().as_millis() as u64
+        ms_since(self.connections.base, Instant::now())
     }
 
     /// Switches to the backoff limits for `duration` from now; a later call extends it.
     pub fn back_off(&self, duration: Duration) {
-        let until = self.elapsed_ms() + duration.as_millis() as u64;
+        let span = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        let until = self.elapsed_ms().saturating_add(span);
         self.backoff_until_ms
             .fetch_max(until.max(1), Ordering::SeqCst);
     }
@@ -272,78 +494,135 @@ impl DestinationLimiter {
     /// Ends a backoff now (operator action).
     pub fn end_backoff(&self) {
         self.backoff_until_ms.store(0, Ordering::SeqCst);
+        self.connections.changed.notify_waiters();
     }
 
     /// Whether the backoff limits are in force.
     pub fn is_backing_off(&self) -> bool {
-        self.elapsed_ms() < self.backoff_until_ms.load(Ordering::SeqCst)
+        self.backoff_left().is_some()
+    }
+
+    /// How long the backoff in force still lasts.
+    fn backoff_left(&self) -> Option<Duration> {
+        let until = self.backoff_until_ms.load(Ordering::SeqCst);
+        let now = self.elapsed_ms();
+        (now < until).then(|| Duration::from_millis(until - now))
     }
 
     /// The connection cap in force now.
     pub fn max_connections_now(&self) -> usize {
-        let normal = self.limits.max_connections.max(1);
+        let enforced = self.enforced();
         if self.is_backing_off() {
-            self.limits
-                .backoff_max_connections
-                .unwrap_or(normal / 4)
-                .clamp(1, normal)
+            enforced.limits.backoff_connections()
         } else {
-            normal
+            enforced.limits.max_connections.max(1)
         }
     }
 
-    /// Whether more sessions are open than the cap in force allows (after a backoff began):
-    /// a worker seeing this closes its session instead of reusing it.
+    /// Whether more sessions are open than the cap in force allows (after a backoff began or
+    /// a reload lowered the cap): a worker seeing this closes its session instead of reusing
+    /// it.
     pub fn over_connection_cap(&self) -> bool {
         self.connections_in_use() > self.max_connections_now()
     }
 
-    /// A connection slot, if the destination is below its cap. Dropping the permit frees it.
-    pub fn try_connection_slot(&self) -> Option<OwnedSemaphorePermit> {
-        let permit = Arc::clone(&self.connections).try_acquire_owned().ok()?;
-        (self.connections_in_use() <= self.max_connections_now()).then_some(permit)
+    /// A connection slot, if the destination is below its cap. Dropping the slot frees it.
+    pub fn try_connection_slot(&self) -> Option<ConnectionSlot> {
+        let cap = self.max_connections_now();
+        let in_use = &self.connections.in_use;
+        let mut current = in_use.load(Ordering::SeqCst);
+        loop {
+            if current >= cap {
+                return None;
+            }
+            match in_use.compare_exchange(current, current + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+        self.connections.touch();
+        Some(ConnectionSlot {
+            connections: Arc::clone(&self.connections),
+        })
     }
 
-    /// Waits for a connection slot under the cap in force. Dropping the permit frees it.
-    pub async fn connection_slot(&self) -> OwnedSemaphorePermit {
+    /// Waits for a connection slot under the cap in force. Dropping the slot frees it.
+    pub async fn connection_slot(&self) -> ConnectionSlot {
         loop {
-            // The semaphore is never closed, so acquiring cannot fail in practice.
-            if let Ok(permit) = Arc::clone(&self.connections).acquire_owned().await {
-                if self.connections_in_use() <= self.max_connections_now() {
-                    return permit;
+            // Registered before looking, so a slot freed in between is not missed.
+            let changed = self.connections.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(slot) = self.try_connection_slot() {
+                return slot;
+            }
+            match self.backoff_left() {
+                // The backoff cap rises by itself when the backoff ends.
+                Some(left) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep(left) => {}
+                    }
                 }
-                // Backing off below the semaphore's size: wait for sessions to close.
-                drop(permit);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                None => changed.await,
             }
         }
     }
 
     /// Sessions currently holding a slot.
     pub fn connections_in_use(&self) -> usize {
-        self.limits.max_connections.max(1) - self.connections.available_permits()
+        self.connections.in_use.load(Ordering::SeqCst)
+    }
+
+    /// The GCRA limiter in force for `kind` (the backoff one while backing off, if set).
+    fn rate_limiter(&self, kind: Kind) -> Option<Arc<Gcra>> {
+        let enforced = self.enforced();
+        let (normal, backoff) = match kind {
+            Kind::Messages => (&enforced.messages, &enforced.backoff_messages),
+            Kind::NewConnections => (&enforced.new_connections, &enforced.backoff_new_connections),
+        };
+        match backoff {
+            Some(b) if self.is_backing_off() => Some(Arc::clone(b)),
+            _ => normal.clone(),
+        }
+    }
+
+    async fn until_permitted(&self, kind: Kind) {
+        loop {
+            self.connections.touch();
+            // Looked up again after each sleep: a reload or backoff may have changed it.
+            let Some(limiter) = self.rate_limiter(kind) else {
+                return;
+            };
+            match check(&limiter) {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
     }
 
     /// Waits until a new connection may be opened.
     pub async fn until_connection_permitted(&self) {
-        let limiter = match (&self.backoff_new_connections, self.is_backing_off()) {
-            (Some(b), true) => Some(b),
-            _ => self.new_connections.as_ref(),
-        };
-        if let Some(l) = limiter {
-            wait(l).await;
-        }
+        self.until_permitted(Kind::NewConnections).await;
     }
 
     /// Waits until another message may be sent.
     pub async fn until_message_permitted(&self) {
-        let limiter = match (&self.backoff_messages, self.is_backing_off()) {
-            (Some(b), true) => Some(b),
-            _ => self.messages.as_ref(),
-        };
-        if let Some(l) = limiter {
-            wait(l).await;
-        }
+        self.until_permitted(Kind::Messages).await;
+    }
+
+    /// Whether nothing depends on this limiter's state any more at `now`: no slot held, no
+    /// backoff in force, and unused for `idle` (or longer, if a rate's permit takes longer
+    /// than that to come back).
+    fn is_idle(&self, now: Instant, idle: Duration) -> bool {
+        let c = &self.connections;
+        let since = ms_since(c.base, now);
+        let unused =
+            Duration::from_millis(since.saturating_sub(c.last_used_ms.load(Ordering::Relaxed)));
+        c.in_use.load(Ordering::SeqCst) == 0
+            && since >= self.backoff_until_ms.load(Ordering::SeqCst)
+            && unused >= idle.max(self.enforced().limits.longest_period())
     }
 }
 
@@ -356,19 +635,80 @@ pub struct Rule {
     pub limits: Limits,
 }
 
+/// The limits the most specific of `rules` gives `domain` (lowercase) with these MX hosts.
+fn limits_under(rules: &[Rule], default: &Limits, domain: &str, mx_hosts: &[String]) -> Limits {
+    rules
+        .iter()
+        .filter_map(|r| r.matcher.specificity(domain, mx_hosts).map(|s| (s, r)))
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, r)| r.limits.clone())
+        .unwrap_or_else(|| default.clone())
+}
+
+/// The tightest of the limits `rules` give each of `domains` on a site with these MX hosts;
+/// with no domain, the limits of the site alone (what `mx:` and `*` rules give it).
+fn site_limits_under<'a>(
+    rules: &[Rule],
+    default: &Limits,
+    mx_hosts: &[String],
+    domains: impl IntoIterator<Item = &'a str>,
+) -> Limits {
+    domains
+        .into_iter()
+        .map(|d| limits_under(rules, default, d, mx_hosts))
+        .reduce(|a, b| a.tightest(&b))
+        .unwrap_or_else(|| limits_under(rules, default, "", mx_hosts))
+}
+
+/// Whether two MX host lists name the same hosts, in whatever order.
+fn same_hosts(a: &[String], b: &[String]) -> bool {
+    a.iter().all(|h| b.contains(h)) && b.iter().all(|h| a.contains(h))
+}
+
+/// What a site's limits are derived from.
+#[derive(Debug)]
+struct Seen {
+    mx_hosts: Vec<String>,
+    /// Every recipient domain seen going to the site (lowercase).
+    domains: HashSet<String>,
+}
+
+impl Seen {
+    fn limits(&self, rules: &[Rule], default: &Limits) -> Limits {
+        site_limits_under(
+            rules,
+            default,
+            &self.mx_hosts,
+            self.domains.iter().map(String::as_str),
+        )
+    }
+}
+
+/// The limiter of one site (or site and source) and what its limits come from.
+#[derive(Debug)]
+struct Site {
+    limiter: Arc<DestinationLimiter>,
+    seen: Mutex<Seen>,
+}
+
+impl Site {
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The rule table and the limiter of every destination seen.
 pub struct Shaper {
-    rules: std::sync::RwLock<Arc<Vec<Rule>>>,
+    rules: RwLock<Arc<Vec<Rule>>>,
     default: Limits,
-    /// Live limiters with the domain and MX hosts they were made for (to re-derive them
-    /// when the rules are reloaded).
-    live: DashMap<String, (Arc<DestinationLimiter>, String, Vec<String>)>,
+    live: DashMap<String, Site>,
 }
 
 impl std::fmt::Debug for Shaper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shaper")
             .field("rules", &self.rules)
+            .field("live", &self.live.len())
             .finish_non_exhaustive()
     }
 }
@@ -377,52 +717,112 @@ impl Shaper {
     /// A shaper with these rules; destinations no rule matches get `default`.
     pub fn new(rules: Vec<Rule>, default: Limits) -> Shaper {
         Shaper {
-            rules: std::sync::RwLock::new(Arc::new(rules)),
+            rules: RwLock::new(Arc::new(rules)),
             default,
             live: DashMap::new(),
         }
     }
 
-    fn rules(&self) -> Arc<Vec<Rule>> {
-        Arc::clone(&self.rules.read().unwrap_or_else(|p| p.into_inner()))
+    fn rules(&self) -> std::sync::RwLockReadGuard<'_, Arc<Vec<Rule>>> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces the rules (config reload). Destinations whose limits change get a fresh
-    /// limiter for their next sessions; sessions already open keep their slots until they
-    /// close, so nothing is dropped, and a lowered cap takes hold as they finish.
+    /// Replaces the rules (config reload). Every live limiter takes its new limits in place:
+    /// sessions already open keep their slots and count against the new cap (a lowered cap
+    /// takes hold as they close), and rates that did not change keep their state.
     pub fn reload(&self, rules: Vec<Rule>) {
-        *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
-        self.live.retain(|_, (limiter, domain, mx_hosts)| {
-            *limiter.limits() == self.limits_for(domain, mx_hosts)
-        });
-    }
-
-    /// The limits the most specific rule gives a destination.
-    pub fn limits_for(&self, domain: &str, mx_hosts: &[String]) -> Limits {
-        let domain = domain.to_ascii_lowercase();
-        self.rules()
-            .iter()
-            .filter_map(|r| r.matcher.specificity(&domain, mx_hosts).map(|s| (s, r)))
-            .max_by_key(|(s, _)| *s)
-            .map(|(_, r)| r.limits.clone())
-            .unwrap_or_else(|| self.default.clone())
-    }
-
-    /// The live limiter of destination `key` (created from the limits of `domain`/`mx_hosts`
-    /// the first time).
-    pub fn limiter(&self, key: &str, domain: &str, mx_hosts: &[String]) -> Arc<DestinationLimiter> {
-        if let Some(l) = self.live.get(key) {
-            return Arc::clone(&l.0);
+        // Held while the limiters are updated, so a site first seen meanwhile cannot be
+        // derived from the old rules after its update was missed.
+        let mut current = self.rules.write().unwrap_or_else(|p| p.into_inner());
+        *current = Arc::new(rules);
+        for site in self.live.iter() {
+            let limits = site.seen().limits(&current, &self.default);
+            site.limiter.update(limits);
         }
-        let limits = self.limits_for(domain, mx_hosts);
-        let entry = self.live.entry(key.to_owned()).or_insert_with(|| {
-            (
-                Arc::new(DestinationLimiter::new(limits)),
-                domain.to_owned(),
-                mx_hosts.to_vec(),
-            )
+    }
+
+    /// The limits the most specific rule gives a domain on its own.
+    pub fn limits_for(&self, domain: &str, mx_hosts: &[String]) -> Limits {
+        limits_under(
+            &self.rules(),
+            &self.default,
+            &domain.to_ascii_lowercase(),
+            mx_hosts,
+        )
+    }
+
+    /// The limits of a site with these MX hosts serving `domains`: the tightest of what the
+    /// rules give each domain there (what [`Shaper::limiter`] enforces once it has seen them
+    /// all); with no domain, what the site's MX hosts alone get.
+    pub fn limits_for_site<'a>(
+        &self,
+        mx_hosts: &[String],
+        domains: impl IntoIterator<Item = &'a str>,
+    ) -> Limits {
+        let domains: Vec<String> = domains.into_iter().map(str::to_ascii_lowercase).collect();
+        site_limits_under(
+            &self.rules(),
+            &self.default,
+            mx_hosts,
+            domains.iter().map(String::as_str),
+        )
+    }
+
+    /// The live limiter of destination `key` (a site, or `site|source`), which mail for
+    /// `domain` is about to use. Its limits are the tightest of those of every domain seen
+    /// going to the site: a domain with tighter rules than those seen before tightens the
+    /// limiter in place.
+    pub fn limiter(&self, key: &str, domain: &str, mx_hosts: &[String]) -> Arc<DestinationLimiter> {
+        let domain = domain.to_ascii_lowercase();
+        if let Some(site) = self.live.get(key) {
+            let seen = site.seen();
+            if seen.domains.contains(&domain) && same_hosts(&seen.mx_hosts, mx_hosts) {
+                site.limiter.connections.touch();
+                return Arc::clone(&site.limiter);
+            }
+        }
+        let rules = self.rules();
+        let site = self.live.entry(key.to_owned()).or_insert_with(|| Site {
+            limiter: Arc::new(DestinationLimiter::new(limits_under(
+                &rules,
+                &self.default,
+                &domain,
+                mx_hosts,
+            ))),
+            seen: Mutex::new(Seen {
+                mx_hosts: mx_hosts.to_vec(),
+                domains: HashSet::from([domain.clone()]),
+            }),
         });
-        Arc::clone(&entry.0)
+        {
+            let mut seen = site.seen();
+            if !same_hosts(&seen.mx_hosts, mx_hosts) {
+                // The site's MX hosts changed: every domain's limits may have.
+                seen.mx_hosts = mx_hosts.to_vec();
+                seen.domains.insert(domain);
+                site.limiter.update(seen.limits(&rules, &self.default));
+            } else if seen.domains.insert(domain.clone()) {
+                let added = limits_under(&rules, &self.default, &domain, &seen.mx_hosts);
+                site.limiter.update(site.limiter.limits().tightest(&added));
+            }
+        }
+        site.limiter.connections.touch();
+        Arc::clone(&site.limiter)
+    }
+
+    /// Drops the limiters nothing depends on any more: not held outside the shaper, no
+    /// connection slot in use, no backoff in force, and unused for `idle` at `now` (or for
+    /// as long as their slowest rate needs to forget a permit). Returns how many.
+    pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
+        let mut evicted = 0;
+        // `retain` holds each shard's lock, so nobody can take a new handle on a limiter
+        // between the check and its removal.
+        self.live.retain(|_, site| {
+            let keep = Arc::strong_count(&site.limiter) > 1 || !site.limiter.is_idle(now, idle);
+            evicted += usize::from(!keep);
+            keep
+        });
+        evicted
     }
 
     /// Ends the backoff of destination `name` (a site, or every `site|source` of it); returns
@@ -435,8 +835,8 @@ impl Shaper {
                 || key
                     .strip_prefix(name)
                     .is_some_and(|rest| rest.starts_with('|'));
-            if matches && entry.value().0.is_backing_off() {
-                entry.value().0.end_backoff();
+            if matches && entry.value().limiter.is_backing_off() {
+                entry.value().limiter.end_backoff();
                 ended = true;
             }
         }
@@ -448,7 +848,7 @@ impl Shaper {
         let mut out: Vec<String> = self
             .live
             .iter()
-            .filter(|e| e.value().0.is_backing_off())
+            .filter(|e| e.value().limiter.is_backing_off())
             .map(|e| e.key().clone())
             .collect();
         out.sort();
@@ -456,54 +856,94 @@ impl Shaper {
     }
 }
 
+/// The live rate of one tenant or campaign.
+struct KeyedRate {
+    rate: Rate,
+    gcra: Arc<Gcra>,
+    base: Instant,
+    last_used_ms: AtomicU64,
+}
+
 /// Message rates per tenant or campaign (`[[rate_limit]]`), on top of the destinations'.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct KeyedRates {
-    rates: std::collections::HashMap<String, Rate>,
-    live: DashMap<String, Arc<DestinationLimiter>>,
+    rates: RwLock<HashMap<String, Rate>>,
+    live: DashMap<String, Arc<KeyedRate>>,
+}
+
+impl std::fmt::Debug for KeyedRates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedRates")
+            .field("rates", &self.rates)
+            .field("live", &self.live.len())
+            .finish()
+    }
 }
 
 impl KeyedRates {
     /// Rates by key (e.g. `tenant:acme`, `campaign:nov`).
-    pub fn new(rates: std::collections::HashMap<String, Rate>) -> KeyedRates {
+    pub fn new(rates: HashMap<String, Rate>) -> KeyedRates {
         KeyedRates {
-            rates,
+            rates: RwLock::new(rates),
             live: DashMap::new(),
         }
     }
 
-    /// Takes a permit for `key` if one is free now; otherwise says how long until the next
-    /// one (nothing is taken then). Keys without a rate are always permitted.
+    /// Replaces the rates (config reload). A key whose rate is unchanged keeps its state, so
+    /// a reload grants no fresh permits; the others start afresh at their new rate.
+    pub fn reload(&self, rates: HashMap<String, Rate>) {
+        let mut current = self.rates.write().unwrap_or_else(|p| p.into_inner());
+        self.live
+            .retain(|key, live| rates.get(key) == Some(&live.rate));
+        *current = rates;
+    }
+
+    /// Takes a permit for one message of `key` if one is free now; otherwise says how long
+    /// until the next one (and takes nothing). Keys without a rate always get one.
     pub fn check(&self, key: &str) -> Result<(), Duration> {
-        let Some(rate) = self.rates.get(key) else {
+        let rates = self.rates.read().unwrap_or_else(|p| p.into_inner());
+        let Some(rate) = rates.get(key) else {
             return Ok(());
         };
-        let limiter = Arc::clone(&self.live.entry(key.to_owned()).or_insert_with(|| {
-            Arc::new(DestinationLimiter::new(Limits {
-                max_message_rate: Some(*rate),
-                ..Limits::default()
-            }))
-        }));
-        match &limiter.messages {
-            Some(gcra) => gcra
-                .check()
-                .map_err(|not_until| not_until.wait_time_from(TokioClock.now())),
-            None => Ok(()),
+        let live = match self.live.get(key) {
+            Some(live) => Arc::clone(&live),
+            None => Arc::clone(&self.live.entry(key.to_owned()).or_insert_with(|| {
+                Arc::new(KeyedRate {
+                    rate: *rate,
+                    gcra: gcra(rate),
+                    base: Instant::now(),
+                    last_used_ms: AtomicU64::new(0),
+                })
+            })),
+        };
+        drop(rates);
+        live.last_used_ms
+            .fetch_max(ms_since(live.base, Instant::now()), Ordering::Relaxed);
+        check(&live.gcra)
+    }
+
+    /// Waits until `key` may send another message, and takes the permit; keys without a
+    /// rate never wait.
+    pub async fn until_permitted(&self, key: &str) {
+        while let Err(wait) = self.check(key) {
+            tokio::time::sleep(wait).await;
         }
     }
 
-    /// Waits until `key` may send another message; keys without a rate never wait.
-    pub async fn until_permitted(&self, key: &str) {
-        let Some(rate) = self.rates.get(key) else {
-            return;
-        };
-        let limiter = Arc::clone(&self.live.entry(key.to_owned()).or_insert_with(|| {
-            Arc::new(DestinationLimiter::new(Limits {
-                max_message_rate: Some(*rate),
-                ..Limits::default()
-            }))
-        }));
-        limiter.until_message_permitted().await;
+    /// Drops the state of keys unused for `idle` at `now` (or for as long as their rate needs
+    /// to forget a permit, so no permit is granted early). Returns how many.
+    pub fn evict_idle(&self, now: Instant, idle: Duration) -> usize {
+        let mut evicted = 0;
+        self.live.retain(|_, live| {
+            let since = ms_since(live.base, now);
+            let unused = Duration::from_millis(
+                since.saturating_sub(live.last_used_ms.load(Ordering::Relaxed)),
+            );
+            let keep = Arc::strong_count(live) > 1 || unused < idle.max(live.rate.period());
+            evicted += usize::from(!keep);
+            keep
+        });
+        evicted
     }
 }
 
@@ -591,29 +1031,267 @@ mod tests {
         assert!(l.try_connection_slot().is_some());
     }
 
-    #[test]
-    fn reload_replaces_only_changed_limiters() {
-        let rule = |m: &str, n| Rule {
+    fn rule(m: &str, limits: Limits) -> Rule {
+        Rule {
             matcher: m.parse().unwrap(),
-            limits: Limits {
-                max_connections: n,
-                ..Limits::default()
-            },
+            limits,
+        }
+    }
+
+    fn cap(n: usize) -> Limits {
+        Limits {
+            max_connections: n,
+            ..Limits::default()
+        }
+    }
+
+    fn rate(s: &str) -> Option<Rate> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn a_site_gets_the_tightest_limits_of_its_domains_whatever_their_order() {
+        let rules = || {
+            vec![
+                rule("mx:*.mx.test", cap(6)),
+                rule(
+                    "a.test",
+                    Limits {
+                        max_connections: 4,
+                        max_message_rate: rate("10/s"),
+                        max_deliveries_per_connection: 50,
+                        ..Limits::default()
+                    },
+                ),
+                rule(
+                    "b.test",
+                    Limits {
+                        max_connections: 8,
+                        max_message_rate: rate("5/s"),
+                        max_connection_rate: rate("1/s"),
+                        max_deliveries_per_connection: 20,
+                        backoff_max_connections: Some(3),
+                        backoff_max_message_rate: rate("2/s"),
+                        ..Limits::default()
+                    },
+                ),
+            ]
         };
-        let shaper = Shaper::new(
-            vec![rule("a.test", 2), rule("b.test", 3)],
-            Limits::default(),
+        let mx = vec!["in1.mx.test".to_owned(), "in2.mx.test".to_owned()];
+        let mx_reordered = vec!["in2.mx.test".to_owned(), "in1.mx.test".to_owned()];
+        let a_then_b = Shaper::new(rules(), Limits::default());
+        let first = a_then_b.limiter("mx.test", "a.test", &mx);
+        let _slots: Vec<_> = (0..3)
+            .map(|_| first.try_connection_slot().unwrap())
+            .collect();
+        let second = a_then_b.limiter("mx.test", "B.test", &mx_reordered);
+        assert!(Arc::ptr_eq(&first, &second), "tightened in place");
+        assert_eq!(first.connections_in_use(), 3, "slots held survive");
+        let b_then_a = Shaper::new(rules(), Limits::default());
+        b_then_a.limiter("mx.test", "b.test", &mx);
+        let other = b_then_a.limiter("mx.test", "a.test", &mx);
+        let expected = Limits {
+            max_connections: 4,
+            max_message_rate: rate("5/s"),
+            max_connection_rate: rate("1/s"),
+            max_deliveries_per_connection: 20,
+            // a.test backs off to a quarter of its 4 connections, below b.test's 3.
+            backoff_max_connections: Some(1),
+            // a.test backs off at its normal 10/s, b.test at 2/s.
+            backoff_max_message_rate: rate("2/s"),
+            backoff_max_connection_rate: None,
+        };
+        assert_eq!(first.limits(), expected);
+        assert_eq!(other.limits(), expected);
+        // A third domain with only the site's rule loosens nothing.
+        a_then_b.limiter("mx.test", "c.test", &mx);
+        assert_eq!(first.limits(), expected);
+        assert_eq!(
+            a_then_b.limits_for_site(&mx, ["c.test", "A.test", "b.test"]),
+            expected
         );
-        let a = shaper.limiter("a.test", "a.test", &[]);
-        let b = shaper.limiter("b.test", "b.test", &[]);
-        shaper.reload(vec![rule("a.test", 5), rule("b.test", 3)]);
-        let a2 = shaper.limiter("a.test", "a.test", &[]);
-        let b2 = shaper.limiter("b.test", "b.test", &[]);
-        assert_eq!(a2.limits().max_connections, 5);
-        assert!(!Arc::ptr_eq(&a, &a2));
+        assert_eq!(a_then_b.limits_for_site(&mx, ["c.test"]), cap(6));
+        assert_eq!(a_then_b.limits_for_site(&mx, []), cap(6));
+    }
+
+    #[test]
+    fn tightest_is_commutative_and_takes_effective_backoff_values() {
+        let slow_backoff = Limits {
+            max_connections: 40,
+            backoff_max_connections: Some(5),
+            max_message_rate: rate("60/m"),
+            ..Limits::default()
+        };
+        let fast = Limits {
+            max_connections: 8,
+            max_message_rate: rate("1/s"),
+            backoff_max_message_rate: rate("10/s"),
+            ..Limits::default()
+        };
+        let both = slow_backoff.tightest(&fast);
+        assert_eq!(both, fast.tightest(&slow_backoff));
+        assert_eq!(both.max_connections, 8);
+        assert_eq!(both.backoff_max_connections, Some(2), "a quarter of 8 < 5");
+        // Equal paces: the smaller count, whichever comes first.
+        assert_eq!(both.max_message_rate, rate("1/s"));
+        // slow_backoff backs off at its normal 60/m, slower than fast's 10/s.
+        assert_eq!(both.backoff_max_message_rate, rate("60/m"));
+        assert_eq!(fast.tightest(&fast), fast);
+    }
+
+    async fn within_a_second(waiter: tokio::task::JoinHandle<ConnectionSlot>) -> ConnectionSlot {
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the waiter was not woken")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_lowering_the_cap_counts_the_sessions_already_open() {
+        let shaper = Shaper::new(vec![rule("x.test", cap(3))], Limits::default());
+        let limiter = shaper.limiter("x.test", "x.test", &[]);
+        let mut held: Vec<_> = (0..3)
+            .map(|_| limiter.try_connection_slot().unwrap())
+            .collect();
+        shaper.reload(vec![rule("x.test", cap(2))]);
+        let after = shaper.limiter("x.test", "x.test", &[]);
+        assert!(Arc::ptr_eq(&limiter, &after), "updated in place");
+        assert_eq!(after.limits().max_connections, 2);
+        assert!(after.over_connection_cap());
+        assert!(after.try_connection_slot().is_none(), "3 open, cap 2");
+        let waiting = Arc::clone(&after);
+        let waiter = tokio::spawn(async move { waiting.connection_slot().await });
+        held.pop();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "2 still open: the cap is reached");
+        assert_eq!(after.connections_in_use(), 2);
+        held.pop();
+        let slot = within_a_second(waiter).await;
+        assert_eq!(after.connections_in_use(), 2);
+        assert!(after.try_connection_slot().is_none());
+        // A raised cap lets a waiter through at once.
+        let waiting = Arc::clone(&after);
+        let waiter = tokio::spawn(async move { waiting.connection_slot().await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        shaper.reload(vec![rule("x.test", cap(3))]);
+        let _third = within_a_second(waiter).await;
+        assert_eq!(after.connections_in_use(), 3);
+        drop((slot, held));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_unchanged_by_a_reload_keeps_its_state() {
+        let limits = |n, r| Limits {
+            max_connections: n,
+            max_message_rate: rate(r),
+            ..Limits::default()
+        };
+        let shaper = Shaper::new(vec![rule("x.test", limits(3, "1/s"))], Limits::default());
+        let limiter = shaper.limiter("x.test", "x.test", &[]);
+        limiter.until_message_permitted().await;
+        shaper.reload(vec![rule("x.test", limits(5, "1/s"))]);
+        let start = tokio::time::Instant::now();
+        shaper
+            .limiter("x.test", "x.test", &[])
+            .until_message_permitted()
+            .await;
         assert!(
-            Arc::ptr_eq(&b, &b2),
-            "unchanged limits keep their live state"
+            start.elapsed() >= Duration::from_millis(990),
+            "no fresh permit after the reload: {:?}",
+            start.elapsed()
+        );
+        // A changed rate applies at once.
+        shaper.reload(vec![rule("x.test", limits(5, "10/s"))]);
+        let start = tokio::time::Instant::now();
+        for _ in 0..3 {
+            limiter.until_message_permitted().await;
+        }
+        assert!(start.elapsed() <= Duration::from_millis(250), "10/s now");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keyed_rates_keep_their_state_across_a_reload() {
+        let rates = |b: &str| -> HashMap<String, Rate> {
+            [
+                ("tenant:a".to_owned(), "1/s".parse().unwrap()),
+                ("tenant:b".to_owned(), b.parse().unwrap()),
+            ]
+            .into()
+        };
+        let keyed = KeyedRates::new(rates("1/s"));
+        assert_eq!(keyed.check("tenant:a"), Ok(()));
+        assert_eq!(keyed.check("tenant:b"), Ok(()));
+        let wait = keyed.check("tenant:a").unwrap_err();
+        assert!(
+            wait > Duration::from_millis(990) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        keyed.reload(rates("2/s"));
+        assert!(
+            keyed.check("tenant:a").is_err(),
+            "unchanged: no fresh burst"
+        );
+        assert_eq!(keyed.check("tenant:b"), Ok(()), "changed: starts afresh");
+        let start = tokio::time::Instant::now();
+        keyed.until_permitted("tenant:a").await;
+        assert!(start.elapsed() >= Duration::from_millis(990));
+        keyed.reload(HashMap::new());
+        for _ in 0..3 {
+            assert_eq!(keyed.check("tenant:a"), Ok(()), "no rate any more");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_limiters_are_evicted_but_not_those_in_use() {
+        let idle = Duration::from_secs(60);
+        let hourly = Limits {
+            max_message_rate: rate("1/h"),
+            ..Limits::default()
+        };
+        let shaper = Shaper::new(vec![rule("hourly.test", hourly)], Limits::default());
+        let make = |key: &str| shaper.limiter(key, key, &[]);
+        let held = make("held.test");
+        let slot = make("slot.test").try_connection_slot().unwrap();
+        make("back.test").back_off(Duration::from_secs(3600));
+        let unused = Arc::downgrade(&make("unused.test"));
+        let hourly = Arc::downgrade(&make("hourly.test"));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let recent = Arc::downgrade(&make("recent.test"));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(shaper.evict_idle(tokio::time::Instant::now(), idle), 1);
+        assert!(unused.upgrade().is_none());
+        assert!(recent.upgrade().is_some(), "used 31 s ago");
+        assert!(hourly.upgrade().is_some(), "its rate remembers an hour");
+        assert_eq!(shaper.backing_off(), vec!["back.test".to_owned()]);
+        assert_eq!(
+            make("slot.test").connections_in_use(),
+            1,
+            "the slot still counts"
+        );
+        drop(slot);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        // Only the limiter held outside the shaper is left.
+        assert_eq!(shaper.evict_idle(tokio::time::Instant::now(), idle), 4);
+        assert!(hourly.upgrade().is_none());
+        assert!(Arc::ptr_eq(&held, &make("held.test")));
+
+        let keyed = KeyedRates::new(
+            [
+                ("tenant:fast".to_owned(), "10/s".parse().unwrap()),
+                ("tenant:slow".to_owned(), "1/h".parse().unwrap()),
+            ]
+            .into(),
+        );
+        keyed.check("tenant:fast").unwrap();
+        keyed.check("tenant:slow").unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(keyed.evict_idle(tokio::time::Instant::now(), idle), 1);
+        assert!(
+            keyed.check("tenant:slow").is_err(),
+            "its permit is remembered"
         );
     }
 
@@ -673,9 +1351,15 @@ mod tests {
             start.elapsed() >= Duration::from_millis(900),
             "10/s while backing off"
         );
-        tokio::time::advance(Duration::from_secs(61)).await;
+        let l = Arc::new(l);
+        let waiting = Arc::clone(&l);
+        let waiter = tokio::spawn(async move { waiting.connection_slot().await });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!waiter.is_finished(), "still backing off");
+        tokio::time::advance(Duration::from_secs(31)).await;
         assert!(!l.is_backing_off());
         assert_eq!(l.max_connections_now(), 8);
+        drop(waiter.await.unwrap());
         let start = tokio::time::Instant::now();
         for _ in 0..11 {
             l.until_message_permitted().await;
