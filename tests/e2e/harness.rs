@@ -196,3 +196,37 @@ pub fn assert_success(out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Writes `count` messages straight into a spool (closed afterwards), spread over 1 000
+/// domains `d<N>.example.test`, due `due_in_ms` from now, in `campaign`.
+pub async fn fill_spool(path: &Path, count: usize, due_in_ms: u64, campaign: Option<&str>) {
+    use queue::{MessageId, MessageMeta, Spool, SpoolOptions};
+    let spool = Spool::open(path, SpoolOptions::default()).unwrap();
+    let now = drover::engine::now_ms();
+    let mut written = 0;
+    while written < count {
+        let batch = (written..count.min(written + 10_000))
+            .map(|i| {
+                let domain = format!("d{}.example.test", i % 1000);
+                let meta = MessageMeta {
+                    id: MessageId::generate(),
+                    sender: "bounces@example.com".into(),
+                    recipient: format!("u{i}@{domain}"),
+                    domain,
+                    campaign: campaign.map(str::to_owned),
+                    tenant: None,
+                    received_ms: now,
+                    due_ms: now + due_in_ms,
+                    attempts: 0,
+                    headers: Default::default(),
+                    last_source: None,
+                    size: 20,
+                };
+                (meta, b"Subject: x\r\n\r\nhi\r\n".to_vec())
+            })
+            .collect::<Vec<_>>();
+        written += batch.len();
+        spool.insert(batch).await.unwrap();
+    }
+    spool.close().unwrap();
+}

@@ -7,6 +7,7 @@
 )]
 
 mod admin;
+mod bounds;
 mod crash;
 mod delivery;
 mod dkim;

@@ -2,8 +2,6 @@
 //! 503 (not a refused connection) while the engine drains.
 
 use crate::harness::*;
-use queue::{MessageId, MessageMeta, Spool, SpoolOptions};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 async fn readyz(engine: &TestEngine) -> Result<(u16, String), reqwest::Error> {
@@ -12,41 +10,11 @@ async fn readyz(engine: &TestEngine) -> Result<(u16, String), reqwest::Error> {
     Ok((status, resp.text().await.unwrap_or_default()))
 }
 
-/// Writes `count` messages due in an hour straight into a spool.
-async fn fill_spool(path: &std::path::Path, count: usize) {
-    let spool = Spool::open(path, SpoolOptions::default()).unwrap();
-    let now = drover::engine::now_ms();
-    for chunk in 0..count.div_ceil(10_000) {
-        let batch = (0..10_000.min(count - chunk * 10_000))
-            .map(|i| {
-                let domain = format!("d{}.example.test", i % 1000);
-                let meta = MessageMeta {
-                    id: MessageId::generate(),
-                    sender: "bounces@example.com".into(),
-                    recipient: format!("u{i}@{domain}"),
-                    domain,
-                    campaign: None,
-                    tenant: None,
-                    received_ms: now,
-                    due_ms: now + 3_600_000,
-                    attempts: 0,
-                    headers: BTreeMap::new(),
-                    last_source: None,
-                    size: 20,
-                };
-                (meta, b"Subject: x\r\n\r\nhi\r\n".to_vec())
-            })
-            .collect();
-        spool.insert(batch).await.unwrap();
-    }
-    spool.close().unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_until_the_spool_reload_has_seen_every_message() {
     const QUEUED: usize = 200_000;
     let dir = tempfile::tempdir().unwrap();
-    fill_spool(&dir.path().join("spool"), QUEUED).await;
+    fill_spool(&dir.path().join("spool"), QUEUED, 3_600_000, None).await;
     let engine = TestEngine::start_in(dir, "").await;
     let running = engine.running.as_ref().unwrap();
     let mut not_ready = 0;

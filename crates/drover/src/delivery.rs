@@ -367,6 +367,8 @@ impl Engine {
             session.close().await;
         } else {
             self.pool.checkin(key, session);
+            // A queue of the same site may have been waiting for this session.
+            self.scheduler.wake();
         }
     }
 

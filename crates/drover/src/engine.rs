@@ -612,6 +612,16 @@ impl Engine {
         &self.ehlo_name
     }
 
+    /// Delivery workers running now (at most `delivery.max_workers`).
+    pub fn workers_running(&self) -> usize {
+        self.workers_running.load(Ordering::SeqCst)
+    }
+
+    /// The spool (for tools and tests that look below the API).
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
     /// The schedule (for the admin API).
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
