@@ -26,6 +26,7 @@ use smtp_server::{serve_connection, ConnectionOptions, Policy};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use subtle::{Choice, ConstantTimeEq};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -209,11 +210,16 @@ impl InjectPolicy {
             return false;
         }
         // Every entry is compared, so timing does not tell which user names exist.
-        self.settings.auth_users.iter().fold(false, |found, u| {
-            let user = constant_time_eq(u.user.as_bytes(), username.as_bytes());
-            let pass = constant_time_eq(u.password.as_bytes(), password.as_bytes());
-            found | (user & pass)
-        })
+        let found = self
+            .settings
+            .auth_users
+            .iter()
+            .fold(Choice::from(0), |found, u| {
+                let user = u.user.as_bytes().ct_eq(username.as_bytes());
+                let pass = u.password.as_bytes().ct_eq(password.as_bytes());
+                found | (user & pass)
+            });
+        found.into()
     }
 
     async fn queue(
@@ -430,10 +436,6 @@ fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
         }
         _ => false,
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
