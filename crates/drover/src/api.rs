@@ -13,6 +13,7 @@ use queue::Selector;
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -59,11 +60,7 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     };
     tokens
         .iter()
-        .any(|t| constant_time_eq(t.as_bytes(), presented.trim().as_bytes()))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        .any(|t| t.as_bytes().ct_eq(presented.trim().as_bytes()).into())
 }
 
 fn unavailable(message: impl Into<String>) -> Response {

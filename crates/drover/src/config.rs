@@ -718,11 +718,11 @@ impl Config {
 
     /// The SMTP listener's STARTTLS certificate, loaded from `tls_cert_file` and
     /// `tls_key_file`; `None` when neither is set.
-    pub fn smtp_listener_tls(&self) -> Result<Option<sink::SinkTls>, ConfigError> {
+    pub fn smtp_listener_tls(&self) -> Result<Option<smtp_server::TlsAcceptor>, ConfigError> {
         let l = &self.smtp_listener;
         match (&l.tls_cert_file, &l.tls_key_file) {
             (None, None) => Ok(None),
-            (Some(cert), Some(key)) => sink::SinkTls::from_pem_files(cert, key)
+            (Some(cert), Some(key)) => smtp_server::tls_acceptor_from_pem_files(cert, key)
                 .map(Some)
                 .map_err(|e| invalid("smtp_listener.tls_cert_file", e)),
             (Some(_), None) => Err(invalid(

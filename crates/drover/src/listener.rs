@@ -2,7 +2,7 @@
 //! mail from the inject API.
 //!
 //! The socket loop is the workspace's shared server driver
-//! ([`sink::server::serve_connection`]); this module is its [`Policy`]: who may relay, which
+//! ([`smtp_server::serve_connection`]); this module is its [`Policy`]: who may relay, which
 //! addresses are acceptable, and what happens at the final dot: one queued message per
 //! recipient, each with a `Received:` header naming its own id, all stored (synced) by
 //! [`Engine::accept`] before the `250` goes out. A refused or failed acceptance queues nothing.
@@ -20,12 +20,13 @@ use crate::engine::{now_ms, Engine, EngineError, NewMessage, Origin};
 use crate::message::header_value;
 use crate::serve::ServeError;
 use queue::MessageId;
-use sink::server::{serve_connection, ConnectionOptions, Policy};
 use smtp_proto::server::{Event, ServerConfig, ServerSession};
-use smtp_proto::{Capabilities, EnhancedCode, Reply};
+use smtp_proto::{enhanced, Capabilities, Reply};
+use smtp_server::{serve_connection, ConnectionOptions, Policy};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use subtle::{Choice, ConstantTimeEq};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -39,10 +40,6 @@ const MAX_RECIPIENTS: usize = 1000;
 /// Every recipient gets its own copy of the message, all held in memory until the spool
 /// has them; beyond this many bytes per transaction the client must split it.
 const MAX_TRANSACTION_BYTES: u64 = 1024 * 1024 * 1024;
-
-fn ec(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
-    Some(EnhancedCode::new(class, subject, detail))
-}
 
 /// What every connection of the listener shares.
 struct Settings {
@@ -91,14 +88,14 @@ impl SmtpListener {
             engine: Arc::clone(&engine),
         });
         let options = ConnectionOptions {
-            tls: tls.map(|t| t.acceptor()),
+            tls,
             idle_timeout: Some(IDLE_TIMEOUT),
         };
         let bind_error = |source| ServeError::Bind {
             addr: listen,
             source,
         };
-        let listener = sink::server::bind(listen).map_err(bind_error)?;
+        let listener = smtp_server::bind(listen).map_err(bind_error)?;
         let local_addr = listener.local_addr().map_err(bind_error)?;
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
@@ -205,7 +202,7 @@ impl InjectPolicy {
         self.settings
             .engine
             .is_draining()
-            .then(|| Reply::new(421, ec(4, 3, 2), "shutting down"))
+            .then(|| Reply::new(421, enhanced(4, 3, 2), "shutting down"))
     }
 
     fn check_credentials(&self, authorization_id: &str, username: &str, password: &str) -> bool {
@@ -213,11 +210,16 @@ impl InjectPolicy {
             return false;
         }
         // Every entry is compared, so timing does not tell which user names exist.
-        self.settings.auth_users.iter().fold(false, |found, u| {
-            let user = constant_time_eq(u.user.as_bytes(), username.as_bytes());
-            let pass = constant_time_eq(u.password.as_bytes(), password.as_bytes());
-            found | (user & pass)
-        })
+        let found = self
+            .settings
+            .auth_users
+            .iter()
+            .fold(Choice::from(0), |found, u| {
+                let user = u.user.as_bytes().ct_eq(username.as_bytes());
+                let pass = u.password.as_bytes().ct_eq(password.as_bytes());
+                found | (user & pass)
+            });
+        found.into()
     }
 
     async fn queue(
@@ -241,7 +243,7 @@ impl InjectPolicy {
         if total > MAX_TRANSACTION_BYTES {
             return Reply::new(
                 552,
-                ec(5, 3, 4),
+                enhanced(5, 3, 4),
                 format!(
                     "{} copies of a {}-byte message are too much for one transaction; send fewer recipients per message",
                     unique.len(),
@@ -284,23 +286,31 @@ impl InjectPolicy {
         match self.settings.engine.accept(messages, "smtp").await {
             Ok(()) => {
                 tracing::debug!(peer = %self.peer, ids = ?ids, "queued over SMTP");
-                Reply::new(250, ec(2, 0, 0), format!("Ok: queued as {}", ids.join(" ")))
+                Reply::new(
+                    250,
+                    enhanced(2, 0, 0),
+                    format!("Ok: queued as {}", ids.join(" ")),
+                )
             }
-            Err(EngineError::Draining) => Reply::new(421, ec(4, 3, 2), "shutting down"),
+            Err(EngineError::Draining) => Reply::new(421, enhanced(4, 3, 2), "shutting down"),
             // Every copy carries the same headers, so one failure stands for all; the same
             // bytes would fail again, hence permanent.
             Err(EngineError::Unsignable(u)) => {
                 tracing::info!(peer = %self.peer, error = %u, "refused an unsignable message");
-                Reply::new(554, ec(5, 6, 0), u.to_string())
+                Reply::new(554, enhanced(5, 6, 0), u.to_string())
             }
             Err(EngineError::Full(n)) => Reply::new(
                 451,
-                ec(4, 3, 0),
+                enhanced(4, 3, 0),
                 format!("the queue is full ({n} messages); try again later"),
             ),
             Err(e) => {
                 tracing::error!(error = %e, "SMTP injection failed");
-                Reply::new(451, ec(4, 3, 0), "the spool cannot accept messages now")
+                Reply::new(
+                    451,
+                    enhanced(4, 3, 0),
+                    "the spool cannot accept messages now",
+                )
             }
         }
     }
@@ -349,18 +359,22 @@ impl Policy for InjectPolicy {
                     return Some(reply);
                 }
                 if !address.is_empty() && smtp_proto::validate_mailbox(address).is_err() {
-                    Reply::new(553, ec(5, 1, 7), "Bad sender address syntax")
+                    Reply::new(553, enhanced(5, 1, 7), "Bad sender address syntax")
                 } else {
-                    Reply::new(250, ec(2, 1, 0), "Sender OK")
+                    Reply::new(250, enhanced(2, 1, 0), "Sender OK")
                 }
             }
             Event::RcptTo { address, .. } => {
                 if smtp_proto::validate_mailbox(address).is_err() {
-                    Reply::new(553, ec(5, 1, 3), "Bad destination mailbox address syntax")
+                    Reply::new(
+                        553,
+                        enhanced(5, 1, 3),
+                        "Bad destination mailbox address syntax",
+                    )
                 } else if !self.may_relay && session.authenticated().is_none() {
-                    Reply::new(550, ec(5, 7, 1), "Relaying denied")
+                    Reply::new(550, enhanced(5, 7, 1), "Relaying denied")
                 } else {
-                    Reply::new(250, ec(2, 1, 5), "Recipient OK")
+                    Reply::new(250, enhanced(2, 1, 5), "Recipient OK")
                 }
             }
             Event::DataEnd {
@@ -374,13 +388,13 @@ impl Policy for InjectPolicy {
             } => {
                 if self.check_credentials(authorization_id, username, password) {
                     tracing::info!(peer = %self.peer, user = %username, "SMTP client authenticated");
-                    Reply::new(235, ec(2, 7, 0), "Authentication successful")
+                    Reply::new(235, enhanced(2, 7, 0), "Authentication successful")
                 } else {
                     tracing::info!(peer = %self.peer, user = %username, "SMTP authentication failed");
-                    Reply::new(535, ec(5, 7, 8), "Authentication credentials invalid")
+                    Reply::new(535, enhanced(5, 7, 8), "Authentication credentials invalid")
                 }
             }
-            _ => Reply::new(451, ec(4, 3, 0), "Unexpected event"),
+            _ => Reply::new(451, enhanced(4, 3, 0), "Unexpected event"),
         };
         Some(reply)
     }
@@ -410,10 +424,6 @@ fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
         }
         _ => false,
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

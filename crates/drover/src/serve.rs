@@ -75,7 +75,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     // Bound before the HTTP server runs, so /readyz says ready only once SMTP is accepted too.
     let smtp = SmtpListener::start(Arc::clone(&engine)).await?;
     let smtp_addr = smtp.local_addr();
-    let listener = sink::server::bind(listen).map_err(|source| ServeError::Bind {
+    let listener = smtp_server::bind(listen).map_err(|source| ServeError::Bind {
         addr: listen,
         source,
     })?;

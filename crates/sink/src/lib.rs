@@ -8,8 +8,8 @@
 //!
 //! The dialogue itself (sequencing, EHLO, error replies) comes from
 //! [`smtp_proto::server::ServerSession`]; the socket loop around it is
-//! [`server::serve_connection`], which Drover's SMTP injection listener uses
-//! too, and the sink only adds the scripted [`server::Policy`]. Each
+//! [`smtp_server::serve_connection`], which Drover's SMTP injection listener
+//! uses too, and the sink only adds the scripted [`smtp_server::Policy`]. Each
 //! connection keeps one read buffer for its whole life and answers every
 //! pipelined command already in that buffer before flushing, so replies come
 //! back in order and in as few writes as the client's pipelining allows.
@@ -19,26 +19,21 @@
 //! after STARTTLS is discarded, never executed: those bytes arrived in
 //! plaintext and must not pass for commands sent over TLS.
 
-pub mod server;
-
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
-use server::{serve_connection, ConnectionOptions, Policy};
 use smtp_proto::server::{Event, ServerConfig, ServerSession};
-use smtp_proto::{Capabilities, EnhancedCode, Reply};
+use smtp_proto::{enhanced, Capabilities, Reply};
+use smtp_server::{serve_connection, ConnectionOptions, Policy, TlsAcceptor};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
-use tokio_rustls::TlsAcceptor;
 
 /// Greylist entries kept before old ones are pruned, so a long benchmark with
 /// many distinct pairs cannot grow the table without bound.
@@ -88,7 +83,7 @@ pub struct SinkConfig {
 }
 
 /// A TLS server side: a certificate and key, ready for handshakes (the sink's
-/// and, through [`SinkTls::acceptor`], any [`server::serve_connection`]'s).
+/// and, through [`SinkTls::acceptor`], any [`smtp_server::serve_connection`]'s).
 #[derive(Clone)]
 pub struct SinkTls {
     acceptor: TlsAcceptor,
@@ -108,23 +103,17 @@ impl SinkTls {
     /// which clients that verify certificates must reject unless they trust
     /// [`SinkTls::certificate`].
     pub fn self_signed(names: &[&str]) -> Result<SinkTls, SinkError> {
-        let tls_err = |e: &dyn std::fmt::Display| SinkError::Tls(e.to_string());
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let generated = rcgen::generate_simple_self_signed(names).map_err(|e| tls_err(&e))?;
+        let generated =
+            rcgen::generate_simple_self_signed(names).map_err(|e| SinkError::Tls(e.to_string()))?;
         let cert = generated.cert.der().clone();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
             generated.signing_key.serialize_der(),
         ));
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(&e))?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)
-        .map_err(|e| tls_err(&e))?;
+        let acceptor = smtp_server::tls_acceptor(vec![cert.clone()], key)
+            .map_err(|e| SinkError::Tls(e.to_string()))?;
         Ok(SinkTls {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            acceptor,
             certificate: Some(cert),
         })
     }
@@ -137,37 +126,12 @@ impl SinkTls {
         }
     }
 
-    /// A certificate chain and private key from PEM files (the chain's first
-    /// certificate is the server's own).
-    pub fn from_pem_files(cert_file: &Path, key_file: &Path) -> Result<SinkTls, SinkError> {
-        let certs = CertificateDer::pem_file_iter(cert_file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| SinkError::Tls(format!("{}: {e}", cert_file.display())))?;
-        if certs.is_empty() {
-            return Err(SinkError::Tls(format!(
-                "{}: no certificate in the file",
-                cert_file.display()
-            )));
-        }
-        let key = PrivateKeyDer::from_pem_file(key_file)
-            .map_err(|e| SinkError::Tls(format!("{}: {e}", key_file.display())))?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| SinkError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| SinkError::Tls(format!("{}: {e}", cert_file.display())))?;
-        Ok(SinkTls::from_config(Arc::new(config)))
-    }
-
     /// The self-signed certificate, for clients that should trust it.
     pub fn certificate(&self) -> Option<&CertificateDer<'static>> {
         self.certificate.as_ref()
     }
 
-    /// The acceptor, for [`server::ConnectionOptions::tls`].
+    /// The acceptor, for [`smtp_server::ConnectionOptions::tls`].
     pub fn acceptor(&self) -> TlsAcceptor {
         self.acceptor.clone()
     }
@@ -350,7 +314,8 @@ impl Sink {
     /// Binds `addr` (use port 0 for an ephemeral port) and spawns the accept
     /// loop on the current tokio runtime.
     pub async fn bind(addr: SocketAddr, config: SinkConfig) -> Result<SinkHandle, SinkError> {
-        let listener = server::bind(addr).map_err(|source| SinkError::Bind { addr, source })?;
+        let listener =
+            smtp_server::bind(addr).map_err(|source| SinkError::Bind { addr, source })?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,
@@ -466,10 +431,6 @@ fn roll(percent: u8) -> bool {
     percent > 0 && rand::random_range(0u8..100) < percent
 }
 
-fn ec(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
-    Some(EnhancedCode::new(class, subject, detail))
-}
-
 /// The sink's scripted answers for one connection.
 struct SinkPolicy {
     shared: Arc<Shared>,
@@ -531,22 +492,22 @@ impl Policy for SinkPolicy {
         let reply = match event {
             Event::MailFrom { .. } => match &cfg.reply_after_messages {
                 Some((n, code, text)) if self.messages >= *n => Reply::new(*code, None, text),
-                _ => Reply::new(250, ec(2, 1, 0), "Sender OK"),
+                _ => Reply::new(250, enhanced(2, 1, 0), "Sender OK"),
             },
             Event::RcptTo { address, .. } => {
                 let sender = session.sender().unwrap_or_default();
                 if cfg.reject_percent > 0 && stable_percentile(address) < cfg.reject_percent {
                     bump(&counters.rcpt_rejected);
-                    Reply::new(550, ec(5, 1, 1), "No such user")
+                    Reply::new(550, enhanced(5, 1, 1), "No such user")
                 } else if self.greylisted(sender, address) {
                     bump(&counters.greylisted);
-                    Reply::new(450, ec(4, 2, 0), "Greylisted, try again later")
+                    Reply::new(450, enhanced(4, 2, 0), "Greylisted, try again later")
                 } else if roll(cfg.tempfail_percent) {
                     bump(&counters.rcpt_tempfailed);
-                    Reply::new(451, ec(4, 3, 0), "Temporary failure")
+                    Reply::new(451, enhanced(4, 3, 0), "Temporary failure")
                 } else {
                     bump(&counters.recipients);
-                    Reply::new(250, ec(2, 1, 5), "Recipient OK")
+                    Reply::new(250, enhanced(2, 1, 5), "Recipient OK")
                 }
             }
             Event::DataEnd {
@@ -573,9 +534,9 @@ impl Policy for SinkPolicy {
                 if cfg.stall_after_messages.is_some_and(|n| self.messages >= n) {
                     self.stalled = true;
                 }
-                Reply::new(250, ec(2, 0, 0), format!("Ok: queued as {id}"))
+                Reply::new(250, enhanced(2, 0, 0), format!("Ok: queued as {id}"))
             }
-            _ => Reply::new(451, ec(4, 3, 0), "Unexpected event"),
+            _ => Reply::new(451, enhanced(4, 3, 0), "Unexpected event"),
         };
         Some(reply)
     }

@@ -26,7 +26,7 @@ pub use command::Command;
 pub use dot::{DataReceiver, DotStuffer};
 pub use error::{CommandError, ProtoError};
 pub use line::take_line;
-pub use reply::{parse_reply, EnhancedCode, Reply};
+pub use reply::{enhanced, parse_reply, EnhancedCode, Reply};
 
 /// Longest reply line accepted by [`parse_reply`] when used with this value.
 ///

@@ -26,6 +26,12 @@ impl EnhancedCode {
     }
 }
 
+/// `Some(EnhancedCode::new(class, subject, detail))`, the argument [`Reply::new`] takes:
+/// servers write dozens of coded replies, and this keeps each of them on one line.
+pub const fn enhanced(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
+    Some(EnhancedCode::new(class, subject, detail))
+}
+
 impl fmt::Display for EnhancedCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}.{}", self.class, self.subject, self.detail)

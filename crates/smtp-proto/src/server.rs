@@ -46,7 +46,7 @@ use crate::capabilities::Capabilities;
 use crate::command::Command;
 use crate::dot::DataReceiver;
 use crate::error::CommandError;
-use crate::reply::{EnhancedCode, Reply};
+use crate::reply::{enhanced, Reply};
 
 /// Settings for a [`ServerSession`].
 #[derive(Debug, Clone)]
@@ -203,12 +203,8 @@ impl Action {
     }
 }
 
-const fn ec(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
-    Some(EnhancedCode::new(class, subject, detail))
-}
-
 fn bad_sequence(text: &str) -> Reply {
-    Reply::new(503, ec(5, 5, 1), text)
+    Reply::new(503, enhanced(5, 5, 1), text)
 }
 
 /// One server-side SMTP dialogue; see the [module documentation](self).
@@ -329,7 +325,7 @@ impl ServerSession {
             self.state = SessionState::Closed;
             return Action::Close(Reply::new(
                 421,
-                ec(4, 7, 0),
+                enhanced(4, 7, 0),
                 format!(
                     "{} Too many errors, closing connection",
                     self.config.hostname
@@ -349,7 +345,7 @@ impl ServerSession {
     pub fn handle_line(&mut self, line: &[u8]) -> Action {
         match self.state {
             SessionState::Closed => {
-                return Action::Close(Reply::new(503, ec(5, 5, 1), "Session is closed"))
+                return Action::Close(Reply::new(503, enhanced(5, 5, 1), "Session is closed"))
             }
             SessionState::ReceivingData => {
                 // The caller should be feeding handle_data; answering instead of
@@ -397,32 +393,36 @@ impl ServerSession {
                 self.state = S::ExpectMail;
                 Action::Reply(Reply::new(250, None, host))
             }
-            Command::Noop => Action::Reply(Reply::new(250, ec(2, 0, 0), "OK")),
+            Command::Noop => Action::Reply(Reply::new(250, enhanced(2, 0, 0), "OK")),
             Command::Rset => {
                 self.reset_transaction();
-                Action::Reply(Reply::new(250, ec(2, 0, 0), "OK"))
+                Action::Reply(Reply::new(250, enhanced(2, 0, 0), "OK"))
             }
             Command::Quit => {
                 self.state = S::Closed;
                 Action::Close(Reply::new(
                     221,
-                    ec(2, 0, 0),
+                    enhanced(2, 0, 0),
                     format!("{host} closing connection"),
                 ))
             }
             Command::Vrfy(_) => Action::Reply(Reply::new(
                 252,
-                ec(2, 5, 2),
+                enhanced(2, 5, 2),
                 "Cannot VRFY user, but will accept message and attempt delivery",
             )),
             Command::StartTls => {
                 if !self.config.capabilities.starttls {
-                    return self.error(Reply::new(502, ec(5, 5, 1), "STARTTLS not available"));
+                    return self.error(Reply::new(
+                        502,
+                        enhanced(5, 5, 1),
+                        "STARTTLS not available",
+                    ));
                 }
                 if !matches!(self.state, S::ExpectHelo | S::ExpectMail) {
                     return self.error(bad_sequence("Bad sequence: STARTTLS inside a transaction"));
                 }
-                Action::StartTls(Reply::new(220, ec(2, 0, 0), "Ready to start TLS"))
+                Action::StartTls(Reply::new(220, enhanced(2, 0, 0), "Ready to start TLS"))
             }
             Command::Auth {
                 mechanism,
@@ -433,7 +433,7 @@ impl ServerSession {
                 // CHUNKING support they would be read as commands, so the only
                 // safe answer is to hang up.
                 self.state = S::Closed;
-                Action::Close(Reply::new(502, ec(5, 5, 1), "CHUNKING not available"))
+                Action::Close(Reply::new(502, enhanced(5, 5, 1), "CHUNKING not available"))
             }
             Command::MailFrom { address, params } => match self.state {
                 S::ExpectHelo => self.error(bad_sequence("Bad sequence: send EHLO/HELO first")),
@@ -455,7 +455,11 @@ impl ServerSession {
                         return self.error(reply);
                     }
                     if self.recipients.len() >= self.config.max_recipients {
-                        return Action::Reply(Reply::new(452, ec(4, 5, 3), "Too many recipients"));
+                        return Action::Reply(Reply::new(
+                            452,
+                            enhanced(4, 5, 3),
+                            "Too many recipients",
+                        ));
                     }
                     Action::Decide(Decision {
                         event: Event::RcptTo { address, params },
@@ -474,7 +478,9 @@ impl ServerSession {
                         "Start mail input; end with <CRLF>.<CRLF>",
                     ))
                 }
-                S::ExpectRcpt => self.error(Reply::new(554, ec(5, 5, 1), "No valid recipients")),
+                S::ExpectRcpt => {
+                    self.error(Reply::new(554, enhanced(5, 5, 1), "No valid recipients"))
+                }
                 _ => self.error(bad_sequence("Bad sequence: send MAIL FROM first")),
             },
         }
@@ -487,12 +493,16 @@ impl ServerSession {
                 "SIZE" => {
                     let Some(declared) = value.as_deref().and_then(|v| v.parse::<u64>().ok())
                     else {
-                        return Some(Reply::new(501, ec(5, 5, 4), "Malformed SIZE parameter"));
+                        return Some(Reply::new(
+                            501,
+                            enhanced(5, 5, 4),
+                            "Malformed SIZE parameter",
+                        ));
                     };
                     if self.size_limit().is_some_and(|limit| declared > limit) {
                         return Some(Reply::new(
                             552,
-                            ec(5, 3, 4),
+                            enhanced(5, 3, 4),
                             "Message size exceeds fixed maximum message size",
                         ));
                     }
@@ -598,7 +608,7 @@ impl ServerSession {
                 used,
                 Some(Action::Reply(Reply::new(
                     552,
-                    ec(5, 3, 4),
+                    enhanced(5, 3, 4),
                     "Message size exceeds fixed maximum message size",
                 ))),
             );
@@ -634,7 +644,7 @@ impl ServerSession {
     fn start_auth(&mut self, mechanism: &str, initial_response: Option<&str>) -> Action {
         use SessionState as S;
         if self.config.capabilities.auth.is_empty() {
-            return self.error(Reply::new(502, ec(5, 5, 1), "AUTH not available"));
+            return self.error(Reply::new(502, enhanced(5, 5, 1), "AUTH not available"));
         }
         match self.state {
             S::ExpectMail => {}
@@ -651,7 +661,7 @@ impl ServerSession {
         if self.config.auth_requires_tls {
             return self.error(Reply::new(
                 538,
-                ec(5, 7, 11),
+                enhanced(5, 7, 11),
                 "Encryption required for requested authentication mechanism",
             ));
         }
@@ -663,7 +673,7 @@ impl ServerSession {
             _ => {
                 return self.error(Reply::new(
                     504,
-                    ec(5, 5, 4),
+                    enhanced(5, 5, 4),
                     "Unrecognized authentication type",
                 ))
             }
@@ -690,10 +700,14 @@ impl ServerSession {
         self.state = SessionState::ExpectMail;
         let line = line.trim_ascii();
         if line == b"*" {
-            return self.error(Reply::new(501, ec(5, 7, 0), "Authentication cancelled"));
+            return self.error(Reply::new(
+                501,
+                enhanced(5, 7, 0),
+                "Authentication cancelled",
+            ));
         }
         let Some(decoded) = decode_base64(line).and_then(|d| String::from_utf8(d).ok()) else {
-            return self.error(Reply::new(501, ec(5, 5, 2), "Invalid base64 data"));
+            return self.error(Reply::new(501, enhanced(5, 5, 2), "Invalid base64 data"));
         };
         let (mechanism, authorization_id, username, password) = match step {
             Some(AuthStep::Plain) => {
@@ -703,7 +717,11 @@ impl ServerSession {
                         ("PLAIN", z.to_owned(), u.to_owned(), p.to_owned())
                     }
                     _ => {
-                        return self.error(Reply::new(501, ec(5, 5, 2), "Malformed PLAIN response"))
+                        return self.error(Reply::new(
+                            501,
+                            enhanced(5, 5, 2),
+                            "Malformed PLAIN response",
+                        ))
                     }
                 }
             }
@@ -763,7 +781,7 @@ fn decode_base64(input: &[u8]) -> Option<Vec<u8>> {
 fn unsupported_param(key: &str) -> Reply {
     Reply::new(
         555,
-        ec(5, 5, 4),
+        enhanced(5, 5, 4),
         format!("Parameter {key} not recognized or not implemented"),
     )
 }

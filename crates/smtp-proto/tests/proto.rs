@@ -5,13 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use smtp_proto::{
-    parse_reply, take_line, validate_mailbox, Capabilities, Command, CommandError, DataReceiver,
-    DotStuffer, EnhancedCode, ProtoError, Reply, MAX_COMMAND_LINE, MAX_REPLY_LINE,
+    enhanced, parse_reply, take_line, validate_mailbox, Capabilities, Command, CommandError,
+    DataReceiver, DotStuffer, EnhancedCode, ProtoError, Reply, MAX_COMMAND_LINE, MAX_REPLY_LINE,
 };
-
-fn ec(class: u8, subject: u16, detail: u16) -> Option<EnhancedCode> {
-    Some(EnhancedCode::new(class, subject, detail))
-}
 
 fn parse_all(input: &[u8]) -> (Reply, usize) {
     parse_reply(input, MAX_REPLY_LINE)
@@ -41,14 +37,14 @@ fn replies_parse() {
         Case {
             input: b"250 2.1.0 Sender OK\r\n",
             code: 250,
-            enhanced: ec(2, 1, 0),
+            enhanced: enhanced(2, 1, 0),
             lines: &["2.1.0 Sender OK"],
             text: "Sender OK",
         },
         Case {
             input: b"550-5.1.1 The email account\r\n550-5.1.1 does not\r\n550 5.1.1 exist\r\n",
             code: 550,
-            enhanced: ec(5, 1, 1),
+            enhanced: enhanced(5, 1, 1),
             lines: &["5.1.1 The email account", "5.1.1 does not", "5.1.1 exist"],
             text: "The email account does not exist",
         },
@@ -91,7 +87,7 @@ fn replies_parse() {
         Case {
             input: b"451 4.3.0\r\n",
             code: 451,
-            enhanced: ec(4, 3, 0),
+            enhanced: enhanced(4, 3, 0),
             lines: &["4.3.0"],
             text: "",
         },
@@ -120,7 +116,7 @@ fn reply_leaves_pipelined_bytes() {
     assert_eq!(first.code, 250);
     assert_eq!(used, 8);
     let (second, used2) = parse_all(&input[used..]);
-    assert_eq!(second.enhanced, ec(2, 1, 5));
+    assert_eq!(second.enhanced, enhanced(2, 1, 5));
     assert!(parse_reply(&input[used + used2..], MAX_REPLY_LINE)
         .unwrap()
         .is_none());
@@ -201,7 +197,7 @@ fn reply_encode() {
     let cases: &[(Reply, &[u8])] = &[
         (Reply::new(250, None, "OK"), b"250 OK\r\n"),
         (
-            Reply::new(550, ec(5, 1, 1), "No such user"),
+            Reply::new(550, enhanced(5, 1, 1), "No such user"),
             b"550 5.1.1 No such user\r\n",
         ),
         (
@@ -219,7 +215,7 @@ fn reply_encode() {
         (
             Reply {
                 code: 451,
-                enhanced: ec(4, 3, 0),
+                enhanced: enhanced(4, 3, 0),
                 lines: vec!["try".into(), "later".into()],
             },
             b"451-4.3.0 try\r\n451 4.3.0 later\r\n",
@@ -921,7 +917,7 @@ mod props {
 
 mod server_session {
     use smtp_proto::server::{Action, Event, ServerConfig, ServerSession, SessionState};
-    use smtp_proto::{Capabilities, EnhancedCode, Reply};
+    use smtp_proto::{enhanced, Capabilities, Reply};
 
     fn ok() -> Reply {
         Reply::new(250, None, "OK")
@@ -1202,19 +1198,11 @@ mod server_session {
     }
 
     fn success() -> Reply {
-        Reply::new(
-            235,
-            Some(EnhancedCode::new(2, 7, 0)),
-            "Authentication successful",
-        )
+        Reply::new(235, enhanced(2, 7, 0), "Authentication successful")
     }
 
     fn failure() -> Reply {
-        Reply::new(
-            535,
-            Some(EnhancedCode::new(5, 7, 8)),
-            "Authentication credentials invalid",
-        )
+        Reply::new(535, enhanced(5, 7, 8), "Authentication credentials invalid")
     }
 
     #[test]
@@ -1231,7 +1219,7 @@ mod server_session {
         let a = s.handle_line(b"AUTH PLAIN AHVzZXIAc2VjcmV0");
         let r = a.reply().expect("reply");
         assert_eq!(r.code, 538);
-        assert_eq!(r.enhanced, Some(EnhancedCode::new(5, 7, 11)));
+        assert_eq!(r.enhanced, enhanced(5, 7, 11));
         assert_eq!(s.authenticated(), None);
     }
 
@@ -1316,10 +1304,7 @@ mod server_session {
         let (d, _) = expect_auth(s.handle_line(b"AUTH PLAIN AHVzZXIAd3Jvbmc="));
         let a = s.decide(d, failure());
         let r = a.reply().expect("reply");
-        assert_eq!(
-            (r.code, r.enhanced),
-            (535, Some(EnhancedCode::new(5, 7, 8)))
-        );
+        assert_eq!((r.code, r.enhanced), (535, enhanced(5, 7, 8)));
         assert_eq!(s.authenticated(), None);
         assert_eq!(s.state(), SessionState::ExpectMail);
 

@@ -1,10 +1,11 @@
-//! The async connection driver shared by every SMTP server in the workspace.
+//! The async SMTP server driver: the one server-side SMTP socket loop in the workspace.
 //!
 //! [`smtp_proto::server::ServerSession`] knows the dialogue but never touches a
 //! socket; [`serve_connection`] is the socket loop around it, and a [`Policy`]
 //! answers the questions the session cannot answer itself (accept this sender?
-//! this recipient? this message?). The sink and Drover's SMTP injection
-//! listener are both a `Policy` plus an accept loop.
+//! this recipient? this message?). Drover's SMTP injection listener and the
+//! `sink` test server are both a `Policy` plus an accept loop on a socket from
+//! [`bind`]; [`tls_acceptor_from_pem_files`] loads the certificate STARTTLS offers.
 //!
 //! What the driver guarantees, so that no policy has to get it right again:
 //!
@@ -26,7 +27,7 @@
 //!   offered.
 //!
 //! ```no_run
-//! use sink::server::{serve_connection, ConnectionOptions, Policy};
+//! use smtp_server::{serve_connection, ConnectionOptions, Policy};
 //! use smtp_proto::server::{Event, ServerConfig, ServerSession};
 //! use smtp_proto::Reply;
 //!
@@ -60,12 +61,15 @@ use std::io;
 use std::time::Duration;
 
 use smtp_proto::server::{Action, Event, ServerConfig, ServerSession};
-use smtp_proto::{take_line, EnhancedCode, Reply, MAX_COMMAND_LINE};
+use smtp_proto::{enhanced, take_line, Reply, MAX_COMMAND_LINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
-pub use tokio_rustls::TlsAcceptor;
 use tokio_util::either::Either;
+
+mod tls;
+
+pub use tls::{describe_tls, tls_acceptor, tls_acceptor_from_pem_files, Error, TlsAcceptor};
 
 /// How much the read buffer grows by for each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -161,25 +165,6 @@ enum Next {
 /// The connection, before (`Left`) or after (`Right`) STARTTLS.
 type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
-/// `protocol:cipher` of a finished server handshake.
-pub fn describe_tls(connection: &rustls::ServerConnection) -> String {
-    let protocol = match connection.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
-        other => format!("{other:?}"),
-    };
-    let cipher = connection
-        .negotiated_cipher_suite()
-        .map(|s| {
-            let suite = s.suite();
-            suite
-                .as_str()
-                .map_or_else(|| format!("{suite:?}"), str::to_owned)
-        })
-        .unwrap_or_else(|| "unknown".to_owned());
-    format!("{protocol}:{cipher}")
-}
-
 /// The per-connection state the loop threads through policy calls.
 struct Driver<'a, P: Policy> {
     policy: &'a mut P,
@@ -210,8 +195,7 @@ impl<P: Policy> Driver<'_, P> {
                 }
                 // Only reachable if the session offered STARTTLS we cannot do.
                 Action::StartTls(_) => {
-                    let reply =
-                        Reply::new(454, Some(EnhancedCode::new(4, 7, 0)), "TLS not available");
+                    let reply = Reply::new(454, enhanced(4, 7, 0), "TLS not available");
                     self.push(&reply).await;
                     return Next::Continue;
                 }
