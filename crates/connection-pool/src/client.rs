@@ -146,9 +146,13 @@ impl ClientError {
     /// Whether the error happened after the final dot was sent, when the receiver may have
     /// taken the message although we never saw its answer.
     pub fn after_final_dot(&self) -> bool {
+        // A reply to the dot that breaks the rules (one that never ends, say) leaves the
+        // outcome as unknown as no reply at all.
         matches!(
             self,
-            ClientError::Timeout { command: ".", .. } | ClientError::Io { command: ".", .. }
+            ClientError::Timeout { command: ".", .. }
+                | ClientError::Io { command: ".", .. }
+                | ClientError::Protocol { command: ".", .. }
         )
     }
 }

@@ -406,6 +406,7 @@ async fn a_reply_that_never_ends_mid_transaction_breaks_the_session() {
                 "{verb}, pipelining={pipelining}: {err:?}"
             );
             assert!(!client.is_usable(), "{verb}, pipelining={pipelining}");
+            assert_eq!(err.after_final_dot(), verb == ".", "{err:?}");
         }
     }
 }
