@@ -14,6 +14,7 @@ mod dkim;
 mod dns;
 mod fulldisk;
 mod harness;
+mod hostile;
 mod inject;
 mod listener;
 mod process;

@@ -3,7 +3,7 @@
 use crate::tls::{self, TlsFailureMemory, TlsInfo, TlsMode};
 use rustls::RootCertStore;
 use smtp_proto::{
-    parse_reply, Capabilities, Command, DotStuffer, EnhancedCode, ProtoError, Reply, MAX_REPLY_LINE,
+    Capabilities, Command, DotStuffer, EnhancedCode, ProtoError, Reply, ReplyScanner,
 };
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -146,9 +146,13 @@ impl ClientError {
     /// Whether the error happened after the final dot was sent, when the receiver may have
     /// taken the message although we never saw its answer.
     pub fn after_final_dot(&self) -> bool {
+        // A reply to the dot that breaks the rules (one that never ends, say) leaves the
+        // outcome as unknown as no reply at all.
         matches!(
             self,
-            ClientError::Timeout { command: ".", .. } | ClientError::Io { command: ".", .. }
+            ClientError::Timeout { command: ".", .. }
+                | ClientError::Io { command: ".", .. }
+                | ClientError::Protocol { command: ".", .. }
         )
     }
 }
@@ -259,11 +263,20 @@ enum StartTls {
     Refused(SmtpClient, Reply),
 }
 
+/// Bytes asked of the socket per read. The read buffer never holds more than the reply limit
+/// ([`smtp_proto::MAX_REPLY_BYTES`]) plus this.
+const READ_CHUNK: usize = 4096;
+
 /// One SMTP session over TCP, in plaintext or TLS.
 pub struct SmtpClient {
     stream: Stream,
     /// The one read buffer of the connection; it survives the TLS upgrade (empty by then).
     read_buf: Vec<u8>,
+    /// Where the next reply starts in `read_buf`: replies that arrived together are taken
+    /// off by advancing this, and the buffer is compacted once, before the next read.
+    read_pos: usize,
+    /// The scan of the reply starting at `read_pos`, resumed after each read.
+    scanner: ReplyScanner,
     write_buf: Vec<u8>,
     capabilities: Capabilities,
     peer: PeerInfo,
@@ -299,6 +312,25 @@ impl Drop for ConnectionGauge {
 }
 
 impl SmtpClient {
+    /// A session on a connected socket, before the greeting is read.
+    fn new(stream: TcpStream, peer: PeerInfo, timeouts: Timeouts) -> SmtpClient {
+        SmtpClient {
+            stream: Either::Left(stream),
+            read_buf: Vec::with_capacity(READ_CHUNK),
+            read_pos: 0,
+            scanner: ReplyScanner::default(),
+            write_buf: Vec::with_capacity(4096),
+            capabilities: Capabilities::default(),
+            peer,
+            timeouts,
+            tls: None,
+            transactions: 0,
+            writes: 0,
+            broken: false,
+            _gauge: ConnectionGauge::new(),
+        }
+    }
+
     /// Connects (from `source` when given), reads the greeting and says EHLO (HELO if EHLO is
     /// refused), with opportunistic STARTTLS and the process-wide [`TlsFailureMemory`]. A
     /// 4xx/5xx greeting is [`ClientError::Refused`].
@@ -349,23 +381,15 @@ impl SmtpClient {
             .map_err(connect_err)?;
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
-        let mut client = SmtpClient {
-            stream: Either::Left(stream),
-            read_buf: Vec::with_capacity(4096),
-            write_buf: Vec::with_capacity(4096),
-            capabilities: Capabilities::default(),
-            peer: PeerInfo {
+        let mut client = SmtpClient::new(
+            stream,
+            PeerInfo {
                 host,
                 address,
                 local,
             },
             timeouts,
-            tls: None,
-            transactions: 0,
-            writes: 0,
-            broken: false,
-            _gauge: ConnectionGauge::new(),
-        };
+        );
         let banner = client.read_reply("banner", timeouts.banner).await?;
         if banner.code != 220 {
             return Err(ClientError::Refused {
@@ -461,7 +485,7 @@ impl SmtpClient {
         if reply.code != 220 {
             return Ok(StartTls::Refused(self, reply));
         }
-        if !self.read_buf.is_empty() {
+        if self.read_pos < self.read_buf.len() {
             return Err(ClientError::UnexpectedData {
                 command: "STARTTLS",
             });
@@ -475,6 +499,8 @@ impl SmtpClient {
         let SmtpClient {
             stream,
             read_buf,
+            read_pos,
+            scanner,
             write_buf,
             capabilities: _,
             peer,
@@ -506,6 +532,8 @@ impl SmtpClient {
         Ok(StartTls::Upgraded(SmtpClient {
             stream: Either::Right(Box::new(tls_stream)),
             read_buf,
+            read_pos,
+            scanner,
             write_buf,
             // RFC 3207 §4.2: forget what the server said before TLS; EHLO again.
             capabilities: Capabilities::default(),
@@ -844,6 +872,10 @@ impl SmtpClient {
         }
     }
 
+    /// Reads one reply. The scan resumes where the previous read left it, so a reply costs
+    /// time linear in its length however it is split, and a reply over the scanner's limits
+    /// (a server streaming continuation lines) is a [`ClientError::Protocol`] as soon as it
+    /// passes them, long before the timeout.
     async fn read_reply(
         &mut self,
         command: &'static str,
@@ -851,15 +883,22 @@ impl SmtpClient {
     ) -> Result<Reply, ClientError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match parse_reply(&self.read_buf, MAX_REPLY_LINE) {
+            match self.scanner.parse(&self.read_buf[self.read_pos..]) {
                 Ok(Some((reply, used))) => {
-                    self.read_buf.drain(..used);
+                    self.read_pos += used;
+                    if self.read_pos == self.read_buf.len() {
+                        self.read_buf.clear();
+                        self.read_pos = 0;
+                    }
                     return Ok(reply);
                 }
                 Ok(None) => {}
                 Err(source) => return Err(ClientError::Protocol { command, source }),
             }
-            let mut chunk = [0u8; 4096];
+            // Only the unfinished reply is left, and the scanner counts from its start.
+            self.read_buf.drain(..self.read_pos);
+            self.read_pos = 0;
+            let mut chunk = [0u8; READ_CHUNK];
             let read = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk));
             match read.await {
                 Err(_) => {
@@ -906,4 +945,78 @@ fn encode(command: &Command, name: &'static str, out: &mut Vec<u8>) -> Result<()
         command: name,
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smtp_proto::MAX_REPLY_BYTES;
+    use tokio::net::TcpListener;
+
+    /// A session whose peer writes `script`, then `forever` again and again until we hang up
+    /// (or, with an empty `forever`, waits for us to hang up).
+    async fn session_with(script: &'static [u8], forever: Vec<u8>) -> SmtpClient {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            if stream.write_all(script).await.is_err() {
+                return;
+            }
+            if forever.is_empty() {
+                let mut scratch = [0u8; 64];
+                while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+            }
+            while stream.write_all(&forever).await.is_ok() {}
+        });
+        let stream = TcpStream::connect(address).await.unwrap();
+        let timeouts = Timeouts {
+            ehlo: Duration::from_secs(20),
+            ..Timeouts::default()
+        };
+        let peer = PeerInfo {
+            host: "mx.test".into(),
+            address,
+            local: None,
+        };
+        SmtpClient::new(stream, peer, timeouts)
+    }
+
+    #[tokio::test]
+    async fn replies_that_arrive_together_are_taken_one_by_one() {
+        let script = b"220 mx.test\r\n250-mx.test\r\n250 PIPELINING\r\n354 go\r\n250 2.0.0 ok\r\n";
+        let mut client = session_with(script, Vec::new()).await;
+        let wait = Duration::from_secs(5);
+        let mut codes = Vec::new();
+        for _ in 0..4 {
+            codes.push(client.read_reply("test", wait).await.unwrap().code);
+        }
+        assert_eq!(codes, [220, 250, 354, 250]);
+        assert!(client.read_buf.is_empty());
+        assert_eq!(client.read_pos, 0);
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_never_ends_is_refused_within_the_buffer_limit() {
+        for (line_len, limit_error) in [(8, "reply of more than"), (4000, "reply longer than")] {
+            let mut line = b"250-".to_vec();
+            line.extend(std::iter::repeat_n(b'x', line_len));
+            line.extend_from_slice(b"\r\n");
+            let mut client = session_with(b"", line.repeat(64)).await;
+            let err = client
+                .read_reply("EHLO", client.timeouts.ehlo)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, ClientError::Protocol { command: "EHLO", source }
+                    if source.to_string().starts_with(limit_error)),
+                "{err:?}"
+            );
+            assert!(
+                client.read_buf.len() <= MAX_REPLY_BYTES + READ_CHUNK,
+                "{} bytes buffered",
+                client.read_buf.len()
+            );
+        }
+    }
 }

@@ -12,7 +12,7 @@ use connection_pool::{
     ClientError, ConnectOptions, Envelope, Pool, SmtpClient, Timeouts, TlsFailureMemory, TlsMode,
 };
 use sink::{Sink, SinkConfig, SinkHandle, SinkTls};
-use smtp_proto::{parse_reply, Reply, MAX_REPLY_LINE};
+use smtp_proto::{parse_reply, ProtoError, Reply, MAX_REPLY_LINE, MAX_REPLY_LINES};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -338,6 +338,76 @@ async fn connection_dropped_after_the_final_dot() {
         assert!(err.after_final_dot(), "{err:?}");
         assert!(!client.is_usable());
         assert_eq!(sink.shutdown().await.dropped, 1);
+    }
+}
+
+#[tokio::test]
+async fn an_ehlo_reply_that_never_ends_is_a_protocol_error_long_before_the_timeout() {
+    let hostile = FloodingMx::start("EHLO", true).await;
+    let timeouts = Timeouts {
+        ehlo: Duration::from_secs(30),
+        ..timeouts()
+    };
+    let started = std::time::Instant::now();
+    let err = SmtpClient::connect_with(ConnectOptions {
+        timeouts,
+        ..options(hostile.address, TlsMode::Opportunistic)
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ClientError::Protocol {
+                command: "EHLO",
+                source: ProtoError::ReplyTooManyLines {
+                    limit: MAX_REPLY_LINES
+                }
+            }
+        ),
+        "{err:?}"
+    );
+    // Only a hang guard: the limit, not the 30 s timeout, ended it.
+    assert!(
+        started.elapsed() < timeouts.ehlo / 3,
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!err.after_final_dot());
+}
+
+#[tokio::test]
+async fn a_reply_that_never_ends_mid_transaction_breaks_the_session() {
+    for pipelining in [true, false] {
+        for (verb, command) in [
+            ("MAIL", "MAIL"),
+            ("RCPT", "RCPT"),
+            ("DATA", "DATA"),
+            (".", "."),
+        ] {
+            let hostile = FloodingMx::start(verb, pipelining).await;
+            let mut client =
+                SmtpClient::connect_with(options(hostile.address, TlsMode::Opportunistic))
+                    .await
+                    .unwrap();
+            assert_eq!(client.capabilities().pipelining, pipelining);
+            let err = client
+                .send(&envelope(&["rcpt@example.net"]), MESSAGE)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    ClientError::Protocol {
+                        command: c,
+                        source: ProtoError::ReplyTooManyLines { .. }
+                    } if *c == command
+                ),
+                "{verb}, pipelining={pipelining}: {err:?}"
+            );
+            assert!(!client.is_usable(), "{verb}, pipelining={pipelining}");
+            assert_eq!(err.after_final_dot(), verb == ".", "{err:?}");
+        }
     }
 }
 
@@ -725,6 +795,71 @@ impl FakeMx {
 
     fn count(&self, line: &str) -> usize {
         self.lines().iter().filter(|l| *l == line).count()
+    }
+}
+
+/// A hostile MX: it answers like a healthy one until `flood_on` (a verb, or `.` for the end of
+/// the message), then answers that with `250-` continuation lines, as fast as it can, until
+/// the client hangs up.
+struct FloodingMx {
+    address: SocketAddr,
+}
+
+impl FloodingMx {
+    async fn start(flood_on: &'static str, pipelining: bool) -> FloodingMx {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(FloodingMx::serve(stream, flood_on, pipelining));
+            }
+        });
+        FloodingMx { address }
+    }
+
+    async fn serve(stream: TcpStream, flood_on: &'static str, pipelining: bool) {
+        let mut stream = BufReader::new(stream);
+        let mut out: Vec<u8> = b"220 hostile.test ESMTP\r\n".to_vec();
+        let mut in_data = false;
+        loop {
+            if stream.get_mut().write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+            let mut line = String::new();
+            if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if in_data && line != "." {
+                continue;
+            }
+            let verb = line
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            if verb == flood_on {
+                let flood = b"250-xxxxxxxx\r\n".repeat(4096);
+                while stream.get_mut().write_all(&flood).await.is_ok() {}
+                return;
+            }
+            match verb.as_str() {
+                "EHLO" if pipelining => {
+                    out.extend_from_slice(b"250-hostile.test\r\n250 PIPELINING\r\n");
+                }
+                "EHLO" => out.extend_from_slice(b"250 hostile.test\r\n"),
+                "DATA" => {
+                    in_data = true;
+                    out.extend_from_slice(b"354 Go ahead\r\n");
+                }
+                "." => {
+                    in_data = false;
+                    out.extend_from_slice(b"250 2.0.0 Queued\r\n");
+                }
+                _ => out.extend_from_slice(b"250 2.0.0 OK\r\n"),
+            }
+        }
     }
 }
 

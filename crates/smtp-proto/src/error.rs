@@ -11,6 +11,18 @@ pub enum ProtoError {
         /// The limit that was exceeded.
         limit: usize,
     },
+    /// A reply had more lines than [`crate::ReplyLimits::max_lines`].
+    #[error("reply of more than {limit} lines")]
+    ReplyTooManyLines {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
+    /// A reply was longer than [`crate::ReplyLimits::max_bytes`].
+    #[error("reply longer than {limit} bytes")]
+    ReplyTooLarge {
+        /// The limit that was exceeded.
+        limit: usize,
+    },
     /// The peer sent bytes that are not a valid SMTP reply.
     #[error("malformed SMTP reply: {0}")]
     BadReply(String),

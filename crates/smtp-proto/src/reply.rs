@@ -2,7 +2,6 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::ProtoError;
-use crate::line::find_line;
 
 /// An RFC 3463 enhanced status code such as `5.1.1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -218,71 +217,217 @@ fn check_line(line: &[u8]) -> Result<(u16, bool), ProtoError> {
     }
 }
 
-/// Scans `buf` for a complete reply without allocating; returns its length.
-fn check_reply(buf: &[u8], max_line: usize) -> Result<Option<usize>, ProtoError> {
-    let mut pos = 0;
-    let mut first_code = None;
-    loop {
-        let Some((line, used)) = find_line(&buf[pos..], max_line)? else {
-            return Ok(None);
-        };
-        let (code, last) = check_line(line)?;
-        match first_code {
-            None => first_code = Some(code),
-            Some(c) if c != code => {
-                return Err(ProtoError::BadReply(format!(
-                    "continuation line code {code} differs from {c}"
-                )))
-            }
-            Some(_) => {}
-        }
-        pos += used;
-        if last {
-            return Ok(Some(pos));
+/// Limits on one reply, so that a broken or hostile server can make the client neither buffer
+/// without end nor rescan what it already checked.
+///
+/// [`ReplyLimits::default`] is [`MAX_REPLY_LINE`](crate::MAX_REPLY_LINE) per line,
+/// [`MAX_REPLY_LINES`](crate::MAX_REPLY_LINES) lines and
+/// [`MAX_REPLY_BYTES`](crate::MAX_REPLY_BYTES) in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyLimits {
+    /// Longest line, without its line end.
+    pub max_line: usize,
+    /// Most lines in one reply.
+    pub max_lines: usize,
+    /// Most bytes in one reply, line ends included.
+    pub max_bytes: usize,
+}
+
+impl ReplyLimits {
+    /// The default limits with another maximum line length.
+    pub const fn with_max_line(max_line: usize) -> ReplyLimits {
+        ReplyLimits {
+            max_line,
+            max_lines: crate::MAX_REPLY_LINES,
+            max_bytes: crate::MAX_REPLY_BYTES,
         }
     }
 }
 
-/// Parses one complete reply from the start of `buf`.
-///
-/// Returns `Ok(None)` when `buf` does not yet hold a complete reply; the
-/// caller reads more bytes and calls again with the grown buffer. On success
-/// the `usize` is the number of bytes of `buf` the reply used.
-///
-/// Errors on a line longer than `max_line` (even one not yet terminated), a
-/// code that is not three digits in 2xx-5xx, continuation lines with a
-/// different code, or other garbage. Bare LF line endings are accepted, as is
-/// a line holding only the code (`250`). The enhanced code is recognised when
-/// the first line's text starts with `x.y.z ` where `x` is the first digit of
-/// the reply code.
-pub fn parse_reply(buf: &[u8], max_line: usize) -> Result<Option<(Reply, usize)>, ProtoError> {
-    let Some(total) = check_reply(buf, max_line)? else {
-        return Ok(None);
-    };
-    let mut lines = Vec::new();
-    let mut code = 0;
-    let mut pos = 0;
-    while pos < total {
-        // check_reply already proved every line is present and well formed.
-        let Some((line, used)) = find_line(&buf[pos..total], max_line)? else {
-            break;
-        };
-        code = check_line(line)?.0;
-        let text = line.get(4..).unwrap_or_default();
-        lines.push(String::from_utf8_lossy(text).into_owned());
-        pos += used;
+impl Default for ReplyLimits {
+    fn default() -> Self {
+        ReplyLimits::with_max_line(crate::MAX_REPLY_LINE)
     }
+}
+
+/// A resumable scan for the end of one reply, within [`ReplyLimits`].
+///
+/// Feed it a buffer that starts at the reply and grows at its end between calls: it remembers
+/// the lines it already checked and how far it looked for the current line's end, so feeding
+/// a reply in any number of pieces costs time linear in its length. A hostile server that
+/// streams continuation lines is stopped at the limit after at most
+/// [`ReplyLimits::max_bytes`] bytes, however the bytes arrive.
+///
+/// Once a reply is complete (or an error is returned) the scanner starts afresh: the next
+/// call must pass a buffer that starts where that reply ended.
+#[derive(Debug, Clone, Default)]
+pub struct ReplyScanner {
+    limits: ReplyLimits,
+    /// Length of the complete, checked lines of the reply in progress.
+    checked: usize,
+    /// Bytes after `checked` already known to hold no line feed.
+    searched: usize,
+    /// Complete lines of the reply in progress.
+    lines: usize,
+    /// The code of its first line.
+    code: Option<u16>,
+}
+
+impl ReplyScanner {
+    /// A scanner enforcing `limits`.
+    pub fn new(limits: ReplyLimits) -> ReplyScanner {
+        ReplyScanner {
+            limits,
+            checked: 0,
+            searched: 0,
+            lines: 0,
+            code: None,
+        }
+    }
+
+    /// The limits this scanner enforces.
+    pub fn limits(&self) -> ReplyLimits {
+        self.limits
+    }
+
+    /// Forgets the reply in progress; the next call starts a new one.
+    pub fn reset(&mut self) {
+        *self = ReplyScanner::new(self.limits);
+    }
+
+    /// Looks for the end of the reply at the start of `buf`, resuming where the previous call
+    /// stopped. Returns the reply's length once it is complete, `Ok(None)` while it is not.
+    ///
+    /// Errors as soon as the bytes so far prove the reply malformed or over a limit: a line
+    /// longer than `max_line` (even before its line end), more than `max_lines` lines (on
+    /// the continuation line that would be number `max_lines`), or more than `max_bytes`
+    /// bytes (even before the last line ends).
+    pub fn scan(&mut self, buf: &[u8]) -> Result<Option<usize>, ProtoError> {
+        Ok(self.scan_reply(buf)?.map(|(len, _)| len))
+    }
+
+    fn scan_reply(&mut self, buf: &[u8]) -> Result<Option<(usize, u16)>, ProtoError> {
+        if buf.len() < self.checked + self.searched {
+            // Not the grown buffer this scan was resumed on: start over rather than trust
+            // positions that do not fit it.
+            self.reset();
+        }
+        let result = self.scan_lines(buf);
+        if !matches!(result, Ok(None)) {
+            self.reset();
+        }
+        result
+    }
+
+    /// The scan; a complete reply comes with its code.
+    fn scan_lines(&mut self, buf: &[u8]) -> Result<Option<(usize, u16)>, ProtoError> {
+        let ReplyLimits {
+            max_line,
+            max_lines,
+            max_bytes,
+        } = self.limits;
+        loop {
+            let start = self.checked;
+            // A line end further away than the longest line allows is not worth finding: the
+            // line is too long whatever comes.
+            let reach = start
+                .saturating_add(max_line)
+                .saturating_add(2)
+                .min(buf.len());
+            let from = start + self.searched;
+            let Some(lf) = buf
+                .get(from..reach)
+                .and_then(|window| memchr::memchr(b'\n', window))
+                .map(|i| from + i)
+            else {
+                self.searched = reach.max(from) - start;
+                let pending = &buf[start..];
+                if pending.strip_suffix(b"\r").unwrap_or(pending).len() > max_line {
+                    return Err(ProtoError::LineTooLong { limit: max_line });
+                }
+                // The line end is still to come, so the reply will be longer than this.
+                if buf.len() >= max_bytes {
+                    return Err(ProtoError::ReplyTooLarge { limit: max_bytes });
+                }
+                return Ok(None);
+            };
+            let line = &buf[start..lf];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.len() > max_line {
+                return Err(ProtoError::LineTooLong { limit: max_line });
+            }
+            let (code, last) = check_line(line)?;
+            match self.code {
+                None => self.code = Some(code),
+                Some(c) if c != code => {
+                    return Err(ProtoError::BadReply(format!(
+                        "continuation line code {code} differs from {c}"
+                    )))
+                }
+                Some(_) => {}
+            }
+            self.checked = lf + 1;
+            self.searched = 0;
+            self.lines += 1;
+            if self.checked > max_bytes {
+                return Err(ProtoError::ReplyTooLarge { limit: max_bytes });
+            }
+            if last {
+                return Ok(Some((self.checked, code)));
+            }
+            // A continuation line promises another one.
+            if self.lines >= max_lines {
+                return Err(ProtoError::ReplyTooManyLines { limit: max_lines });
+            }
+        }
+    }
+
+    /// [`ReplyScanner::scan`], then the reply itself once it is complete, with the number of
+    /// bytes of `buf` it used.
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Option<(Reply, usize)>, ProtoError> {
+        Ok(self
+            .scan_reply(buf)?
+            .map(|(len, code)| (build_reply(&buf[..len], code), len)))
+    }
+}
+
+/// Builds the reply from bytes a [`ReplyScanner`] found complete and well formed.
+fn build_reply(bytes: &[u8], code: u16) -> Reply {
+    let lines: Vec<String> = bytes
+        .split_inclusive(|&b| b == b'\n')
+        .map(|raw| {
+            let line = raw.strip_suffix(b"\n").unwrap_or(raw);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned()
+        })
+        .collect();
     let class = (code / 100) as u8;
     let enhanced = lines
         .first()
         .and_then(|l| leading_enhanced(l, class))
         .map(|(e, _)| e);
-    Ok(Some((
-        Reply {
-            code,
-            enhanced,
-            lines,
-        },
-        total,
-    )))
+    Reply {
+        code,
+        enhanced,
+        lines,
+    }
+}
+
+/// Parses one complete reply from the start of `buf`, with the default [`ReplyLimits`] but
+/// `max_line`.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a complete reply; the
+/// caller reads more bytes and calls again with the grown buffer. On success
+/// the `usize` is the number of bytes of `buf` the reply used. Each call scans
+/// from the start: a caller that reads a reply in pieces should keep a
+/// [`ReplyScanner`] instead, which resumes where it stopped.
+///
+/// Errors on a line longer than `max_line` (even one not yet terminated), a
+/// reply over the line or byte limit, a code that is not three digits in
+/// 2xx-5xx, continuation lines with a different code, or other garbage. Bare
+/// LF line endings are accepted, as is a line holding only the code (`250`).
+/// The enhanced code is recognised when the first line's text starts with
+/// `x.y.z ` where `x` is the first digit of the reply code.
+pub fn parse_reply(buf: &[u8], max_line: usize) -> Result<Option<(Reply, usize)>, ProtoError> {
+    ReplyScanner::new(ReplyLimits::with_max_line(max_line)).parse(buf)
 }

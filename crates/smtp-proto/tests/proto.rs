@@ -6,7 +6,8 @@
 
 use smtp_proto::{
     enhanced, parse_reply, take_line, validate_mailbox, Capabilities, Command, CommandError,
-    DataReceiver, DotStuffer, EnhancedCode, ProtoError, Reply, MAX_COMMAND_LINE, MAX_REPLY_LINE,
+    DataReceiver, DotStuffer, EnhancedCode, ProtoError, Reply, ReplyLimits, ReplyScanner,
+    MAX_COMMAND_LINE, MAX_REPLY_BYTES, MAX_REPLY_LINE, MAX_REPLY_LINES,
 };
 
 fn parse_all(input: &[u8]) -> (Reply, usize) {
@@ -190,6 +191,206 @@ fn reply_line_too_long() {
     let mut multi = b"250-ok\r\n250 ".to_vec();
     multi.extend(std::iter::repeat_n(b'y', 60));
     assert!(parse_reply(&multi, 50).is_err());
+}
+
+// ------------------------------------------- resumable scanner and reply limits
+
+/// Feeds `wire` to one scanner in pieces of the given sizes (repeated), as a client reads it: every complete
+/// reply is taken off the front, several at once when a read holds them. Returns the replies
+/// with their lengths and, if the stream broke a rule, the error.
+fn scan_in_chunks(
+    wire: &[u8],
+    sizes: &[usize],
+    limits: ReplyLimits,
+) -> (Vec<(Reply, usize)>, Option<ProtoError>) {
+    let mut scanner = ReplyScanner::new(limits);
+    let mut buf = Vec::new();
+    let mut replies = Vec::new();
+    let mut pos = 0;
+    for size in sizes.iter().cycle() {
+        if pos == wire.len() {
+            break;
+        }
+        let end = wire.len().min(pos + size.max(&1));
+        buf.extend_from_slice(&wire[pos..end]);
+        pos = end;
+        loop {
+            match scanner.parse(&buf) {
+                Ok(Some((reply, used))) => {
+                    buf.drain(..used);
+                    replies.push((reply, used));
+                }
+                Ok(None) => break,
+                Err(e) => return (replies, Some(e)),
+            }
+        }
+    }
+    (replies, None)
+}
+
+/// The same stream parsed whole, each reply scanned from scratch.
+fn scan_whole(wire: &[u8], limits: ReplyLimits) -> (Vec<(Reply, usize)>, Option<ProtoError>) {
+    let mut pos = 0;
+    let mut replies = Vec::new();
+    loop {
+        match ReplyScanner::new(limits).parse(&wire[pos..]) {
+            Ok(Some((reply, used))) => {
+                pos += used;
+                replies.push((reply, used));
+            }
+            Ok(None) => return (replies, None),
+            Err(e) => return (replies, Some(e)),
+        }
+    }
+}
+
+fn continuation_flood(line: &[u8], count: usize) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for _ in 0..count {
+        wire.extend_from_slice(b"250-");
+        wire.extend_from_slice(line);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire
+}
+
+#[test]
+fn scanner_takes_pipelined_replies_in_any_pieces() {
+    let wire: &[u8] = b"220 mx ESMTP\r\n250-mx\r\n250-PIPELINING\r\n250 SIZE 10\r\n\
+        250 2.1.0 ok\r\n550-5.1.1 no\n550 5.1.1 such user\r\n354 go\r\n250 q";
+    let (whole, err) = scan_whole(wire, ReplyLimits::default());
+    assert!(err.is_none());
+    let codes: Vec<u16> = whole.iter().map(|(r, _)| r.code).collect();
+    assert_eq!(codes, [220, 250, 250, 550, 354]);
+    for chunk in 1..=wire.len() {
+        let (pieces, err) = scan_in_chunks(wire, &[chunk], ReplyLimits::default());
+        assert!(err.is_none(), "chunk {chunk}: {err:?}");
+        assert_eq!(pieces, whole, "chunk {chunk}");
+    }
+}
+
+#[test]
+fn scanner_never_looks_at_bytes_twice() {
+    // Complete lines are checked once: garbage put in their place afterwards goes unseen, so
+    // a resumed scan did not start again from byte 0.
+    let mut scanner = ReplyScanner::default();
+    assert!(scanner.scan(b"250-first\r\n250-sec").unwrap().is_none());
+    let resumed: &[u8] = b"XXX-first\r\n250-second\r\n250 third\r\n";
+    let (reply, used) = scanner.parse(resumed).unwrap().unwrap();
+    assert_eq!(used, resumed.len());
+    assert_eq!(reply.lines, ["first", "second", "third"]);
+    assert!(ReplyScanner::default().scan(resumed).is_err());
+    // Nor is the part of a line already searched for its end: a line feed put there goes
+    // unseen, where a fresh scan of the same bytes finds it.
+    let mut scanner = ReplyScanner::default();
+    assert!(scanner.scan(b"250 abc").unwrap().is_none());
+    assert_eq!(scanner.scan(b"250 a\nc def\r\n").unwrap(), Some(13));
+    assert_eq!(
+        ReplyScanner::default().scan(b"250 a\nc def\r\n").unwrap(),
+        Some(6)
+    );
+}
+
+#[test]
+fn scanner_starts_afresh_after_a_reply_or_on_a_shorter_buffer() {
+    let mut scanner = ReplyScanner::default();
+    assert_eq!(scanner.scan(b"250 a\r\n").unwrap(), Some(7));
+    assert_eq!(scanner.scan(b"251 b\r\n").unwrap(), Some(7));
+    assert!(scanner
+        .scan(b"550-5.1.1 long continuation")
+        .unwrap()
+        .is_none());
+    // Not the buffer it was resuming on: no out-of-range positions, just a new scan.
+    assert_eq!(scanner.scan(b"221 bye\r\n").unwrap(), Some(9));
+}
+
+#[test]
+fn reply_line_limit() {
+    let limits = ReplyLimits {
+        max_lines: 4,
+        ..ReplyLimits::default()
+    };
+    let four = b"250-a\r\n250-b\r\n250-c\r\n250 d\r\n";
+    let (reply, used) = ReplyScanner::new(limits).parse(four).unwrap().unwrap();
+    assert_eq!((reply.lines.len(), used), (4, four.len()));
+    // The fourth line continuing is enough to know there will be a fifth: no need to wait.
+    let res = ReplyScanner::new(limits).scan(b"250-a\r\n250-b\r\n250-c\r\n250-d\r\n");
+    assert!(
+        matches!(res, Err(ProtoError::ReplyTooManyLines { limit: 4 })),
+        "{res:?}"
+    );
+    assert_eq!(
+        ReplyScanner::new(limits)
+            .scan(b"250-a\r\n250-b\r\n250-c\r\n250-")
+            .unwrap(),
+        None
+    );
+    // The default: 128 lines pass, a 129th does not.
+    let mut max = continuation_flood(b"x", 127);
+    max.extend_from_slice(b"250 last\r\n");
+    let (reply, _) = parse_all(&max);
+    assert_eq!(reply.lines.len(), MAX_REPLY_LINES);
+    let over = continuation_flood(b"x", 128);
+    assert!(matches!(
+        parse_reply(&over, MAX_REPLY_LINE),
+        Err(ProtoError::ReplyTooManyLines { limit: 128 })
+    ));
+}
+
+#[test]
+fn reply_byte_limit() {
+    let limits = ReplyLimits {
+        max_line: 20,
+        max_lines: 100,
+        max_bytes: 24,
+    };
+    // 24 bytes exactly.
+    let exact = b"250-123456\r\n250 abcdef\r\n";
+    assert_eq!(exact.len(), 24);
+    assert_eq!(ReplyScanner::new(limits).scan(exact).unwrap(), Some(24));
+    let res = ReplyScanner::new(limits).scan(b"250-123456\r\n250 abcdefg\r\n");
+    assert!(
+        matches!(res, Err(ProtoError::ReplyTooLarge { limit: 24 })),
+        "{res:?}"
+    );
+    // Unterminated: 23 bytes may still end within the limit, 24 cannot.
+    assert!(ReplyScanner::new(limits)
+        .scan(&exact[..23])
+        .unwrap()
+        .is_none());
+    let res = ReplyScanner::new(limits).scan(b"250-123456\r\n250 abcdefgh");
+    assert!(
+        matches!(res, Err(ProtoError::ReplyTooLarge { limit: 24 })),
+        "{res:?}"
+    );
+    // Long lines reach the byte limit before the line limit.
+    let long = continuation_flood(&[b'y'; 4000], 9);
+    assert!(matches!(
+        parse_reply(&long, MAX_REPLY_LINE),
+        Err(ProtoError::ReplyTooLarge {
+            limit: MAX_REPLY_BYTES
+        })
+    ));
+}
+
+#[test]
+fn a_flood_is_refused_at_the_limit_however_much_follows() {
+    // Megabytes of continuation lines, then a line that would be a syntax error: the scan
+    // stops at the limit and never reaches it.
+    for line in [&b"xxxxxxxx"[..], &[b'z'; 1000][..]] {
+        let mut wire = b"220 hostile.test ESMTP\r\n".to_vec();
+        wire.extend(continuation_flood(line, 4_000_000 / line.len()));
+        wire.extend_from_slice(b"not a reply line\r\n");
+        let (replies, err) = scan_whole(&wire, ReplyLimits::default());
+        assert_eq!(replies.len(), 1);
+        assert!(
+            matches!(
+                err,
+                Some(ProtoError::ReplyTooManyLines { .. } | ProtoError::ReplyTooLarge { .. })
+            ),
+            "{err:?}"
+        );
+    }
 }
 
 #[test]
@@ -856,6 +1057,30 @@ mod props {
         )
     }
 
+    /// A few well-formed replies with CRLF or bare LF line ends, then maybe some garbage.
+    fn reply_stream(max_text: usize) -> impl Strategy<Value = Vec<u8>> {
+        let text = proptest::string::string_regex(&format!("[ -~]{{0,{max_text}}}")).unwrap();
+        let line = (text, any::<bool>());
+        let reply = (200u16..600, proptest::collection::vec(line, 1..8));
+        (
+            proptest::collection::vec(reply, 0..5),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        )
+            .prop_map(|(replies, tail)| {
+                let mut wire = Vec::new();
+                for (code, lines) in replies {
+                    let n = lines.len();
+                    for (i, (text, crlf)) in lines.into_iter().enumerate() {
+                        let sep = if i + 1 == n { ' ' } else { '-' };
+                        wire.extend_from_slice(format!("{code}{sep}{text}").as_bytes());
+                        wire.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
+                    }
+                }
+                wire.extend(tail);
+                wire
+            })
+    }
+
     proptest! {
         #[test]
         fn dot_round_trip(input in message_bytes(), a in 1usize..50, b in 1usize..50) {
@@ -891,6 +1116,74 @@ mod props {
             prop_assert_eq!(&again, &wire);
             let cut = cut.index(wire.len());
             prop_assert!(parse_reply(&wire[..cut], MAX_REPLY_LINE).unwrap().is_none());
+        }
+
+        #[test]
+        fn reply_fed_in_pieces_parses_as_whole(
+            wire in reply_stream(40),
+            sizes in proptest::collection::vec(1usize..64, 1..8),
+        ) {
+            let (whole, whole_err) = scan_whole(&wire, ReplyLimits::default());
+            let (pieces, pieces_err) = scan_in_chunks(&wire, &sizes, ReplyLimits::default());
+            prop_assert_eq!(pieces, whole);
+            prop_assert_eq!(
+                pieces_err.map(|e| e.to_string()),
+                whole_err.map(|e| e.to_string())
+            );
+        }
+
+        #[test]
+        fn tight_limits_fail_the_same_in_pieces(
+            wire in prop_oneof![
+                reply_stream(30),
+                proptest::collection::vec(any::<u8>(), 0..300),
+            ],
+            sizes in proptest::collection::vec(1usize..40, 1..8),
+        ) {
+            let limits = ReplyLimits { max_line: 24, max_lines: 5, max_bytes: 80 };
+            let (whole, whole_err) = scan_whole(&wire, limits);
+            let (pieces, pieces_err) = scan_in_chunks(&wire, &sizes, limits);
+            // Pieces may reveal a limit before the line that would have shown a syntax
+            // error is complete, so only the fact of an error must agree.
+            prop_assert_eq!(pieces, whole);
+            prop_assert_eq!(pieces_err.is_some(), whole_err.is_some());
+        }
+
+        #[test]
+        fn continuation_flood_fails_at_the_limit(
+            len in 0usize..300,
+            sizes in proptest::collection::vec(1usize..5000, 1..4),
+        ) {
+            let line_bytes = 4 + len + 2;
+            let wire = continuation_flood(&vec![b'x'; len], 40_000 / line_bytes + MAX_REPLY_LINES);
+            let mut scanner = ReplyScanner::default();
+            let mut fed = 0;
+            let mut err = None;
+            for size in sizes.iter().cycle() {
+                prop_assert!(fed < wire.len(), "the whole flood was accepted");
+                fed = wire.len().min(fed + size);
+                match scanner.scan(&wire[..fed]) {
+                    Ok(None) => {}
+                    Ok(Some(used)) => prop_assert!(false, "a reply of {} bytes", used),
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            let largest = sizes.iter().max().copied().unwrap_or(0);
+            prop_assert!(fed <= MAX_REPLY_BYTES + largest, "{} bytes fed", fed);
+            if MAX_REPLY_LINES * line_bytes <= MAX_REPLY_BYTES {
+                prop_assert!(
+                    matches!(err, Some(ProtoError::ReplyTooManyLines { limit: MAX_REPLY_LINES })),
+                    "{:?}", err
+                );
+            } else {
+                prop_assert!(
+                    matches!(err, Some(ProtoError::ReplyTooLarge { limit: MAX_REPLY_BYTES })),
+                    "{:?}", err
+                );
+            }
         }
 
         #[test]
