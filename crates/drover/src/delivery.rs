@@ -89,7 +89,9 @@ impl Drop for WorkerGuard<'_> {
     }
 }
 
-/// A message read from the spool for an attempt.
+/// A message read from the spool for an attempt. Short-lived and never stored, so the size
+/// difference between its variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Loaded {
     Found(MessageMeta, Vec<u8>),
     /// Purged or finished meanwhile.
