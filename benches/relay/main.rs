@@ -15,7 +15,8 @@
 //!
 //! Environment: `DROVER_BENCH_QUICK=1` (one short run per case), `DROVER_BENCH_SIZES=2048,20480`,
 //! `DROVER_BENCH_RUNS=3`, `DROVER_BENCH_SECS=12` (target length of a run),
-//! `DROVER_BENCH_POSTFIX=0`, `DROVER_BENCH_VARIANTS=batch,single`.
+//! `DROVER_BENCH_POSTFIX=0`, `DROVER_BENCH_VARIANTS=batch,single`, `DROVER_BENCH_BINARY=PATH` (a
+//! `drover` binary to measure instead of this build's, e.g. an older one for a before/after).
 //! Benchmarks report numbers; they never assert timing.
 
 #![allow(
@@ -142,7 +143,7 @@ fn settings() -> Settings {
         postfix: std::env::var("DROVER_BENCH_POSTFIX").map_or(true, |v| v != "0"),
         variants,
         work: target_dir.join("bench"),
-        drover: PathBuf::from(env!("CARGO_BIN_EXE_drover")),
+        drover: std::env::var_os("DROVER_BENCH_BINARY").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover")), PathBuf::from),
     }
 }
 

@@ -17,7 +17,9 @@
 //! Environment: `DROVER_BENCH_QUICK=1` (100 000 messages over 10 000 domains),
 //! `DROVER_BENCH_SCALE_N`, `DROVER_BENCH_SCALE_DOMAINS`, `DROVER_BENCH_SCALE_DUE`,
 //! `DROVER_BENCH_SCALE_DUE_DOMAINS`,
-//! `DROVER_BENCH_SCALE_BODY` (bytes, default 1024). Writes `target/bench/scale.json`.
+//! `DROVER_BENCH_SCALE_BODY` (bytes, default 1024), `DROVER_BENCH_BINARY=PATH` (a `drover` binary
+//! to measure instead of this build's, e.g. an older one for a before/after). Writes
+//! `target/bench/scale.json`.
 
 #![allow(
     clippy::unwrap_used,
@@ -312,7 +314,7 @@ fn main() {
         due_domains,
     };
     let body_size = env_usize("DROVER_BENCH_SCALE_BODY", 1024);
-    let drover = PathBuf::from(env!("CARGO_BIN_EXE_drover"));
+    let drover = std::env::var_os("DROVER_BENCH_BINARY").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover")), PathBuf::from);
     let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
         |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
         PathBuf::from,
