@@ -165,9 +165,14 @@ impl Engine {
                     continue;
                 }
                 if self.workers_running.load(Ordering::SeqCst) >= max_workers {
-                    // This queue comes first in the next pass.
-                    starved |= running == 0;
-                    break 'pass;
+                    if running == 0 {
+                        // Busy workers hand over; this queue comes first in the next pass.
+                        starved = true;
+                        break 'pass;
+                    }
+                    // It only wants more workers: not while every worker is busy.
+                    *cursor = Some(queue);
+                    continue;
                 }
                 let mut running = self.active.entry(queue.clone()).or_insert(0);
                 while *running < desired
