@@ -143,7 +143,10 @@ fn settings() -> Settings {
         postfix: std::env::var("DROVER_BENCH_POSTFIX").map_or(true, |v| v != "0"),
         variants,
         work: target_dir.join("bench"),
-        drover: std::env::var_os("DROVER_BENCH_BINARY").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover")), PathBuf::from),
+        drover: std::env::var_os("DROVER_BENCH_BINARY").map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_drover")),
+            PathBuf::from,
+        ),
     }
 }
 

@@ -202,7 +202,7 @@ pub fn assert_success(out: &std::process::Output) {
 pub async fn fill_spool(path: &Path, count: usize, due_in_ms: u64, campaign: Option<&str>) {
     use queue::{MessageId, MessageMeta, Spool, SpoolOptions};
     let spool = Spool::open(path, SpoolOptions::default()).unwrap();
-    let now = drover::engine::now_ms();
+    let now = drover::clock::now_ms();
     let mut written = 0;
     while written < count {
         let batch = (written..count.min(written + 10_000))

@@ -20,6 +20,17 @@ pub enum Action {
     Bounce,
 }
 
+impl Action {
+    /// The `action` label of `drover_automation_actions_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Suspend => "suspend",
+            Action::Backoff => "backoff",
+            Action::Bounce => "bounce",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Rule {
     pattern: Regex,

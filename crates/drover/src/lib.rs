@@ -2,16 +2,35 @@
 //! injection listener and the command line. The protocol, spool, resolver, pool and shaping
 //! logic live in their own crates.
 
+// Doors: where messages come in.
 pub mod api;
-pub mod automation;
-pub mod config;
-mod delivery;
-pub mod egress;
+pub mod listener;
+// Prepare: one RFC 5322 message per recipient.
+pub mod message;
+// The engine's state, and its work by concern, in the order a message meets them.
+mod admin;
+mod dispatch;
 pub mod engine;
 mod finals;
-pub mod listener;
-pub mod message;
+mod inject;
+mod outcome;
+mod record;
+mod restore;
+mod startup;
+mod worker;
+// Leaves the above share.
+pub mod automation;
+pub mod clock;
+pub mod config;
+mod crew;
+pub mod egress;
+mod outbound;
+mod policy;
 pub mod serve;
+mod telemetry;
 
 pub use config::Config;
 pub use engine::Engine;
+
+pub use inject::Unsignable;
+pub use message::{NewMessage, Origin};

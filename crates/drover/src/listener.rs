@@ -15,9 +15,11 @@
 //! (a Drover extension): `X-Campaign` sets the campaign and `X-Tenant` the tenant. Both stay in
 //! the message.
 
+use crate::clock::now_ms;
 use crate::config::{parse_cidr, AuthUser, Config};
-use crate::engine::{now_ms, Engine, EngineError, NewMessage, Origin};
+use crate::engine::{Engine, EngineError};
 use crate::message::header_value;
+use crate::message::{NewMessage, Origin};
 use crate::serve::ServeError;
 use queue::MessageId;
 use smtp_proto::server::{Event, ServerConfig, ServerSession};

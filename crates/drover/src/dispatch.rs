@@ -1,0 +1,162 @@
+//! The dispatcher: moves due messages to their ready queues and starts workers, round-robin
+//! over the queues and within `delivery.max_workers`; and the engine's housekeeping.
+
+use crate::clock::now_ms;
+use crate::engine::Engine;
+use crate::outbound::mx_hosts;
+use crate::telemetry::{BACKOFF, HOLDS, WORKERS};
+use queue::Selector;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Messages a worker should have queued before the dispatcher adds another worker for the
+/// same domain: a session carries many messages, and receivers count connections.
+const BACKLOG_PER_WORKER: usize = 4;
+/// Ready queues one dispatcher look at the schedule reads.
+const SCAN_CHUNK: usize = 256;
+
+impl Engine {
+    /// Moves due messages to their ready queues and starts workers where messages wait.
+    pub(crate) async fn dispatch(self: Arc<Self>) {
+        // Where the last pass stopped: queues are served round-robin in name order.
+        let mut cursor: Option<String> = None;
+        loop {
+            if !self.spool.is_writable() {
+                // An attempt's outcome could not be recorded: deliveries wait, the messages
+                // stay queued, until the spool is writable again.
+                tokio::select! {
+                    _ = self.cancel.cancelled() => return,
+                    _ = self.spool.wait_writable() => {}
+                }
+            }
+            let now = now_ms();
+            self.scheduler.promote(now);
+            self.start_workers(&mut cursor, now);
+            let sleep = match self.scheduler.next_due() {
+                Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).clamp(1, 1000)),
+                None => Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = self.scheduler.changed() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// One dispatcher pass: walks the ready queues from `cursor`, once round, and starts
+    /// workers where they are wanted, up to `delivery.max_workers` in all. A queue without a
+    /// worker comes before a second worker for a busy one; when some queue cannot get one
+    /// (every worker busy, or its site's connections all in use), `starving` makes busy
+    /// workers hand over after their turn.
+    fn start_workers(self: &Arc<Self>, cursor: &mut Option<String>, now: u64) {
+        let max_workers = self.config.delivery.max_workers;
+        let began = cursor.clone();
+        let others_waited = self.crew.starving.load(Ordering::SeqCst);
+        let mut starved = false;
+        let mut wrapped = false;
+        'pass: loop {
+            let batch = self
+                .scheduler
+                .ready_after(cursor.as_deref(), SCAN_CHUNK, now);
+            let at_end = batch.len() < SCAN_CHUNK;
+            for (queue, ready) in batch {
+                if wrapped && began.as_deref().is_some_and(|b| queue.as_str() > b) {
+                    break 'pass;
+                }
+                let running = self.crew.active.get(&queue).map_or(0, |n| *n);
+                let (cap, saturated) = self.worker_cap(&queue);
+                let desired = ready.div_ceil(BACKLOG_PER_WORKER).clamp(1, cap);
+                if running >= desired || (running > 0 && others_waited) {
+                    *cursor = Some(queue);
+                    continue;
+                }
+                if saturated {
+                    // Its site's sessions are all busy with other domains: they hand over.
+                    starved |= running == 0;
+                    *cursor = Some(queue);
+                    continue;
+                }
+                if self.crew.running.load(Ordering::SeqCst) >= max_workers {
+                    if running == 0 {
+                        // Busy workers hand over; this queue comes first in the next pass.
+                        starved = true;
+                        break 'pass;
+                    }
+                    // It only wants more workers: not while every worker is busy.
+                    *cursor = Some(queue);
+                    continue;
+                }
+                let mut running = self.crew.active.entry(queue.clone()).or_insert(0);
+                while *running < desired && self.crew.running.load(Ordering::SeqCst) < max_workers {
+                    *running += 1;
+                    self.crew.running.fetch_add(1, Ordering::SeqCst);
+                    let engine = Arc::clone(self);
+                    let queue = queue.clone();
+                    self.crew
+                        .tracker
+                        .spawn(async move { engine.work(queue).await });
+                }
+                drop(running);
+                *cursor = Some(queue);
+            }
+            if at_end {
+                if wrapped || began.is_none() {
+                    break;
+                }
+                wrapped = true;
+                *cursor = None;
+            }
+        }
+        self.crew.starving.store(starved, Ordering::SeqCst);
+    }
+
+    /// How many workers a queue may have (its site's connection cap, once the site is
+    /// known without a lookup; one until then), and whether its site's connections are all
+    /// in use with no idle session to take over.
+    fn worker_cap(&self, queue: &str) -> (usize, bool) {
+        let (domain, source) = queue::split_queue_key(queue);
+        let Some(Ok(dest)) = self.outbound.resolver.peek(domain) else {
+            return (1, false);
+        };
+        let site_key = queue::queue_key(&dest.site, source);
+        let limiter = self
+            .outbound
+            .shaper
+            .limiter(&site_key, domain, &mx_hosts(&dest));
+        let cap = limiter.max_connections_now().max(1);
+        let saturated =
+            limiter.connections_in_use() >= cap && !self.outbound.pool.has_idle(&site_key);
+        (cap, saturated)
+    }
+
+    /// Housekeeping: closes idle sessions past their time, publishes the hold gauges, and
+    /// drops bookkeeping of destinations nothing refers to any more.
+    pub(crate) async fn reap_idle_sessions(self: Arc<Self>) {
+        let period = (self.config.delivery.idle_timeout.0 / 2)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last_compaction = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(period) => {
+                    self.outbound.pool.reap();
+                    let holds = self.scheduler.suspensions(now_ms());
+                    let domains = holds.iter().filter(|(s, _)| matches!(s, Selector::Domain(_))).count();
+                    metrics::gauge!(HOLDS, "kind" => "domain").set(domains as f64);
+                    metrics::gauge!(HOLDS, "kind" => "campaign").set((holds.len() - domains) as f64);
+                    metrics::gauge!(BACKOFF).set(self.backing_off().len() as f64);
+                    metrics::gauge!(WORKERS).set(self.crew.running.load(Ordering::SeqCst) as f64);
+                    if last_compaction.elapsed() >= Duration::from_secs(60) {
+                        last_compaction = tokio::time::Instant::now();
+                        self.scheduler.compact();
+                        let now = tokio::time::Instant::now();
+                        self.outbound.shaper.evict_idle(now, rate_limiter::IDLE_EVICTION);
+                        self.outbound.rates.evict_idle(now, rate_limiter::IDLE_EVICTION);
+                    }
+                }
+            }
+        }
+    }
+}

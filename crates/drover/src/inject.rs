@@ -1,0 +1,130 @@
+//! Injection: DKIM signing, the synced spool write, Reception records, queueing.
+
+use crate::engine::{Engine, EngineError};
+use crate::message::NewMessage;
+use crate::telemetry::{DKIM_SIGNATURES, RECEIVED};
+use accounting::RecordType;
+use queue::MessageMeta;
+use std::sync::Arc;
+
+/// Messages handed back by [`Engine::accept`] because some of them cannot be signed.
+pub struct Unsignable {
+    /// Position (in the batch) and reason of each message that cannot be signed.
+    pub failures: Vec<(usize, dkim::DkimError)>,
+    /// The whole batch, unchanged: the caller may retry without the failed ones.
+    pub messages: Vec<NewMessage>,
+}
+
+impl std::fmt::Debug for Unsignable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsignable")
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for Unsignable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.failures.first() {
+            Some((_, e)) => write!(f, "DKIM signing failed: {e}"),
+            None => write!(f, "DKIM signing failed"),
+        }
+    }
+}
+
+/// Signs every message whose From domain has a key; all or nothing. Returns the batch with
+/// signed bodies and how many were signed.
+fn sign_all(
+    signers: &dkim::Signers,
+    mut messages: Vec<NewMessage>,
+) -> Result<(Vec<NewMessage>, u64), Box<Unsignable>> {
+    let mut signed = Vec::with_capacity(messages.len());
+    let mut failures = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        match signers.sign(&m.body) {
+            Ok(body) => signed.push(body),
+            Err(e) => {
+                failures.push((i, e));
+                signed.push(None);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        return Err(Box::new(Unsignable { failures, messages }));
+    }
+    let mut count = 0;
+    for (m, body) in messages.iter_mut().zip(signed) {
+        if let Some(body) = body {
+            m.meta.size = body.len() as u64;
+            m.body = body;
+            count += 1;
+        }
+    }
+    Ok((messages, count))
+}
+
+impl Engine {
+    /// DKIM-signs messages (`[[dkim]]`), stores them (synced), writes their `Reception`
+    /// records and queues them. All or nothing: on error nothing was queued. A message that a
+    /// key applies to but that cannot be signed fails the batch with
+    /// [`EngineError::Unsignable`], which hands the batch back: sending it unsigned would
+    /// fail DMARC at the receiver, and retrying the same bytes fails the same way.
+    pub async fn accept(
+        self: &Arc<Self>,
+        messages: Vec<NewMessage>,
+        via: &'static str,
+    ) -> Result<(), EngineError> {
+        if self.is_draining() {
+            return Err(EngineError::Draining);
+        }
+        let queued = self.scheduler.len();
+        if queued + messages.len() > self.config.spool.max_queued {
+            return Err(EngineError::Full(queued));
+        }
+        let count = messages.len() as u64;
+        let policy = self.policy();
+        let (messages, signed) = if policy.signers.is_empty() {
+            (messages, 0)
+        } else {
+            // RSA signing costs about a millisecond per message: a large batch would stall
+            // the runtime's worker thread.
+            let signing = tokio::task::spawn_blocking(move || sign_all(&policy.signers, messages))
+                .await
+                .map_err(|e| EngineError::Signing(e.to_string()))?;
+            match signing {
+                Ok(done) => done,
+                Err(unsignable) => {
+                    metrics::counter!(DKIM_SIGNATURES, "result" => "error")
+                        .increment(unsignable.failures.len() as u64);
+                    return Err(EngineError::Unsignable(unsignable));
+                }
+            }
+        };
+        let metas: Vec<MessageMeta> = messages.iter().map(|m| m.meta.clone()).collect();
+        self.spool
+            .insert(messages.into_iter().map(|m| (m.meta, m.body)).collect())
+            .await?;
+        metrics::counter!(RECEIVED, "via" => via).increment(count);
+        metrics::counter!(DKIM_SIGNATURES, "result" => "signed").increment(signed);
+        metrics::counter!(DKIM_SIGNATURES, "result" => "unsigned").increment(count - signed);
+        // Accepted means spooled: the caller is answered now, and the Reception records are
+        // synced in the background, each message queued only after its record is down, so a
+        // Reception never follows its message's final record. A crash in that moment can lose
+        // a Reception line, never a message or its final record.
+        let engine = Arc::clone(self);
+        self.crew.tracker.spawn(async move {
+            let records = metas
+                .iter()
+                .map(|m| engine.record(RecordType::Reception, m))
+                .collect();
+            if let Err(e) = engine.accounting.record_all(records).await {
+                // The messages are safely spooled and will be delivered; only the line is lost.
+                tracing::error!(error = %e, "could not write Reception records");
+            }
+            for m in &metas {
+                engine.enqueue_new(m);
+            }
+        });
+        Ok(())
+    }
+}

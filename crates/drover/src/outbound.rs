@@ -1,0 +1,57 @@
+//! What outbound sessions need: the resolver, the pool of idle sessions, the limits, the
+//! egress sources; and the session type the pool holds.
+
+use crate::egress::Egress;
+use connection_pool::{Pool, Pooled, SmtpClient, Timeouts};
+use rate_limiter::{ConnectionSlot, KeyedRates, Shaper};
+use resolver_cache::{Destination, MxResolver};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// The engine's outbound side: where mail goes and over what.
+pub(crate) struct Outbound {
+    pub(crate) resolver: MxResolver,
+    /// Idle sessions by site, each holding its connection slot.
+    pub(crate) pool: Pool<Session>,
+    pub(crate) shaper: Shaper,
+    /// Tenant and campaign rates (`[[rate_limit]]`): outside the reloadable policy, so a
+    /// reload keeps the state of the rates it does not change.
+    pub(crate) rates: KeyedRates,
+    pub(crate) egress: Egress,
+    /// Outbound sessions open at once, across every destination (`delivery.max_connections`).
+    pub(crate) global_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) ehlo_name: String,
+    pub(crate) timeouts: Timeouts,
+}
+
+/// An SMTP session with the connection slots it occupies (its site's and the global one).
+pub(crate) struct Session {
+    pub(crate) client: SmtpClient,
+    pub(crate) _slot: ConnectionSlot,
+    pub(crate) _global: OwnedSemaphorePermit,
+}
+
+impl Pooled for Session {
+    fn is_usable(&self) -> bool {
+        self.client.is_usable()
+    }
+
+    fn close(self) -> impl Future<Output = ()> + Send {
+        // The slots are released when the session is gone, not before.
+        let Session {
+            client,
+            _slot,
+            _global,
+        } = self;
+        async move {
+            client.quit().await;
+            drop((_slot, _global));
+        }
+    }
+}
+
+/// The MX host names of a destination, as shaping and TLS rules match them.
+pub(crate) fn mx_hosts(dest: &Destination) -> Vec<String> {
+    dest.hosts.iter().map(|h| h.name.clone()).collect()
+}

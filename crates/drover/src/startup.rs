@@ -1,0 +1,126 @@
+//! Starting an engine: open the spool, accounting and resolver, settle what the last stop
+//! left, then run the reload, the dispatcher, housekeeping and the checkpoint keeper.
+
+use crate::config::Config;
+use crate::crew::Crew;
+use crate::egress::Egress;
+use crate::engine::{Engine, EngineError};
+use crate::outbound::Outbound;
+use crate::policy::Policy;
+use crate::telemetry::describe_metrics;
+use accounting::Accounting;
+use connection_pool::Pool;
+use queue::{Scheduler, Spool, SpoolOptions};
+use rate_limiter::{KeyedRates, Limits, Shaper};
+use resolver_cache::{MxResolver, ResolverSettings};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+impl Engine {
+    /// Opens the spool and accounting, reloads queued messages and starts delivering.
+    pub async fn start(config: Config) -> Result<Arc<Engine>, EngineError> {
+        describe_metrics();
+        std::fs::create_dir_all(&config.spool.path).map_err(|e| {
+            EngineError::Config(format!("spool.path {}: {e}", config.spool.path.display()))
+        })?;
+        let spool = Spool::open(
+            &config.spool.path,
+            SpoolOptions {
+                sync: config.spool.sync,
+                body_buffer_bytes: config.spool.body_buffer_mb.saturating_mul(1 << 20),
+                ..SpoolOptions::default()
+            },
+        )?;
+        let accounting = Accounting::open(&config.accounting_path())?;
+        let nameservers = config
+            .dns
+            .nameservers
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Config(format!("dns.nameservers: {e}")))?;
+        let resolver = MxResolver::new(ResolverSettings {
+            nameservers,
+            smtp_port: config.delivery.smtp_port,
+            timeout: config.dns.timeout.0,
+            attempts: config.dns.attempts,
+            max_in_flight: config.dns.max_in_flight,
+            routes: config
+                .route
+                .iter()
+                .map(|r| (r.domain.to_ascii_lowercase(), r.hosts.clone()))
+                .collect(),
+            ..ResolverSettings::default()
+        })?;
+        let rules = config
+            .shaping_rules()
+            .map_err(|e| EngineError::Config(e.to_string()))?;
+        let shaper = Shaper::new(rules, Limits::default());
+        let rates = KeyedRates::new(
+            config
+                .keyed_rates()
+                .map_err(|e| EngineError::Config(e.to_string()))?,
+        );
+        let ehlo_name = if config.delivery.ehlo_name.is_empty() {
+            hostname()
+        } else {
+            config.delivery.ehlo_name.clone()
+        };
+        let timeouts = config.delivery.timeouts();
+        let egress = Egress::from_config(&config);
+        let global_slots = Arc::new(tokio::sync::Semaphore::new(config.delivery.max_connections));
+        let policy = std::sync::RwLock::new(Arc::new(Policy::from_config(&config)?));
+        let engine = Arc::new(Engine {
+            outbound: Outbound {
+                resolver,
+                pool: Pool::new(config.delivery.idle_timeout.0),
+                shaper,
+                rates,
+                egress,
+                global_slots,
+                ehlo_name,
+                timeouts,
+            },
+            config,
+            spool,
+            scheduler: Scheduler::new(),
+            accounting,
+            ledger: crate::finals::Ledger::default(),
+            crew: Crew::default(),
+            policy,
+            cancel: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            reloading: Arc::new(AtomicBool::new(true)),
+        });
+        engine.load_suspensions()?;
+        // Before anything is delivered: messages whose final record was written just before
+        // the last stop are removed, not delivered again.
+        let checkpoint = engine.settle_recorded_finals().await?;
+        // The reload streams the spool while delivery already runs, so a large queue does
+        // not delay the first delivery.
+        let reloading = Arc::clone(&engine);
+        // Before anything can be injected or delivered, so that every message this process
+        // finishes during the reload is remembered.
+        engine.scheduler.begin_reload();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = reloading.reload_spool() {
+                tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
+            }
+            reloading.scheduler.end_reload();
+            reloading.reloading.store(false, Ordering::SeqCst);
+        });
+        tokio::spawn(Arc::clone(&engine).dispatch());
+        tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
+        tokio::spawn(Arc::clone(&engine).keep_checkpoint(checkpoint));
+        Ok(engine)
+    }
+}
