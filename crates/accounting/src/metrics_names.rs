@@ -17,6 +17,13 @@ pub fn describe_metrics() {
         "Messages that failed permanently, by bounce category."
     );
     metrics::describe_counter!(EXPIRED, "Messages that outlived retry.max_age.");
+    // Series exist from the first scrape, so dashboards and rate() see a zero, not a gap.
+    metrics::counter!(DELIVERED).increment(0);
+    metrics::counter!(TRANSIENT).increment(0);
+    metrics::counter!(EXPIRED).increment(0);
+    for category in BounceCategory::ALL {
+        metrics::counter!(BOUNCED, "category" => category.as_str()).increment(0);
+    }
 }
 
 pub(crate) fn count(kind: RecordType, category: Option<BounceCategory>) {

@@ -25,4 +25,5 @@ pub(crate) const CONNECTIONS_GAUGE: &str = "drover_smtp_connections";
 /// Registers the descriptions of the metrics this crate records.
 pub fn describe_metrics() {
     metrics::describe_gauge!(CONNECTIONS_GAUGE, "Open outbound SMTP sessions.");
+    metrics::gauge!(CONNECTIONS_GAUGE).increment(0.0);
 }

@@ -169,3 +169,119 @@ pub(crate) fn retry_delay(
     };
     base + base.mul_f64(jitter.clamp(0.0, 1.0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use smtp_proto::EnhancedCode;
+
+    fn reply(code: u16, enhanced: Option<(u8, u16, u16)>, text: &str) -> Reply {
+        Reply::new(
+            code,
+            enhanced.map(|(c, s, d)| EnhancedCode::new(c, s, d)),
+            text,
+        )
+    }
+
+    fn automation(toml: &str) -> Automation {
+        Automation::from_config(&Config::parse(toml).unwrap())
+    }
+
+    #[test]
+    fn replies_give_verdicts_and_categories() {
+        let ok = Outcome::from_reply(&reply(250, Some((2, 0, 0)), "queued"));
+        assert_eq!(ok.verdict, Verdict::Delivered);
+        let unknown = Outcome::from_reply(&reply(550, Some((5, 1, 1)), "no such user"));
+        assert_eq!(unknown.verdict, Verdict::Bounced);
+        assert_eq!(unknown.category, BounceCategory::BadMailbox);
+        assert_eq!(unknown.response.enhanced_code.as_deref(), Some("5.1.1"));
+        assert_eq!(unknown.response.text, "no such user");
+        let later = Outcome::from_reply(&reply(452, Some((4, 2, 2)), "mailbox full"));
+        assert_eq!(later.verdict, Verdict::Deferred);
+    }
+
+    #[test]
+    fn a_bare_4_7_1_on_a_first_attempt_is_greylisting() {
+        let bare = || Outcome::from_reply(&reply(450, Some((4, 7, 1)), "access denied for now"));
+        assert_ne!(bare().category, BounceCategory::Greylisted);
+        let mut first = bare();
+        first.mark_greylisting(1);
+        assert_eq!(first.category, BounceCategory::Greylisted);
+        let mut second = bare();
+        second.mark_greylisting(2);
+        assert_ne!(second.category, BounceCategory::Greylisted);
+        let mut throttled = Outcome::from_reply(&reply(421, Some((4, 7, 0)), "too fast"));
+        throttled.mark_greylisting(1);
+        assert_ne!(throttled.category, BounceCategory::Greylisted);
+        let mut bounced = Outcome::from_reply(&reply(550, Some((5, 7, 1)), "denied"));
+        bounced.mark_greylisting(1);
+        assert_ne!(bounced.category, BounceCategory::Greylisted);
+    }
+
+    #[test]
+    fn automation_reacts_to_failures_only_and_bounces_in_the_verdict() {
+        let rules = automation(
+            "[[automation]]\nmatch_response = \"TSS04\"\naction = \"suspend\"\nduration = \"2h\"\n\
+             [[automation]]\nmatch_response = \"4\\\\.2\\\\.2\"\naction = \"bounce\"\n",
+        );
+        let mut yahoo = Outcome::from_reply(&reply(421, Some((4, 7, 0)), "[TSS04] deferred"));
+        let (action, duration) = yahoo.react(&rules).unwrap();
+        assert_eq!(action, Action::Suspend);
+        assert_eq!(duration, Duration::from_secs(7200));
+        assert_eq!(yahoo.verdict, Verdict::Deferred);
+        let mut full = Outcome::from_reply(&reply(452, Some((4, 2, 2)), "mailbox full"));
+        assert_eq!(full.react(&rules).unwrap().0, Action::Bounce);
+        assert_eq!(full.verdict, Verdict::Bounced);
+        let mut ok = Outcome::from_reply(&reply(250, None, "TSS04 is fine"));
+        assert!(ok.react(&rules).is_none());
+        assert_eq!(ok.verdict, Verdict::Delivered);
+    }
+
+    #[test]
+    fn retry_delays_follow_the_schedule_and_greylisting() {
+        let config =
+            Config::parse("[retry]\nintervals = [\"1m\", \"10m\"]\ngreylist_retry = \"30s\"\n")
+                .unwrap();
+        let retry = &config.retry;
+        let other = BounceCategory::Other;
+        assert_eq!(retry_delay(retry, 1, other, 0.0), Duration::from_secs(60));
+        assert_eq!(retry_delay(retry, 2, other, 0.0), Duration::from_secs(600));
+        assert_eq!(retry_delay(retry, 9, other, 0.0), Duration::from_secs(600));
+        let grey = BounceCategory::Greylisted;
+        assert_eq!(retry_delay(retry, 1, grey, 0.0), Duration::from_secs(30));
+        assert_eq!(retry_delay(retry, 2, grey, 0.0), Duration::from_secs(600));
+        assert_eq!(retry_delay(retry, 1, other, 0.1), Duration::from_secs(66));
+    }
+
+    #[test]
+    fn failures_without_a_reply_defer_or_bounce_as_they_should() {
+        let nx = Outcome::unresolvable(&resolver_cache::ResolveError::NxDomain {
+            domain: "gone.test".into(),
+        });
+        assert_eq!(nx.verdict, Verdict::Bounced);
+        assert_eq!(nx.response.code, 550);
+        assert_eq!(nx.category, BounceCategory::BadDomain);
+        let servfail = Outcome::unresolvable(&resolver_cache::ResolveError::Temporary {
+            domain: "flaky.test".into(),
+            reason: "SERVFAIL".into(),
+        });
+        assert_eq!(servfail.verdict, Verdict::Deferred);
+        assert_eq!(servfail.response.code, 451);
+        let refused = ClientError::Connect {
+            address: ([127, 0, 0, 1], 25).into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        let none = Outcome::no_host_answered("x.test", &refused);
+        assert_eq!(none.verdict, Verdict::Deferred);
+        assert_eq!(none.response.enhanced_code.as_deref(), Some("4.4.1"));
+        let dot = ClientError::Timeout {
+            command: ".",
+            duration: Duration::from_secs(600),
+        };
+        let broken = Outcome::broken_session(&dot);
+        assert_eq!(broken.verdict, Verdict::Deferred);
+        assert!(broken.response.text.contains("may have been delivered"));
+        assert_eq!(broken.category, BounceCategory::NoAnswerFromHost);
+    }
+}

@@ -18,11 +18,9 @@ pub fn metrics_handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Full(
-                        "drover_delivery_duration_seconds".into(),
+                        crate::telemetry::DELIVERY_DURATION.into(),
                     ),
-                    &[
-                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                    ],
+                    crate::telemetry::DELIVERY_DURATION_BUCKETS,
                 )
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();

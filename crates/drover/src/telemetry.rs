@@ -13,6 +13,11 @@ pub(crate) const AUTOMATION: &str = "drover_automation_actions_total";
 /// Delivery workers running (extension).
 pub(crate) const WORKERS: &str = "drover_delivery_workers";
 
+/// The buckets of the delivery duration histogram (seconds).
+pub(crate) const DELIVERY_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// Registers the descriptions of every metric (contract §5).
 pub(crate) fn describe_metrics() {
     metrics::describe_counter!(RECEIVED, "Messages accepted into the spool, by channel.");
@@ -33,11 +38,16 @@ pub(crate) fn describe_metrics() {
         BACKOFF,
         "Destinations whose automation backoff limits are in force."
     );
+    metrics::describe_gauge!(
+        WORKERS,
+        "Delivery workers running (at most delivery.max_workers)."
+    );
     metrics::describe_histogram!(
         DELIVERY_DURATION,
         metrics::Unit::Seconds,
         "Time from the start of a transaction to its final reply."
     );
+    // Each crate describes its own metrics and gives their series a first zero.
     accounting::describe_metrics();
     queue::describe_metrics();
     connection_pool::describe_metrics();
@@ -49,15 +59,82 @@ pub(crate) fn describe_metrics() {
     for result in ["signed", "unsigned", "error"] {
         metrics::counter!(DKIM_SIGNATURES, "result" => result).increment(0);
     }
-    metrics::counter!("drover_messages_delivered_total").increment(0);
-    metrics::counter!("drover_messages_transient_failures_total").increment(0);
-    metrics::counter!("drover_messages_expired_total").increment(0);
-    for category in accounting::BounceCategory::ALL {
-        metrics::counter!("drover_messages_bounced_total", "category" => category.as_str())
-            .increment(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
     }
-    for result in ["cache_hit", "ok", "nxdomain", "error"] {
-        metrics::counter!("drover_dns_lookups_total", "result" => result).increment(0);
+
+    /// Every metric name is spelled once in the workspace's library and binary sources: in
+    /// its `const` declaration. Everything else refers to the constant, so a rename cannot
+    /// leave a stale copy behind.
+    #[test]
+    fn every_metric_name_is_declared_once() {
+        let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+        let crates = manifest.join("..");
+        let mut files = Vec::new();
+        for krate in std::fs::read_dir(&crates).unwrap().flatten() {
+            let src = krate.path().join("src");
+            if src.is_dir() {
+                sources(&src, &mut files);
+            }
+        }
+        let name = regex::Regex::new(r#""(drover_[a-z0-9_]+)""#).unwrap();
+        let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                // Test code may spell names to look for them in a scrape.
+                if line.contains("#[cfg(test)]") {
+                    break;
+                }
+                for m in name.captures_iter(line) {
+                    let at = format!("{}:{}: {}", file.display(), n + 1, line.trim());
+                    seen.entry(m[1].to_owned()).or_default().push(at);
+                }
+            }
+        }
+        assert!(seen.len() >= 15, "found only {seen:?}");
+        for (metric, places) in &seen {
+            assert_eq!(
+                places.len(),
+                1,
+                "{metric} is spelled more than once: {places:#?}"
+            );
+            assert!(
+                places[0].contains("const "),
+                "{metric} is not declared as a constant: {places:?}"
+            );
+        }
+        for required in [
+            "drover_messages_received_total",
+            "drover_messages_delivered_total",
+            "drover_messages_transient_failures_total",
+            "drover_messages_bounced_total",
+            "drover_messages_expired_total",
+            "drover_queue_messages",
+            "drover_smtp_connections",
+            "drover_dns_lookups_total",
+            "drover_delivery_duration_seconds",
+        ] {
+            assert!(
+                seen.contains_key(required),
+                "contract §5 metric {required} is missing"
+            );
+        }
     }
-    metrics::gauge!("drover_smtp_connections").increment(0.0);
 }

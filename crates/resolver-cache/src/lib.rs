@@ -32,6 +32,9 @@ pub fn describe_metrics() {
         LOOKUPS,
         "Destination lookups, by result (cache_hit, ok, nxdomain, error)."
     );
+    for result in ["cache_hit", "ok", "nxdomain", "error"] {
+        metrics::counter!(LOOKUPS, "result" => result).increment(0);
+    }
 }
 
 /// One host to try, with its addresses in the order to try them.
