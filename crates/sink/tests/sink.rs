@@ -5,16 +5,13 @@
 // allow-unwrap-in-tests; a panic is the right failure in a test binary.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use sink::{Sink, SinkConfig, SinkHandle};
-use smtp_proto::{parse_reply, Capabilities, Reply, MAX_REPLY_LINE};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use smtp_proto::Capabilities;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(5);
 
 async fn start(config: SinkConfig) -> SinkHandle {
     Sink::bind("127.0.0.1:0".parse().unwrap(), config)
@@ -22,76 +19,7 @@ async fn start(config: SinkConfig) -> SinkHandle {
         .unwrap()
 }
 
-struct Client {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    /// Connects and checks the banner.
-    async fn connect(addr: SocketAddr) -> Client {
-        let mut c = Client::connect_raw(addr).await;
-        let banner = c.reply().await.expect("banner");
-        assert_eq!(banner.code, 220, "{banner:?}");
-        c
-    }
-
-    async fn connect_raw(addr: SocketAddr) -> Client {
-        Client {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    /// The next reply, or None at EOF.
-    async fn reply(&mut self) -> Option<Reply> {
-        loop {
-            if let Some((reply, used)) = parse_reply(&self.buf, MAX_REPLY_LINE).unwrap() {
-                self.buf.drain(..used);
-                return Some(reply);
-            }
-            let mut chunk = [0u8; 4096];
-            let n = timeout(WAIT, self.stream.read(&mut chunk))
-                .await
-                .expect("reply timed out")
-                .unwrap_or(0);
-            if n == 0 {
-                assert!(self.buf.is_empty(), "EOF inside a reply");
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn cmd(&mut self, line: &str) -> Reply {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await.expect("reply")
-    }
-
-    async fn expect(&mut self, line: &str, code: u16) -> Reply {
-        let r = self.cmd(line).await;
-        assert_eq!(r.code, code, "{line}: {r:?}");
-        r
-    }
-
-    /// MAIL, RCPT, DATA, body; returns the reply to the final dot.
-    async fn send_message(&mut self, from: &str, to: &str, body: &[u8]) -> Option<Reply> {
-        self.expect(&format!("MAIL FROM:<{from}>"), 250).await;
-        self.expect(&format!("RCPT TO:<{to}>"), 250).await;
-        self.expect("DATA", 354).await;
-        self.send(body).await;
-        self.send(b".\r\n").await;
-        self.reply().await
-    }
-
-    async fn expect_eof(&mut self) {
-        assert_eq!(self.reply().await, None);
-    }
-}
+use smtp_server::testing::TestClient as Client;
 
 /// Polls until `cond` holds on the stats, for counters updated by
 /// connection tasks after the client already saw the effect.

@@ -67,6 +67,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tls;
 
 pub use tls::{describe_tls, tls_acceptor, tls_acceptor_from_pem_files, Error, TlsAcceptor};

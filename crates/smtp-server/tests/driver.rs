@@ -12,10 +12,8 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use smtp_proto::server::{Event, ServerConfig, ServerSession};
-use smtp_proto::{enhanced, parse_reply, Capabilities, Reply, MAX_REPLY_LINE};
+use smtp_proto::{enhanced, Capabilities, Reply};
 use smtp_server::{serve_connection, tls_acceptor_from_pem_files, ConnectionOptions, Policy};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -117,74 +115,11 @@ async fn finished(served: Served) -> (io::Result<()>, Recorder) {
         .unwrap()
 }
 
-struct Client<S> {
-    stream: S,
-    buf: Vec<u8>,
-}
-
-impl Client<TcpStream> {
-    /// Connects and checks the banner.
-    async fn connect(addr: SocketAddr) -> Client<TcpStream> {
-        let mut c = Client {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            buf: Vec::new(),
-        };
-        let banner = c.reply().await.expect("banner");
-        assert_eq!(banner.code, 220, "{banner:?}");
-        c
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    /// The next reply, or None at EOF.
-    async fn reply(&mut self) -> Option<Reply> {
-        loop {
-            if let Some((reply, used)) = parse_reply(&self.buf, MAX_REPLY_LINE).unwrap() {
-                self.buf.drain(..used);
-                return Some(reply);
-            }
-            let mut chunk = [0u8; 4096];
-            let n = timeout(WAIT, self.stream.read(&mut chunk))
-                .await
-                .expect("reply timed out")
-                .unwrap_or(0);
-            if n == 0 {
-                assert!(self.buf.is_empty(), "EOF inside a reply");
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn cmd(&mut self, line: &str) -> Reply {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await.expect("reply")
-    }
-
-    async fn expect(&mut self, line: &str, code: u16) -> Reply {
-        let r = self.cmd(line).await;
-        assert_eq!(r.code, code, "{line}: {r:?}");
-        r
-    }
-
-    /// MAIL, RCPT, DATA, body; returns the reply to the final dot.
-    async fn send_message(&mut self, from: &str, to: &str, body: &[u8]) -> Option<Reply> {
-        self.expect(&format!("MAIL FROM:<{from}>"), 250).await;
-        self.expect(&format!("RCPT TO:<{to}>"), 250).await;
-        self.expect("DATA", 354).await;
-        self.send(body).await;
-        self.send(b".\r\n").await;
-        self.reply().await
-    }
-
-    async fn expect_eof(&mut self) {
-        assert_eq!(self.reply().await, None);
-    }
-}
+// The same client other crates' tests get through the `testing` feature.
+#[path = "../src/testing.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod testing;
+use testing::TestClient as Client;
 
 #[tokio::test]
 async fn pipelined_commands_get_replies_in_order() {
@@ -389,10 +324,7 @@ async fn starttls_discards_pipelined_bytes_and_starts_over() {
         .connect(ServerName::try_from("localhost").unwrap(), c.stream)
         .await
         .unwrap();
-    let mut c = Client {
-        stream: tls,
-        buf: Vec::new(),
-    };
+    let mut c = Client::over(tls);
     // A fresh session: the EHLO before TLS is forgotten, STARTTLS is no longer offered.
     c.expect("MAIL FROM:<a@b.test>", 503).await;
     let caps = Capabilities::from_ehlo(&c.expect("EHLO client.test", 250).await);
