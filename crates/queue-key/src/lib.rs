@@ -95,7 +95,10 @@ mod tests {
         assert_eq!((site.name(), site.source()), ("mx.example", Some("ip1")));
         let plain = QueueKey::new("y.test").with_name("route:y.test");
         assert_eq!((plain.name(), plain.source()), ("route:y.test", None));
-        assert_eq!(QueueKey::new("x.test"), QueueKey::with_source("x.test", None));
+        assert_eq!(
+            QueueKey::new("x.test"),
+            QueueKey::with_source("x.test", None)
+        );
         let distinct: HashSet<QueueKey> = [
             QueueKey::new("x.test"),
             queue.clone(),
