@@ -99,7 +99,9 @@ fn scheduler_memory(shape: Shape) -> serde_json::Value {
     let Shape {
         n, domains, due, ..
     } = shape;
-    let names: Vec<String> = (0..domains).map(domain).collect();
+    let names: Vec<queue_key::QueueKey> = (0..domains)
+        .map(|d| queue_key::QueueKey::new(domain(d)))
+        .collect();
     let ids: Vec<MessageId> = (0..n).map(|_| MessageId::generate()).collect();
     let me = std::process::id();
     let before = proc::rss_kb(me).unwrap_or(0);

@@ -2,6 +2,7 @@
 
 use crate::SmtpClient;
 use dashmap::DashMap;
+use queue_key::QueueKey;
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -31,9 +32,9 @@ struct Idle<S> {
     client: S,
 }
 
-/// Idle sessions keyed by destination (site and egress source).
+/// Idle sessions keyed by destination: the site, and the egress source when there is one.
 pub struct Pool<S: Pooled = SmtpClient> {
-    idle: DashMap<String, Vec<Idle<S>>>,
+    idle: DashMap<QueueKey, Vec<Idle<S>>>,
     idle_timeout: Duration,
 }
 
@@ -56,7 +57,7 @@ impl<S: Pooled> Pool<S> {
     }
 
     /// Takes an idle session for `key`, if one is open and fresh.
-    pub fn checkout(&self, key: &str) -> Option<S> {
+    pub fn checkout(&self, key: &QueueKey) -> Option<S> {
         let mut stale = Vec::new();
         let found = {
             let mut entry = self.idle.get_mut(key)?;
@@ -77,16 +78,16 @@ impl<S: Pooled> Pool<S> {
     }
 
     /// Whether an idle session for `key` is waiting (it may still turn out stale).
-    pub fn has_idle(&self, key: &str) -> bool {
+    pub fn has_idle(&self, key: &QueueKey) -> bool {
         self.idle.get(key).is_some_and(|s| !s.is_empty())
     }
 
     /// Returns a session after use. Broken sessions are dropped.
-    pub fn checkin(&self, key: &str, client: S) {
+    pub fn checkin(&self, key: &QueueKey, client: S) {
         if !client.is_usable() {
             return;
         }
-        self.idle.entry(key.to_owned()).or_default().push(Idle {
+        self.idle.entry(key.clone()).or_default().push(Idle {
             since: Instant::now(),
             client,
         });

@@ -11,6 +11,7 @@
 use connection_pool::{
     ClientError, ConnectOptions, Envelope, Pool, SmtpClient, Timeouts, TlsFailureMemory, TlsMode,
 };
+use queue_key::QueueKey;
 use sink::{Sink, SinkConfig, SinkHandle, SinkTls};
 use smtp_proto::{parse_reply, ProtoError, Reply, MAX_REPLY_LINE, MAX_REPLY_LINES};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -541,19 +542,24 @@ async fn binds_the_source_address() {
 async fn pool_reuses_checked_in_sessions() {
     let sink = start(tls_config()).await;
     let pool = Pool::new(Duration::from_secs(60));
-    assert!(pool.checkout("site").is_none());
+    assert!(pool.checkout(&QueueKey::new("site")).is_none());
     let mut client = connect(&sink, TlsMode::Opportunistic).await.unwrap();
     deliver_one(&mut client).await;
-    pool.checkin("site", client);
+    pool.checkin(&QueueKey::new("site"), client);
     assert_eq!(pool.idle_count(), 1);
-    assert!(pool.checkout("other").is_none());
+    assert!(pool.checkout(&QueueKey::new("other")).is_none());
+    // The site's sessions from another egress source are others.
+    assert!(pool
+        .checkout(&QueueKey::with_source("site", Some("ip1")))
+        .is_none());
+    assert!(pool.has_idle(&QueueKey::new("site")));
 
-    let mut client = pool.checkout("site").expect("idle session");
+    let mut client = pool.checkout(&QueueKey::new("site")).expect("idle session");
     assert_eq!(pool.idle_count(), 0);
     assert_eq!(client.transactions(), 1);
     assert!(client.tls().is_some());
     deliver_one(&mut client).await;
-    pool.checkin("site", client);
+    pool.checkin(&QueueKey::new("site"), client);
     pool.close().await;
     assert_eq!(pool.idle_count(), 0);
     let stats = sink.shutdown().await;
@@ -575,7 +581,7 @@ async fn pool_drops_broken_sessions() {
         .await
         .unwrap();
     assert_eq!(tx.mail.code, 421);
-    pool.checkin("site", client);
+    pool.checkin(&QueueKey::new("site"), client);
     assert_eq!(pool.idle_count(), 0);
 }
 
@@ -584,15 +590,15 @@ async fn pool_reaps_idle_sessions() {
     let sink = start(SinkConfig::default()).await;
     let pool = Pool::new(Duration::from_millis(100));
     let client = connect(&sink, TlsMode::Opportunistic).await.unwrap();
-    pool.checkin("site", client);
+    pool.checkin(&QueueKey::new("site"), client);
     pool.reap();
     assert_eq!(pool.idle_count(), 1);
     tokio::time::sleep(Duration::from_millis(150)).await;
     // Too old to hand out, even before the reaper runs.
-    assert!(pool.checkout("site").is_none());
+    assert!(pool.checkout(&QueueKey::new("site")).is_none());
 
     let client = connect(&sink, TlsMode::Opportunistic).await.unwrap();
-    pool.checkin("site", client);
+    pool.checkin(&QueueKey::new("site"), client);
     tokio::time::sleep(Duration::from_millis(150)).await;
     pool.reap();
     assert_eq!(pool.idle_count(), 0);
@@ -674,7 +680,7 @@ fn connection_gauge_follows_sessions_across_starttls_and_failures() {
 
             let pool = Pool::new(Duration::from_secs(60));
             deliver_one(&mut a).await;
-            pool.checkin("site", a);
+            pool.checkin(&QueueKey::new("site"), a);
             assert_eq!(get(), 2.0);
             b.quit().await;
             assert_eq!(get(), 1.0);
@@ -909,13 +915,16 @@ async fn evict_oldest_closes_the_longest_idle_session_of_any_destination() {
             Timeouts::default(),
         )
     };
-    pool.checkin("a", connect().await.unwrap());
+    pool.checkin(&QueueKey::new("a"), connect().await.unwrap());
     tokio::time::sleep(Duration::from_millis(20)).await;
-    pool.checkin("b", connect().await.unwrap());
+    pool.checkin(&QueueKey::new("b"), connect().await.unwrap());
     assert_eq!(pool.idle_count(), 2);
     assert!(pool.evict_oldest());
     assert_eq!(pool.idle_count(), 1);
-    assert!(pool.checkout("a").is_none(), "the older one went");
-    assert!(pool.checkout("b").is_some());
+    assert!(
+        pool.checkout(&QueueKey::new("a")).is_none(),
+        "the older one went"
+    );
+    assert!(pool.checkout(&QueueKey::new("b")).is_some());
     assert!(!pool.evict_oldest());
 }

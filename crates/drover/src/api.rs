@@ -231,7 +231,7 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap) -> Response {
         .into_iter()
         .map(|(name, c)| {
             json!({
-                "destination": name,
+                "destination": name.to_string(),
                 "ready": c.ready,
                 "scheduled": c.scheduled,
                 "in_flight": c.in_flight,

@@ -2,6 +2,7 @@
 
 use dashmap::DashMap;
 use queue::Scheduler;
+use queue_key::QueueKey;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio_util::task::TaskTracker;
 
@@ -11,7 +12,7 @@ pub(crate) struct Crew {
     /// Every task the engine waits for at shutdown.
     pub(crate) tracker: TaskTracker,
     /// Delivery workers running per queue.
-    pub(crate) active: DashMap<String, usize>,
+    pub(crate) active: DashMap<QueueKey, usize>,
     /// Delivery workers running in all (`delivery.max_workers`).
     pub(crate) running: AtomicUsize,
     /// Some queue with ready mail found no worker in the last dispatcher pass: busy workers
@@ -23,7 +24,7 @@ pub(crate) struct Crew {
 pub(crate) struct WorkerGuard<'a> {
     pub(crate) crew: &'a Crew,
     pub(crate) scheduler: &'a Scheduler,
-    pub(crate) queue: String,
+    pub(crate) queue: QueueKey,
 }
 
 impl Drop for WorkerGuard<'_> {

@@ -6,6 +6,7 @@ use crate::engine::Engine;
 use crate::outbound::mx_hosts;
 use crate::telemetry::{BACKOFF, HOLDS, WORKERS};
 use queue::Selector;
+use queue_key::QueueKey;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,8 @@ const SCAN_CHUNK: usize = 256;
 impl Engine {
     /// Moves due messages to their ready queues and starts workers where messages wait.
     pub(crate) async fn dispatch(self: Arc<Self>) {
-        // Where the last pass stopped: queues are served round-robin in name order.
-        let mut cursor: Option<String> = None;
+        // Where the last pass stopped: queues are served round-robin in key order.
+        let mut cursor: Option<QueueKey> = None;
         loop {
             if !self.spool.is_writable() {
                 // An attempt's outcome could not be recorded: deliveries wait, the messages
@@ -50,19 +51,17 @@ impl Engine {
     /// worker comes before a second worker for a busy one; when some queue cannot get one
     /// (every worker busy, or its site's connections all in use), `starving` makes busy
     /// workers hand over after their turn.
-    fn start_workers(self: &Arc<Self>, cursor: &mut Option<String>, now: u64) {
+    fn start_workers(self: &Arc<Self>, cursor: &mut Option<QueueKey>, now: u64) {
         let max_workers = self.config.delivery.max_workers;
         let began = cursor.clone();
         let others_waited = self.crew.starving.load(Ordering::SeqCst);
         let mut starved = false;
         let mut wrapped = false;
         'pass: loop {
-            let batch = self
-                .scheduler
-                .ready_after(cursor.as_deref(), SCAN_CHUNK, now);
+            let batch = self.scheduler.ready_after(cursor.as_ref(), SCAN_CHUNK, now);
             let at_end = batch.len() < SCAN_CHUNK;
             for (queue, ready) in batch {
-                if wrapped && began.as_deref().is_some_and(|b| queue.as_str() > b) {
+                if wrapped && began.as_ref().is_some_and(|b| &queue > b) {
                     break 'pass;
                 }
                 let running = self.crew.active.get(&queue).map_or(0, |n| *n);
@@ -115,12 +114,12 @@ impl Engine {
     /// How many workers a queue may have (its site's connection cap, once the site is
     /// known without a lookup; one until then), and whether its site's connections are all
     /// in use with no idle session to take over.
-    fn worker_cap(&self, queue: &str) -> (usize, bool) {
-        let (domain, source) = queue::split_queue_key(queue);
+    fn worker_cap(&self, queue: &QueueKey) -> (usize, bool) {
+        let domain = queue.name();
         let Some(Ok(dest)) = self.outbound.resolver.peek(domain) else {
             return (1, false);
         };
-        let site_key = queue::queue_key(&dest.site, source);
+        let site_key = queue.with_name(dest.site.as_str());
         let limiter = self
             .outbound
             .shaper

@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use queue::MessageMeta;
+use queue_key::QueueKey;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -91,6 +92,11 @@ impl Egress {
     /// A source by name.
     pub fn source(&self, name: &str) -> Option<&Source> {
         self.sources.get(name)
+    }
+
+    /// The queue a message waits in: its domain, with the source it leaves from.
+    pub fn queue_for(&self, meta: &MessageMeta) -> QueueKey {
+        QueueKey::with_source(meta.domain.as_str(), self.source_for(meta))
     }
 
     /// The source a message leaves from; `None` when no sources are configured.
@@ -182,5 +188,11 @@ mod tests {
             "127.0.0.2".parse().ok()
         );
         assert_eq!(Egress::default().source_for(&meta(None)), None);
+        let acme = meta(Some("acme"));
+        assert_eq!(
+            egress.queue_for(&acme),
+            QueueKey::with_source("x.test", Some("ip2"))
+        );
+        assert_eq!(Egress::default().queue_for(&acme), QueueKey::new("x.test"));
     }
 }

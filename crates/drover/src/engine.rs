@@ -161,8 +161,8 @@ impl Engine {
     }
 
     /// Puts a message back on the schedule under its queue (after an attempt): the domain,
-    /// or `domain|source` when egress sources are configured (each source has its own
-    /// sessions and limits).
+    /// and its egress source when sources are configured (each source has its own sessions
+    /// and limits).
     pub(crate) fn enqueue(&self, meta: &MessageMeta) {
         self.put_on_schedule(meta, false);
     }
@@ -176,7 +176,7 @@ impl Engine {
     }
 
     fn put_on_schedule(&self, meta: &MessageMeta, only_new: bool) -> bool {
-        let key = queue::queue_key(&meta.domain, self.outbound.egress.source_for(meta));
+        let key = self.outbound.egress.queue_for(meta);
         let place = if only_new {
             Scheduler::restore
         } else {

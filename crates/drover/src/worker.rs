@@ -17,7 +17,8 @@ use crate::outcome::Outcome;
 use crate::telemetry::{AUTOMATION, DELIVERY_DURATION};
 use accounting::Peer;
 use connection_pool::{ClientError, ConnectOptions, Envelope, Pooled, SmtpClient};
-use queue::{MessageId, MessageMeta, Selector};
+use queue::{MessageId, MessageMeta};
+use queue_key::QueueKey;
 use rate_limiter::DestinationLimiter;
 use resolver_cache::Destination;
 use std::sync::atomic::Ordering;
@@ -50,15 +51,17 @@ impl Engine {
     /// A delivery worker: one session at a time, many messages of one queue (a domain, or a
     /// domain and egress source). Each message is taken and read before any session is:
     /// its tenant's and campaign's rates are waited for with no session held.
-    pub(crate) async fn work(self: Arc<Self>, queue: String) {
+    pub(crate) async fn work(self: Arc<Self>, queue: QueueKey) {
         let _guard = WorkerGuard {
             crew: &self.crew,
             scheduler: &self.scheduler,
             queue: queue.clone(),
         };
-        let (domain, source_name) = queue::split_queue_key(&queue);
-        let source = source_name.and_then(|name| self.outbound.egress.source(name));
-        let mut current: Option<(Session, String)> = None;
+        let domain = queue.name();
+        let source = queue
+            .source()
+            .and_then(|name| self.outbound.egress.source(name));
+        let mut current: Option<(Session, QueueKey)> = None;
         let turn = tokio::time::Instant::now();
         let mut delivered = 0u32;
         while !self.cancel.is_cancelled() && self.spool.is_writable() {
@@ -101,7 +104,7 @@ impl Engine {
             };
             // Sessions, caps and rates are per site and egress source (contract §2:
             // max_connections is per source).
-            let site_key = queue::queue_key(&dest.site, source_name);
+            let site_key = queue.with_name(dest.site.as_str());
             let limiter = self
                 .outbound
                 .shaper
@@ -157,7 +160,7 @@ impl Engine {
     async fn wait_for_rates(
         &self,
         meta: &MessageMeta,
-        current: &mut Option<(Session, String)>,
+        current: &mut Option<(Session, QueueKey)>,
     ) -> bool {
         let keys = [
             meta.tenant.as_ref().map(|t| format!("tenant:{t}")),
@@ -179,7 +182,7 @@ impl Engine {
 
     /// Keeps a session for reuse, unless others wait for a connection slot: then it is closed,
     /// so an idle session never holds up a destination with mail to send.
-    async fn park(&self, key: &str, session: Session) {
+    async fn park(&self, key: &QueueKey, session: Session) {
         if self.outbound.global_slots.available_permits() == 0 {
             session.close().await;
         } else {
@@ -195,7 +198,7 @@ impl Engine {
     /// `None`: cancelled.
     async fn open_session(
         &self,
-        queue: &str,
+        queue: &QueueKey,
         dest: &Destination,
         source: Option<&Source>,
         limiter: &DestinationLimiter,
@@ -216,9 +219,7 @@ impl Engine {
             }
         };
         limiter.until_connection_permitted().await;
-        let tls = self
-            .policy()
-            .tls_mode(queue::split_queue_key(queue).0, &mx_hosts(dest));
+        let tls = self.policy().tls_mode(queue.name(), &mx_hosts(dest));
         let ehlo_name = source
             .and_then(|s| s.ehlo_name.as_deref())
             .unwrap_or(&self.outbound.ehlo_name);
@@ -280,7 +281,7 @@ impl Engine {
 
     /// Gives every ready message of `queue` the same outcome (DNS failure, no host answered):
     /// they would all meet it, and trying each would only repeat the wait.
-    async fn settle_all(&self, queue: &str, site: &str, outcome: &Outcome) {
+    async fn settle_all(&self, queue: &QueueKey, site: &str, outcome: &Outcome) {
         while let Some(id) = self.scheduler.pop_ready(queue, now_ms()) {
             match self.load(id).await {
                 Loaded::Found(meta, _) => self.settle_one(meta, site, outcome).await,
@@ -331,7 +332,7 @@ impl Engine {
         self: &Arc<Self>,
         mut meta: MessageMeta,
         body: Vec<u8>,
-        queue: &str,
+        queue: &QueueKey,
         dest: &Destination,
         limiter: &DestinationLimiter,
         session: &mut Session,
@@ -391,7 +392,7 @@ impl Engine {
 
     /// Carries out the first `[[automation]]` rule matching a non-positive reply (a bounce
     /// is already in the outcome's verdict).
-    fn automate(&self, outcome: &mut Outcome, queue: &str, limiter: &DestinationLimiter) {
+    fn automate(&self, outcome: &mut Outcome, queue: &QueueKey, limiter: &DestinationLimiter) {
         let Some((action, duration)) = outcome.react(&self.policy().automation) else {
             return;
         };
@@ -399,11 +400,9 @@ impl Engine {
         match action {
             Action::Bounce => {}
             Action::Suspend => {
-                let now = now_ms();
-                let until = now + duration.as_millis() as u64;
+                let until = now_ms() + duration.as_millis() as u64;
                 tracing::warn!(%queue, ?duration, %reply, "automation: suspending");
-                self.scheduler
-                    .suspend(&Selector::Domain(queue.to_owned()), until, now);
+                self.scheduler.suspend_queue(queue, until);
             }
             Action::Backoff => {
                 tracing::warn!(%queue, ?duration, %reply, "automation: backing off");

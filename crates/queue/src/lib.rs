@@ -43,7 +43,7 @@ mod spool;
 pub mod testing;
 
 pub use message::{MessageId, MessageMeta};
-pub use schedule::{queue_key, split_queue_key, DestinationCounts, Scheduler, Selector};
+pub use schedule::{DestinationCounts, Scheduler, Selector};
 pub use spool::{
     Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
 };

@@ -7,6 +7,7 @@
 use crate::spool::schedule_key_for_tests;
 use crate::{MessageId, MessageMeta, Scheduler, Selector, Spool, SpoolOptions};
 use proptest::prelude::*;
+use queue_key::QueueKey;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 #[derive(Debug, Clone)]
@@ -133,6 +134,7 @@ enum SchedAction {
     FinishInFlight(usize),
     RescheduleInFlight(usize, u64),
     Suspend(bool, u8, u64),
+    SuspendQueue(u8, u64),
     Resume(bool, u8),
     Take(bool, u8),
     RetryNow(bool, u8),
@@ -140,16 +142,23 @@ enum SchedAction {
 
 fn sched_action() -> impl Strategy<Value = SchedAction> {
     prop_oneof![
-        4 => (0u8..3, 0u8..3, 0u64..200).prop_map(|(dest, campaign, due)| SchedAction::Schedule { dest, campaign, due }),
+        4 => (0u8..6, 0u8..3, 0u64..200).prop_map(|(dest, campaign, due)| SchedAction::Schedule { dest, campaign, due }),
         2 => (0u64..300).prop_map(SchedAction::Promote),
-        3 => (0u8..3).prop_map(SchedAction::Pop),
+        3 => (0u8..6).prop_map(SchedAction::Pop),
         2 => any::<usize>().prop_map(SchedAction::FinishInFlight),
         2 => (any::<usize>(), 0u64..300).prop_map(|(i, d)| SchedAction::RescheduleInFlight(i, d)),
         1 => (any::<bool>(), 0u8..3, 0u64..400).prop_map(|(c, n, u)| SchedAction::Suspend(c, n, u)),
+        1 => (0u8..6, 0u64..400).prop_map(|(d, u)| SchedAction::SuspendQueue(d, u)),
         1 => (any::<bool>(), 0u8..3).prop_map(|(c, n)| SchedAction::Resume(c, n)),
         1 => (any::<bool>(), 0u8..3).prop_map(|(c, n)| SchedAction::Take(c, n)),
         1 => (any::<bool>(), 0u8..3).prop_map(|(c, n)| SchedAction::RetryNow(c, n)),
     ]
+}
+
+/// Queue `dest` of the model: three domains, each with and without an egress source.
+fn key(dest: u8) -> QueueKey {
+    let source = (dest >= 3).then_some("ip1");
+    QueueKey::with_source(format!("d{}.test", dest % 3), source)
 }
 
 fn selector(campaign: bool, n: u8) -> Selector {
@@ -168,14 +177,14 @@ proptest! {
         let s = Scheduler::new();
         let mut now = 100u64;
         // What the model knows: every live id and its destination; which are in flight.
-        let mut live: HashMap<MessageId, String> = HashMap::new();
+        let mut live: HashMap<MessageId, QueueKey> = HashMap::new();
         let mut in_flight: Vec<MessageId> = Vec::new();
         for action in actions {
             now += 1;
             match action {
                 SchedAction::Schedule { dest, campaign, due } => {
                     let id = MessageId::generate();
-                    let d = format!("d{dest}.test");
+                    let d = key(dest);
                     s.schedule(id, &d, Some(&format!("c{campaign}")), due, now, now);
                     live.insert(id, d);
                 }
@@ -184,7 +193,7 @@ proptest! {
                     s.promote(now);
                 }
                 SchedAction::Pop(dest) => {
-                    if let Some(id) = s.pop_ready(&format!("d{dest}.test"), now) {
+                    if let Some(id) = s.pop_ready(&key(dest), now) {
                         prop_assert!(live.contains_key(&id));
                         prop_assert!(!in_flight.contains(&id), "popped twice");
                         in_flight.push(id);
@@ -204,6 +213,7 @@ proptest! {
                     }
                 }
                 SchedAction::Suspend(c, n, until) => s.suspend(&selector(c, n), now + until, now),
+                SchedAction::SuspendQueue(d, until) => s.suspend_queue(&key(d), now + until),
                 SchedAction::Resume(c, n) => { s.resume(&selector(c, n), now); }
                 SchedAction::Take(c, n) => {
                     for id in s.take(&selector(c, n)) {
@@ -233,8 +243,8 @@ proptest! {
         for n in 0..3 { s.resume(&Selector::Domain(format!("d{n}.test")), now); }
         for id in in_flight.drain(..) { s.finish(id); live.remove(&id); }
         s.promote(u64::MAX - 1);
-        for n in 0..3 {
-            while let Some(id) = s.pop_ready(&format!("d{n}.test"), u64::MAX - 1) {
+        for n in 0..6 {
+            while let Some(id) = s.pop_ready(&key(n), u64::MAX - 1) {
                 s.finish(id);
                 live.remove(&id);
             }

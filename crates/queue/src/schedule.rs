@@ -1,7 +1,7 @@
 //! The in-memory schedule: a timer of deferred messages and a ready queue per destination,
 //! plus operator holds (suspended destinations and campaigns).
 //!
-//! Only ids, destination and campaign names (interned) and times live here; metadata and
+//! Only ids, destination keys and campaign names (interned) and times live here; metadata and
 //! bodies stay in the spool, so a queued message costs on the order of 150 bytes of memory.
 //!
 //! Every message known to the schedule is in exactly one state: scheduled (in the timer),
@@ -10,6 +10,7 @@
 //! moves and published as the `drover_queue_messages{state}` gauges.
 
 use crate::MessageId;
+use queue_key::QueueKey;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,27 +50,10 @@ enum State {
 }
 
 struct Entry {
-    dest: Arc<str>,
+    dest: Arc<QueueKey>,
     campaign: Option<Arc<str>>,
     received_ms: u64,
     state: State,
-}
-
-/// The name of a ready queue: the recipient domain, or `domain|source` when the message is
-/// bound to a named egress source (each source has its own sessions and limits).
-pub fn queue_key(domain: &str, source: Option<&str>) -> String {
-    match source {
-        Some(source) => format!("{domain}|{source}"),
-        None => domain.to_owned(),
-    }
-}
-
-/// Splits a queue name into domain and egress source.
-pub fn split_queue_key(key: &str) -> (&str, Option<&str>) {
-    match key.split_once('|') {
-        Some((domain, source)) => (domain, Some(source)),
-        None => (key, None),
-    }
 }
 
 /// What an operator action selects.
@@ -86,13 +70,19 @@ pub enum Selector {
 struct Inner {
     entries: HashMap<MessageId, Entry>,
     timer: BTreeSet<(u64, MessageId)>,
-    /// Ordered by name, so the dispatcher can walk the queues round-robin from where it
-    /// stopped ([`Scheduler::ready_after`]).
-    ready: BTreeMap<Arc<str>, VecDeque<MessageId>>,
+    /// Ordered by key (name, then source), so the dispatcher can walk the queues round-robin
+    /// from where it stopped ([`Scheduler::ready_after`]).
+    ready: BTreeMap<Arc<QueueKey>, VecDeque<MessageId>>,
+    /// Interned campaign names and held domain names.
     names: HashSet<Arc<str>>,
-    counts: HashMap<Arc<str>, DestinationCounts>,
+    /// Interned queue keys.
+    keys: HashSet<Arc<QueueKey>>,
+    counts: HashMap<Arc<QueueKey>, DestinationCounts>,
     totals: DestinationCounts,
+    /// Holds by domain (or site) name: every queue of the name, whatever its source.
     suspended_dests: HashMap<Arc<str>, u64>,
+    /// Holds of one egress source's queue of a domain ([`Scheduler::suspend_queue`]).
+    suspended_queues: HashMap<Arc<QueueKey>, u64>,
     suspended_campaigns: HashMap<Arc<str>, u64>,
     /// While a spool reload runs: the messages finished since it began (see
     /// [`Scheduler::begin_reload`]).
@@ -122,13 +112,13 @@ impl Inner {
     fn place(
         &mut self,
         id: MessageId,
-        destination: &str,
+        destination: &QueueKey,
         campaign: Option<&str>,
         due_ms: u64,
         received_ms: u64,
         now_ms: u64,
     ) {
-        let dest = self.intern(destination);
+        let dest = self.intern_key(destination);
         let campaign = campaign.map(|c| self.intern(c));
         if let std::collections::hash_map::Entry::Vacant(slot) = self.entries.entry(id) {
             // Counted as in flight for one instant so `set_state` can do the bookkeeping.
@@ -158,7 +148,16 @@ impl Inner {
         n
     }
 
-    fn count(&mut self, dest: &Arc<str>, state: State, delta: isize) {
+    fn intern_key(&mut self, key: &QueueKey) -> Arc<QueueKey> {
+        if let Some(k) = self.keys.get(key) {
+            return Arc::clone(k);
+        }
+        let k = Arc::new(key.clone());
+        self.keys.insert(Arc::clone(&k));
+        k
+    }
+
+    fn count(&mut self, dest: &Arc<QueueKey>, state: State, delta: isize) {
         bump(&mut self.totals, state, delta);
         let c = self.counts.entry(Arc::clone(dest)).or_default();
         bump(c, state, delta);
@@ -194,10 +193,22 @@ impl Inner {
         self.count(&dest, to, 1);
     }
 
-    /// Whether a queue is held: by its own name or by its domain's.
-    fn dest_held(&self, dest: &str, now_ms: u64) -> bool {
-        let held = |name: &str| self.suspended_dests.get(name).is_some_and(|u| *u > now_ms);
-        held(dest) || held(split_queue_key(dest).0)
+    /// Until when a queue is held, by a hold of its own or of its domain (the later one).
+    fn held_until(&self, dest: &QueueKey, now_ms: u64) -> Option<u64> {
+        [
+            self.suspended_queues.get(dest),
+            self.suspended_dests.get(dest.name()),
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|until| *until > now_ms)
+        .max()
+    }
+
+    /// Whether a queue is held: by a hold of its own or of its domain.
+    fn dest_held(&self, dest: &QueueKey, now_ms: u64) -> bool {
+        self.held_until(dest, now_ms).is_some()
     }
 
     fn campaign_held(&self, campaign: &Option<Arc<str>>, now_ms: u64) -> bool {
@@ -215,7 +226,7 @@ impl Inner {
         }
     }
 
-    fn remove_from_ready(&mut self, dest: &Arc<str>, ids: &HashSet<MessageId>) {
+    fn remove_from_ready(&mut self, dest: &Arc<QueueKey>, ids: &HashSet<MessageId>) {
         if let Some(q) = self.ready.get_mut(dest) {
             q.retain(|id| !ids.contains(id));
             if q.is_empty() {
@@ -235,9 +246,7 @@ impl Inner {
         self.entries
             .iter()
             .filter(|(_, e)| match selector {
-                Selector::Domain(d) => {
-                    &*e.dest == d.as_str() || split_queue_key(&e.dest).0 == d.as_str()
-                }
+                Selector::Domain(d) => e.dest.name() == d.as_str(),
                 Selector::Campaign(c) => e.campaign.as_deref() == Some(c.as_str()),
             })
             .map(|(id, _)| *id)
@@ -276,7 +285,7 @@ impl Scheduler {
     pub fn schedule(
         &self,
         id: MessageId,
-        destination: &str,
+        destination: &QueueKey,
         campaign: Option<&str>,
         due_ms: u64,
         received_ms: u64,
@@ -313,7 +322,7 @@ impl Scheduler {
     pub fn restore(
         &self,
         id: MessageId,
-        destination: &str,
+        destination: &QueueKey,
         campaign: Option<&str>,
         due_ms: u64,
         received_ms: u64,
@@ -353,6 +362,7 @@ impl Scheduler {
             moved += unpark(&mut inner, &c, now_ms);
         }
         inner.suspended_dests.retain(|_, until| *until > now_ms);
+        inner.suspended_queues.retain(|_, until| *until > now_ms);
         while let Some(&(due, id)) = inner.timer.first() {
             if due > now_ms {
                 break;
@@ -373,39 +383,39 @@ impl Scheduler {
     }
 
     /// Destinations that have ready messages and are not suspended, with their ready counts.
-    pub fn ready_destinations(&self, now_ms: u64) -> Vec<(String, usize)> {
+    pub fn ready_destinations(&self, now_ms: u64) -> Vec<(QueueKey, usize)> {
         let inner = self.lock();
         inner
             .ready
             .iter()
             .filter(|(d, q)| !q.is_empty() && !inner.dest_held(d, now_ms))
-            .map(|(d, q)| (d.to_string(), q.len()))
+            .map(|(d, q)| (QueueKey::clone(d), q.len()))
             .collect()
     }
 
     /// Up to `limit` destinations with ready messages that are not suspended, with their
-    /// ready counts, in name order after `after` (from the first without it). The dispatcher
-    /// walks the queues with this round-robin, so each pass costs what it looks at, not the
-    /// number of queues.
+    /// ready counts, in key order (name, then source) after `after` (from the first without
+    /// it). The dispatcher walks the queues with this round-robin, so each pass costs what it
+    /// looks at, not the number of queues.
     pub fn ready_after(
         &self,
-        after: Option<&str>,
+        after: Option<&QueueKey>,
         limit: usize,
         now_ms: u64,
-    ) -> Vec<(String, usize)> {
+    ) -> Vec<(QueueKey, usize)> {
         let inner = self.lock();
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         inner
             .ready
-            .range::<str, _>((lower, Bound::Unbounded))
+            .range::<QueueKey, _>((lower, Bound::Unbounded))
             .filter(|(d, q)| !q.is_empty() && !inner.dest_held(d, now_ms))
             .take(limit)
-            .map(|(d, q)| (d.to_string(), q.len()))
+            .map(|(d, q)| (QueueKey::clone(d), q.len()))
             .collect()
     }
 
     /// Whether `destination` has a message ready (and is not suspended).
-    pub fn has_ready(&self, destination: &str, now_ms: u64) -> bool {
+    pub fn has_ready(&self, destination: &QueueKey, now_ms: u64) -> bool {
         let inner = self.lock();
         inner.ready.get(destination).is_some_and(|q| !q.is_empty())
             && !inner.dest_held(destination, now_ms)
@@ -413,7 +423,7 @@ impl Scheduler {
 
     /// Takes the next ready message of `destination`; it is in flight until it is scheduled
     /// again or [`Scheduler::finish`]ed. Suspended destinations yield nothing.
-    pub fn pop_ready(&self, destination: &str, now_ms: u64) -> Option<MessageId> {
+    pub fn pop_ready(&self, destination: &QueueKey, now_ms: u64) -> Option<MessageId> {
         let mut inner = self.lock();
         if inner.dest_held(destination, now_ms) {
             return None;
@@ -457,7 +467,7 @@ impl Scheduler {
                     .is_some_and(|e| e.state != State::InFlight)
             })
             .collect();
-        let mut ready: HashMap<Arc<str>, HashSet<MessageId>> = HashMap::new();
+        let mut ready: HashMap<Arc<QueueKey>, HashSet<MessageId>> = HashMap::new();
         for id in &ids {
             let Some(entry) = inner.entries.remove(id) else {
                 continue;
@@ -500,21 +510,23 @@ impl Scheduler {
         }
     }
 
-    /// Drops interned destination and campaign names nothing refers to any more, so a
+    /// Drops interned destination keys and campaign names nothing refers to any more, so a
     /// long-running engine that has seen millions of domains does not keep them all.
     /// Returns how many were dropped.
     pub fn compact(&self) -> usize {
         let mut inner = self.lock();
-        let before = inner.names.len();
-        // Held only by the set itself: no entry, count, ready queue or hold uses the name.
+        let before = inner.names.len() + inner.keys.len();
+        // Held only by the set itself: no entry, count, ready queue or hold uses it.
         inner.names.retain(|n| Arc::strong_count(n) > 1);
+        inner.keys.retain(|k| Arc::strong_count(k) > 1);
         inner.counts.shrink_to_fit();
-        before - inner.names.len()
+        before - inner.names.len() - inner.keys.len()
     }
 
-    /// Interned names held (for tests and the memory view).
+    /// Interned keys and names held (for tests and the memory view).
     pub fn interned(&self) -> usize {
-        self.lock().names.len()
+        let inner = self.lock();
+        inner.names.len() + inner.keys.len()
     }
 
     /// Makes every scheduled message `selector` matches due now; returns how many.
@@ -560,7 +572,7 @@ impl Scheduler {
                     .filter(|(_, e)| e.state == State::Ready && e.campaign.as_ref() == Some(&c))
                     .map(|(id, _)| *id)
                     .collect();
-                let mut by_dest: HashMap<Arc<str>, HashSet<MessageId>> = HashMap::new();
+                let mut by_dest: HashMap<Arc<QueueKey>, HashSet<MessageId>> = HashMap::new();
                 for id in &ready {
                     if let Some(e) = inner.entries.get(id) {
                         by_dest.entry(Arc::clone(&e.dest)).or_default().insert(*id);
@@ -584,12 +596,33 @@ impl Scheduler {
         inner.publish();
     }
 
-    /// Lifts a hold; returns whether there was one.
+    /// Holds one queue until `until_ms`: a domain's mail from one egress source (automation
+    /// reacting to what a receiver said to that source), while its other sources flow. A
+    /// queue without a source is held as its domain is by [`Selector::Domain`]. Resuming the
+    /// domain lifts it.
+    pub fn suspend_queue(&self, queue: &QueueKey, until_ms: u64) {
+        let mut inner = self.lock();
+        if queue.source().is_some() {
+            let q = inner.intern_key(queue);
+            inner.suspended_queues.insert(q, until_ms);
+        } else {
+            let d = inner.intern(queue.name());
+            inner.suspended_dests.insert(d, until_ms);
+        }
+    }
+
+    /// Lifts a hold (for a domain, also the holds of its sources' queues); returns whether
+    /// there was one.
     pub fn resume(&self, selector: &Selector, now_ms: u64) -> bool {
         let was = {
             let mut inner = self.lock();
             let was = match selector {
-                Selector::Domain(d) => inner.suspended_dests.remove(d.as_str()).is_some(),
+                Selector::Domain(d) => {
+                    let queues = inner.suspended_queues.len();
+                    inner.suspended_queues.retain(|q, _| q.name() != d.as_str());
+                    let domain = inner.suspended_dests.remove(d.as_str()).is_some();
+                    domain || inner.suspended_queues.len() < queues
+                }
                 Selector::Campaign(c) => {
                     let was = inner.suspended_campaigns.remove(c.as_str()).is_some();
                     let c = inner.intern(c);
@@ -614,6 +647,14 @@ impl Scheduler {
             .map(|(d, u)| (Selector::Domain(d.to_string()), *u))
             .chain(
                 inner
+                    .suspended_queues
+                    .iter()
+                    .filter(|(_, u)| **u > now_ms)
+                    // Shown as operators see the queue in the listing.
+                    .map(|(q, u)| (Selector::Domain(q.to_string()), *u)),
+            )
+            .chain(
+                inner
                     .suspended_campaigns
                     .iter()
                     .filter(|(_, u)| **u > now_ms)
@@ -625,26 +666,21 @@ impl Scheduler {
     }
 
     /// Counts per destination.
-    pub fn destinations(&self, now_ms: u64) -> Vec<(String, DestinationCounts)> {
+    pub fn destinations(&self, now_ms: u64) -> Vec<(QueueKey, DestinationCounts)> {
         let inner = self.lock();
-        let mut oldest: HashMap<&Arc<str>, u64> = HashMap::new();
+        let mut oldest: HashMap<&Arc<QueueKey>, u64> = HashMap::new();
         for e in inner.entries.values() {
             let o = oldest.entry(&e.dest).or_insert(e.received_ms);
             *o = (*o).min(e.received_ms);
         }
-        let mut out: Vec<(String, DestinationCounts)> = inner
+        let mut out: Vec<(QueueKey, DestinationCounts)> = inner
             .counts
             .iter()
             .map(|(d, c)| {
                 let mut c = c.clone();
                 c.oldest_received_ms = oldest.get(d).copied();
-                c.suspended_until_ms = inner
-                    .suspended_dests
-                    .get(&**d)
-                    .or_else(|| inner.suspended_dests.get(split_queue_key(d).0))
-                    .copied()
-                    .filter(|u| *u > now_ms);
-                (d.to_string(), c)
+                c.suspended_until_ms = inner.held_until(d, now_ms);
+                (QueueKey::clone(d), c)
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -714,6 +750,10 @@ fn unpark(inner: &mut Inner, campaign: &Arc<str>, now_ms: u64) -> usize {
 mod tests {
     use super::*;
 
+    fn q(name: &str) -> QueueKey {
+        QueueKey::new(name)
+    }
+
     #[test]
     fn a_reload_never_brings_back_an_in_flight_or_finished_message() {
         let s = Scheduler::new();
@@ -723,20 +763,20 @@ mod tests {
             MessageId::generate(),
             MessageId::generate(),
         );
-        s.schedule(a, "x.test", None, 10, 1, 50);
-        s.schedule(b, "x.test", None, 10, 1, 50);
-        assert_eq!(s.pop_ready("x.test", 50), Some(a));
-        assert_eq!(s.pop_ready("x.test", 50), Some(b));
+        s.schedule(a, &q("x.test"), None, 10, 1, 50);
+        s.schedule(b, &q("x.test"), None, 10, 1, 50);
+        assert_eq!(s.pop_ready(&q("x.test"), 50), Some(a));
+        assert_eq!(s.pop_ready(&q("x.test"), 50), Some(b));
         s.finish(b);
         // The reload read both before the worker got them: neither comes back, and the
         // in-flight one stays with its worker instead of going to a second one.
-        assert!(!s.restore(a, "x.test", None, 10, 1, 50));
-        assert!(!s.restore(b, "x.test", None, 10, 1, 50));
+        assert!(!s.restore(a, &q("x.test"), None, 10, 1, 50));
+        assert!(!s.restore(b, &q("x.test"), None, 10, 1, 50));
         assert_eq!(s.totals().in_flight, 1);
         assert_eq!(s.totals().ready, 0);
         assert!(s.knows(a) && s.knows(b) && !s.knows(c));
-        assert!(s.restore(c, "x.test", None, 10, 1, 50));
-        assert!(!s.restore(c, "x.test", None, 10, 1, 50));
+        assert!(s.restore(c, &q("x.test"), None, 10, 1, 50));
+        assert!(!s.restore(c, &q("x.test"), None, 10, 1, 50));
         assert_eq!(s.totals().ready, 1);
         s.end_reload();
         // Outside a reload nothing is remembered about finished messages.
@@ -753,23 +793,23 @@ mod tests {
             MessageId::generate(),
             MessageId::generate(),
         );
-        s.schedule(a, "x.test", None, 100, 1, 50);
-        s.schedule(b, "x.test", None, 200, 2, 50);
-        s.schedule(c, "y.test", None, 10, 3, 50);
+        s.schedule(a, &q("x.test"), None, 100, 1, 50);
+        s.schedule(b, &q("x.test"), None, 200, 2, 50);
+        s.schedule(c, &q("y.test"), None, 10, 3, 50);
         assert_eq!(s.totals().scheduled, 2);
         assert_eq!(s.totals().ready, 1);
         assert_eq!(s.next_due(), Some(100));
         assert_eq!(s.promote(150), 1);
-        assert_eq!(s.pop_ready("x.test", 150), Some(a));
-        assert_eq!(s.pop_ready("x.test", 150), None);
+        assert_eq!(s.pop_ready(&q("x.test"), 150), Some(a));
+        assert_eq!(s.pop_ready(&q("x.test"), 150), None);
         assert_eq!(s.totals().in_flight, 1);
         // Rescheduling an in-flight message moves it back to the timer.
-        s.schedule(a, "x.test", None, 300, 1, 150);
+        s.schedule(a, &q("x.test"), None, 300, 1, 150);
         assert_eq!(s.totals().in_flight, 0);
         assert_eq!(s.totals().scheduled, 2);
         let dests = s.destinations(150);
         assert_eq!(dests.len(), 2);
-        assert_eq!(dests[0].0, "x.test");
+        assert_eq!(dests[0].0, q("x.test"));
         assert_eq!(dests[0].1.scheduled, 2);
         assert_eq!(dests[0].1.oldest_received_ms, Some(1));
         let mut taken = s.take(&Selector::Domain("x.test".into()));
@@ -790,22 +830,22 @@ mod tests {
             MessageId::generate(),
             MessageId::generate(),
         );
-        s.schedule(a, "x.test", Some("nov"), 0, 0, 10);
-        s.schedule(b, "x.test", Some("dec"), 0, 0, 10);
-        s.schedule(c, "y.test", Some("nov"), 50, 0, 10);
+        s.schedule(a, &q("x.test"), Some("nov"), 0, 0, 10);
+        s.schedule(b, &q("x.test"), Some("dec"), 0, 0, 10);
+        s.schedule(c, &q("y.test"), Some("nov"), 50, 0, 10);
         s.suspend(&Selector::Domain("x.test".into()), u64::MAX, 10);
         assert!(s.ready_destinations(10).is_empty());
-        assert_eq!(s.pop_ready("x.test", 10), None);
+        assert_eq!(s.pop_ready(&q("x.test"), 10), None);
         s.resume(&Selector::Domain("x.test".into()), 10);
-        assert_eq!(s.ready_destinations(10), vec![("x.test".to_owned(), 2)]);
+        assert_eq!(s.ready_destinations(10), vec![(q("x.test"), 2)]);
         s.suspend(&Selector::Campaign("nov".into()), 1000, 10);
         assert_eq!(s.totals().parked, 1);
         assert_eq!(s.totals().ready, 1);
         // c comes due while its campaign is held: parked, not ready.
         s.promote(60);
         assert_eq!(s.totals().parked, 2);
-        assert_eq!(s.pop_ready("x.test", 60), Some(b));
-        assert_eq!(s.pop_ready("y.test", 60), None);
+        assert_eq!(s.pop_ready(&q("x.test"), 60), Some(b));
+        assert_eq!(s.pop_ready(&q("y.test"), 60), None);
         // The hold expires by itself.
         s.promote(1000);
         assert_eq!(s.totals().parked, 0);
@@ -821,8 +861,8 @@ mod tests {
     fn a_domain_hold_covers_its_per_source_queues() {
         let s = Scheduler::new();
         let a = MessageId::generate();
-        let key = queue_key("x.test", Some("ip1"));
-        assert_eq!(split_queue_key(&key), ("x.test", Some("ip1")));
+        let key = QueueKey::with_source("x.test", Some("ip1"));
+        assert_eq!((key.name(), key.source()), ("x.test", Some("ip1")));
         s.schedule(a, &key, None, 0, 0, 10);
         s.suspend(&Selector::Domain("x.test".into()), u64::MAX, 10);
         assert!(!s.has_ready(&key, 10));
@@ -840,10 +880,10 @@ mod tests {
         let s = Scheduler::new();
         let ids: Vec<MessageId> = (0..200_000).map(|_| MessageId::generate()).collect();
         for id in &ids {
-            s.schedule(*id, "big.test", None, 0, 0, 10);
+            s.schedule(*id, &q("big.test"), None, 0, 0, 10);
         }
         let keep = MessageId::generate();
-        s.schedule(keep, "big.test", Some("other"), 0, 0, 10);
+        s.schedule(keep, &q("big.test"), Some("other"), 0, 0, 10);
         let started = std::time::Instant::now();
         let taken = s.take(&Selector::Domain("big.test".into()));
         assert_eq!(taken.len(), 200_001);
@@ -860,16 +900,16 @@ mod tests {
     fn deferring_an_in_flight_message_keeps_it_scheduled() {
         let s = Scheduler::new();
         let a = MessageId::generate();
-        s.schedule(a, "x.test", Some("nov"), 0, 0, 10);
-        assert_eq!(s.pop_ready("x.test", 10), Some(a));
+        s.schedule(a, &q("x.test"), Some("nov"), 0, 0, 10);
+        assert_eq!(s.pop_ready(&q("x.test"), 10), Some(a));
         s.defer(a, 500);
         assert_eq!(s.totals().scheduled, 1);
         assert_eq!(s.totals().in_flight, 0);
         assert_eq!(s.next_due(), Some(500));
         s.promote(500);
-        assert_eq!(s.pop_ready("x.test", 500), Some(a));
+        assert_eq!(s.pop_ready(&q("x.test"), 500), Some(a));
         // A queued message is not moved by a late defer.
-        s.schedule(a, "x.test", Some("nov"), 0, 0, 10);
+        s.schedule(a, &q("x.test"), Some("nov"), 0, 0, 10);
         s.defer(a, 900);
         assert_eq!(s.totals().ready, 1);
     }
@@ -879,7 +919,7 @@ mod tests {
         let s = Scheduler::new();
         let ids: Vec<MessageId> = (0..100).map(|_| MessageId::generate()).collect();
         for (i, id) in ids.iter().enumerate() {
-            s.schedule(*id, &format!("d{i}.test"), Some("c"), 0, 0, 10);
+            s.schedule(*id, &q(&format!("d{i}.test")), Some("c"), 0, 0, 10);
         }
         s.suspend(&Selector::Domain("held.test".into()), u64::MAX, 10);
         assert_eq!(s.interned(), 102);
@@ -893,7 +933,7 @@ mod tests {
         assert!(!s
             .ready_destinations(10)
             .iter()
-            .any(|(d, _)| d == "held.test"));
+            .any(|(d, _)| d.name() == "held.test"));
         assert_eq!(s.suspensions(10).len(), 1);
     }
 
@@ -901,29 +941,105 @@ mod tests {
     fn ready_queues_are_walked_in_turn_from_a_cursor() {
         let s = Scheduler::new();
         for d in ["a.test", "b.test", "c.test", "d.test"] {
-            s.schedule(MessageId::generate(), d, None, 0, 0, 10);
+            s.schedule(MessageId::generate(), &q(d), None, 0, 0, 10);
         }
-        s.schedule(MessageId::generate(), "b.test", None, 0, 0, 10);
+        s.schedule(MessageId::generate(), &q("b.test"), None, 0, 0, 10);
         s.suspend(&Selector::Domain("c.test".into()), u64::MAX, 10);
-        let names = |v: Vec<(String, usize)>| v.into_iter().map(|(d, _)| d).collect::<Vec<_>>();
+        let names = |v: Vec<(QueueKey, usize)>| {
+            v.into_iter()
+                .map(|(d, _)| d.to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             s.ready_after(None, 2, 10),
-            vec![("a.test".to_owned(), 1), ("b.test".to_owned(), 2)]
+            vec![(q("a.test"), 1), (q("b.test"), 2)]
         );
         // Held queues are skipped; the walk ends at the last name.
-        assert_eq!(names(s.ready_after(Some("b.test"), 2, 10)), ["d.test"]);
-        assert!(s.ready_after(Some("d.test"), 2, 10).is_empty());
+        assert_eq!(names(s.ready_after(Some(&q("b.test")), 2, 10)), ["d.test"]);
+        assert!(s.ready_after(Some(&q("d.test")), 2, 10).is_empty());
         // A cursor that names no queue still orders the walk.
-        assert_eq!(names(s.ready_after(Some("aa"), 1, 10)), ["b.test"]);
+        assert_eq!(names(s.ready_after(Some(&q("aa")), 1, 10)), ["b.test"]);
+    }
+
+    #[test]
+    fn the_queues_of_a_domain_are_walked_together_in_source_order() {
+        let s = Scheduler::new();
+        let keys = [
+            QueueKey::with_source("a.test", Some("ip2")),
+            QueueKey::new("a.testb"),
+            QueueKey::with_source("a.test", Some("ip1")),
+            QueueKey::new("a.test"),
+        ];
+        for k in &keys {
+            s.schedule(MessageId::generate(), k, None, 0, 0, 10);
+        }
+        let shown = |v: Vec<(QueueKey, usize)>| {
+            v.into_iter()
+                .map(|(d, _)| d.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            shown(s.ready_after(None, 10, 10)),
+            ["a.test", "a.test|ip1", "a.test|ip2", "a.testb"]
+        );
+        assert_eq!(
+            shown(s.ready_after(Some(&keys[2]), 10, 10)),
+            ["a.test|ip2", "a.testb"]
+        );
+        // The listing is in the same order, and shows the keys as operators know them.
+        let listed: Vec<String> = s
+            .destinations(10)
+            .into_iter()
+            .map(|(d, _)| d.to_string())
+            .collect();
+        assert_eq!(listed, ["a.test", "a.test|ip1", "a.test|ip2", "a.testb"]);
+    }
+
+    #[test]
+    fn a_queue_hold_holds_one_source_and_its_domain_resume_lifts_it() {
+        let s = Scheduler::new();
+        let ip1 = QueueKey::with_source("x.test", Some("ip1"));
+        let ip2 = QueueKey::with_source("x.test", Some("ip2"));
+        let (a, b) = (MessageId::generate(), MessageId::generate());
+        s.schedule(a, &ip1, None, 0, 0, 10);
+        s.schedule(b, &ip2, None, 0, 0, 10);
+        s.suspend_queue(&ip1, 1000);
+        assert!(!s.has_ready(&ip1, 10));
+        assert_eq!(s.ready_destinations(10), vec![(ip2.clone(), 1)]);
+        let dests = s.destinations(10);
+        assert_eq!(dests[0].1.suspended_until_ms, Some(1000));
+        assert_eq!(dests[1].1.suspended_until_ms, None);
+        assert_eq!(
+            s.suspensions(10),
+            vec![(Selector::Domain("x.test|ip1".into()), 1000)]
+        );
+        // Another domain's resume leaves it; its domain's lifts it.
+        assert!(!s.resume(&Selector::Domain("x.tes".into()), 10));
+        assert!(!s.has_ready(&ip1, 10));
+        assert!(s.resume(&Selector::Domain("x.test".into()), 10));
+        assert!(s.suspensions(10).is_empty());
+        assert_eq!(s.pop_ready(&ip1, 10), Some(a));
+        // It expires by itself, too; a queue without a source is held as its domain is.
+        s.schedule(a, &ip1, None, 0, 0, 10);
+        s.suspend_queue(&ip1, 1000);
+        s.promote(1000);
+        assert!(s.has_ready(&ip1, 1000));
+        assert!(s.suspensions(1000).is_empty());
+        s.suspend_queue(&q("x.test"), u64::MAX);
+        assert_eq!(
+            s.suspensions(1000),
+            vec![(Selector::Domain("x.test".into()), u64::MAX)]
+        );
+        assert!(!s.has_ready(&ip1, 1000) && !s.has_ready(&ip2, 1000));
     }
 
     #[test]
     fn retry_now_makes_scheduled_messages_ready() {
         let s = Scheduler::new();
         let a = MessageId::generate();
-        s.schedule(a, "x.test", Some("nov"), 10_000, 0, 10);
+        s.schedule(a, &q("x.test"), Some("nov"), 10_000, 0, 10);
         assert_eq!(s.retry_now(&Selector::Campaign("nov".into()), 10), 1);
-        assert_eq!(s.pop_ready("x.test", 10), Some(a));
+        assert_eq!(s.pop_ready(&q("x.test"), 10), Some(a));
         assert_eq!(s.retry_now(&Selector::Campaign("nov".into()), 10), 0);
     }
 }

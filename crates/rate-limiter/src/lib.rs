@@ -16,6 +16,7 @@ use governor::clock::{Clock, Reference};
 use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
+use queue_key::QueueKey;
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
@@ -701,7 +702,8 @@ impl Site {
 pub struct Shaper {
     rules: RwLock<Arc<Vec<Rule>>>,
     default: Limits,
-    live: DashMap<String, Site>,
+    /// By site key: the site and the egress source.
+    live: DashMap<QueueKey, Site>,
 }
 
 impl std::fmt::Debug for Shaper {
@@ -768,11 +770,16 @@ impl Shaper {
         )
     }
 
-    /// The live limiter of destination `key` (a site, or `site|source`), which mail for
-    /// `domain` is about to use. Its limits are the tightest of those of every domain seen
-    /// going to the site: a domain with tighter rules than those seen before tightens the
-    /// limiter in place.
-    pub fn limiter(&self, key: &str, domain: &str, mx_hosts: &[String]) -> Arc<DestinationLimiter> {
+    /// The live limiter of destination `key` (a site, and the egress source when there is
+    /// one), which mail for `domain` is about to use. Its limits are the tightest of those of
+    /// every domain seen going to the site: a domain with tighter rules than those seen before
+    /// tightens the limiter in place.
+    pub fn limiter(
+        &self,
+        key: &QueueKey,
+        domain: &str,
+        mx_hosts: &[String],
+    ) -> Arc<DestinationLimiter> {
         let domain = domain.to_ascii_lowercase();
         if let Some(site) = self.live.get(key) {
             let seen = site.seen();
@@ -782,7 +789,7 @@ impl Shaper {
             }
         }
         let rules = self.rules();
-        let site = self.live.entry(key.to_owned()).or_insert_with(|| Site {
+        let site = self.live.entry(key.clone()).or_insert_with(|| Site {
             limiter: Arc::new(DestinationLimiter::new(limits_under(
                 &rules,
                 &self.default,
@@ -825,17 +832,12 @@ impl Shaper {
         evicted
     }
 
-    /// Ends the backoff of destination `name` (a site, or every `site|source` of it); returns
-    /// whether one was in force.
+    /// Ends the backoff of site `name`, whatever the egress source; returns whether one was
+    /// in force.
     pub fn end_backoff(&self, name: &str) -> bool {
         let mut ended = false;
         for entry in self.live.iter() {
-            let key = entry.key();
-            let matches = key == name
-                || key
-                    .strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with('|'));
-            if matches && entry.value().limiter.is_backing_off() {
+            if entry.key().name() == name && entry.value().limiter.is_backing_off() {
                 entry.value().limiter.end_backoff();
                 ended = true;
             }
@@ -843,16 +845,18 @@ impl Shaper {
         ended
     }
 
-    /// Destinations currently backing off, for the admin view and metrics.
+    /// Destinations currently backing off (`site` or `site|source`, as operators see them),
+    /// for the admin view and metrics.
     pub fn backing_off(&self) -> Vec<String> {
-        let mut out: Vec<String> = self
+        let mut keys: Vec<QueueKey> = self
             .live
             .iter()
             .filter(|e| e.value().limiter.is_backing_off())
             .map(|e| e.key().clone())
             .collect();
-        out.sort();
-        out
+        // In the order of the queue listing: a site's sources together.
+        keys.sort();
+        keys.iter().map(QueueKey::to_string).collect()
     }
 }
 
@@ -950,6 +954,10 @@ impl KeyedRates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn site(name: &str) -> QueueKey {
+        QueueKey::new(name)
+    }
 
     #[test]
     fn rates_parse() {
@@ -1080,16 +1088,16 @@ mod tests {
         let mx = vec!["in1.mx.test".to_owned(), "in2.mx.test".to_owned()];
         let mx_reordered = vec!["in2.mx.test".to_owned(), "in1.mx.test".to_owned()];
         let a_then_b = Shaper::new(rules(), Limits::default());
-        let first = a_then_b.limiter("mx.test", "a.test", &mx);
+        let first = a_then_b.limiter(&site("mx.test"), "a.test", &mx);
         let _slots: Vec<_> = (0..3)
             .map(|_| first.try_connection_slot().unwrap())
             .collect();
-        let second = a_then_b.limiter("mx.test", "B.test", &mx_reordered);
+        let second = a_then_b.limiter(&site("mx.test"), "B.test", &mx_reordered);
         assert!(Arc::ptr_eq(&first, &second), "tightened in place");
         assert_eq!(first.connections_in_use(), 3, "slots held survive");
         let b_then_a = Shaper::new(rules(), Limits::default());
-        b_then_a.limiter("mx.test", "b.test", &mx);
-        let other = b_then_a.limiter("mx.test", "a.test", &mx);
+        b_then_a.limiter(&site("mx.test"), "b.test", &mx);
+        let other = b_then_a.limiter(&site("mx.test"), "a.test", &mx);
         let expected = Limits {
             max_connections: 4,
             max_message_rate: rate("5/s"),
@@ -1104,7 +1112,7 @@ mod tests {
         assert_eq!(first.limits(), expected);
         assert_eq!(other.limits(), expected);
         // A third domain with only the site's rule loosens nothing.
-        a_then_b.limiter("mx.test", "c.test", &mx);
+        a_then_b.limiter(&site("mx.test"), "c.test", &mx);
         assert_eq!(first.limits(), expected);
         assert_eq!(
             a_then_b.limits_for_site(&mx, ["c.test", "A.test", "b.test"]),
@@ -1149,12 +1157,12 @@ mod tests {
     #[tokio::test]
     async fn a_reload_lowering_the_cap_counts_the_sessions_already_open() {
         let shaper = Shaper::new(vec![rule("x.test", cap(3))], Limits::default());
-        let limiter = shaper.limiter("x.test", "x.test", &[]);
+        let limiter = shaper.limiter(&site("x.test"), "x.test", &[]);
         let mut held: Vec<_> = (0..3)
             .map(|_| limiter.try_connection_slot().unwrap())
             .collect();
         shaper.reload(vec![rule("x.test", cap(2))]);
-        let after = shaper.limiter("x.test", "x.test", &[]);
+        let after = shaper.limiter(&site("x.test"), "x.test", &[]);
         assert!(Arc::ptr_eq(&limiter, &after), "updated in place");
         assert_eq!(after.limits().max_connections, 2);
         assert!(after.over_connection_cap());
@@ -1190,12 +1198,12 @@ mod tests {
             ..Limits::default()
         };
         let shaper = Shaper::new(vec![rule("x.test", limits(3, "1/s"))], Limits::default());
-        let limiter = shaper.limiter("x.test", "x.test", &[]);
+        let limiter = shaper.limiter(&site("x.test"), "x.test", &[]);
         limiter.until_message_permitted().await;
         shaper.reload(vec![rule("x.test", limits(5, "1/s"))]);
         let start = tokio::time::Instant::now();
         shaper
-            .limiter("x.test", "x.test", &[])
+            .limiter(&site("x.test"), "x.test", &[])
             .until_message_permitted()
             .await;
         assert!(
@@ -1245,6 +1253,42 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn ending_a_sites_backoff_ends_it_for_every_source() {
+        let shaper = Shaper::new(Vec::new(), Limits::default());
+        let hour = Duration::from_secs(3600);
+        let keys = [
+            QueueKey::with_source("mx.test", Some("ip1")),
+            QueueKey::with_source("mx.test", Some("ip2")),
+            site("mx.test"),
+            site("mx.testing"),
+            QueueKey::with_source("mx.testing", Some("ip1")),
+        ];
+        let limiters: Vec<_> = keys
+            .iter()
+            .map(|k| shaper.limiter(k, "a.test", &[]))
+            .collect();
+        for l in &limiters {
+            l.back_off(hour);
+        }
+        assert_eq!(
+            shaper.backing_off(),
+            [
+                "mx.test",
+                "mx.test|ip1",
+                "mx.test|ip2",
+                "mx.testing",
+                "mx.testing|ip1"
+            ]
+        );
+        assert!(!shaper.end_backoff("mx"), "a prefix names no site");
+        assert!(!shaper.end_backoff("mx.test|ip1"), "a site is named alone");
+        assert!(shaper.end_backoff("mx.test"));
+        assert_eq!(shaper.backing_off(), ["mx.testing", "mx.testing|ip1"]);
+        assert!(!shaper.end_backoff("mx.test"), "none left in force");
+        assert!(limiters[4].is_backing_off());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_limiters_are_evicted_but_not_those_in_use() {
         let idle = Duration::from_secs(60);
         let hourly = Limits {
@@ -1252,7 +1296,7 @@ mod tests {
             ..Limits::default()
         };
         let shaper = Shaper::new(vec![rule("hourly.test", hourly)], Limits::default());
-        let make = |key: &str| shaper.limiter(key, key, &[]);
+        let make = |key: &str| shaper.limiter(&site(key), key, &[]);
         let held = make("held.test");
         let slot = make("slot.test").try_connection_slot().unwrap();
         make("back.test").back_off(Duration::from_secs(3600));
