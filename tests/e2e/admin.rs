@@ -117,6 +117,17 @@ async fn a_suspended_campaign_is_parked_then_purged_with_admin_bounces() {
     // Bad admin requests are refused clearly.
     let (status, _) = post_json(&engine.url("/api/admin/v1/purge"), &json!({}), None).await;
     assert_eq!(status, 400);
+    let (status, reply) = post_json(
+        &engine.url("/api/admin/v1/resume"),
+        &json!({"domain": "camp.test|ip1"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(reply["error"]
+        .as_str()
+        .unwrap()
+        .contains("without the |source part"));
     let (status, _) = post_json(
         &engine.url("/api/admin/v1/suspend"),
         &json!({"domain": "a", "campaign": "b"}),

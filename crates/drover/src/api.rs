@@ -297,6 +297,14 @@ fn admin_target(
         )
     })?;
     let selector = match (target.domain, target.campaign) {
+        // Lists show a source's own queue as `domain|source`; holds and backoffs of it are
+        // named (and lifted) by the domain alone.
+        (Some(d), None) if d.contains('|') => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "domain: name the domain or site without the |source part; it acts on every source's queue",
+            ))
+        }
         (Some(d), None) if !d.trim().is_empty() => Selector::Domain(d.trim().to_ascii_lowercase()),
         (None, Some(c)) if !c.trim().is_empty() => Selector::Campaign(c.trim().to_owned()),
         _ => {
