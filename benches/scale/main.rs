@@ -14,7 +14,13 @@
 //!    the last `Delivery` record and counting deferrals (a 20 s command timeout). Every due
 //!    domain opens its own connections at once, all to one sink (`drover sink`).
 //!
+//! 4. the process that did the work (issue 16): the same number of messages injected over HTTP
+//!    into a live engine whose every attempt is soft-rejected, RSS during and after the
+//!    deferral wave, then a clean stop and a restart on that spool: time to listening, to the
+//!    first delivery of a new message, to ready (see `live_process`).
+//!
 //! Environment: `DROVER_BENCH_QUICK=1` (100 000 messages over 10 000 domains),
+//! `DROVER_BENCH_SCALE_PHASES` (`restart,live`; either alone), `DROVER_BENCH_SCALE_LIVE_N`,
 //! `DROVER_BENCH_SCALE_N`, `DROVER_BENCH_SCALE_DOMAINS`, `DROVER_BENCH_SCALE_DUE`,
 //! `DROVER_BENCH_SCALE_DUE_DOMAINS`,
 //! `DROVER_BENCH_SCALE_BODY` (bytes, default 1024), `DROVER_BENCH_BINARY=PATH` (a `drover` binary
@@ -169,6 +175,18 @@ struct Engine {
 }
 
 fn start_engine(drover: &Path, dir: &Path, spool: &Path, sink_port: u16) -> Engine {
+    start_engine_with(drover, dir, spool, sink_port, "", "")
+}
+
+/// An engine with `delivery` lines added to its `[delivery]` table and `extra` TOML appended.
+fn start_engine_with(
+    drover: &Path,
+    dir: &Path,
+    spool: &Path,
+    sink_port: u16,
+    delivery: &str,
+    extra: &str,
+) -> Engine {
     let port = free_port();
     let accounting = dir.join("accounting.jsonl");
     let config = format!(
@@ -182,9 +200,11 @@ path = "{accounting}"
 [delivery]
 ehlo_name = "drover.scale.test"
 command_timeout = "20s"
+{delivery}
 [[route]]
 domain = "*"
 hosts = ["127.0.0.1:{sink_port}"]
+{extra}
 "#,
         spool = spool.display(),
         accounting = accounting.display(),
@@ -245,6 +265,276 @@ impl Engine {
             .and_then(|v| v.parse::<f64>().ok())
             .map_or(0, |v| v as u64)
     }
+}
+
+/// RSS of `pid` sampled every 200 ms on a thread until stopped: (samples, peak) in kB.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(Vec<(f64, u64)>, u64)>,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Sampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = std::sync::Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            let mut peak = 0;
+            while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(rss) = proc::rss_kb(pid) {
+                    peak = peak.max(rss);
+                    samples.push((start.elapsed().as_secs_f64(), rss));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            (samples, peak)
+        });
+        Sampler { stop, handle }
+    }
+
+    fn finish(self) -> (Vec<(f64, u64)>, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+/// POSTs one inject request of `count` recipients starting at `first`; panics unless 200.
+fn inject_batch(port: u16, first: usize, count: usize, domains: usize, body: &str) {
+    use std::io::Write;
+    let recipients: Vec<serde_json::Value> = (first..first + count)
+        .map(|i| json!({"email": format!("u{i}@{}", live_domain(i % domains))}))
+        .collect();
+    let request = json!({
+        "envelope_sender": "bounces@sender.example.com",
+        "content": body,
+        "recipients": recipients,
+        "campaign": "live",
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /api/inject/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        request.len()
+    )
+    .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "inject failed: {reply}");
+}
+
+fn live_domain(i: usize) -> String {
+    format!("d{i}.live.scale.test")
+}
+
+/// Whether `GET /readyz` answers 200.
+fn ready(port: u16) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = write!(
+        s,
+        "GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    );
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    reply.starts_with("HTTP/1.1 200")
+}
+
+/// 4. The process that did the work: `n` messages injected over HTTP (batches of 1 000, four
+/// clients) into an engine whose every delivery is soft-rejected (`drover sink
+/// --tempfail-percent 100`, retry in a day), RSS sampled throughout; after the last deferral,
+/// RSS at +5 s and +30 s; then SIGTERM and a new process on the same spool: time until its
+/// listeners accept, until `/readyz` says ready, and until a message injected at once is
+/// delivered (to an accepting sink).
+fn live_process(
+    drover: &Path,
+    work: &Path,
+    n: usize,
+    domains: usize,
+    body_size: usize,
+) -> serde_json::Value {
+    let reject_port = free_port();
+    let mut reject = Command::new(drover)
+        .args([
+            "sink",
+            "--listen",
+            &format!("127.0.0.1:{reject_port}"),
+            "--tempfail-percent",
+            "100",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let accept_port = free_port();
+    let mut accept = Command::new(drover)
+        .args(["sink", "--listen", &format!("127.0.0.1:{accept_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(net::wait_for_port(reject_port, Duration::from_secs(30)));
+    assert!(net::wait_for_port(accept_port, Duration::from_secs(30)));
+    let dir = tempfile::Builder::new()
+        .prefix("scale-live-")
+        .tempdir_in(work)
+        .unwrap();
+    let spool = dir.path().join("spool");
+    let extra = format!(
+        "[[route]]\ndomain = \"now.scale.test\"\nhosts = [\"127.0.0.1:{accept_port}\"]\n\
+         [retry]\nintervals = [\"1d\"]\n"
+    );
+    // As the operator ran it: at most 100 sessions.
+    let delivery = "max_connections = 100";
+    let e = start_engine_with(drover, dir.path(), &spool, reject_port, delivery, &extra);
+    assert!(net::wait_for_port(e.port, Duration::from_secs(30)));
+    let pid = e.child.id();
+    let empty_rss = proc::rss_kb(pid).unwrap_or(0);
+    let body = format!(
+        "From: News <news@sender.example.com>\r\nSubject: live\r\n\r\n{}\r\n",
+        "x".repeat(body_size)
+    );
+    let sampler = Sampler::start(pid);
+    let start = Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (next, body, port) = (std::sync::Arc::clone(&next), body.clone(), e.port);
+            std::thread::spawn(move || loop {
+                let first = next.fetch_add(1000, std::sync::atomic::Ordering::SeqCst);
+                if first >= n {
+                    return;
+                }
+                inject_batch(port, first, 1000.min(n - first), domains, &body);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let injected = start.elapsed().as_secs_f64();
+    eprintln!("live: injected {n} over HTTP in {injected:.1} s");
+    let mut tail = Tail {
+        path: e.accounting.clone(),
+        offset: 0,
+        partial: Vec::new(),
+        deliveries: 0,
+        failures: 0,
+        reasons: Default::default(),
+    };
+    let attempted = wait_until(Duration::from_secs(3600), || {
+        tail.poll();
+        tail.failures >= n as u64
+    });
+    let deferred = start.elapsed().as_secs_f64();
+    eprintln!(
+        "live: {} first attempts deferred {deferred:.1} s after the start{}",
+        tail.failures,
+        if attempted { "" } else { " (timed out)" }
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let after_5s = proc::rss_kb(pid).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(25));
+    let after_30s = proc::rss_kb(pid).unwrap_or(0);
+    let (samples, peak) = sampler.finish();
+    let per = |kb: u64| ((kb.saturating_sub(empty_rss) * 1024) as f64 / n as f64).round();
+    eprintln!(
+        "live: RSS peak {} MB, 5 s after the wave {} MB ({} B/message), 30 s after {} MB ({} B/message)",
+        peak / 1024,
+        after_5s / 1024,
+        per(after_5s),
+        after_30s / 1024,
+        per(after_30s)
+    );
+    let stop_start = Instant::now();
+    e.stop();
+    let stop_secs = stop_start.elapsed().as_secs_f64();
+
+    let restart = Instant::now();
+    let e = start_engine_with(drover, dir.path(), &spool, reject_port, delivery, &extra);
+    let pid = e.child.id();
+    assert!(net::wait_for_port(e.port, Duration::from_secs(600)));
+    let listening = restart.elapsed().as_secs_f64();
+    inject_batch_to(e.port, "first@now.scale.test", &body);
+    let mut tail = Tail {
+        path: e.accounting.clone(),
+        offset: std::fs::metadata(&e.accounting).map_or(0, |m| m.len()),
+        partial: Vec::new(),
+        deliveries: 0,
+        failures: 0,
+        reasons: Default::default(),
+    };
+    assert!(
+        wait_until(Duration::from_secs(600), || tail.poll() >= 1),
+        "the new message was not delivered"
+    );
+    let first_delivery = restart.elapsed().as_secs_f64();
+    assert!(wait_until(Duration::from_secs(900), || ready(e.port)));
+    let readyz = restart.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let restarted_rss = proc::rss_kb(pid).unwrap_or(0);
+    eprintln!(
+        "live restart: listening {listening:.2} s, first delivery {first_delivery:.2} s, ready {readyz:.2} s; RSS {} MB ({} B/message)",
+        restarted_rss / 1024,
+        per(restarted_rss)
+    );
+    e.stop();
+    let _ = reject.kill();
+    let _ = reject.wait();
+    let _ = accept.kill();
+    let _ = accept.wait();
+    // Every second sample is enough to show the curve.
+    let curve: Vec<_> = samples
+        .iter()
+        .step_by(5)
+        .map(|(t, kb)| json!([(t * 10.0).round() / 10.0, kb / 1024]))
+        .collect();
+    json!({
+        "messages": n,
+        "domains": domains,
+        "inject_seconds": (injected * 10.0).round() / 10.0,
+        "first_attempts_done_seconds": (deferred * 10.0).round() / 10.0,
+        "empty_rss_kb": empty_rss,
+        "peak_rss_kb": peak,
+        "rss_5s_after_kb": after_5s,
+        "rss_30s_after_kb": after_30s,
+        "bytes_per_message_5s_after": per(after_5s),
+        "bytes_per_message_30s_after": per(after_30s),
+        "peak_bytes_per_message": per(peak),
+        "stop_seconds": (stop_secs * 100.0).round() / 100.0,
+        "restart_to_listening_s": (listening * 100.0).round() / 100.0,
+        "restart_to_first_delivery_s": (first_delivery * 100.0).round() / 100.0,
+        "restart_to_ready_s": (readyz * 100.0).round() / 100.0,
+        "restarted_rss_kb": restarted_rss,
+        "restarted_bytes_per_message": per(restarted_rss),
+        "rss_mb_curve": curve,
+    })
+}
+
+/// Injects one message for `recipient`.
+fn inject_batch_to(port: u16, recipient: &str, body: &str) {
+    use std::io::Write;
+    let request = json!({
+        "envelope_sender": "bounces@sender.example.com",
+        "content": body,
+        "recipients": [{"email": recipient}],
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /api/inject/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        request.len()
+    )
+    .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "inject failed: {reply}");
 }
 
 /// Counts `Delivery` lines of the accounting file incrementally.
@@ -329,6 +619,26 @@ fn main() {
     let machine = proc::machine();
 
     let sched = scheduler_memory(shape);
+    let phases =
+        std::env::var("DROVER_BENCH_SCALE_PHASES").unwrap_or_else(|_| "restart,live".into());
+    let live = phases.contains("live").then(|| {
+        let live_n = env_usize("DROVER_BENCH_SCALE_LIVE_N", n);
+        eprintln!("live: {live_n} messages over {domains} domains, every one soft-rejected");
+        live_process(&drover, &work, live_n, domains, body_size)
+    });
+    if !phases.contains("restart") {
+        let out = json!({
+            "bench": "scale",
+            "mode": if quick { "quick" } else { "full" },
+            "machine": machine,
+            "scheduler_only": sched,
+            "live": live,
+        });
+        let path = work.join("scale.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+        println!("{}", serde_json::to_string_pretty(&out).unwrap());
+        return;
+    }
 
     // The sink: Drover's own (this bench measures the engine's memory and start-up, not the wire).
     let sink_port = free_port();
@@ -447,6 +757,7 @@ fn main() {
             "msgs_per_s": rate.round(),
             "completed": ok,
         },
+        "live": live,
     });
     let path = work.join("scale.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();

@@ -57,10 +57,9 @@ pub const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(16);
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// Metadata records a scan reads under one read lock.
 const SCAN_CHUNK: usize = 1024;
-/// Bytes of writes queued for the writer thread and not yet answered. Callers beyond it wait
-/// for room (back-pressure) instead of piling bodies up in memory while a sync is slow.
-pub(crate) const MAX_PENDING_WRITE_BYTES: usize = 256 << 20;
-/// The unit of [`MAX_PENDING_WRITE_BYTES`] accounting (semaphore permits are u32).
+/// The default of [`SpoolOptions::max_pending_write_bytes`].
+pub const DEFAULT_PENDING_WRITE_BYTES: usize = 256 << 20;
+/// The unit of [`SpoolOptions::max_pending_write_bytes`] accounting (semaphore permits are u32).
 const PENDING_UNIT: usize = 4096;
 
 /// Tunables of the spool.
@@ -78,6 +77,14 @@ pub struct SpoolOptions {
     /// 0.52 → 0.85 of the baseline with 256 MiB in a short run), at the price of that much
     /// memory, up to three times while flushes run. The default is RocksDB's own.
     pub body_buffer_bytes: usize,
+    /// Bytes of writes queued for the writer thread and not yet answered; callers beyond it
+    /// wait for room (back-pressure) instead of piling bodies up in memory while a sync is
+    /// slow. One write larger than this still goes, alone.
+    pub max_pending_write_bytes: usize,
+}
+
+fn pending_units(options: &SpoolOptions) -> usize {
+    (options.max_pending_write_bytes / PENDING_UNIT).max(1)
 }
 
 /// The default body memtable size: 64 MiB, RocksDB's default. With 256 MiB a restart
@@ -90,6 +97,7 @@ impl Default for SpoolOptions {
             sync: true,
             min_blob_size: 4096,
             body_buffer_bytes: DEFAULT_BODY_BUFFER_BYTES,
+            max_pending_write_bytes: DEFAULT_PENDING_WRITE_BYTES,
         }
     }
 }
@@ -155,7 +163,7 @@ struct Shared {
     db: RwLock<Option<DB>>,
     /// Whether writes are accepted (false while degraded after a storage error).
     writable: watch::Sender<bool>,
-    /// Room in the writer's queue, in [`PENDING_UNIT`]s of [`MAX_PENDING_WRITE_BYTES`].
+    /// Room in the writer's queue, in [`PENDING_UNIT`]s.
     pending: tokio::sync::Semaphore,
     /// Test hook: the next this many reads fail (feature `testing`).
     #[cfg(any(test, feature = "testing"))]
@@ -235,12 +243,13 @@ impl Spool {
     pub fn open(path: &Path, options: SpoolOptions) -> Result<Spool, QueueError> {
         let db = open_db(path, &options)?;
         let (writable, _) = watch::channel(true);
+        let pending = tokio::sync::Semaphore::new(pending_units(&options));
         let shared = Arc::new(Shared {
             path: path.to_owned(),
             options,
             db: RwLock::new(Some(db)),
             writable,
-            pending: tokio::sync::Semaphore::new(MAX_PENDING_WRITE_BYTES / PENDING_UNIT),
+            pending,
             #[cfg(any(test, feature = "testing"))]
             failing_reads: std::sync::atomic::AtomicUsize::new(0),
         });
@@ -314,7 +323,7 @@ impl Spool {
     async fn submit_with(&self, ops: Vec<Op>, durable: bool) -> Result<(), QueueError> {
         let bytes: usize = ops.iter().map(Op::size).sum();
         let units = (bytes / PENDING_UNIT)
-            .clamp(1, MAX_PENDING_WRITE_BYTES / PENDING_UNIT)
+            .clamp(1, pending_units(&self.shared.options))
             .try_into()
             .unwrap_or(u32::MAX);
         // Held until the writer answered: the queue never holds more than the budget (one
@@ -888,18 +897,24 @@ mod tests {
         spool.fail_next_reads(1);
         assert!(spool.body(&a.id).is_err());
         assert!(spool.body(&a.id).unwrap().is_some());
+        spool.close().unwrap();
     }
 
     #[tokio::test]
     async fn many_removals_are_one_write_and_big_jobs_pass_the_budget() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let options = SpoolOptions {
+            max_pending_write_bytes: 1 << 20,
+            ..SpoolOptions::default()
+        };
+        let spool = Spool::open(dir.path(), options).unwrap();
         let all: Vec<MessageMeta> = (0..1000)
             .map(|i| meta(&format!("u{i}@example.test"), i))
             .collect();
         let free = spool.shared.pending.available_permits();
+        assert_eq!(free, (1 << 20) / PENDING_UNIT);
         // One request larger than the whole pending-write budget still goes through, alone.
-        let big = vec![0u8; MAX_PENDING_WRITE_BYTES / 1000 + 1];
+        let big = vec![0u8; 2048];
         spool
             .insert(all.iter().map(|m| (m.clone(), big.clone())).collect())
             .await
@@ -914,6 +929,7 @@ mod tests {
         assert_eq!(left.len(), 400);
         assert_eq!(spool.schedule_keys().len(), 400);
         assert_eq!(spool.shared.pending.available_permits(), free);
+        spool.close().unwrap();
     }
 
     #[tokio::test]
