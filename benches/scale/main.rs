@@ -344,12 +344,12 @@ fn ready(port: u16) -> bool {
     reply.starts_with("HTTP/1.1 200")
 }
 
-/// 4. The process that did the work: `n` messages injected over HTTP (batches of 1 000, four
-/// clients) into an engine whose every delivery is soft-rejected (`drover sink
-/// --tempfail-percent 100`, retry in a day), RSS sampled throughout; after the last deferral,
-/// RSS at +5 s and +30 s; then SIGTERM and a new process on the same spool: time until its
-/// listeners accept, until `/readyz` says ready, and until a message injected at once is
-/// delivered (to an accepting sink).
+/// Phase 4, the process that did the work: `n` messages injected over HTTP (batches of
+/// 1 000, four clients) into an engine whose every delivery is soft-rejected (`drover sink`
+/// with a 100 % tempfail share, retry in a day), RSS sampled throughout; after the last
+/// deferral, RSS at +5 s and +30 s; then SIGTERM and a new process on the same spool: time
+/// until its listeners accept, until `/readyz` says ready, and until a message injected at
+/// once is delivered (to an accepting sink).
 fn live_process(
     drover: &Path,
     work: &Path,
