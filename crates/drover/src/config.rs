@@ -161,6 +161,10 @@ pub struct SpoolConfig {
     /// MiB of message bodies held in memory before they are flushed to blob files
     /// (extension): bodies delivered and deleted before the flush are never written twice.
     pub body_buffer_mb: usize,
+    /// MiB RocksDB may hold in memory in all: memtables of every column family (the body
+    /// buffer included) and the block cache (extension). It also bounds the write-ahead log,
+    /// so a start replays at most this much.
+    pub memory_budget_mb: usize,
 }
 
 impl Default for SpoolConfig {
@@ -170,6 +174,7 @@ impl Default for SpoolConfig {
             sync: true,
             max_queued: 10_000_000,
             body_buffer_mb: queue::DEFAULT_BODY_BUFFER_BYTES >> 20,
+            memory_budget_mb: queue::DEFAULT_MEMORY_BUDGET_BYTES >> 20,
         }
     }
 }

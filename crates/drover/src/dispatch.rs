@@ -4,7 +4,7 @@
 use crate::clock::now_ms;
 use crate::engine::Engine;
 use crate::outbound::mx_hosts;
-use crate::telemetry::{BACKOFF, HOLDS, WORKERS};
+use crate::telemetry::{resident_bytes, BACKOFF, HOLDS, RESIDENT_MEMORY, SPOOL_MEMORY, WORKERS};
 use queue::Selector;
 use queue_key::QueueKey;
 use std::sync::atomic::Ordering;
@@ -147,6 +147,13 @@ impl Engine {
                     metrics::gauge!(HOLDS, "kind" => "campaign").set((holds.len() - domains) as f64);
                     metrics::gauge!(BACKOFF).set(self.backing_off().len() as f64);
                     metrics::gauge!(WORKERS).set(self.crew.running.load(Ordering::SeqCst) as f64);
+                    if let Ok((memtables, cache)) = self.spool.memory_usage() {
+                        metrics::gauge!(SPOOL_MEMORY, "part" => "memtables").set(memtables as f64);
+                        metrics::gauge!(SPOOL_MEMORY, "part" => "block_cache").set(cache as f64);
+                    }
+                    if let Some(rss) = resident_bytes() {
+                        metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);
+                    }
                     if last_compaction.elapsed() >= Duration::from_secs(60) {
                         last_compaction = tokio::time::Instant::now();
                         self.scheduler.compact();

@@ -342,7 +342,8 @@ impl Renderer {
         })
     }
 
-    fn render(&self, name: &str, ctx: &Map<String, Value>) -> Result<String, String> {
+    /// Renders one template to bytes, within the fuel and size limits.
+    fn render_bytes(&self, name: &str, ctx: &Map<String, Value>) -> Result<Vec<u8>, String> {
         let template = self
             .env
             .get_template(name)
@@ -361,8 +362,13 @@ impl Renderer {
                 ),
                 _ => format!("template error: {e}"),
             })?;
+        Ok(out.out)
+    }
+
+    /// Renders one template to a string (for headers and MIME parts).
+    fn render(&self, name: &str, ctx: &Map<String, Value>) -> Result<String, String> {
         // Rendering writes only the UTF-8 of strings.
-        String::from_utf8(out.out).map_err(|e| format!("template error: {e}"))
+        String::from_utf8(self.render_bytes(name, ctx)?).map_err(|e| format!("template error: {e}"))
     }
 
     /// Renders the message for one recipient, with CRLF line endings and the headers every
@@ -387,12 +393,13 @@ impl Renderer {
         let message = match &self.kind {
             Kind::Raw => {
                 let head = self.render("headers", &header_ctx)?;
-                let body = self.render("body", &ctx)?;
+                // The body goes out as bytes: no second pass to validate it as a string.
+                let body = self.render_bytes("body", &ctx)?;
                 let head = complete_headers(&head, id, sender_domain);
                 let mut out = Vec::with_capacity(head.len() + body.len() + 64);
                 to_crlf_into(head.as_bytes(), &mut out);
                 out.extend_from_slice(b"\r\n\r\n");
-                to_crlf_into(body.as_bytes(), &mut out);
+                to_crlf_into(&body, &mut out);
                 out
             }
             Kind::Builder(b) => self.build(b, &ctx, &header_ctx, recipient, id, sender_domain)?,

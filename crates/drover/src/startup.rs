@@ -37,6 +37,7 @@ impl Engine {
             SpoolOptions {
                 sync: config.spool.sync,
                 body_buffer_bytes: config.spool.body_buffer_mb.saturating_mul(1 << 20),
+                memory_budget_bytes: config.spool.memory_budget_mb.saturating_mul(1 << 20),
                 ..SpoolOptions::default()
             },
         )?;

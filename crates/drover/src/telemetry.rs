@@ -12,6 +12,17 @@ pub(crate) const DELIVERY_DURATION: &str = "drover_delivery_duration_seconds";
 pub(crate) const AUTOMATION: &str = "drover_automation_actions_total";
 /// Delivery workers running (extension).
 pub(crate) const WORKERS: &str = "drover_delivery_workers";
+/// Bytes RocksDB holds in memory, by part (`memtables`, `block_cache`) (extension).
+pub(crate) const SPOOL_MEMORY: &str = "drover_spool_memory_bytes";
+/// The process's resident memory (the standard Prometheus process metric).
+pub(crate) const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+
+/// The process's resident set size, from `/proc/self/statm` (Linux); `None` elsewhere.
+pub(crate) fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
 
 /// The buckets of the delivery duration histogram (seconds).
 pub(crate) const DELIVERY_DURATION_BUCKETS: &[f64] = &[
@@ -41,6 +52,16 @@ pub(crate) fn describe_metrics() {
     metrics::describe_gauge!(
         WORKERS,
         "Delivery workers running (at most delivery.max_workers)."
+    );
+    metrics::describe_gauge!(
+        SPOOL_MEMORY,
+        metrics::Unit::Bytes,
+        "Memory RocksDB holds, by part (memtables, block_cache); bounded by spool.memory_budget_mb."
+    );
+    metrics::describe_gauge!(
+        RESIDENT_MEMORY,
+        metrics::Unit::Bytes,
+        "Resident memory of the drover process."
     );
     metrics::describe_histogram!(
         DELIVERY_DURATION,

@@ -293,31 +293,19 @@ impl Engine {
         }
     }
 
-    /// Reads a message on the blocking pool: a RocksDB read may wait for the disk, and an
-    /// async worker thread must not.
+    /// Reads a message on the spool's reader threads: a RocksDB read may wait for the disk,
+    /// and an async worker thread must not.
     async fn load(&self, id: MessageId) -> Loaded {
-        let spool = self.spool.clone();
-        let read = tokio::task::spawn_blocking(move || -> Result<_, queue::QueueError> {
-            let meta = spool.meta(&id)?;
-            match meta {
-                Some(meta) => Ok(spool.body(&id)?.map(|body| (meta, body))),
-                None => Ok(None),
-            }
-        })
-        .await;
+        let read = self.spool.read_message(id).await;
         match read {
-            Ok(Ok(Some((meta, body)))) => Loaded::Found(meta, body),
-            Ok(Ok(None)) => Loaded::Gone,
-            Ok(Err(e)) if !e.is_transient() => {
+            Ok(Some((meta, body))) => Loaded::Found(meta, body),
+            Ok(None) => Loaded::Gone,
+            Err(e) if !e.is_transient() => {
                 tracing::error!(%id, error = %e, "cannot decode a spooled message; it stays in the spool");
                 Loaded::Corrupt
             }
-            Ok(Err(e)) => {
-                tracing::warn!(%id, error = %e, "cannot read a spooled message now; retrying later");
-                Loaded::Unreadable
-            }
             Err(e) => {
-                tracing::error!(%id, error = %e, "reading a spooled message failed");
+                tracing::warn!(%id, error = %e, "cannot read a spooled message now; retrying later");
                 Loaded::Unreadable
             }
         }
@@ -346,6 +334,7 @@ impl Engine {
         let client = &mut session.client;
         let started = std::time::Instant::now();
         let result = client.send(&envelope, &body).await;
+        self.spool.recycle(body);
         metrics::histogram!(DELIVERY_DURATION).record(started.elapsed().as_secs_f64());
         let peer = Peer {
             host: client.peer().host.clone(),
@@ -381,11 +370,14 @@ impl Engine {
         // The outcome is decided; recording it (two synced writes) need not hold the session.
         // The message stays in flight until its record is down, so nothing can pick it up
         // twice, and a crash before that repeats at most this delivery.
+        // Bounded: past RECORDING_IN_FLIGHT outcomes waiting for the disk, the worker waits.
+        let room = Arc::clone(&self.crew.recording).acquire_owned().await.ok();
         let engine = Arc::clone(self);
         let site = dest.site.clone();
         self.crew.tracker.spawn(async move {
             let next = engine.conclude(meta, &site, outcome).await;
             engine.requeue_or_forget(id, next);
+            drop(room);
         });
         keep
     }

@@ -45,8 +45,8 @@ pub mod testing;
 pub use message::{MessageId, MessageMeta};
 pub use schedule::{DestinationCounts, Scheduler, Selector};
 pub use spool::{
-    Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_PENDING_WRITE_BYTES,
-    MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
+    Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_PENDING_WRITE_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
 };
 
 /// Errors of the spool.

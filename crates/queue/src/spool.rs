@@ -81,7 +81,16 @@ pub struct SpoolOptions {
     /// wait for room (back-pressure) instead of piling bodies up in memory while a sync is
     /// slow. One write larger than this still goes, alone.
     pub max_pending_write_bytes: usize,
+    /// What RocksDB may hold in memory in all: the memtables of every column family (at most
+    /// seven eighths; the body buffer is capped at half) and one block cache shared by them
+    /// (an eighth). It also caps the write-ahead log, so that a column family written rarely
+    /// (the engine's state) cannot keep every older log alive, and a start replays at most
+    /// this much.
+    pub memory_budget_bytes: usize,
 }
+
+/// The default of [`SpoolOptions::memory_budget_bytes`].
+pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 256 << 20;
 
 fn pending_units(options: &SpoolOptions) -> usize {
     (options.max_pending_write_bytes / PENDING_UNIT).max(1)
@@ -98,6 +107,7 @@ impl Default for SpoolOptions {
             min_blob_size: 4096,
             body_buffer_bytes: DEFAULT_BODY_BUFFER_BYTES,
             max_pending_write_bytes: DEFAULT_PENDING_WRITE_BYTES,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
         }
     }
 }
@@ -165,6 +175,10 @@ struct Shared {
     writable: watch::Sender<bool>,
     /// Room in the writer's queue, in [`PENDING_UNIT`]s.
     pending: tokio::sync::Semaphore,
+    /// Body buffers given back after use ([`Spool::recycle`]): a reader fills one instead of
+    /// a fresh allocation, whose pages would all fault in again (at 100 KB bodies, page
+    /// faults were a quarter of the delivery path's CPU).
+    buffers: std::sync::Mutex<Recycled>,
     /// Test hook: the next this many reads fail (feature `testing`).
     #[cfg(any(test, feature = "testing"))]
     failing_reads: std::sync::atomic::AtomicUsize,
@@ -175,6 +189,35 @@ struct Shared {
 pub struct Spool {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Msg>,
+    /// The reader threads ([`Spool::read_message`]).
+    readers: Arc<Readers>,
+}
+
+/// The reader threads and the way to them. They hold the database open, so they are stopped
+/// and joined at close, or when the last handle goes: then the directory can be opened again
+/// at once.
+struct Readers {
+    reads: mpsc::Sender<ReadMsg>,
+    threads: std::sync::Mutex<Vec<thread::JoinHandle<()>>>,
+}
+
+impl Readers {
+    fn stop(&self) {
+        let threads =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner));
+        for _ in &threads {
+            let _ = self.reads.send(ReadMsg::Stop);
+        }
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl std::fmt::Debug for Spool {
@@ -193,7 +236,7 @@ fn schedule_key(due_ms: u64, id: &MessageId) -> [u8; 24] {
     key
 }
 
-fn db_options() -> Options {
+fn db_options(options: &SpoolOptions) -> Options {
     let mut db_opts = Options::default();
     db_opts.create_if_missing(true);
     db_opts.create_missing_column_families(true);
@@ -202,31 +245,53 @@ fn db_options() -> Options {
     db_opts.set_log_level(LogLevel::Fatal);
     // Every open rotates the (empty) LOG; failed reopens on a full disk must not pile them up.
     db_opts.set_keep_log_file_num(4);
+    let budget = options.memory_budget_bytes.max(8 << 20);
+    // All memtables together; past it RocksDB flushes the largest.
+    db_opts.set_db_write_buffer_size(budget / 8 * 7);
+    // Without a cap, the state column family (a checkpoint a second, never enough to fill a
+    // memtable) keeps every log since the start alive, and a restart after a million
+    // deferrals replays them all: seconds before the listeners come up.
+    db_opts.set_max_total_wal_size(budget as u64);
     db_opts
 }
 
+/// Options of one column family: a memtable of `buffer` bytes and the shared block cache.
+fn cf_options(buffer: usize, cache: Option<&rocksdb::Cache>) -> Options {
+    let mut opts = Options::default();
+    opts.set_write_buffer_size(buffer.max(1 << 20));
+    if let Some(cache) = cache {
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(cache);
+        opts.set_block_based_table_factory(&table);
+    }
+    opts
+}
+
 fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
-    let mut body_opts = Options::default();
+    let budget = options.memory_budget_bytes.max(8 << 20);
+    // A cache that cannot be made only costs read speed: RocksDB then uses its own 8 MiB.
+    let cache = rocksdb::Cache::new_lru_cache(budget / 8).ok();
+    let small = (budget / 16).min(16 << 20);
+    let mut body_opts = cf_options(options.body_buffer_bytes.min(budget / 2), cache.as_ref());
     body_opts.set_enable_blob_files(true);
     body_opts.set_min_blob_size(options.min_blob_size);
     body_opts.set_enable_blob_gc(true);
-    body_opts.set_write_buffer_size(options.body_buffer_bytes.max(1 << 20));
     // One memtable flushing while the next fills, so a flush never stalls injection.
     body_opts.set_max_write_buffer_number(3);
     vec![
-        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_META, cf_options(small, cache.as_ref())),
         ColumnFamilyDescriptor::new(CF_BODY, body_opts),
-        ColumnFamilyDescriptor::new(CF_SCHEDULE, Options::default()),
-        ColumnFamilyDescriptor::new(CF_STATE, Options::default()),
+        ColumnFamilyDescriptor::new(CF_SCHEDULE, cf_options(small, cache.as_ref())),
+        ColumnFamilyDescriptor::new(CF_STATE, cf_options(1 << 20, cache.as_ref())),
     ]
 }
 
 fn open_db(path: &Path, options: &SpoolOptions) -> Result<DB, rocksdb::Error> {
-    DB::open_cf_descriptors(&db_options(), path, cf_descriptors(options))
+    DB::open_cf_descriptors(&db_options(options), path, cf_descriptors(options))
 }
 
 fn open_db_read_only(path: &Path, options: &SpoolOptions) -> Result<DB, rocksdb::Error> {
-    let mut db_opts = db_options();
+    let mut db_opts = db_options(options);
     db_opts.create_if_missing(false);
     DB::open_cf_descriptors_read_only(&db_opts, path, cf_descriptors(options), false)
 }
@@ -236,6 +301,121 @@ fn cf<'a>(db: &'a DB, name: &str) -> Result<&'a rocksdb::ColumnFamily, QueueErro
         id: String::new(),
         reason: format!("column family {name} is missing"),
     })
+}
+
+impl Shared {
+    /// Runs `f` on the current instance under a read lock. While the writer holds the write
+    /// lock to reopen the database (a WAL replay can take seconds), readers fail at once with
+    /// [`QueueError::Reopening`] rather than block the thread they run on.
+    fn with_db<T>(&self, f: impl FnOnce(&DB) -> Result<T, QueueError>) -> Result<T, QueueError> {
+        #[cfg(any(test, feature = "testing"))]
+        {
+            use std::sync::atomic::Ordering;
+            if self
+                .failing_reads
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(QueueError::Reopening);
+            }
+        }
+        let guard = match self.db.try_read() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(QueueError::Reopening),
+        };
+        match guard.as_ref() {
+            Some(db) => f(db),
+            None => Err(QueueError::Unwritable(
+                "the spool database could not be reopened".into(),
+            )),
+        }
+    }
+
+    fn read_message(&self, id: &MessageId) -> Read {
+        self.with_db(|db| {
+            let Some(bytes) = db.get_pinned_cf(cf(db, CF_META)?, id.as_bytes())? else {
+                return Ok(None);
+            };
+            let meta = decode_meta(id, &bytes)?;
+            let Some(pinned) = db.get_pinned_cf(cf(db, CF_BODY)?, id.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut body = self
+                .buffers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            body.clear();
+            body.extend_from_slice(&pinned);
+            Ok(Some((meta, body)))
+        })
+    }
+}
+
+/// What a read of a message gives: its metadata and body, or `None` when it is not spooled.
+type Read = Result<Option<(MessageMeta, Vec<u8>)>, QueueError>;
+
+/// One read for the reader threads.
+struct ReadJob {
+    id: MessageId,
+    done: oneshot::Sender<Read>,
+}
+
+/// Bytes of body buffers kept for reuse, in all.
+pub(crate) const RECYCLED_BYTES: usize = 32 << 20;
+/// Largest body buffer kept for reuse; larger ones go back to the allocator.
+pub(crate) const RECYCLED_BUFFER_MAX: usize = 1 << 20;
+
+/// Body buffers kept for reuse, at most [`RECYCLED_BYTES`] of capacity in all.
+#[derive(Default)]
+struct Recycled {
+    buffers: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Recycled {
+    fn take(&mut self) -> Vec<u8> {
+        match self.buffers.pop() {
+            Some(buffer) => {
+                self.bytes -= buffer.capacity();
+                buffer
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn give(&mut self, buffer: Vec<u8>) {
+        let capacity = buffer.capacity();
+        if capacity <= RECYCLED_BUFFER_MAX && self.bytes + capacity <= RECYCLED_BYTES {
+            self.bytes += capacity;
+            self.buffers.push(buffer);
+        }
+    }
+}
+
+/// Reader threads of a spool: two, so one read waiting for the disk does not hold up the
+/// rest.
+const READERS: usize = 2;
+
+/// What the reader threads are asked.
+enum ReadMsg {
+    Read(ReadJob),
+    /// Stop (the spool is closing): a reader holds the database open while it runs.
+    Stop,
+}
+
+fn reader_loop(shared: Arc<Shared>, jobs: &std::sync::Mutex<mpsc::Receiver<ReadMsg>>) {
+    loop {
+        // Ends at close, or when every handle (and so every sender) is gone.
+        let msg = jobs.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        match msg {
+            Ok(ReadMsg::Read(job)) => {
+                let _ = job.done.send(shared.read_message(&job.id));
+            }
+            Ok(ReadMsg::Stop) | Err(_) => return,
+        }
+    }
 }
 
 impl Spool {
@@ -250,6 +430,7 @@ impl Spool {
             db: RwLock::new(Some(db)),
             writable,
             pending,
+            buffers: std::sync::Mutex::new(Recycled::default()),
             #[cfg(any(test, feature = "testing"))]
             failing_reads: std::sync::atomic::AtomicUsize::new(0),
         });
@@ -263,7 +444,28 @@ impl Spool {
                 id: String::new(),
                 reason: format!("cannot start the spool writer: {e}"),
             })?;
-        Ok(Spool { shared, tx })
+        let (reads, jobs) = mpsc::channel();
+        let jobs = Arc::new(std::sync::Mutex::new(jobs));
+        let mut readers = Vec::with_capacity(READERS);
+        for i in 0..READERS {
+            let (shared, jobs) = (Arc::clone(&shared), Arc::clone(&jobs));
+            let reader = thread::Builder::new()
+                .name(format!("spool-reader-{i}"))
+                .spawn(move || reader_loop(shared, &jobs))
+                .map_err(|e| QueueError::Corrupt {
+                    id: String::new(),
+                    reason: format!("cannot start a spool reader: {e}"),
+                })?;
+            readers.push(reader);
+        }
+        Ok(Spool {
+            shared,
+            tx,
+            readers: Arc::new(Readers {
+                reads,
+                threads: std::sync::Mutex::new(readers),
+            }),
+        })
     }
 
     /// Whether the spool accepts writes. False while it is degraded after a storage error
@@ -279,32 +481,32 @@ impl Spool {
         let _ = rx.wait_for(|w| *w).await;
     }
 
-    /// Runs `f` on the current instance under a read lock. While the writer holds the write
-    /// lock to reopen the database (a WAL replay can take seconds), readers fail at once with
-    /// [`QueueError::Reopening`] rather than block the thread they run on.
+    /// Runs `f` on the current instance under a read lock (see [`Shared::with_db`]).
     fn with_db<T>(&self, f: impl FnOnce(&DB) -> Result<T, QueueError>) -> Result<T, QueueError> {
-        #[cfg(any(test, feature = "testing"))]
-        {
-            use std::sync::atomic::Ordering;
-            let failing = &self.shared.failing_reads;
-            if failing
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                return Err(QueueError::Reopening);
-            }
-        }
-        let guard = match self.shared.db.try_read() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Err(QueueError::Reopening),
-        };
-        match guard.as_ref() {
-            Some(db) => f(db),
-            None => Err(QueueError::Unwritable(
-                "the spool database could not be reopened".into(),
-            )),
-        }
+        self.shared.with_db(f)
+    }
+
+    /// Gives a body from [`Spool::read_message`] back once it is sent, for the next read to
+    /// fill. At most 32 MiB of buffers are kept, none over 1 MiB.
+    pub fn recycle(&self, body: Vec<u8>) {
+        self.shared
+            .buffers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .give(body);
+    }
+
+    /// A message's metadata and body, read by the spool's reader threads: a RocksDB read may
+    /// wait for the disk, and async code must not. Under load the readers take request after
+    /// request without sleeping, so a read costs two channel hand-offs, not the thread
+    /// wake-ups of a blocking-pool task per read. `None` when the message is not spooled.
+    pub async fn read_message(&self, id: MessageId) -> Read {
+        let (done, wait) = oneshot::channel();
+        self.readers
+            .reads
+            .send(ReadMsg::Read(ReadJob { id, done }))
+            .map_err(|_| QueueError::Closed)?;
+        wait.await.map_err(|_| QueueError::Closed)?
     }
 
     /// Makes the next `count` reads fail with [`QueueError::Reopening`], as they do while the
@@ -529,8 +731,9 @@ impl Spool {
         })
     }
 
-    /// Syncs the WAL; used at shutdown. A degraded spool has nothing to sync: its synced
-    /// writes are on disk, and its failed instance's WAL must not be touched (module header).
+    /// Writes every memtable to table files and syncs the WAL; used at shutdown, so the next
+    /// start has no log to replay. A degraded spool has nothing to flush: its synced writes
+    /// are on disk, and its failed instance must not be touched (module header).
     pub fn flush(&self) -> Result<(), QueueError> {
         let guard = self
             .shared
@@ -538,9 +741,31 @@ impl Spool {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         if let (Some(db), true) = (guard.as_ref(), self.is_writable()) {
+            for name in [CF_META, CF_BODY, CF_SCHEDULE, CF_STATE] {
+                db.flush_cf(cf(db, name)?)?;
+            }
             db.flush_wal(true)?;
         }
         Ok(())
+    }
+
+    /// Bytes RocksDB holds in memory now: `(memtables, block cache)`.
+    pub fn memory_usage(&self) -> Result<(u64, u64), QueueError> {
+        self.with_db(|db| {
+            let mut memtables = 0;
+            let mut cache = 0;
+            for name in [CF_META, CF_BODY, CF_SCHEDULE, CF_STATE] {
+                let handle = cf(db, name)?;
+                memtables += db
+                    .property_int_value_cf(handle, "rocksdb.cur-size-all-mem-tables")?
+                    .unwrap_or(0);
+                // The cache is shared: every column family reports the same one.
+                cache = db
+                    .property_int_value_cf(handle, "rocksdb.block-cache-usage")?
+                    .unwrap_or(0);
+            }
+            Ok((memtables, cache))
+        })
     }
 
     /// Flushes and stops the writer thread. Later writes fail with [`QueueError::Closed`]; the
@@ -550,6 +775,20 @@ impl Spool {
         let (ack, wait) = mpsc::channel();
         if self.tx.send(Msg::Close(ack)).is_ok() {
             let _ = wait.recv();
+        }
+        // The readers hold the database open: they are gone before this returns, so dropping
+        // the handles closes it.
+        self.readers.stop();
+        // The flush above may have started a compaction: it must not be left running into the
+        // process's exit, where RocksDB's static thread pools are torn down under it.
+        if let Some(db) = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            db.cancel_all_background_work(true);
         }
         flushed
     }
@@ -897,6 +1136,45 @@ mod tests {
         spool.fail_next_reads(1);
         assert!(spool.body(&a.id).is_err());
         assert!(spool.body(&a.id).unwrap().is_some());
+        spool.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_reader_threads_read_messages_from_memory_and_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let small = meta("a@example.test", 10);
+        let big = meta("b@example.test", 10);
+        spool
+            .insert(vec![
+                (small.clone(), b"hello".to_vec()),
+                (big.clone(), vec![b'x'; 10_000]),
+            ])
+            .await
+            .unwrap();
+        let (m, body) = spool.read_message(small.id).await.unwrap().unwrap();
+        assert_eq!((m.id, body.as_slice()), (small.id, &b"hello"[..]));
+        // A recycled buffer is filled again, with nothing of its old content.
+        spool.recycle(vec![b'z'; 64]);
+        let (_, again) = spool.read_message(small.id).await.unwrap().unwrap();
+        assert_eq!(again, b"hello");
+        assert!(again.capacity() >= 64, "the recycled buffer was used");
+        // Flushed, the large body lives in a blob file.
+        spool.flush().unwrap();
+        let reads: Vec<_> = (0..100).map(|_| spool.read_message(big.id)).collect();
+        for read in reads {
+            assert_eq!(read.await.unwrap().unwrap().1.len(), 10_000);
+        }
+        assert!(spool
+            .read_message(MessageId::generate())
+            .await
+            .unwrap()
+            .is_none());
+        spool.fail_next_reads(1);
+        assert!(matches!(
+            spool.read_message(small.id).await,
+            Err(QueueError::Reopening)
+        ));
         spool.close().unwrap();
     }
 
