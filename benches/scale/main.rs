@@ -438,6 +438,18 @@ fn live_process(
     );
     std::thread::sleep(Duration::from_secs(5));
     let after_5s = proc::rss_kb(pid).unwrap_or(0);
+    // What RocksDB holds of that (the engine's own gauges; refreshed every few seconds).
+    let spool_memory: serde_json::Map<String, serde_json::Value> = e
+        .http("GET", "/metrics", "")
+        .lines()
+        .filter(|l| l.starts_with("drover_spool_memory_bytes{"))
+        .filter_map(|l| {
+            let part = l.split('"').nth(1)?;
+            let value: f64 = l.split_whitespace().last()?.parse().ok()?;
+            Some((part.to_owned(), json!((value / 1048576.0).round())))
+        })
+        .collect();
+    eprintln!("live: RocksDB memory 5 s after the wave (MB): {spool_memory:?}");
     std::thread::sleep(Duration::from_secs(25));
     let after_30s = proc::rss_kb(pid).unwrap_or(0);
     let (samples, peak) = sampler.finish();
@@ -505,6 +517,7 @@ fn live_process(
         "bytes_per_message_5s_after": per(after_5s),
         "bytes_per_message_30s_after": per(after_30s),
         "peak_bytes_per_message": per(peak),
+        "spool_memory_mb_5s_after": spool_memory,
         "stop_seconds": (stop_secs * 100.0).round() / 100.0,
         "restart_to_listening_s": (listening * 100.0).round() / 100.0,
         "restart_to_first_delivery_s": (first_delivery * 100.0).round() / 100.0,
