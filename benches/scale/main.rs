@@ -301,17 +301,24 @@ impl Sampler {
 
 /// POSTs one inject request of `count` recipients starting at `first`; panics unless 200.
 fn inject_batch(port: u16, first: usize, count: usize, domains: usize, body: &str) {
-    use std::io::Write;
     let recipients: Vec<serde_json::Value> = (first..first + count)
         .map(|i| json!({"email": format!("u{i}@{}", live_domain(i % domains))}))
         .collect();
-    let request = json!({
-        "envelope_sender": "bounces@sender.example.com",
-        "content": body,
-        "recipients": recipients,
-        "campaign": "live",
-    })
-    .to_string();
+    post_inject(
+        port,
+        &json!({
+            "envelope_sender": "bounces@sender.example.com",
+            "content": body,
+            "recipients": recipients,
+            "campaign": "live",
+        }),
+    );
+}
+
+/// POSTs one inject request; panics unless 200.
+fn post_inject(port: u16, request: &serde_json::Value) {
+    use std::io::Write;
+    let request = request.to_string();
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
@@ -418,14 +425,7 @@ fn live_process(
     }
     let injected = start.elapsed().as_secs_f64();
     eprintln!("live: injected {n} over HTTP in {injected:.1} s");
-    let mut tail = Tail {
-        path: e.accounting.clone(),
-        offset: 0,
-        partial: Vec::new(),
-        deliveries: 0,
-        failures: 0,
-        reasons: Default::default(),
-    };
+    let mut tail = Tail::new(&e.accounting, 0);
     let attempted = wait_until(Duration::from_secs(3600), || {
         tail.poll();
         tail.failures >= n as u64
@@ -472,14 +472,10 @@ fn live_process(
     assert!(net::wait_for_port(e.port, Duration::from_secs(600)));
     let listening = restart.elapsed().as_secs_f64();
     inject_batch_to(e.port, "first@now.scale.test", &body);
-    let mut tail = Tail {
-        path: e.accounting.clone(),
-        offset: std::fs::metadata(&e.accounting).map_or(0, |m| m.len()),
-        partial: Vec::new(),
-        deliveries: 0,
-        failures: 0,
-        reasons: Default::default(),
-    };
+    let mut tail = Tail::new(
+        &e.accounting,
+        std::fs::metadata(&e.accounting).map_or(0, |m| m.len()),
+    );
     assert!(
         wait_until(Duration::from_secs(600), || tail.poll() >= 1),
         "the new message was not delivered"
@@ -530,24 +526,14 @@ fn live_process(
 
 /// Injects one message for `recipient`.
 fn inject_batch_to(port: u16, recipient: &str, body: &str) {
-    use std::io::Write;
-    let request = json!({
-        "envelope_sender": "bounces@sender.example.com",
-        "content": body,
-        "recipients": [{"email": recipient}],
-    })
-    .to_string();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST /api/inject/v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        request.len()
-    )
-    .unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut reply = String::new();
-    let _ = s.read_to_string(&mut reply);
-    assert!(reply.starts_with("HTTP/1.1 200"), "inject failed: {reply}");
+    post_inject(
+        port,
+        &json!({
+            "envelope_sender": "bounces@sender.example.com",
+            "content": body,
+            "recipients": [{"email": recipient}],
+        }),
+    );
 }
 
 /// Counts `Delivery` lines of the accounting file incrementally.
@@ -562,6 +548,18 @@ struct Tail {
 }
 
 impl Tail {
+    /// Reads `path` from `offset` on.
+    fn new(path: &Path, offset: u64) -> Tail {
+        Tail {
+            path: path.to_owned(),
+            offset,
+            partial: Vec::new(),
+            deliveries: 0,
+            failures: 0,
+            reasons: Default::default(),
+        }
+    }
+
     fn poll(&mut self) -> u64 {
         if let Ok(mut f) = std::fs::File::open(&self.path) {
             let mut buf = Vec::new();
@@ -691,14 +689,7 @@ fn main() {
     let start = Instant::now();
     let e = start_engine(&drover, dir.path(), &spool, sink_port);
     let pid = e.child.id();
-    let mut tail = Tail {
-        path: e.accounting.clone(),
-        offset: 0,
-        partial: Vec::new(),
-        deliveries: 0,
-        failures: 0,
-        reasons: Default::default(),
-    };
+    let mut tail = Tail::new(&e.accounting, 0);
     assert!(
         wait_until(Duration::from_secs(600), || tail.poll() >= 1),
         "the due message was not delivered"

@@ -1,8 +1,7 @@
 //! The HTTP API: injection, admin, `/metrics`, `/healthz`, `/readyz` (contract §3).
 
 use crate::clock::now_ms;
-use crate::engine::{Engine, EngineError};
-use crate::inject::Unsignable;
+use crate::engine::{Engine, EngineError, Unsignable};
 use crate::message::{prepare, InjectRequest, Origin, Prepared, Renderer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};

@@ -9,6 +9,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::crew::Crew;
 use crate::finals::Ledger;
+use crate::message::NewMessage;
 use crate::outbound::Outbound;
 use crate::policy::Policy;
 use accounting::{Accounting, Record, RecordType};
@@ -51,10 +52,35 @@ pub enum EngineError {
     /// Some messages cannot be DKIM-signed although a key applies (malformed headers); nothing
     /// was stored, and the messages come back unchanged.
     #[error("{0}")]
-    Unsignable(Box<crate::inject::Unsignable>),
+    Unsignable(Box<Unsignable>),
     /// Signing stopped abnormally.
     #[error("signing failed: {0}")]
     Signing(String),
+}
+
+/// Messages handed back by [`Engine::accept`] because some of them cannot be signed.
+pub struct Unsignable {
+    /// Position (in the batch) and reason of each message that cannot be signed.
+    pub failures: Vec<(usize, dkim::DkimError)>,
+    /// The whole batch, unchanged: the caller may retry without the failed ones.
+    pub messages: Vec<NewMessage>,
+}
+
+impl std::fmt::Debug for Unsignable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsignable")
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for Unsignable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.failures.first() {
+            Some((_, e)) => write!(f, "DKIM signing failed: {e}"),
+            None => write!(f, "DKIM signing failed"),
+        }
+    }
 }
 
 /// Shared state of a running engine. The work is done in the modules around it, one concern
@@ -105,7 +131,8 @@ impl Engine {
         let rates = config
             .keyed_rates()
             .map_err(|e| EngineError::Config(e.to_string()))?;
-        let policy = Arc::new(Policy::from_config(config)?);
+        let policy =
+            Arc::new(Policy::from_config(config).map_err(|e| EngineError::Config(e.to_string()))?);
         self.outbound.shaper.reload(rules);
         self.outbound.rates.reload(rates);
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;

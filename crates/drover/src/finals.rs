@@ -13,10 +13,8 @@
 //! of them. Storing it is a synced spool write, which also makes every earlier unsynced
 //! removal durable (the spool writes in order).
 
-use crate::engine::{Engine, EngineError};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
 /// The spool state key of the checkpoint (big-endian u64 offset into the accounting file).
 pub(crate) const CHECKPOINT_KEY: &str = "accounting/checkpoint";
@@ -57,46 +55,6 @@ impl Ledger {
             .keys()
             .next()
             .map_or(synced_len, |oldest| (*oldest).min(synced_len))
-    }
-}
-
-/// How often the accounting checkpoint (see `finals`) is advanced.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-
-impl Engine {
-    pub(crate) async fn store_checkpoint(&self, offset: u64) -> Result<(), EngineError> {
-        self.spool
-            .put_state(crate::finals::CHECKPOINT_KEY, offset.to_be_bytes().to_vec())
-            .await?;
-        Ok(())
-    }
-
-    /// Advances the accounting checkpoint about once a second, so a restart reads only the
-    /// last moments of the accounting file.
-    pub(crate) async fn keep_checkpoint(self: Arc<Self>, mut stored: u64) {
-        loop {
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(CHECKPOINT_INTERVAL) => {}
-            }
-            stored = self.advance_checkpoint(stored).await;
-        }
-    }
-
-    pub(crate) async fn advance_checkpoint(&self, stored: u64) -> u64 {
-        // In this order: see `Ledger::checkpoint`.
-        let synced = self.accounting.synced_len();
-        let next = self.ledger.checkpoint(synced);
-        if next <= stored {
-            return stored;
-        }
-        match self.store_checkpoint(next).await {
-            Ok(()) => next,
-            Err(e) => {
-                tracing::debug!(error = %e, "could not store the accounting checkpoint");
-                stored
-            }
-        }
     }
 }
 

@@ -1,36 +1,11 @@
 //! Injection: DKIM signing, the synced spool write, Reception records, queueing.
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, Unsignable};
 use crate::message::NewMessage;
 use crate::telemetry::{DKIM_SIGNATURES, RECEIVED};
 use accounting::RecordType;
 use queue::MessageMeta;
 use std::sync::Arc;
-
-/// Messages handed back by [`Engine::accept`] because some of them cannot be signed.
-pub struct Unsignable {
-    /// Position (in the batch) and reason of each message that cannot be signed.
-    pub failures: Vec<(usize, dkim::DkimError)>,
-    /// The whole batch, unchanged: the caller may retry without the failed ones.
-    pub messages: Vec<NewMessage>,
-}
-
-impl std::fmt::Debug for Unsignable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Unsignable")
-            .field("failures", &self.failures)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Display for Unsignable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.failures.first() {
-            Some((_, e)) => write!(f, "DKIM signing failed: {e}"),
-            None => write!(f, "DKIM signing failed"),
-        }
-    }
-}
 
 /// Signs every message whose From domain has a key; all or nothing. Returns the batch with
 /// signed bodies and how many were signed.

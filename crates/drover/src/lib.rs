@@ -9,6 +9,7 @@ pub mod listener;
 pub mod message;
 // The engine's state, and its work by concern, in the order a message meets them.
 mod admin;
+mod checkpoint;
 mod dispatch;
 pub mod engine;
 mod finals;
@@ -32,5 +33,5 @@ mod telemetry;
 pub use config::Config;
 pub use engine::Engine;
 
-pub use inject::Unsignable;
+pub use engine::Unsignable;
 pub use message::{NewMessage, Origin};

@@ -20,7 +20,6 @@ use crate::config::{parse_cidr, AuthUser, Config};
 use crate::engine::{Engine, EngineError};
 use crate::message::header_value;
 use crate::message::{NewMessage, Origin};
-use crate::serve::ServeError;
 use queue::MessageId;
 use smtp_proto::server::{Event, ServerConfig, ServerSession};
 use smtp_proto::{enhanced, Capabilities, Reply};
@@ -68,14 +67,30 @@ impl std::fmt::Debug for SmtpListener {
     }
 }
 
+/// Why the SMTP listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// Its address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Its TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
 impl SmtpListener {
     /// Binds `smtp_listener.listen` and starts accepting connections.
-    pub async fn start(engine: Arc<Engine>) -> Result<SmtpListener, ServeError> {
+    pub async fn start(engine: Arc<Engine>) -> Result<SmtpListener, ListenerError> {
         let config: &Config = engine.config();
         let listen = config.smtp_listener.listen;
         let tls = config
             .smtp_listener_tls()
-            .map_err(|e| ServeError::Listener(e.to_string()))?;
+            .map_err(|e| ListenerError::Tls(e.to_string()))?;
         let relay_networks = config
             .smtp_listener
             .relay_networks
@@ -93,7 +108,7 @@ impl SmtpListener {
             tls,
             idle_timeout: Some(IDLE_TIMEOUT),
         };
-        let bind_error = |source| ServeError::Bind {
+        let bind_error = |source| ListenerError::Bind {
             addr: listen,
             source,
         };

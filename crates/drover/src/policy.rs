@@ -1,8 +1,7 @@
 //! The rules a reload (SIGHUP) replaces while the engine runs.
 
 use crate::automation::Automation;
-use crate::config::{Config, ShapingConfig};
-use crate::engine::EngineError;
+use crate::config::{Config, ConfigError, ShapingConfig};
 
 /// Rules that can change while the engine runs.
 #[derive(Debug)]
@@ -14,12 +13,10 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
-    pub(crate) fn from_config(config: &Config) -> Result<Policy, EngineError> {
+    pub(crate) fn from_config(config: &Config) -> Result<Policy, ConfigError> {
         Ok(Policy {
             automation: Automation::from_config(config),
-            signers: config
-                .dkim_signers()
-                .map_err(|e| EngineError::Config(e.to_string()))?,
+            signers: config.dkim_signers()?,
             shaping: config.shaping.clone(),
         })
     }

@@ -3,7 +3,7 @@
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::engine::{Engine, EngineError};
-use crate::listener::SmtpListener;
+use crate::listener::{ListenerError, SmtpListener};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -63,6 +63,15 @@ pub enum ServeError {
     /// The SMTP listener could not be set up (e.g. its TLS certificate).
     #[error("SMTP listener: {0}")]
     Listener(String),
+}
+
+impl From<ListenerError> for ServeError {
+    fn from(e: ListenerError) -> ServeError {
+        match e {
+            ListenerError::Bind { addr, source } => ServeError::Bind { addr, source },
+            ListenerError::Tls(why) => ServeError::Listener(why),
+        }
+    }
 }
 
 /// Starts the engine and its listeners.

@@ -79,7 +79,9 @@ impl Engine {
         let timeouts = config.delivery.timeouts();
         let egress = Egress::from_config(&config);
         let global_slots = Arc::new(tokio::sync::Semaphore::new(config.delivery.max_connections));
-        let policy = std::sync::RwLock::new(Arc::new(Policy::from_config(&config)?));
+        let policy = std::sync::RwLock::new(Arc::new(
+            Policy::from_config(&config).map_err(|e| EngineError::Config(e.to_string()))?,
+        ));
         let engine = Arc::new(Engine {
             outbound: Outbound {
                 resolver,
