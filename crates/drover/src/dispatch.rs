@@ -65,9 +65,14 @@ impl Engine {
                     break 'pass;
                 }
                 let running = self.crew.active.get(&queue).map_or(0, |n| *n);
+                // A busy queue gets no second worker while others wait: no need to ask its site.
+                if running > 0 && others_waited {
+                    *cursor = Some(queue);
+                    continue;
+                }
                 let (cap, saturated) = self.worker_cap(&queue);
                 let desired = ready.div_ceil(BACKLOG_PER_WORKER).clamp(1, cap);
-                if running >= desired || (running > 0 && others_waited) {
+                if running >= desired {
                     *cursor = Some(queue);
                     continue;
                 }

@@ -414,8 +414,10 @@ impl Scheduler {
             .collect()
     }
 
-    /// Whether `destination` has a message ready (and is not suspended).
-    pub fn has_ready(&self, destination: &QueueKey, now_ms: u64) -> bool {
+    /// Whether `destination` has a message ready (and is not suspended). (Only tests ask:
+    /// workers simply try `pop_ready`.)
+    #[cfg(test)]
+    fn has_ready(&self, destination: &QueueKey, now_ms: u64) -> bool {
         let inner = self.lock();
         inner.ready.get(destination).is_some_and(|q| !q.is_empty())
             && !inner.dest_held(destination, now_ms)

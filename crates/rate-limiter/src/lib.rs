@@ -753,23 +753,6 @@ impl Shaper {
         )
     }
 
-    /// The limits of a site with these MX hosts serving `domains`: the tightest of what the
-    /// rules give each domain there (what [`Shaper::limiter`] enforces once it has seen them
-    /// all); with no domain, what the site's MX hosts alone get.
-    pub fn limits_for_site<'a>(
-        &self,
-        mx_hosts: &[String],
-        domains: impl IntoIterator<Item = &'a str>,
-    ) -> Limits {
-        let domains: Vec<String> = domains.into_iter().map(str::to_ascii_lowercase).collect();
-        site_limits_under(
-            &self.rules(),
-            &self.default,
-            mx_hosts,
-            domains.iter().map(String::as_str),
-        )
-    }
-
     /// The live limiter of destination `key` (a site, and the egress source when there is
     /// one), which mail for `domain` is about to use. Its limits are the tightest of those of
     /// every domain seen going to the site: a domain with tighter rules than those seen before
@@ -1114,12 +1097,21 @@ mod tests {
         // A third domain with only the site's rule loosens nothing.
         a_then_b.limiter(&site("mx.test"), "c.test", &mx);
         assert_eq!(first.limits(), expected);
+        // The same whatever order, case included.
+        let c_a_b = Shaper::new(rules(), Limits::default());
+        for domain in ["c.test", "A.test", "b.test"] {
+            c_a_b.limiter(&site("mx.test"), domain, &mx);
+        }
         assert_eq!(
-            a_then_b.limits_for_site(&mx, ["c.test", "A.test", "b.test"]),
+            c_a_b.limiter(&site("mx.test"), "c.test", &mx).limits(),
             expected
         );
-        assert_eq!(a_then_b.limits_for_site(&mx, ["c.test"]), cap(6));
-        assert_eq!(a_then_b.limits_for_site(&mx, []), cap(6));
+        // A site seen only by a domain without rules of its own gets the site's rule.
+        let only_c = Shaper::new(rules(), Limits::default());
+        assert_eq!(
+            only_c.limiter(&site("mx.test"), "c.test", &mx).limits(),
+            cap(6)
+        );
     }
 
     #[test]
