@@ -347,6 +347,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn writers_wait_while_the_queue_is_full_and_nothing_leaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let acct = Accounting::open(&dir.path().join("a.jsonl")).unwrap();
+        let all = (MAX_PENDING_BYTES / PENDING_UNIT) as u32;
+        // The queue is full (records of others still waiting for their sync).
+        let held = Arc::clone(&acct.pending)
+            .acquire_many_owned(all)
+            .await
+            .unwrap();
+        let writer = acct.clone();
+        let waiting = tokio::spawn(async move { writer.record_lines(vec!["{}".to_owned()]).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "wrote past a full queue");
+        assert_eq!(acct.synced_len(), 0);
+        drop(held);
+        waiting.await.unwrap().unwrap();
+        assert_eq!(acct.synced_len(), 3);
+        assert_eq!(acct.pending.available_permits(), all as usize);
+    }
+
+    #[tokio::test]
     async fn a_torn_last_line_is_cut_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
