@@ -159,12 +159,13 @@ impl Engine {
                     if let Some(rss) = resident_bytes() {
                         metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);
                     }
-                    if last_compaction.elapsed() >= Duration::from_secs(60) {
+                    if last_compaction.elapsed() >= Duration::from_secs(15) {
                         last_compaction = tokio::time::Instant::now();
                         self.scheduler.compact();
                         let now = tokio::time::Instant::now();
                         self.outbound.shaper.evict_idle(now, rate_limiter::IDLE_EVICTION);
                         self.outbound.rates.evict_idle(now, rate_limiter::IDLE_EVICTION);
+                        crate::allocator::release_free_memory();
                     }
                 }
             }

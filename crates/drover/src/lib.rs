@@ -20,6 +20,7 @@ mod restore;
 mod startup;
 mod worker;
 // Leaves the above share.
+pub mod allocator;
 pub mod automation;
 pub mod clock;
 pub mod config;

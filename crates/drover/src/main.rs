@@ -11,6 +11,7 @@ use std::time::Duration;
 // mimalloc instead of glibc malloc: with a message's buffers allocated on one thread and freed
 // on another, glibc's arenas spent about a fifth of the runtime threads' CPU in
 // malloc/free/consolidate in the relay benchmark.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -196,6 +197,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    drover::allocator::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

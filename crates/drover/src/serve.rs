@@ -74,6 +74,9 @@ impl From<ListenerError> for ServeError {
     }
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
 /// Starts the engine and its listeners.
 pub async fn start(config: Config) -> Result<Running, ServeError> {
     let handle = metrics_handle();
@@ -90,11 +93,23 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         addr: listen,
         source,
     })?;
+    let stop = CancellationToken::new();
+    // Histograms keep every sample until they are drained: by a scrape, or by this upkeep,
+    // so an engine nobody scrapes does not grow by a sample per attempt.
+    let upkeep = handle.clone();
+    let upkeep_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => return,
+                _ = tokio::time::sleep(METRICS_UPKEEP) => upkeep.run_upkeep(),
+            }
+        }
+    });
     let app = router(AppState {
         engine: Arc::clone(&engine),
         metrics: handle,
     });
-    let stop = CancellationToken::new();
     let stopped = stop.clone();
     let server = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

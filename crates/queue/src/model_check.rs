@@ -174,7 +174,8 @@ proptest! {
 
     #[test]
     fn scheduler_bookkeeping_holds(actions in proptest::collection::vec(sched_action(), 1..80)) {
-        let s = Scheduler::new();
+        // Timer buckets of 16 ms, so messages pass through far buckets and come up.
+        let s = Scheduler::with_timer_bucket(16);
         let mut now = 100u64;
         // What the model knows: every live id and its destination; which are in flight.
         let mut live: HashMap<MessageId, QueueKey> = HashMap::new();
@@ -191,6 +192,8 @@ proptest! {
                 SchedAction::Promote(t) => {
                     now = now.max(t);
                     s.promote(now);
+                    // Nothing due is left on the timer.
+                    prop_assert!(s.next_due().is_none_or(|due| due > now));
                 }
                 SchedAction::Pop(dest) => {
                     if let Some(id) = s.pop_ready(&key(dest), now) {
@@ -228,6 +231,7 @@ proptest! {
             prop_assert_eq!(s.len(), live.len());
             prop_assert_eq!(totals.ready + totals.scheduled + totals.in_flight + totals.parked, live.len());
             prop_assert_eq!(totals.in_flight, in_flight.len());
+            prop_assert!(totals.scheduled == 0 || s.next_due().is_some(), "a scheduled message off the timer");
             let per_dest = s.destinations(now);
             let sum = |f: fn(&crate::DestinationCounts) -> usize| per_dest.iter().map(|(_, c)| f(c)).sum::<usize>();
             prop_assert_eq!(sum(|c| c.ready), totals.ready);

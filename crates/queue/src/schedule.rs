@@ -2,21 +2,35 @@
 //! plus operator holds (suspended destinations and campaigns).
 //!
 //! Only ids, destination keys and campaign names (interned) and times live here; metadata and
-//! bodies stay in the spool, so a queued message costs on the order of 150 bytes of memory.
+//! bodies stay in the spool. A queued message costs one 36-byte map slot (the id, its
+//! destination's and campaign's interned indices, its state and due time, its reception
+//! second) and, while deferred, 16 bytes in a timer bucket: about 100 bytes at a million
+//! queued, hash-table slack included (measured by the scale bench).
 //!
 //! Every message known to the schedule is in exactly one state: scheduled (in the timer),
 //! ready (in its destination's ready queue), in flight (taken by a worker), or parked (its
 //! campaign is suspended). The per-destination counts and totals are kept in step with those
 //! moves and published as the `drover_queue_messages{state}` gauges.
+//!
+//! The timer keeps messages due in the next few seconds exactly ordered (`near`) and the rest
+//! as plain id lists in buckets of [`TIMER_BUCKET_MS`] (`far`), moved into `near` as their
+//! bucket comes up. A message leaving a far bucket early (retry now, purge) is not searched
+//! for: its id stays behind, is recognised as stale (its entry is gone or scheduled for
+//! another bucket) and dropped when the bucket comes up, or by a sweep once stale ids are
+//! many.
 
 use crate::MessageId;
 use queue_key::QueueKey;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 pub(crate) const QUEUE_GAUGE: &str = "drover_queue_messages";
+
+/// Width of a far timer bucket.
+pub(crate) const TIMER_BUCKET_MS: u64 = 4096;
 
 /// Per-destination counts, for the admin API.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -29,7 +43,8 @@ pub struct DestinationCounts {
     pub in_flight: usize,
     /// Held because their campaign is suspended.
     pub parked: usize,
-    /// Earliest reception time among the messages counted here (ms since epoch).
+    /// Earliest reception time among the messages counted here (ms since epoch, to the
+    /// second).
     pub oldest_received_ms: Option<u64>,
     /// The destination is suspended until this time (ms since epoch; `u64::MAX` = until resumed).
     pub suspended_until_ms: Option<u64>,
@@ -49,11 +64,160 @@ enum State {
     Parked,
 }
 
+/// No campaign.
+const NO_CAMPAIGN: u32 = u32::MAX;
+const STATE_SHIFT: u32 = 30;
+const DUE_HIGH_MASK: u32 = (1 << STATE_SHIFT) - 1;
+
+/// One message, in 20 bytes (4-byte aligned, so the map slot with its id is 36).
 struct Entry {
-    dest: Arc<QueueKey>,
-    campaign: Option<Arc<str>>,
-    received_ms: u64,
-    state: State,
+    due_low: u32,
+    /// The state in the top two bits, the due time's high bits below.
+    due_high_state: u32,
+    dest: u32,
+    campaign: u32,
+    received_s: u32,
+}
+
+impl Entry {
+    fn new(dest: u32, campaign: u32, received_ms: u64, state: State) -> Entry {
+        let mut e = Entry {
+            due_low: 0,
+            due_high_state: 0,
+            dest,
+            campaign,
+            received_s: u32::try_from(received_ms / 1000).unwrap_or(u32::MAX),
+        };
+        e.set_state(state);
+        e
+    }
+
+    fn state(&self) -> State {
+        let due = (u64::from(self.due_high_state & DUE_HIGH_MASK) << 32) | u64::from(self.due_low);
+        match self.due_high_state >> STATE_SHIFT {
+            0 => State::Scheduled(due),
+            1 => State::Ready,
+            2 => State::InFlight,
+            _ => State::Parked,
+        }
+    }
+
+    fn set_state(&mut self, state: State) {
+        let (tag, due) = match state {
+            // 62 bits of milliseconds: far beyond any date a retry schedule reaches.
+            State::Scheduled(due) => (0, due.min((1 << 62) - 1)),
+            State::Ready => (1, 0),
+            State::InFlight => (2, 0),
+            State::Parked => (3, 0),
+        };
+        self.due_low = due as u32;
+        self.due_high_state = (tag << STATE_SHIFT) | ((due >> 32) as u32 & DUE_HIGH_MASK);
+    }
+
+    fn received_ms(&self) -> u64 {
+        u64::from(self.received_s) * 1000
+    }
+}
+
+/// Values shared by many messages (destination keys, campaign names), each stored once and
+/// referred to by a `u32` index; counted, so a value goes when its last message does.
+struct Interner<T: ?Sized> {
+    slots: Vec<Option<(Arc<T>, u32)>>,
+    index: HashMap<Arc<T>, u32>,
+    free: Vec<u32>,
+}
+
+impl<T: ?Sized> Default for Interner<T> {
+    fn default() -> Self {
+        Interner {
+            slots: Vec::new(),
+            index: HashMap::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T: ?Sized + Hash + Eq> Interner<T> {
+    /// The index of `value`, taking a reference on it.
+    fn acquire(&mut self, value: &T, make: impl FnOnce() -> Arc<T>) -> u32 {
+        if let Some(&i) = self.index.get(value) {
+            if let Some((_, refs)) = self.slots.get_mut(i as usize).and_then(Option::as_mut) {
+                *refs += 1;
+            }
+            return i;
+        }
+        let arc = make();
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some((Arc::clone(&arc), 1));
+                i
+            }
+            None => {
+                self.slots.push(Some((Arc::clone(&arc), 1)));
+                // Four billion distinct live values cannot fit in memory first.
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(arc, i);
+        i
+    }
+
+    /// Drops a reference taken by [`Interner::acquire`].
+    fn release(&mut self, i: u32) {
+        let Some(slot) = self.slots.get_mut(i as usize) else {
+            return;
+        };
+        let gone = match slot {
+            Some((_, refs)) if *refs > 1 => {
+                *refs -= 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if gone {
+            if let Some((value, _)) = slot.take() {
+                self.index.remove(&*value);
+            }
+            self.free.push(i);
+        }
+    }
+
+    fn get(&self, i: u32) -> Option<&Arc<T>> {
+        self.slots
+            .get(i as usize)
+            .and_then(Option::as_ref)
+            .map(|(v, _)| v)
+    }
+
+    fn find(&self, value: &T) -> Option<u32> {
+        self.index.get(value).copied()
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Gives back the memory of slots no value uses at the end; returns how many went.
+    fn shrink(&mut self) -> usize {
+        let before = self.slots.len();
+        while matches!(self.slots.last(), Some(None)) {
+            self.slots.pop();
+        }
+        let len = self.slots.len() as u32;
+        self.free.retain(|i| *i < len);
+        self.slots.shrink_to_fit();
+        self.free.shrink_to_fit();
+        self.index.shrink_to_fit();
+        before - self.slots.len()
+    }
+}
+
+/// A far timer bucket: the ids scheduled in its time span, in no order, stale ones included.
+struct Bucket {
+    ids: Vec<MessageId>,
+    /// No id in the bucket is due before this (a stale one may have been the earliest).
+    earliest: u64,
 }
 
 /// What an operator action selects.
@@ -66,17 +230,22 @@ pub enum Selector {
     Campaign(String),
 }
 
-#[derive(Default)]
 struct Inner {
     entries: HashMap<MessageId, Entry>,
-    timer: BTreeSet<(u64, MessageId)>,
+    /// Scheduled messages due up to the end of bucket `near_until`, exactly ordered.
+    near: BTreeSet<(u64, MessageId)>,
+    near_until: u64,
+    /// Later ones, by bucket (due time / `bucket_ms`).
+    far: BTreeMap<u64, Bucket>,
+    bucket_ms: u64,
+    /// Ids in `far` (stale ones included) and how many of them are stale.
+    far_ids: usize,
+    far_stale: usize,
     /// Ordered by key (name, then source), so the dispatcher can walk the queues round-robin
     /// from where it stopped ([`Scheduler::ready_after`]).
     ready: BTreeMap<Arc<QueueKey>, VecDeque<MessageId>>,
-    /// Interned campaign names and held domain names.
-    names: HashSet<Arc<str>>,
-    /// Interned queue keys.
-    keys: HashSet<Arc<QueueKey>>,
+    keys: Interner<QueueKey>,
+    campaigns: Interner<str>,
     counts: HashMap<Arc<QueueKey>, DestinationCounts>,
     totals: DestinationCounts,
     /// Holds by domain (or site) name: every queue of the name, whatever its source.
@@ -87,6 +256,29 @@ struct Inner {
     /// While a spool reload runs: the messages finished since it began (see
     /// [`Scheduler::begin_reload`]).
     finished_during_reload: Option<HashSet<MessageId>>,
+}
+
+impl Inner {
+    fn new(bucket_ms: u64) -> Inner {
+        Inner {
+            entries: HashMap::new(),
+            near: BTreeSet::new(),
+            near_until: 0,
+            far: BTreeMap::new(),
+            bucket_ms: bucket_ms.max(1),
+            far_ids: 0,
+            far_stale: 0,
+            ready: BTreeMap::new(),
+            keys: Interner::default(),
+            campaigns: Interner::default(),
+            counts: HashMap::new(),
+            totals: DestinationCounts::default(),
+            suspended_dests: HashMap::new(),
+            suspended_queues: HashMap::new(),
+            suspended_campaigns: HashMap::new(),
+            finished_during_reload: None,
+        }
+    }
 }
 
 fn bump(c: &mut DestinationCounts, state: State, delta: isize) {
@@ -118,17 +310,18 @@ impl Inner {
         received_ms: u64,
         now_ms: u64,
     ) {
-        let dest = self.intern_key(destination);
-        let campaign = campaign.map(|c| self.intern(c));
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.entries.entry(id) {
+        if !self.entries.contains_key(&id) {
+            let dest = self
+                .keys
+                .acquire(destination, || Arc::new(destination.clone()));
+            let campaign =
+                campaign.map_or(NO_CAMPAIGN, |c| self.campaigns.acquire(c, || Arc::from(c)));
             // Counted as in flight for one instant so `set_state` can do the bookkeeping.
-            slot.insert(Entry {
-                dest: Arc::clone(&dest),
-                campaign,
-                received_ms,
-                state: State::InFlight,
-            });
-            self.count(&dest, State::InFlight, 1);
+            self.entries
+                .insert(id, Entry::new(dest, campaign, received_ms, State::InFlight));
+            if let Some(key) = self.keys.get(dest).cloned() {
+                self.count(&key, State::InFlight, 1);
+            }
         }
         let to = if due_ms <= now_ms {
             self.due_state(&id, now_ms)
@@ -139,22 +332,8 @@ impl Inner {
         self.publish();
     }
 
-    fn intern(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.names.get(name) {
-            return Arc::clone(n);
-        }
-        let n: Arc<str> = Arc::from(name);
-        self.names.insert(Arc::clone(&n));
-        n
-    }
-
-    fn intern_key(&mut self, key: &QueueKey) -> Arc<QueueKey> {
-        if let Some(k) = self.keys.get(key) {
-            return Arc::clone(k);
-        }
-        let k = Arc::new(key.clone());
-        self.keys.insert(Arc::clone(&k));
-        k
+    fn key_of(&self, entry: &Entry) -> Option<Arc<QueueKey>> {
+        self.keys.get(entry.dest).cloned()
     }
 
     fn count(&mut self, dest: &Arc<QueueKey>, state: State, delta: isize) {
@@ -166,22 +345,116 @@ impl Inner {
         }
     }
 
+    /// Adds `id` to the timer for `due`.
+    fn timer_insert(&mut self, due: u64, id: MessageId) {
+        let bucket = due / self.bucket_ms;
+        if bucket <= self.near_until {
+            self.near.insert((due, id));
+        } else {
+            let b = self.far.entry(bucket).or_insert_with(|| Bucket {
+                ids: Vec::new(),
+                earliest: u64::MAX,
+            });
+            b.ids.push(id);
+            b.earliest = b.earliest.min(due);
+            self.far_ids += 1;
+        }
+    }
+
+    /// Takes `id`, scheduled for `due`, off the timer: at once from `near`; from a far bucket
+    /// lazily (see the module header).
+    fn timer_remove(&mut self, due: u64, id: MessageId) {
+        if due / self.bucket_ms <= self.near_until {
+            self.near.remove(&(due, id));
+        } else {
+            self.far_stale += 1;
+            if self.far_stale > 4096 && self.far_stale > self.far_ids / 2 {
+                self.sweep_far();
+            }
+        }
+    }
+
+    /// Whether `id` in far bucket `bucket` is still scheduled there; its due time if so.
+    fn far_due(&self, bucket: u64, id: &MessageId) -> Option<u64> {
+        match self.entries.get(id).map(Entry::state) {
+            Some(State::Scheduled(due)) if due / self.bucket_ms == bucket => Some(due),
+            _ => None,
+        }
+    }
+
+    /// Drops the stale ids of every far bucket.
+    fn sweep_far(&mut self) {
+        let mut far = std::mem::take(&mut self.far);
+        let mut kept = 0;
+        far.retain(|bucket, b| {
+            let mut earliest = u64::MAX;
+            b.ids.retain(|id| match self.far_due(*bucket, id) {
+                Some(due) => {
+                    earliest = earliest.min(due);
+                    true
+                }
+                None => false,
+            });
+            b.ids.shrink_to_fit();
+            b.earliest = earliest;
+            kept += b.ids.len();
+            !b.ids.is_empty()
+        });
+        self.far = far;
+        self.far_ids = kept;
+        self.far_stale = 0;
+    }
+
+    /// Moves the far buckets that end before the one after `now_ms`'s into `near`.
+    fn advance_timer(&mut self, now_ms: u64) {
+        let horizon = now_ms / self.bucket_ms + 1;
+        if horizon <= self.near_until {
+            return;
+        }
+        self.near_until = horizon;
+        while let Some(entry) = self.far.first_entry() {
+            if *entry.key() > horizon {
+                break;
+            }
+            let (bucket, b) = entry.remove_entry();
+            self.far_ids -= b.ids.len();
+            for id in b.ids {
+                match self.far_due(bucket, &id) {
+                    Some(due) => {
+                        self.near.insert((due, id));
+                    }
+                    None => self.far_stale = self.far_stale.saturating_sub(1),
+                }
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<u64> {
+        let near = self.near.first().map(|(due, _)| *due);
+        let far = self.far.first_key_value().map(|(_, b)| b.earliest);
+        match (near, far) {
+            (Some(n), Some(f)) => Some(n.min(f)),
+            (n, f) => n.or(f),
+        }
+    }
+
     /// Moves an entry to `to`, keeping the containers and counts in step. The caller has
-    /// already taken it out of the container of its old state where that matters.
+    /// already taken it out of the ready queue of its old state where that matters.
     fn set_state(&mut self, id: MessageId, to: State) {
         let Some(entry) = self.entries.get_mut(&id) else {
             return;
         };
-        let from = entry.state;
-        entry.state = to;
-        let dest = Arc::clone(&entry.dest);
+        let from = entry.state();
+        entry.set_state(to);
+        let dest_index = entry.dest;
+        let Some(dest) = self.keys.get(dest_index).cloned() else {
+            return;
+        };
         if let State::Scheduled(due) = from {
-            self.timer.remove(&(due, id));
+            self.timer_remove(due, id);
         }
         match to {
-            State::Scheduled(due) => {
-                self.timer.insert((due, id));
-            }
+            State::Scheduled(due) => self.timer_insert(due, id),
             State::Ready => self
                 .ready
                 .entry(Arc::clone(&dest))
@@ -191,6 +464,26 @@ impl Inner {
         }
         self.count(&dest, from, -1);
         self.count(&dest, to, 1);
+    }
+
+    /// Removes an entry whatever its state (finished, purged), dropping its references.
+    fn remove_entry(&mut self, id: &MessageId) -> Option<(Arc<QueueKey>, State)> {
+        let entry = self.entries.remove(id)?;
+        if let Some(finished) = &mut self.finished_during_reload {
+            finished.insert(*id);
+        }
+        let state = entry.state();
+        let key = self.key_of(&entry);
+        if let State::Scheduled(due) = state {
+            self.timer_remove(due, *id);
+        }
+        self.keys.release(entry.dest);
+        if entry.campaign != NO_CAMPAIGN {
+            self.campaigns.release(entry.campaign);
+        }
+        let key = key?;
+        self.count(&key, state, -1);
+        Some((key, state))
     }
 
     /// Until when a queue is held, by a hold of its own or of its domain (the later one).
@@ -211,17 +504,17 @@ impl Inner {
         self.held_until(dest, now_ms).is_some()
     }
 
-    fn campaign_held(&self, campaign: &Option<Arc<str>>, now_ms: u64) -> bool {
-        campaign
-            .as_ref()
-            .and_then(|c| self.suspended_campaigns.get(c))
+    fn campaign_held(&self, campaign: u32, now_ms: u64) -> bool {
+        self.campaigns
+            .get(campaign)
+            .and_then(|c| self.suspended_campaigns.get(&**c))
             .is_some_and(|until| *until > now_ms)
     }
 
     /// Where a message that is due goes: its ready queue, or parked if its campaign is held.
     fn due_state(&self, id: &MessageId, now_ms: u64) -> State {
         match self.entries.get(id) {
-            Some(e) if self.campaign_held(&e.campaign, now_ms) => State::Parked,
+            Some(e) if self.campaign_held(e.campaign, now_ms) => State::Parked,
             _ => State::Ready,
         }
     }
@@ -242,23 +535,54 @@ impl Inner {
         metrics::gauge!(QUEUE_GAUGE, "state" => "in_flight").set(t.in_flight as f64);
     }
 
+    /// The ids `selector` matches.
     fn matching(&self, selector: &Selector) -> Vec<MessageId> {
+        match selector {
+            Selector::Domain(d) => {
+                // Every queue of the name, whatever its source.
+                let dests: HashSet<u32> = self
+                    .keys
+                    .index
+                    .iter()
+                    .filter(|(k, _)| k.name() == d.as_str())
+                    .map(|(_, i)| *i)
+                    .collect();
+                if dests.is_empty() {
+                    return Vec::new();
+                }
+                self.entries
+                    .iter()
+                    .filter(|(_, e)| dests.contains(&e.dest))
+                    .map(|(id, _)| *id)
+                    .collect()
+            }
+            Selector::Campaign(c) => self.in_campaign(c, |_| true),
+        }
+    }
+
+    /// The ids of campaign `name` whose state passes `keep`.
+    fn in_campaign(&self, name: &str, keep: impl Fn(State) -> bool) -> Vec<MessageId> {
+        let Some(c) = self.campaigns.find(name) else {
+            return Vec::new();
+        };
         self.entries
             .iter()
-            .filter(|(_, e)| match selector {
-                Selector::Domain(d) => e.dest.name() == d.as_str(),
-                Selector::Campaign(c) => e.campaign.as_deref() == Some(c.as_str()),
-            })
+            .filter(|(_, e)| e.campaign == c && keep(e.state()))
             .map(|(id, _)| *id)
             .collect()
     }
 }
 
 /// The schedule, shared by injection and delivery.
-#[derive(Default)]
 pub struct Scheduler {
     inner: Mutex<Inner>,
     notify: Notify,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler::with_timer_bucket(TIMER_BUCKET_MS)
+    }
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -271,6 +595,15 @@ impl Scheduler {
     /// An empty schedule.
     pub fn new() -> Scheduler {
         Scheduler::default()
+    }
+
+    /// An empty schedule whose far timer buckets span `bucket_ms` (tests use small ones to
+    /// exercise the bucket moves).
+    pub(crate) fn with_timer_bucket(bucket_ms: u64) -> Scheduler {
+        Scheduler {
+            inner: Mutex::new(Inner::new(bucket_ms)),
+            notify: Notify::new(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -294,7 +627,7 @@ impl Scheduler {
         {
             let mut inner = self.lock();
             if let Some(e) = inner.entries.get(&id) {
-                if e.state != State::InFlight {
+                if e.state() != State::InFlight {
                     return false;
                 }
             }
@@ -363,7 +696,8 @@ impl Scheduler {
         }
         inner.suspended_dests.retain(|_, until| *until > now_ms);
         inner.suspended_queues.retain(|_, until| *until > now_ms);
-        while let Some(&(due, id)) = inner.timer.first() {
+        inner.advance_timer(now_ms);
+        while let Some(&(due, id)) = inner.near.first() {
             if due > now_ms {
                 break;
             }
@@ -377,9 +711,10 @@ impl Scheduler {
         moved
     }
 
-    /// When the next scheduled message comes due, if any.
+    /// When the next scheduled message comes due, if any (possibly a little earlier: a far
+    /// bucket answers with its earliest time, which may belong to a message gone since).
     pub fn next_due(&self) -> Option<u64> {
-        self.lock().timer.first().map(|k| k.0)
+        self.lock().next_due()
     }
 
     /// Destinations that have ready messages and are not suspended, with their ready counts.
@@ -436,12 +771,7 @@ impl Scheduler {
             inner.ready.remove(destination);
         }
         // Already out of the ready queue: only the state and the counts change.
-        if let Some(e) = inner.entries.get_mut(&id) {
-            let dest = Arc::clone(&e.dest);
-            e.state = State::InFlight;
-            inner.count(&dest, State::Ready, -1);
-            inner.count(&dest, State::InFlight, 1);
-        }
+        inner.set_state(id, State::InFlight);
         inner.publish();
         Some(id)
     }
@@ -449,7 +779,9 @@ impl Scheduler {
     /// Forgets a message (delivered, bounced, expired or purged), whatever its state.
     pub fn finish(&self, id: MessageId) {
         let mut inner = self.lock();
-        forget(&mut inner, id);
+        if let Some((key, State::Ready)) = inner.remove_entry(&id) {
+            inner.remove_from_ready(&key, &HashSet::from([id]));
+        }
         inner.publish();
     }
 
@@ -466,30 +798,14 @@ impl Scheduler {
                 inner
                     .entries
                     .get(id)
-                    .is_some_and(|e| e.state != State::InFlight)
+                    .is_some_and(|e| e.state() != State::InFlight)
             })
             .collect();
         let mut ready: HashMap<Arc<QueueKey>, HashSet<MessageId>> = HashMap::new();
         for id in &ids {
-            let Some(entry) = inner.entries.remove(id) else {
-                continue;
-            };
-            if let Some(finished) = &mut inner.finished_during_reload {
-                finished.insert(*id);
+            if let Some((key, State::Ready)) = inner.remove_entry(id) {
+                ready.entry(key).or_default().insert(*id);
             }
-            match entry.state {
-                State::Scheduled(due) => {
-                    inner.timer.remove(&(due, *id));
-                }
-                State::Ready => {
-                    ready
-                        .entry(Arc::clone(&entry.dest))
-                        .or_default()
-                        .insert(*id);
-                }
-                State::InFlight | State::Parked => {}
-            }
-            inner.count(&entry.dest, entry.state, -1);
         }
         for (dest, ids) in ready {
             inner.remove_from_ready(&dest, &ids);
@@ -505,30 +821,34 @@ impl Scheduler {
         if inner
             .entries
             .get(&id)
-            .is_some_and(|e| e.state == State::InFlight)
+            .is_some_and(|e| e.state() == State::InFlight)
         {
             inner.set_state(id, State::Scheduled(due_ms));
             inner.publish();
         }
     }
 
-    /// Drops interned destination keys and campaign names nothing refers to any more, so a
-    /// long-running engine that has seen millions of domains does not keep them all.
-    /// Returns how many were dropped.
+    /// Gives back memory the schedule no longer needs after a wave (spare hash-table and
+    /// interner capacity, stale timer ids). Destination keys and campaign names go as soon
+    /// as their last message does. Returns how many interner slots were released.
     pub fn compact(&self) -> usize {
         let mut inner = self.lock();
-        let before = inner.names.len() + inner.keys.len();
-        // Held only by the set itself: no entry, count, ready queue or hold uses it.
-        inner.names.retain(|n| Arc::strong_count(n) > 1);
-        inner.keys.retain(|k| Arc::strong_count(k) > 1);
+        if inner.far_stale > 0 {
+            inner.sweep_far();
+        }
+        let released = inner.keys.shrink() + inner.campaigns.shrink();
         inner.counts.shrink_to_fit();
-        before - inner.names.len() - inner.keys.len()
+        // Only when the table is mostly empty: shrinking rehashes every entry under the lock.
+        if inner.entries.capacity() > 4 * inner.entries.len().max(1024) {
+            inner.entries.shrink_to_fit();
+        }
+        released
     }
 
-    /// Interned keys and names held (for tests and the memory view).
+    /// Destination keys and campaign names held (for tests and the memory view).
     pub fn interned(&self) -> usize {
         let inner = self.lock();
-        inner.names.len() + inner.keys.len()
+        inner.keys.len() + inner.campaigns.len()
     }
 
     /// Makes every scheduled message `selector` matches due now; returns how many.
@@ -542,7 +862,7 @@ impl Scheduler {
                     inner
                         .entries
                         .get(id)
-                        .is_some_and(|e| matches!(e.state, State::Scheduled(_)))
+                        .is_some_and(|e| matches!(e.state(), State::Scheduled(_)))
                 })
                 .collect();
             for id in &ids {
@@ -562,22 +882,19 @@ impl Scheduler {
         let mut inner = self.lock();
         match selector {
             Selector::Domain(d) => {
-                let d = inner.intern(d);
-                inner.suspended_dests.insert(d, until_ms);
+                inner
+                    .suspended_dests
+                    .insert(Arc::from(d.as_str()), until_ms);
             }
             Selector::Campaign(c) => {
-                let c = inner.intern(c);
-                inner.suspended_campaigns.insert(Arc::clone(&c), until_ms);
-                let ready: Vec<MessageId> = inner
-                    .entries
-                    .iter()
-                    .filter(|(_, e)| e.state == State::Ready && e.campaign.as_ref() == Some(&c))
-                    .map(|(id, _)| *id)
-                    .collect();
+                inner
+                    .suspended_campaigns
+                    .insert(Arc::from(c.as_str()), until_ms);
+                let ready = inner.in_campaign(c, |s| s == State::Ready);
                 let mut by_dest: HashMap<Arc<QueueKey>, HashSet<MessageId>> = HashMap::new();
                 for id in &ready {
-                    if let Some(e) = inner.entries.get(id) {
-                        by_dest.entry(Arc::clone(&e.dest)).or_default().insert(*id);
+                    if let Some(key) = inner.entries.get(id).and_then(|e| inner.key_of(e)) {
+                        by_dest.entry(key).or_default().insert(*id);
                     }
                 }
                 for (dest, ids) in by_dest {
@@ -585,12 +902,7 @@ impl Scheduler {
                 }
                 for id in ready {
                     // Out of the ready queue already; `set_state` only moves the counts.
-                    if let Some(e) = inner.entries.get_mut(&id) {
-                        e.state = State::Parked;
-                        let dest = Arc::clone(&e.dest);
-                        inner.count(&dest, State::Ready, -1);
-                        inner.count(&dest, State::Parked, 1);
-                    }
+                    inner.set_state(id, State::Parked);
                 }
                 let _ = now_ms;
             }
@@ -605,11 +917,13 @@ impl Scheduler {
     pub fn suspend_queue(&self, queue: &QueueKey, until_ms: u64) {
         let mut inner = self.lock();
         if queue.source().is_some() {
-            let q = inner.intern_key(queue);
-            inner.suspended_queues.insert(q, until_ms);
+            inner
+                .suspended_queues
+                .insert(Arc::new(queue.clone()), until_ms);
         } else {
-            let d = inner.intern(queue.name());
-            inner.suspended_dests.insert(d, until_ms);
+            inner
+                .suspended_dests
+                .insert(Arc::from(queue.name()), until_ms);
         }
     }
 
@@ -627,8 +941,7 @@ impl Scheduler {
                 }
                 Selector::Campaign(c) => {
                     let was = inner.suspended_campaigns.remove(c.as_str()).is_some();
-                    let c = inner.intern(c);
-                    unpark(&mut inner, &c, now_ms);
+                    unpark(&mut inner, c, now_ms);
                     was
                 }
             };
@@ -670,17 +983,17 @@ impl Scheduler {
     /// Counts per destination.
     pub fn destinations(&self, now_ms: u64) -> Vec<(QueueKey, DestinationCounts)> {
         let inner = self.lock();
-        let mut oldest: HashMap<&Arc<QueueKey>, u64> = HashMap::new();
+        let mut oldest: HashMap<u32, u64> = HashMap::new();
         for e in inner.entries.values() {
-            let o = oldest.entry(&e.dest).or_insert(e.received_ms);
-            *o = (*o).min(e.received_ms);
+            let o = oldest.entry(e.dest).or_insert(e.received_ms());
+            *o = (*o).min(e.received_ms());
         }
         let mut out: Vec<(QueueKey, DestinationCounts)> = inner
             .counts
             .iter()
             .map(|(d, c)| {
                 let mut c = c.clone();
-                c.oldest_received_ms = oldest.get(d).copied();
+                c.oldest_received_ms = inner.keys.find(d).and_then(|i| oldest.get(&i)).copied();
                 c.suspended_until_ms = inner.held_until(d, now_ms);
                 (QueueKey::clone(d), c)
             })
@@ -715,32 +1028,8 @@ impl Scheduler {
     }
 }
 
-fn forget(inner: &mut Inner, id: MessageId) {
-    let Some(entry) = inner.entries.remove(&id) else {
-        return;
-    };
-    if let Some(finished) = &mut inner.finished_during_reload {
-        finished.insert(id);
-    }
-    match entry.state {
-        State::Scheduled(due) => {
-            inner.timer.remove(&(due, id));
-        }
-        State::Ready => {
-            inner.remove_from_ready(&entry.dest, &HashSet::from([id]));
-        }
-        State::InFlight | State::Parked => {}
-    }
-    inner.count(&entry.dest, entry.state, -1);
-}
-
-fn unpark(inner: &mut Inner, campaign: &Arc<str>, now_ms: u64) -> usize {
-    let parked: Vec<MessageId> = inner
-        .entries
-        .iter()
-        .filter(|(_, e)| e.state == State::Parked && e.campaign.as_ref() == Some(campaign))
-        .map(|(id, _)| *id)
-        .collect();
+fn unpark(inner: &mut Inner, campaign: &str, now_ms: u64) -> usize {
+    let parked = inner.in_campaign(campaign, |s| s == State::Parked);
     for id in &parked {
         let to = inner.due_state(id, now_ms);
         inner.set_state(*id, to);
@@ -795,9 +1084,9 @@ mod tests {
             MessageId::generate(),
             MessageId::generate(),
         );
-        s.schedule(a, &q("x.test"), None, 100, 1, 50);
-        s.schedule(b, &q("x.test"), None, 200, 2, 50);
-        s.schedule(c, &q("y.test"), None, 10, 3, 50);
+        s.schedule(a, &q("x.test"), None, 100, 1000, 50);
+        s.schedule(b, &q("x.test"), None, 200, 2000, 50);
+        s.schedule(c, &q("y.test"), None, 10, 3000, 50);
         assert_eq!(s.totals().scheduled, 2);
         assert_eq!(s.totals().ready, 1);
         assert_eq!(s.next_due(), Some(100));
@@ -806,14 +1095,15 @@ mod tests {
         assert_eq!(s.pop_ready(&q("x.test"), 150), None);
         assert_eq!(s.totals().in_flight, 1);
         // Rescheduling an in-flight message moves it back to the timer.
-        s.schedule(a, &q("x.test"), None, 300, 1, 150);
+        s.schedule(a, &q("x.test"), None, 300, 1000, 150);
         assert_eq!(s.totals().in_flight, 0);
         assert_eq!(s.totals().scheduled, 2);
         let dests = s.destinations(150);
         assert_eq!(dests.len(), 2);
         assert_eq!(dests[0].0, q("x.test"));
         assert_eq!(dests[0].1.scheduled, 2);
-        assert_eq!(dests[0].1.oldest_received_ms, Some(1));
+        // To the second: the schedule keeps reception times in seconds.
+        assert_eq!(dests[0].1.oldest_received_ms, Some(1000));
         let mut taken = s.take(&Selector::Domain("x.test".into()));
         taken.sort();
         assert_eq!(taken, vec![a, b]);
@@ -917,26 +1207,99 @@ mod tests {
     }
 
     #[test]
-    fn names_nothing_uses_are_dropped() {
+    fn far_messages_come_due_in_order_and_early_leavers_are_swept() {
+        // Buckets of 100 ms: everything past the next bucket waits as plain id lists.
+        let s = Scheduler::with_timer_bucket(100);
+        let ids: Vec<MessageId> = (0..10_000).map(|_| MessageId::generate()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            // Due 1 000 .. 100 999 ms, in no particular order.
+            let due = 1_000 + (i as u64 * 7_919) % 100_000;
+            s.schedule(*id, &q("x.test"), Some("c"), due, 0, 0);
+        }
+        assert_eq!(s.next_due(), Some(1_000));
+        assert_eq!(s.promote(999), 0);
+        assert_eq!(s.promote(1_000), 1);
+        // Half of them leave early (the one due is among them): stale ids in the buckets.
+        for id in ids.iter().step_by(2) {
+            s.finish(*id);
+        }
+        assert_eq!(s.totals().scheduled, 5_000);
+        {
+            let inner = s.lock();
+            assert!(
+                inner.far_stale >= 4_096,
+                "removals from far buckets are lazy"
+            );
+        }
+        s.compact();
+        let scheduled = s.totals().scheduled;
+        {
+            let inner = s.lock();
+            assert_eq!(inner.far_stale, 0);
+            assert_eq!(inner.far_ids + inner.near.len(), scheduled);
+        }
+        // Every remaining message comes due exactly once, in time order, never early.
+        let mut seen = HashSet::new();
+        let mut now = 1_000;
+        while let Some(due) = s.next_due() {
+            now = due.max(now);
+            s.promote(now);
+            while let Some(id) = s.pop_ready(&q("x.test"), now) {
+                let i = ids.iter().position(|x| *x == id).unwrap();
+                assert!(1_000 + (i as u64 * 7_919) % 100_000 <= now, "due early");
+                assert!(seen.insert(id), "due twice");
+                s.finish(id);
+            }
+            now += 1;
+        }
+        assert_eq!(seen.len(), 5_000);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_message_rescheduled_into_its_old_bucket_comes_due_once() {
+        let s = Scheduler::with_timer_bucket(100);
+        let a = MessageId::generate();
+        s.schedule(a, &q("x.test"), Some("c"), 5_000, 0, 0);
+        // Made due now (its far copy goes stale), taken, deferred into the same bucket.
+        assert_eq!(s.retry_now(&Selector::Campaign("c".into()), 10), 1);
+        assert_eq!(s.pop_ready(&q("x.test"), 10), Some(a));
+        s.schedule(a, &q("x.test"), Some("c"), 5_010, 0, 10);
+        assert_eq!(s.promote(5_009), 0);
+        assert_eq!(s.promote(5_010), 1);
+        assert_eq!(s.pop_ready(&q("x.test"), 5_010), Some(a));
+        assert_eq!(s.promote(6_000), 0);
+        assert_eq!(s.totals().in_flight, 1);
+        assert_eq!(s.next_due(), None);
+    }
+
+    #[test]
+    fn names_go_with_their_last_message() {
         let s = Scheduler::new();
         let ids: Vec<MessageId> = (0..100).map(|_| MessageId::generate()).collect();
         for (i, id) in ids.iter().enumerate() {
             s.schedule(*id, &q(&format!("d{i}.test")), Some("c"), 0, 0, 10);
         }
         s.suspend(&Selector::Domain("held.test".into()), u64::MAX, 10);
-        assert_eq!(s.interned(), 102);
-        assert_eq!(s.compact(), 0, "every name is in use");
-        for id in &ids {
+        assert_eq!(s.interned(), 101, "100 destinations and one campaign");
+        for id in &ids[..99] {
             s.finish(*id);
         }
-        assert_eq!(s.compact(), 101);
-        // The campaign's and the held domain's names were in use until now; the hold stays.
-        assert_eq!(s.interned(), 1);
+        assert_eq!(s.interned(), 2, "the last destination and its campaign");
+        s.finish(ids[99]);
+        assert_eq!(s.interned(), 0);
+        assert_eq!(s.compact(), 101, "every slot is free");
+        // The hold is not a message's: it stays.
         assert!(!s
             .ready_destinations(10)
             .iter()
             .any(|(d, _)| d.name() == "held.test"));
         assert_eq!(s.suspensions(10).len(), 1);
+        // Freed slots are used again.
+        let again = MessageId::generate();
+        s.schedule(again, &q("new.test"), Some("c2"), 0, 0, 10);
+        assert_eq!(s.interned(), 2);
+        assert_eq!(s.pop_ready(&q("new.test"), 10), Some(again));
     }
 
     #[test]

@@ -363,7 +363,9 @@ struct ReadJob {
 }
 
 /// Bytes of body buffers kept for reuse, in all.
-pub(crate) const RECYCLED_BYTES: usize = 32 << 20;
+/// A few megabytes are enough: buffers come back as fast as workers finish with them, and
+/// whatever the pool holds stays resident while the engine idles.
+pub(crate) const RECYCLED_BYTES: usize = 4 << 20;
 /// Largest body buffer kept for reuse; larger ones go back to the allocator.
 pub(crate) const RECYCLED_BUFFER_MAX: usize = 1 << 20;
 
