@@ -13,7 +13,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// `[[dkim]]` for example.com with an RSA and an Ed25519 key, and the DNS records they need.
-fn dkim_config() -> (String, Vec<(String, String)>) {
+pub(crate) fn dkim_config() -> (String, Vec<(String, String)>) {
     let keys = [("rsa", "rsa2048.pem"), ("ed", "ed25519.pem")];
     let mut toml = String::new();
     let mut entries = Vec::new();
@@ -40,7 +40,7 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in metrics"))
 }
 
-async fn wait_messages(sink: &sink::SinkHandle, n: usize) -> Vec<sink::ReceivedMessage> {
+pub(crate) async fn wait_messages(sink: &sink::SinkHandle, n: usize) -> Vec<sink::ReceivedMessage> {
     let start = std::time::Instant::now();
     loop {
         let msgs = sink.messages();

@@ -38,6 +38,10 @@ pub const SIGNED_HEADERS: &[&str] = &[
     "List-Id",
     "Feedback-ID",
     "X-Campaign",
+    // Stamped by Drover's feedback loop (issue 11): a receiver trusts where complaints go
+    // only when the signature covers it.
+    "X-Complaints-To",
+    "X-CSA-Complaints",
 ];
 
 /// Why a key could not be loaded or a message could not be signed.

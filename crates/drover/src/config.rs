@@ -83,6 +83,64 @@ pub struct Config {
     pub egress_rule: Vec<EgressRuleConfig>,
     /// `[[rate_limit]]`: message rates per tenant or campaign (extension).
     pub rate_limit: Vec<RateLimitConfig>,
+    /// `[stamping]`: complaint and unsubscribe headers (extension).
+    pub stamping: StampingConfig,
+}
+
+/// `[stamping]`: the complaint and unsubscribe headers of all mail, and
+/// `[[stamping.rule]]`s for a tenant and/or campaign (the most specific matching rule wins,
+/// field by field; unset fields fall through).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StampingConfig {
+    /// `X-Complaints-To`: where receivers send abuse complaints.
+    pub x_complaints_to: Option<String>,
+    /// `X-CSA-Complaints` (Certified Senders Alliance), e.g. `whitelist-complaints@eco.de`.
+    pub x_csa_complaints: Option<String>,
+    /// `Feedback-ID` template (`{{campaign}}`, `{{tenant}}`, `{{sender_id}}`, `{{id}}`), as
+    /// Gmail's feedback loop reads it: `{{campaign}}:{{tenant}}:drover:{{sender_id}}`.
+    pub feedback_id: Option<String>,
+    /// `{{sender_id}}` of the `Feedback-ID` template.
+    pub sender_id: Option<String>,
+    /// A `mailto:` entry in `List-Unsubscribe`: a tagged address under the first bounce
+    /// domain; mail to it unsubscribes the recipient.
+    pub list_unsubscribe_mailto: Option<bool>,
+    /// Base of the one-click (RFC 8058) `https:` entry in `List-Unsubscribe`; a tagged token
+    /// is appended, and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` is stamped.
+    pub list_unsubscribe_url: Option<String>,
+    /// What to do when the client already wrote one of these headers: `keep` (default) or
+    /// `replace`.
+    pub existing: Option<feedback::stamp::Existing>,
+    /// Rules for a tenant, a campaign, or both.
+    pub rule: Vec<StampRuleConfig>,
+}
+
+/// `[[stamping.rule]]`: the fields of `[stamping]` for a tenant, a campaign, or both.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StampRuleConfig {
+    /// Tenant as injected.
+    pub tenant: Option<String>,
+    /// Campaign as injected.
+    pub campaign: Option<String>,
+    /// `X-Complaints-To`: where receivers send abuse complaints.
+    pub x_complaints_to: Option<String>,
+    /// `X-CSA-Complaints` (Certified Senders Alliance), e.g. `whitelist-complaints@eco.de`.
+    pub x_csa_complaints: Option<String>,
+    /// `Feedback-ID` template (`{{campaign}}`, `{{tenant}}`, `{{sender_id}}`, `{{id}}`), as
+    /// Gmail's feedback loop reads it: `{{campaign}}:{{tenant}}:drover:{{sender_id}}`.
+    pub feedback_id: Option<String>,
+    /// `{{sender_id}}` of the `Feedback-ID` template.
+    pub sender_id: Option<String>,
+    /// A `mailto:` entry in `List-Unsubscribe`: a tagged address under the first bounce
+    /// domain; mail to it unsubscribes the recipient.
+    pub list_unsubscribe_mailto: Option<bool>,
+    /// Base of the one-click (RFC 8058) `https:` entry in `List-Unsubscribe`; a tagged token
+    /// is appended, and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` is stamped.
+    pub list_unsubscribe_url: Option<String>,
+    /// What to do when the client already wrote one of these headers: `keep` (default) or
+    /// `replace`.
+    pub existing: Option<feedback::stamp::Existing>,
 }
 
 /// `[[rate_limit]]`: exactly one of `tenant` and `campaign`.
@@ -468,6 +526,10 @@ pub struct BounceProcessingConfig {
     pub domains: Vec<String>,
     /// Rewrite the envelope sender as VERP.
     pub verp: bool,
+    /// Secrets (at least 16 bytes each) that tag VERP addresses and unsubscribe links: the
+    /// first signs, all verify (rotation). Unset: a key is generated once and kept in the
+    /// spool (extension).
+    pub keys: Vec<String>,
 }
 
 fn invalid(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
@@ -560,6 +622,7 @@ impl Config {
         }
         self.dkim_signers()?;
         self.validate_egress()?;
+        self.validate_feedback()?;
         self.keyed_rates()?;
         for net in &self.smtp_listener.relay_networks {
             parse_cidr(net).ok_or_else(|| {
@@ -575,6 +638,92 @@ impl Config {
                 return Err(invalid(
                     format!("smtp_listener.auth_users[{i}]"),
                     "user and password must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[stamping]` and `[bounce_processing]`.
+    fn validate_feedback(&self) -> Result<(), ConfigError> {
+        let s = &self.stamping;
+        let bounce = &self.bounce_processing;
+        for (i, r) in s.rule.iter().enumerate() {
+            if r.tenant.is_none() && r.campaign.is_none() {
+                return Err(invalid(
+                    format!("stamping.rule[{i}]"),
+                    "a rule needs a tenant, a campaign or both",
+                ));
+            }
+        }
+        let tables = std::iter::once((
+            "stamping".to_owned(),
+            [
+                ("x_complaints_to", &s.x_complaints_to),
+                ("x_csa_complaints", &s.x_csa_complaints),
+                ("feedback_id", &s.feedback_id),
+                ("sender_id", &s.sender_id),
+                ("list_unsubscribe_url", &s.list_unsubscribe_url),
+            ],
+            s.list_unsubscribe_mailto,
+        ))
+        .chain(s.rule.iter().enumerate().map(|(i, r)| {
+            (
+                format!("stamping.rule[{i}]"),
+                [
+                    ("x_complaints_to", &r.x_complaints_to),
+                    ("x_csa_complaints", &r.x_csa_complaints),
+                    ("feedback_id", &r.feedback_id),
+                    ("sender_id", &r.sender_id),
+                    ("list_unsubscribe_url", &r.list_unsubscribe_url),
+                ],
+                r.list_unsubscribe_mailto,
+            )
+        }));
+        for (table, values, mailto) in tables {
+            for (name, value) in values {
+                let Some(v) = value else { continue };
+                if v.chars().any(char::is_control) || v.len() > 900 {
+                    return Err(invalid(
+                        format!("{table}.{name}"),
+                        "a header value may not hold control characters or exceed 900 bytes",
+                    ));
+                }
+                if name == "list_unsubscribe_url"
+                    && !(v.starts_with("https://") || v.starts_with("http://"))
+                {
+                    return Err(invalid(
+                        format!("{table}.{name}"),
+                        "must be an https:// URL (receivers require https for one-click)",
+                    ));
+                }
+            }
+            if mailto == Some(true) && bounce.domains.is_empty() {
+                return Err(invalid(
+                    format!("{table}.list_unsubscribe_mailto"),
+                    "needs a bounce_processing.domains entry to put the address under",
+                ));
+            }
+        }
+        if bounce.verp && bounce.domains.is_empty() {
+            return Err(invalid(
+                "bounce_processing.verp",
+                "needs a bounce_processing.domains entry to put the addresses under",
+            ));
+        }
+        for (i, d) in bounce.domains.iter().enumerate() {
+            if d.is_empty() || d.contains(['@', ' ', '<', '>']) {
+                return Err(invalid(
+                    format!("bounce_processing.domains[{i}]"),
+                    format!("{d:?} is not a domain"),
+                ));
+            }
+        }
+        for (i, k) in bounce.keys.iter().enumerate() {
+            if k.len() < feedback::keys::MIN_KEY_BYTES {
+                return Err(invalid(
+                    format!("bounce_processing.keys[{i}]"),
+                    "a key needs at least 16 bytes",
                 ));
             }
         }

@@ -17,6 +17,11 @@ const BACKLOG_PER_WORKER: usize = 4;
 /// Ready queues one dispatcher look at the schedule reads.
 const SCAN_CHUNK: usize = 256;
 
+/// How long the spool must see no message writes before its memtables are flushed.
+const QUIET_FLUSH: Duration = Duration::from_secs(20);
+/// Memtables smaller than this are not worth a flush.
+const QUIET_FLUSH_MIN_BYTES: u64 = 4 << 20;
+
 impl Engine {
     /// Moves due messages to their ready queues and starts workers where messages wait.
     pub(crate) async fn dispatch(self: Arc<Self>) {
@@ -141,6 +146,10 @@ impl Engine {
         let period = (self.config.delivery.idle_timeout.0 / 2)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut last_compaction = tokio::time::Instant::now();
+        // The spool's message writes at the last tick, and since when they stand still.
+        let mut writes = self.spool.message_writes();
+        let mut quiet_since = tokio::time::Instant::now();
+        let mut flushed = false;
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -155,6 +164,27 @@ impl Engine {
                     if let Ok((memtables, cache)) = self.spool.memory_usage() {
                         metrics::gauge!(SPOOL_MEMORY, "part" => "memtables").set(memtables as f64);
                         metrics::gauge!(SPOOL_MEMORY, "part" => "block_cache").set(cache as f64);
+                        // After a wave (a big send, a deferral round) the memtables stay full
+                        // until the next wave fills them: tens of megabytes held for nothing.
+                        // Once the spool has been quiet a while, they go to disk.
+                        let now_writes = self.spool.message_writes();
+                        if now_writes != writes {
+                            writes = now_writes;
+                            quiet_since = tokio::time::Instant::now();
+                            flushed = false;
+                        } else if !flushed
+                            && quiet_since.elapsed() >= QUIET_FLUSH
+                            && memtables >= QUIET_FLUSH_MIN_BYTES
+                        {
+                            flushed = true;
+                            let spool = self.spool.clone();
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = spool.flush_memtables() {
+                                    tracing::warn!(error = %e, "flushing quiet memtables failed");
+                                }
+                                crate::allocator::release_free_memory();
+                            });
+                        }
                     }
                     if let Some(rss) = resident_bytes() {
                         metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);

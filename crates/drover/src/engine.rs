@@ -104,6 +104,8 @@ pub struct Engine {
     /// True while the start-up reload of the spool runs: the engine already delivers, but it
     /// does not know every queued message yet, so it does not say it is ready.
     pub(crate) reloading: Arc<AtomicBool>,
+    /// Tag VERP addresses and unsubscribe links (`startup::feedback_keys`).
+    pub(crate) feedback_keys: feedback::Keys,
 }
 
 impl std::fmt::Debug for Engine {

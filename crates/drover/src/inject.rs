@@ -1,4 +1,4 @@
-//! Injection: DKIM signing, the synced spool write, Reception records, queueing.
+//! Injection: stamping (VERP, complaint and unsubscribe headers), DKIM signing, the synced spool write, Reception records, queueing.
 
 use crate::engine::{Engine, EngineError, Unsignable};
 use crate::message::NewMessage;
@@ -58,15 +58,22 @@ impl Engine {
         }
         let count = messages.len() as u64;
         let policy = self.policy();
-        let (messages, signed) = if policy.signers.is_empty() {
+        let (messages, signed) = if policy.signers.is_empty() && policy.stamper.is_noop() {
             (messages, 0)
         } else {
-            // RSA signing costs about a millisecond per message: a large batch would stall
-            // the runtime's worker thread.
-            let signing = tokio::task::spawn_blocking(move || sign_all(&policy.signers, messages))
-                .await
-                .map_err(|e| EngineError::Signing(e.to_string()))?;
-            match signing {
+            // RSA signing costs about a millisecond per message and stamping copies each
+            // body: a large batch would stall the runtime's worker thread.
+            let keys = self.feedback_keys.clone();
+            let prepared = tokio::task::spawn_blocking(move || {
+                let mut messages = messages;
+                for m in &mut messages {
+                    policy.stamper.apply(&keys, m);
+                }
+                sign_all(&policy.signers, messages)
+            })
+            .await
+            .map_err(|e| EngineError::Signing(e.to_string()))?;
+            match prepared {
                 Ok(done) => done,
                 Err(unsignable) => {
                     metrics::counter!(DKIM_SIGNATURES, "result" => "error")

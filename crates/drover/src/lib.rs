@@ -17,6 +17,7 @@ mod inject;
 mod outcome;
 mod record;
 mod restore;
+mod stamping;
 mod startup;
 mod worker;
 // Leaves the above share.

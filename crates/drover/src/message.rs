@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 /// Headers copied from each message into its accounting records (contract §4).
 pub const TRACKED_HEADERS: &[&str] = &[
     "X-Complaints-To",
+    "X-CSA-Complaints",
     "Feedback-ID",
     "List-Unsubscribe",
     "List-Unsubscribe-Post",

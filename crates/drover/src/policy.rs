@@ -2,6 +2,7 @@
 
 use crate::automation::Automation;
 use crate::config::{Config, ConfigError, ShapingConfig};
+use crate::stamping::Stamper;
 
 /// Rules that can change while the engine runs.
 #[derive(Debug)]
@@ -10,6 +11,8 @@ pub(crate) struct Policy {
     /// `[[dkim]]` keys: reloaded with the rest, so a key rotation needs no restart.
     pub(crate) signers: dkim::Signers,
     shaping: Vec<ShapingConfig>,
+    /// `[stamping]` and VERP: reloaded too, so a new complaint address needs no restart.
+    pub(crate) stamper: Stamper,
 }
 
 impl Policy {
@@ -18,6 +21,7 @@ impl Policy {
             automation: Automation::from_config(config),
             signers: config.dkim_signers()?,
             shaping: config.shaping.clone(),
+            stamper: Stamper::from_config(config),
         })
     }
 

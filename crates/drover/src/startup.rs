@@ -25,6 +25,29 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// Where the generated feedback key is kept when `[bounce_processing] keys` is unset.
+const FEEDBACK_KEY: &str = "feedback/key";
+
+/// The keys that tag VERP addresses and unsubscribe links: the configured ones, or one
+/// generated at the first start and kept in the spool, so links in mail already sent keep
+/// working across restarts.
+async fn feedback_keys(config: &Config, spool: &Spool) -> Result<feedback::Keys, EngineError> {
+    let configured = &config.bounce_processing.keys;
+    let secrets: Vec<Vec<u8>> = if configured.is_empty() {
+        match spool.state(FEEDBACK_KEY)? {
+            Some(key) => vec![key],
+            None => {
+                let key: [u8; 32] = rand::random();
+                spool.put_state(FEEDBACK_KEY, key.to_vec()).await?;
+                vec![key.to_vec()]
+            }
+        }
+    } else {
+        configured.iter().map(|k| k.as_bytes().to_vec()).collect()
+    };
+    feedback::Keys::new(&secrets).map_err(|e| EngineError::Config(e.to_string()))
+}
+
 impl Engine {
     /// Opens the spool and accounting, reloads queued messages and starts delivering.
     pub async fn start(config: Config) -> Result<Arc<Engine>, EngineError> {
@@ -42,6 +65,7 @@ impl Engine {
             },
         )?;
         let accounting = Accounting::open(&config.accounting_path())?;
+        let feedback_keys = feedback_keys(&config, &spool).await?;
         let nameservers = config
             .dns
             .nameservers
@@ -103,6 +127,7 @@ impl Engine {
             cancel: CancellationToken::new(),
             draining: AtomicBool::new(false),
             reloading: Arc::new(AtomicBool::new(true)),
+            feedback_keys,
         });
         engine.load_suspensions()?;
         // Before anything is delivered: messages whose final record was written just before
