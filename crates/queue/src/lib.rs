@@ -39,6 +39,7 @@ mod message;
 mod model_check;
 mod schedule;
 mod spool;
+mod suppression;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
@@ -48,6 +49,7 @@ pub use spool::{
     Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_PENDING_WRITE_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
 };
+pub use suppression::{Suppression, SuppressionKey};
 
 /// Errors of the spool.
 #[non_exhaustive]

@@ -26,6 +26,7 @@
 //! assertions, and a second append to a `LOG` whose previous append failed with ENOSPC aborts
 //! the process. For the same reason [`Spool::flush`] does not touch a failed instance's WAL.
 
+use crate::suppression::{Suppression, SuppressionKey};
 use crate::{MessageId, MessageMeta, QueueError};
 use rocksdb::{ColumnFamilyDescriptor, LogLevel, Options, WriteBatch, WriteOptions, DB};
 use std::collections::VecDeque;
@@ -39,6 +40,8 @@ const CF_META: &str = "meta";
 const CF_BODY: &str = "body";
 const CF_SCHEDULE: &str = "schedule";
 const CF_STATE: &str = "state";
+/// The suppression list: key tenant, 0, address; value a JSON [`Suppression`].
+const CF_SUPPRESSION: &str = "suppression";
 
 /// Gauge: 1 while the spool accepts writes, 0 while it is degraded after a storage error.
 pub(crate) const WRITABLE_GAUGE: &str = "drover_spool_writable";
@@ -129,6 +132,13 @@ enum Op {
     DeleteState {
         key: String,
     },
+    Suppress {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Unsuppress {
+        key: Vec<u8>,
+    },
 }
 
 impl Op {
@@ -137,6 +147,8 @@ impl Op {
         match self {
             Op::Insert(meta, body) => body.len() + meta.recipient.len() + 256,
             Op::PutState { key, value } => key.len() + value.len() + 64,
+            Op::Suppress { key, value } => key.len() + value.len() + 64,
+            Op::Unsuppress { key } => key.len() + 64,
             Op::Update { .. } | Op::Remove { .. } | Op::DeleteState { .. } => 256,
         }
     }
@@ -269,6 +281,22 @@ fn cf_options(buffer: usize, cache: Option<&rocksdb::Cache>) -> Options {
     opts
 }
 
+/// The suppression list is read once per recipient at injection, nearly always for an
+/// address that is not on it: a bloom filter answers those without reading a block.
+fn suppression_options(cache: Option<&rocksdb::Cache>) -> Options {
+    let mut opts = Options::default();
+    opts.set_write_buffer_size(4 << 20);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    if let Some(cache) = cache {
+        table.set_block_cache(cache);
+    }
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    opts.set_block_based_table_factory(&table);
+    opts
+}
+
 fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
     let budget = options.memory_budget_bytes.max(8 << 20);
     // A cache that cannot be made only costs read speed: RocksDB then uses its own 8 MiB.
@@ -285,6 +313,7 @@ fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
         ColumnFamilyDescriptor::new(CF_BODY, body_opts),
         ColumnFamilyDescriptor::new(CF_SCHEDULE, cf_options(small, cache.as_ref())),
         ColumnFamilyDescriptor::new(CF_STATE, cf_options(1 << 20, cache.as_ref())),
+        ColumnFamilyDescriptor::new(CF_SUPPRESSION, suppression_options(cache.as_ref())),
     ]
 }
 
@@ -632,6 +661,105 @@ impl Spool {
             key: key.to_owned(),
         }])
         .await
+    }
+
+    /// Puts addresses on the suppression list (or updates their entries); returns once
+    /// synced.
+    pub async fn suppress(
+        &self,
+        entries: Vec<(SuppressionKey, Suppression)>,
+    ) -> Result<(), QueueError> {
+        let ops = entries
+            .into_iter()
+            .map(|(key, entry)| {
+                Ok(Op::Suppress {
+                    key: key.to_bytes(),
+                    value: serde_json::to_vec(&entry).map_err(|e| QueueError::Corrupt {
+                        id: key.address.clone(),
+                        reason: format!("suppression entry: {e}"),
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        self.submit(ops).await
+    }
+
+    /// Takes addresses off the suppression list; returns once synced.
+    pub async fn unsuppress(&self, keys: Vec<SuppressionKey>) -> Result<(), QueueError> {
+        self.submit(
+            keys.into_iter()
+                .map(|k| Op::Unsuppress { key: k.to_bytes() })
+                .collect(),
+        )
+        .await
+    }
+
+    /// The entries of `keys` on the suppression list, in order (`None`: not suppressed).
+    /// One batched read; the column family's bloom filter answers most misses from memory.
+    pub fn suppressed(
+        &self,
+        keys: &[SuppressionKey],
+    ) -> Result<Vec<Option<Suppression>>, QueueError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with_db(|db| {
+            let handle = cf(db, CF_SUPPRESSION)?;
+            let bytes: Vec<Vec<u8>> = keys.iter().map(SuppressionKey::to_bytes).collect();
+            db.batched_multi_get_cf(handle, bytes.iter(), false)
+                .into_iter()
+                .map(|got| match got? {
+                    None => Ok(None),
+                    // An entry that does not decode still suppresses: better one mail too
+                    // few than one to an address that asked for none.
+                    Some(v) => Ok(Some(serde_json::from_slice(&v).unwrap_or(Suppression {
+                        source: "unknown".into(),
+                        reason: String::new(),
+                        at_ms: 0,
+                        message_id: None,
+                    }))),
+                })
+                .collect()
+        })
+    }
+
+    /// Up to `limit` entries of `tenant` (every tenant when `None` is `all`), in address
+    /// order, after `after` (an address of that tenant): a page of the list.
+    pub fn suppressions(
+        &self,
+        tenant: Option<&str>,
+        all: bool,
+        after: Option<&SuppressionKey>,
+        limit: usize,
+    ) -> Result<Vec<(SuppressionKey, Suppression)>, QueueError> {
+        self.with_db(|db| {
+            let handle = cf(db, CF_SUPPRESSION)?;
+            let prefix = if all {
+                Vec::new()
+            } else {
+                SuppressionKey::tenant_prefix(tenant)
+            };
+            let start = after.map_or_else(|| prefix.clone(), SuppressionKey::to_bytes);
+            let mut out = Vec::new();
+            let mode = rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward);
+            for item in db.iterator_cf(handle, mode) {
+                let (k, v) = item?;
+                if !k.starts_with(&prefix) || out.len() >= limit {
+                    break;
+                }
+                if after.is_some() && *k == *start {
+                    continue;
+                }
+                let Some(key) = SuppressionKey::from_bytes(&k) else {
+                    continue;
+                };
+                let Ok(entry) = serde_json::from_slice(&v) else {
+                    continue;
+                };
+                out.push((key, entry));
+            }
+            Ok(out)
+        })
     }
 
     /// The state record stored under `key`, if any.
@@ -1037,7 +1165,7 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                 .map_err(|e| e.to_string())?;
         }
         for op in &job.ops {
-            if !matches!(op, Op::PutState { .. } | Op::DeleteState { .. }) {
+            if matches!(op, Op::Insert(..) | Op::Update { .. } | Op::Remove { .. }) {
                 shared
                     .message_writes
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1068,6 +1196,8 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                 }
                 Op::PutState { key, value } => batch.put_cf(state_cf, key.as_bytes(), value),
                 Op::DeleteState { key } => batch.delete_cf(state_cf, key.as_bytes()),
+                Op::Suppress { key, value } => batch.put_cf(cf(CF_SUPPRESSION)?, key, value),
+                Op::Unsuppress { key } => batch.delete_cf(cf(CF_SUPPRESSION)?, key),
             }
         }
     }
@@ -1149,6 +1279,71 @@ mod tests {
         // The schedule index holds exactly the one current key.
         let keys = spool.schedule_keys();
         assert_eq!(keys, vec![schedule_key(99, &a.id).to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn the_suppression_list_is_durable_per_tenant_and_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |source: &str| Suppression {
+            source: source.into(),
+            reason: "bad-mailbox".into(),
+            at_ms: 7,
+            message_id: None,
+        };
+        {
+            let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            let mut entries: Vec<_> = (0..250)
+                .map(|i| {
+                    (
+                        SuppressionKey::new(Some("acme"), &format!("u{i:03}@x.test")),
+                        entry("bounce"),
+                    )
+                })
+                .collect();
+            entries.push((SuppressionKey::new(None, "U001@X.test"), entry("admin")));
+            entries.push((
+                SuppressionKey::new(Some("beta"), "u001@x.test"),
+                entry("complaint"),
+            ));
+            spool.suppress(entries).await.unwrap();
+            assert_eq!(spool.message_writes(), 0, "not message writes");
+            spool.close().unwrap();
+        }
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let got = spool
+            .suppressed(&[
+                SuppressionKey::new(Some("acme"), "U001@x.TEST"),
+                SuppressionKey::new(Some("acme"), "nobody@x.test"),
+                SuppressionKey::new(None, "u001@x.test"),
+                SuppressionKey::new(Some("gamma"), "u001@x.test"),
+            ])
+            .unwrap();
+        assert_eq!(got[0].as_ref().map(|s| s.source.as_str()), Some("bounce"));
+        assert!(got[1].is_none());
+        assert_eq!(got[2].as_ref().map(|s| s.source.as_str()), Some("admin"));
+        assert!(got[3].is_none(), "another tenant's list");
+        // Pages of one tenant, in address order, resuming after the last one seen.
+        let first = spool.suppressions(Some("acme"), false, None, 100).unwrap();
+        assert_eq!(first.len(), 100);
+        assert_eq!(first[0].0.address, "u000@x.test");
+        let second = spool
+            .suppressions(Some("acme"), false, Some(&first[99].0), 1_000)
+            .unwrap();
+        assert_eq!(second.len(), 150);
+        assert_eq!(second[0].0.address, "u100@x.test");
+        assert_eq!(spool.suppressions(None, false, None, 10).unwrap().len(), 1);
+        assert_eq!(
+            spool.suppressions(None, true, None, 1_000).unwrap().len(),
+            252
+        );
+        spool
+            .unsuppress(vec![SuppressionKey::new(Some("acme"), "u001@x.test")])
+            .await
+            .unwrap();
+        assert!(spool
+            .suppressed(&[SuppressionKey::new(Some("acme"), "u001@x.test")])
+            .unwrap()[0]
+            .is_none());
     }
 
     #[tokio::test]
