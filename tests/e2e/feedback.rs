@@ -246,6 +246,7 @@ fn feedback_settings_are_checked() {
             "stamping.rule[0]",
         ),
         ("[stamping]\nunknown = 1\n", "unknown"),
+        ("[suppression]\nbounce_categories = [\"nonsense\"]\n", "nonsense"),
     ] {
         let err = drover::config::Config::parse(bad).unwrap_err().to_string();
         assert!(err.contains(key), "{bad}: {err}");

@@ -21,3 +21,4 @@ mod listener;
 mod process;
 mod readiness;
 mod shaping;
+mod suppression;

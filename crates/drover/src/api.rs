@@ -4,13 +4,13 @@ use crate::clock::now_ms;
 use crate::engine::{Engine, EngineError, Unsignable};
 use crate::message::{prepare, InjectRequest, Origin, Prepared, Renderer};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use queue::Selector;
+use queue::{Selector, Suppression, SuppressionKey};
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -36,6 +36,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/admin/v1/resume", post(resume))
         .route("/api/admin/v1/retry", post(retry))
         .route("/api/admin/v1/purge", post(purge))
+        .route(
+            "/api/admin/v1/suppressions",
+            get(list_suppressions).post(add_suppressions),
+        )
+        .route(
+            "/api/admin/v1/suppressions/remove",
+            post(remove_suppressions),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -146,6 +154,43 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("content: {e}")),
     };
+    // Suppressed recipients are refused before anything is rendered for them. Should the
+    // list be unreadable, nothing is queued: mail to an address that asked for none is worse
+    // than a retry.
+    let (recipients, suppressed) = match state
+        .engine
+        .split_suppressed(tenant.as_deref(), recipients, |r| r.email.as_str())
+        .await
+    {
+        Ok(split) => split,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the suppression list");
+            return unavailable("the suppression list cannot be read now");
+        }
+    };
+    if !suppressed.is_empty() {
+        metrics::counter!(crate::telemetry::SUPPRESSED, "via" => "http")
+            .increment(suppressed.len() as u64);
+    }
+    let suppressed_count = suppressed.len();
+    let (suppressed_recipients, suppressed_errors): (Vec<String>, Vec<String>) = suppressed
+        .into_iter()
+        .map(|(r, entry)| {
+            let why = format!("{}: suppressed ({})", r.email, entry.source);
+            (r.email, why)
+        })
+        .unzip();
+    if recipients.is_empty() {
+        // Every recipient is suppressed: a valid request that queues nothing.
+        return Json(InjectReply {
+            success_count: 0,
+            fail_count: suppressed_count,
+            failed_recipients: suppressed_recipients,
+            errors: suppressed_errors,
+            ids: Vec::new(),
+        })
+        .into_response();
+    }
     let origin = Origin {
         sender,
         campaign,
@@ -171,6 +216,8 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         mut failed_recipients,
         mut errors,
     } = prepared;
+    failed_recipients.extend(suppressed_recipients);
+    errors.extend(suppressed_errors);
     if messages.is_empty() {
         return no_valid_recipient(failed_recipients, errors);
     }
@@ -435,5 +482,200 @@ async fn readyz(State(state): State<AppState>) -> Response {
             .into_response()
     } else {
         "ready\n".into_response()
+    }
+}
+
+/// Most entries one listing page returns.
+const MAX_SUPPRESSION_PAGE: usize = 10_000;
+
+#[derive(serde::Deserialize)]
+struct SuppressionQuery {
+    /// The tenant whose list to show; unset: the list of mail without a tenant.
+    tenant: Option<String>,
+    /// Every tenant's entries.
+    #[serde(default)]
+    all: bool,
+    /// Resume after this entry: the `next` of the previous page.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+struct SuppressionEntry {
+    tenant: Option<String>,
+    address: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuppressionBatch {
+    entries: Vec<SuppressionEntry>,
+}
+
+fn suppression_json(key: &SuppressionKey, entry: &Suppression) -> serde_json::Value {
+    json!({
+        "tenant": key.tenant,
+        "address": key.address,
+        "source": entry.source,
+        "reason": entry.reason,
+        "at": rfc3339(entry.at_ms),
+        "message_id": entry.message_id,
+    })
+}
+
+/// `tenant`, `0`, `address` as one cursor string (the `next` of a page).
+fn page_cursor(key: &SuppressionKey) -> String {
+    format!(
+        "{}\u{1f}{}",
+        key.tenant.as_deref().unwrap_or(""),
+        key.address
+    )
+}
+
+async fn list_suppressions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<SuppressionQuery>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    let limit = q.limit.unwrap_or(1_000).clamp(1, MAX_SUPPRESSION_PAGE);
+    let after = q.after.as_deref().map(|c| match c.split_once('\u{1f}') {
+        Some((tenant, address)) => SuppressionKey::new(Some(tenant), address),
+        None => SuppressionKey::new(q.tenant.as_deref(), c),
+    });
+    let engine = Arc::clone(&state.engine);
+    let tenant = q.tenant.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        engine.suppressions(tenant.as_deref(), q.all, after.as_ref(), limit)
+    })
+    .await;
+    match page {
+        Ok(Ok(entries)) => {
+            let next = (entries.len() == limit)
+                .then(|| entries.last().map(|(k, _)| page_cursor(k)))
+                .flatten();
+            Json(json!({
+                "entries": entries.iter().map(|(k, e)| suppression_json(k, e)).collect::<Vec<_>>(),
+                "next": next,
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => unavailable(e.to_string()),
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+/// The entries of a suppression request, checked: every address a mailbox, no tenant with
+/// a control character.
+fn suppression_batch(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Vec<(SuppressionKey, String)>, Box<Response>> {
+    if !authorized(state, headers) {
+        return Err(bad(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+        ));
+    }
+    let batch: SuppressionBatch = serde_json::from_slice(body).map_err(|e| {
+        bad(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })?;
+    if batch.entries.is_empty() {
+        return Err(bad(StatusCode::BAD_REQUEST, "entries: none given"));
+    }
+    batch
+        .entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let address = e.address.trim();
+            smtp_proto::validate_mailbox(address).map_err(|err| {
+                bad(
+                    StatusCode::BAD_REQUEST,
+                    format!("entries[{i}].address: {err}"),
+                )
+            })?;
+            if e.tenant
+                .as_deref()
+                .is_some_and(|t| t.chars().any(char::is_control))
+            {
+                return Err(bad(
+                    StatusCode::BAD_REQUEST,
+                    format!("entries[{i}].tenant: control characters"),
+                ));
+            }
+            Ok((SuppressionKey::new(e.tenant.as_deref(), address), e.reason))
+        })
+        .collect()
+}
+
+async fn add_suppressions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let batch = match suppression_batch(&state, &headers, &body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let now = now_ms();
+    let count = batch.len();
+    let entries = batch
+        .into_iter()
+        .map(|(key, reason)| {
+            (
+                key,
+                Suppression {
+                    source: "admin".into(),
+                    reason,
+                    at_ms: now,
+                    message_id: None,
+                },
+            )
+        })
+        .collect();
+    match state.engine.suppress(entries).await {
+        Ok(()) => Json(json!({ "added": count })).into_response(),
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+async fn remove_suppressions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let batch = match suppression_batch(&state, &headers, &body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    let keys: Vec<SuppressionKey> = batch.into_iter().map(|(k, _)| k).collect();
+    // How many were on the list, per tenant one batched read.
+    let mut by_tenant: std::collections::BTreeMap<Option<String>, Vec<String>> =
+        std::collections::BTreeMap::new();
+    for k in &keys {
+        by_tenant
+            .entry(k.tenant.clone())
+            .or_default()
+            .push(k.address.clone());
+    }
+    let mut removed = 0;
+    for (tenant, addresses) in &by_tenant {
+        match state.engine.suppressed(tenant.as_deref(), addresses).await {
+            Ok(found) => removed += found.iter().filter(|f| f.is_some()).count(),
+            Err(e) => return unavailable(e.to_string()),
+        }
+    }
+    match state.engine.unsuppress(keys).await {
+        Ok(()) => Json(json!({ "removed": removed })).into_response(),
+        Err(e) => unavailable(e.to_string()),
     }
 }

@@ -85,6 +85,17 @@ pub struct Config {
     pub rate_limit: Vec<RateLimitConfig>,
     /// `[stamping]`: complaint and unsubscribe headers (extension).
     pub stamping: StampingConfig,
+    /// `[suppression]` (extension).
+    pub suppression: SuppressionConfig,
+}
+
+/// `[suppression]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuppressionConfig {
+    /// Bounce categories whose synchronous bounces suppress the recipient; unset:
+    /// `bad-mailbox`, `bad-domain`, `inactive-mailbox`; `[]`: none.
+    pub bounce_categories: Option<Vec<accounting::BounceCategory>>,
 }
 
 /// `[stamping]`: the complaint and unsubscribe headers of all mail, and

@@ -19,6 +19,7 @@ mod record;
 mod restore;
 mod stamping;
 mod startup;
+mod suppression;
 mod worker;
 // Leaves the above share.
 pub mod allocator;

@@ -274,6 +274,33 @@ impl InjectPolicy {
             tenant: header_value(data, "X-Tenant"),
             received_ms: now_ms(),
         };
+        // A tenant's own list: its suppressed recipients are left out, and named in the reply
+        // (one reply answers the whole transaction).
+        let mut left_out = Vec::new();
+        if origin.tenant.is_some() {
+            match self
+                .settings
+                .engine
+                .split_suppressed(origin.tenant.as_deref(), unique, |(r, _)| r.as_str())
+                .await
+            {
+                Ok((allowed, refused)) => {
+                    unique = allowed;
+                    left_out = refused.into_iter().map(|((r, _), _)| r).collect();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the suppression list");
+                    return Reply::new(451, enhanced(4, 3, 0), "try again later");
+                }
+            }
+            if !left_out.is_empty() {
+                metrics::counter!(crate::telemetry::SUPPRESSED, "via" => "smtp")
+                    .increment(left_out.len() as u64);
+            }
+            if unique.is_empty() {
+                return Reply::new(550, enhanced(5, 7, 1), "Every recipient is suppressed");
+            }
+        }
         let protocol = match (self.tls, session.authenticated().is_some()) {
             (false, false) => "ESMTP",
             (true, false) => "ESMTPS",
@@ -303,10 +330,15 @@ impl InjectPolicy {
         match self.settings.engine.accept(messages, "smtp").await {
             Ok(()) => {
                 tracing::debug!(peer = %self.peer, ids = ?ids, "queued over SMTP");
+                let suppressed = if left_out.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not queued (suppressed): {}", left_out.join(" "))
+                };
                 Reply::new(
                     250,
                     enhanced(2, 0, 0),
-                    format!("Ok: queued as {}", ids.join(" ")),
+                    format!("Ok: queued as {}{suppressed}", ids.join(" ")),
                 )
             }
             Err(EngineError::Draining) => Reply::new(421, enhanced(4, 3, 2), "shutting down"),
@@ -391,7 +423,25 @@ impl Policy for InjectPolicy {
                 } else if !self.may_relay && session.authenticated().is_none() {
                     Reply::new(550, enhanced(5, 7, 1), "Relaying denied")
                 } else {
-                    Reply::new(250, enhanced(2, 1, 5), "Recipient OK")
+                    // The tenant comes with the message (X-Tenant); here only the list of
+                    // mail without one can be asked. `queue` checks the tenant's.
+                    match self
+                        .settings
+                        .engine
+                        .suppressed(None, std::slice::from_ref(address))
+                        .await
+                    {
+                        Ok(found) if found.first().is_some_and(Option::is_some) => {
+                            metrics::counter!(crate::telemetry::SUPPRESSED, "via" => "smtp")
+                                .increment(1);
+                            Reply::new(550, enhanced(5, 7, 1), "Recipient suppressed")
+                        }
+                        Ok(_) => Reply::new(250, enhanced(2, 1, 5), "Recipient OK"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the suppression list");
+                            Reply::new(451, enhanced(4, 3, 0), "try again later")
+                        }
+                    }
                 }
             }
             Event::DataEnd {

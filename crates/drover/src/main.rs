@@ -1,5 +1,7 @@
 //! The `drover` command line (contract §1).
 
+mod suppression_cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use drover::config::Config;
@@ -52,6 +54,8 @@ enum Cmd {
     },
     /// View and control the queues of a running engine through its admin API.
     Queue(QueueArgs),
+    /// List, add, remove, export or import the suppression list through the admin API.
+    Suppression(suppression_cli::SuppressionArgs),
     /// Print the DNS TXT records the `[[dkim]]` keys of a configuration file need.
     DkimRecords {
         /// The configuration file.
@@ -252,6 +256,7 @@ async fn run(command: Cmd) -> ExitCode {
             }
         },
         Cmd::Queue(args) => exit(queue(args).await),
+        Cmd::Suppression(args) => exit(suppression_cli::run(args).await),
     }
 }
 

@@ -40,7 +40,11 @@ impl Engine {
             record.bounce_category = Some(outcome.category);
         }
         if kind.is_final() {
+            let bounced = (kind == RecordType::Bounce).then(|| (meta.clone(), outcome.category));
             self.finalize(meta, vec![record]).await;
+            if let Some((meta, category)) = bounced {
+                self.suppress_after_bounce(&meta, category).await;
+            }
             return None;
         }
         // Up to 10 % jitter spreads retries of a large batch over time instead of a spike.

@@ -14,6 +14,10 @@ pub(crate) const AUTOMATION: &str = "drover_automation_actions_total";
 pub(crate) const WORKERS: &str = "drover_delivery_workers";
 /// Bytes RocksDB holds in memory, by part (`memtables`, `block_cache`) (extension).
 pub(crate) const SPOOL_MEMORY: &str = "drover_spool_memory_bytes";
+/// Addresses put on the suppression list, by `source` (extension).
+pub(crate) const SUPPRESSIONS: &str = "drover_suppressions_added_total";
+/// Recipients refused at injection because they are suppressed, by `via` (extension).
+pub(crate) const SUPPRESSED: &str = "drover_recipients_suppressed_total";
 /// The process's resident memory (the standard Prometheus process metric).
 pub(crate) const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 
@@ -32,6 +36,14 @@ pub(crate) const DELIVERY_DURATION_BUCKETS: &[f64] = &[
 /// Registers the descriptions of every metric (contract §5).
 pub(crate) fn describe_metrics() {
     metrics::describe_counter!(RECEIVED, "Messages accepted into the spool, by channel.");
+    metrics::describe_counter!(
+        SUPPRESSIONS,
+        "Addresses put on the suppression list, by source (bounce, admin, ...)."
+    );
+    metrics::describe_counter!(
+        SUPPRESSED,
+        "Recipients refused at injection because they are on their tenant's suppression list."
+    );
     metrics::describe_counter!(
         DKIM_SIGNATURES,
         "Injected messages by DKIM outcome: signed, unsigned (no [[dkim]] key for the From \
