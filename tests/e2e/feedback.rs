@@ -246,9 +246,115 @@ fn feedback_settings_are_checked() {
             "stamping.rule[0]",
         ),
         ("[stamping]\nunknown = 1\n", "unknown"),
-        ("[suppression]\nbounce_categories = [\"nonsense\"]\n", "nonsense"),
+        (
+            "[suppression]\nbounce_categories = [\"nonsense\"]\n",
+            "nonsense",
+        ),
     ] {
         let err = drover::config::Config::parse(bad).unwrap_err().to_string();
         assert!(err.contains(key), "{bad}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_click_unsubscribe_suppresses_and_records_and_forged_links_do_nothing() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}\n[stamping]\nlist_unsubscribe_url = \"https://unsub.example.net/u\"\n[unsubscribe]\nlisten = \"127.0.0.1:0\"\n",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let door = engine.running.as_ref().unwrap().unsubscribe_addr.unwrap();
+    let (status, body) = engine
+        .inject(&message_for(&["jane@example.test".into()]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let msgs = wait_messages(&sink, 1).await;
+    let list = header(&msgs[0].data, "List-Unsubscribe").0.unwrap();
+    let token = list
+        .trim_start_matches("<https://unsub.example.net/u/")
+        .trim_end_matches('>')
+        .to_owned();
+    let url = format!("http://{door}/u/{token}");
+    let client = reqwest::Client::new();
+    // A GET (a person, or a link scanner) shows a page and changes nothing.
+    let page = client.get(&url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("jane@example.test"));
+    // Wrong body, forged token, another door's path: refused, nothing recorded.
+    let wrong = client
+        .post(&url)
+        .body("List-Unsubscribe=Maybe")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 400);
+    let mut forged = token.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'a' { 'b' } else { 'a' });
+    for bad in [
+        format!("http://{door}/u/{forged}"),
+        format!("http://{door}/api/admin/v1/queues"),
+    ] {
+        let r = client
+            .post(&bad)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body("List-Unsubscribe=One-Click")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{bad}");
+    }
+    assert_eq!(
+        count_type(&records(&engine.accounting_path()), "Unsubscribe"),
+        0
+    );
+    let listed = engine
+        .get_json("/api/admin/v1/suppressions?tenant=acme")
+        .await;
+    assert_eq!(listed["entries"].as_array().unwrap().len(), 0);
+    // The one-click POST (RFC 8058).
+    let done = client
+        .post(&url)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200);
+    let recs = wait_records(
+        &engine.accounting_path(),
+        std::time::Duration::from_secs(10),
+        |r| count_type(r, "Unsubscribe") == 1,
+    )
+    .await;
+    let u = recs.iter().find(|r| r["type"] == "Unsubscribe").unwrap();
+    assert_eq!(u["id"], body["ids"][0], "{u}");
+    assert_eq!(u["recipient"], "jane@example.test");
+    assert_eq!(
+        (u["tenant"].clone(), u["campaign"].clone()),
+        (serde_json::json!("acme"), serde_json::json!("nov-2026"))
+    );
+    assert_eq!(u["report"]["matched"], true);
+    let listed = engine
+        .get_json("/api/admin/v1/suppressions?tenant=acme")
+        .await;
+    assert_eq!(
+        listed["entries"][0]["address"], "jane@example.test",
+        "{listed}"
+    );
+    assert_eq!(listed["entries"][0]["source"], "unsubscribe");
+    let (_, again) = engine
+        .inject(&message_for(&["jane@example.test".into()]))
+        .await;
+    assert_eq!(again["success_count"], 0, "{again}");
+    assert!(engine
+        .metrics()
+        .await
+        .contains("drover_feedback_records_total{type=\"Unsubscribe\"} 1"));
+    engine.stop().await;
 }

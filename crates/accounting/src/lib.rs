@@ -37,6 +37,8 @@ pub enum RecordType {
     AsyncBounce,
     /// An inbound ARF report (feedback loop).
     Complaint,
+    /// A recipient unsubscribed: a one-click POST or an unsubscribe mail.
+    Unsubscribe,
 }
 
 impl RecordType {
@@ -70,6 +72,20 @@ pub struct Response {
     pub enhanced_code: Option<String>,
     /// Reply text without the code prefixes.
     pub text: String,
+}
+
+/// Where an inbound report came from and whether it was tied to a message (contract §4
+/// `report`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportInfo {
+    /// Whether the report was tied to a message Drover sent.
+    pub matched: bool,
+    /// The MTA that wrote the report, when it said.
+    pub reporting_mta: Option<String>,
+    /// The Message-ID of the message the report is about, when it carried one.
+    pub original_message_id: Option<String>,
+    /// Drover's id of the inbound mail (a kept copy is named after it).
+    pub inbound_id: Option<String>,
 }
 
 /// One accounting record (one line of the JSON Lines file).
@@ -112,6 +128,12 @@ pub struct Record {
     /// TLS protocol and cipher of the session, when it was encrypted (Drover extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<String>,
+    /// For `Complaint`: the ARF `Feedback-Type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback_type: Option<String>,
+    /// For `AsyncBounce`, `Complaint`, `Unsubscribe`: the inbound report behind the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<ReportInfo>,
 }
 
 impl Record {
@@ -135,6 +157,8 @@ impl Record {
             queue_time_ms: 0,
             headers: BTreeMap::new(),
             tls: None,
+            feedback_type: None,
+            report: None,
         }
     }
 }

@@ -7,6 +7,8 @@ pub(crate) const DELIVERED: &str = "drover_messages_delivered_total";
 pub(crate) const TRANSIENT: &str = "drover_messages_transient_failures_total";
 pub(crate) const BOUNCED: &str = "drover_messages_bounced_total";
 pub(crate) const EXPIRED: &str = "drover_messages_expired_total";
+/// Records of what came back: `AsyncBounce`, `Complaint`, `Unsubscribe` (extension).
+pub(crate) const FEEDBACK: &str = "drover_feedback_records_total";
 
 /// Registers the descriptions of the metrics this crate records.
 pub fn describe_metrics() {
@@ -17,6 +19,10 @@ pub fn describe_metrics() {
         "Messages that failed permanently, by bounce category."
     );
     metrics::describe_counter!(EXPIRED, "Messages that outlived retry.max_age.");
+    metrics::describe_counter!(
+        FEEDBACK,
+        "Records of inbound reports and unsubscribes, by type (AsyncBounce, Complaint, Unsubscribe)."
+    );
     // Series exist from the first scrape, so dashboards and rate() see a zero, not a gap.
     metrics::counter!(DELIVERED).increment(0);
     metrics::counter!(TRANSIENT).increment(0);
@@ -35,6 +41,13 @@ pub(crate) fn count(kind: RecordType, category: Option<BounceCategory>) {
             metrics::counter!(BOUNCED, "category" => category.as_str()).increment(1)
         }
         RecordType::Expiration => metrics::counter!(EXPIRED).increment(1),
-        RecordType::Reception | RecordType::AsyncBounce | RecordType::Complaint => {}
+        RecordType::AsyncBounce => {
+            metrics::counter!(FEEDBACK, "type" => "AsyncBounce").increment(1)
+        }
+        RecordType::Complaint => metrics::counter!(FEEDBACK, "type" => "Complaint").increment(1),
+        RecordType::Unsubscribe => {
+            metrics::counter!(FEEDBACK, "type" => "Unsubscribe").increment(1)
+        }
+        RecordType::Reception => {}
     }
 }

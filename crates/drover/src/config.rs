@@ -87,6 +87,17 @@ pub struct Config {
     pub stamping: StampingConfig,
     /// `[suppression]` (extension).
     pub suppression: SuppressionConfig,
+    /// `[unsubscribe]`: the one-click unsubscribe listener (extension).
+    pub unsubscribe: UnsubscribeConfig,
+}
+
+/// `[unsubscribe]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnsubscribeConfig {
+    /// Where the one-click URLs of `stamping.list_unsubscribe_url` are served (plain HTTP:
+    /// put the TLS-terminating proxy that owns the https name in front). Unset: not served.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[suppression]`

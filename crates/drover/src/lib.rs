@@ -5,6 +5,7 @@
 // Doors: where messages come in.
 pub mod api;
 pub mod listener;
+pub mod unsubscribe_http;
 // Prepare: one RFC 5322 message per recipient.
 pub mod message;
 // The engine's state, and its work by concern, in the order a message meets them.
@@ -13,6 +14,7 @@ mod checkpoint;
 mod dispatch;
 pub mod engine;
 mod finals;
+pub mod inbound;
 mod inject;
 mod outcome;
 mod record;

@@ -41,6 +41,8 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// Where the SMTP injection listener listens (useful with port 0).
     pub smtp_addr: Option<SocketAddr>,
+    /// Where the one-click unsubscribe listener listens, when `[unsubscribe] listen` is set.
+    pub unsubscribe_addr: Option<SocketAddr>,
     smtp: Option<SmtpListener>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -119,11 +121,35 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
+    // The one-click door faces the internet: its own listener, its own router, nothing else
+    // on it. It closes with the API.
+    let unsubscribe_addr = match engine.config().unsubscribe.listen {
+        None => None,
+        Some(addr) => {
+            let listener =
+                smtp_server::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let app = crate::unsubscribe_http::router(Arc::clone(&engine));
+            let stopped = stop.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stopped.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "unsubscribe server failed");
+                }
+            });
+            tracing::info!(%bound, "serving one-click unsubscribe");
+            Some(bound)
+        }
+    };
     tracing::info!(%http_addr, %smtp_addr, "drover is serving");
     Ok(Running {
         engine,
         http_addr,
         smtp_addr: Some(smtp_addr),
+        unsubscribe_addr,
         smtp: Some(smtp),
         stop,
         server,
