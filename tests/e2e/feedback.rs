@@ -107,6 +107,7 @@ async fn http_and_smtp_mail_carries_verp_and_stamped_headers_under_the_signature
             &Envelope {
                 sender: "bounces@news.example.com".into(),
                 recipients: vec!["dee@example.test".into()],
+                ..Default::default()
             },
             b"From: News <news@example.com>\r\nSubject: smtp\r\n\r\nbody\r\n",
         )
@@ -141,6 +142,20 @@ async fn http_and_smtp_mail_carries_verp_and_stamped_headers_under_the_signature
         assert_eq!(verp.recipient.as_deref(), Some(rcpt.as_str()));
         let id: queue::MessageId = ids[rcpt].parse().unwrap();
         assert_eq!(&verp.id, id.as_bytes());
+        // The sink offers DSN: the message id rides as ENVID (headers only come back), the
+        // recipient as ORCPT, so a report names both.
+        let param = |params: &[(String, Option<String>)], k: &str| {
+            params
+                .iter()
+                .find(|(n, _)| n == k)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(param(&m.mail_params, "ENVID"), Some(ids[rcpt].clone()));
+        assert_eq!(param(&m.mail_params, "RET").as_deref(), Some("HDRS"));
+        assert_eq!(
+            param(&m.rcpt_params[0], "ORCPT"),
+            Some(format!("rfc822;{}", smtp_proto::xtext_encode(rcpt)))
+        );
         // Stamped once each; the signature covers them.
         for name in [
             "X-Complaints-To",

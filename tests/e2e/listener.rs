@@ -109,6 +109,7 @@ async fn listener_queues_one_message_per_recipient_and_delivers_them() {
             &Envelope {
                 sender: "bounces@news.example.com".into(),
                 recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+                ..Default::default()
             },
             MESSAGE.as_bytes(),
         )
@@ -333,6 +334,7 @@ async fn listener_offers_starttls_with_the_configured_certificate() {
             &Envelope {
                 sender: "s@example.com".into(),
                 recipients: vec!["tls@example.test".into()],
+                ..Default::default()
             },
             b"Subject: secret\r\n\r\nover TLS\r\n",
         )

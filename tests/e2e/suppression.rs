@@ -37,6 +37,7 @@ async fn smtp_send(
             &Envelope {
                 sender: "news@sender.example.com".into(),
                 recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+                ..Default::default()
             },
             data.as_bytes(),
         )

@@ -158,12 +158,16 @@ impl ClientError {
 }
 
 /// Envelope of one transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Envelope {
     /// Reverse-path ("" for the null sender).
     pub sender: String,
     /// Forward-paths.
     pub recipients: Vec<String>,
+    /// When the server offers DSN (RFC 3461): the envelope id to send as `ENVID` (with
+    /// `RET=HDRS`, so a report returns headers, not the whole message) and an `ORCPT` per
+    /// recipient, so reports can be tied back to the message and recipient.
+    pub envid: Option<String>,
 }
 
 /// Replies of one transaction, one per command.
@@ -694,16 +698,31 @@ impl SmtpClient {
         if needs_utf8 {
             params.push(("SMTPUTF8".to_owned(), None));
         }
+        // Not for the null sender: a DSN about a bounce would go nowhere.
+        let dsn = self.capabilities.dsn && !envelope.sender.is_empty();
+        if let (true, Some(envid)) = (dsn, &envelope.envid) {
+            params.push(("RET".to_owned(), Some("HDRS".to_owned())));
+            params.push(("ENVID".to_owned(), Some(smtp_proto::xtext_encode(envid))));
+        }
         let mail = Command::MailFrom {
             address: envelope.sender.clone(),
             params,
         };
+        let orcpt = dsn && envelope.envid.is_some();
         let rcpts: Vec<Command> = envelope
             .recipients
             .iter()
             .map(|r| Command::RcptTo {
                 address: r.clone(),
-                params: Vec::new(),
+                // utf-8 addresses would need RFC 6533's utf-8-addr-xtext: left out.
+                params: if orcpt && r.is_ascii() {
+                    vec![(
+                        "ORCPT".to_owned(),
+                        Some(format!("rfc822;{}", smtp_proto::xtext_encode(r))),
+                    )]
+                } else {
+                    Vec::new()
+                },
             })
             .collect();
         if self.capabilities.pipelining {

@@ -71,6 +71,7 @@ fn envelope(recipients: &[&str]) -> Envelope {
     Envelope {
         sender: "sender@example.org".to_owned(),
         recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+        ..Default::default()
     }
 }
 

@@ -330,6 +330,8 @@ impl Engine {
         let envelope = Envelope {
             sender: meta.sender.clone(),
             recipients: vec![meta.recipient.clone()],
+            // Reports that honour DSN carry the message id back (matched in `inbound`).
+            envid: Some(id.to_string()),
         };
         let client = &mut session.client;
         let started = std::time::Instant::now();

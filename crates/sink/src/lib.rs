@@ -204,6 +204,10 @@ pub struct ReceivedMessage {
     /// `protocol:cipher` (e.g. `TLSv1.3:TLS13_AES_256_GCM_SHA384`) when the
     /// message came over TLS.
     pub tls: Option<String>,
+    /// The MAIL FROM parameters (keywords upper-cased), e.g. `ENVID`, `RET`, `SIZE`.
+    pub mail_params: Vec<(String, Option<String>)>,
+    /// The parameters of each accepted RCPT TO, in the order of `recipients` (e.g. `ORCPT`).
+    pub rcpt_params: Vec<Vec<(String, Option<String>)>>,
 }
 
 /// Errors from starting the sink.
@@ -441,6 +445,9 @@ struct SinkPolicy {
     /// `protocol:cipher` once STARTTLS is done.
     tls: Option<String>,
     guard: Arc<ActiveGuard>,
+    /// The current transaction's MAIL and accepted RCPT parameters (when capturing).
+    mail_params: Vec<(String, Option<String>)>,
+    rcpt_params: Vec<Vec<(String, Option<String>)>>,
 }
 
 impl Policy for SinkPolicy {
@@ -490,11 +497,17 @@ impl Policy for SinkPolicy {
         let cfg = &self.shared.config;
         let counters = &self.shared.counters;
         let reply = match event {
-            Event::MailFrom { .. } => match &cfg.reply_after_messages {
-                Some((n, code, text)) if self.messages >= *n => Reply::new(*code, None, text),
-                _ => Reply::new(250, enhanced(2, 1, 0), "Sender OK"),
-            },
-            Event::RcptTo { address, .. } => {
+            Event::MailFrom { params, .. } => {
+                if cfg.capture {
+                    self.mail_params = params.clone();
+                    self.rcpt_params.clear();
+                }
+                match &cfg.reply_after_messages {
+                    Some((n, code, text)) if self.messages >= *n => Reply::new(*code, None, text),
+                    _ => Reply::new(250, enhanced(2, 1, 0), "Sender OK"),
+                }
+            }
+            Event::RcptTo { address, params } => {
                 let sender = session.sender().unwrap_or_default();
                 if cfg.reject_percent > 0 && stable_percentile(address) < cfg.reject_percent {
                     bump(&counters.rcpt_rejected);
@@ -507,6 +520,9 @@ impl Policy for SinkPolicy {
                     Reply::new(451, enhanced(4, 3, 0), "Temporary failure")
                 } else {
                     bump(&counters.recipients);
+                    if cfg.capture {
+                        self.rcpt_params.push(params.clone());
+                    }
                     Reply::new(250, enhanced(2, 1, 5), "Recipient OK")
                 }
             }
@@ -528,6 +544,8 @@ impl Policy for SinkPolicy {
                         recipients: recipients.clone(),
                         data: std::mem::take(data),
                         tls: self.tls.clone(),
+                        mail_params: std::mem::take(&mut self.mail_params),
+                        rcpt_params: std::mem::take(&mut self.rcpt_params),
                     };
                     lock(&self.shared.messages).push(message);
                 }
@@ -613,6 +631,8 @@ async fn serve(
         stalled: cfg.stall_after_messages == Some(0),
         tls: None,
         guard,
+        mail_params: Vec::new(),
+        rcpt_params: Vec::new(),
     };
     serve_connection(tcp, &options, &mut policy).await
 }

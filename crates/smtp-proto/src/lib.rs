@@ -19,6 +19,7 @@ mod error;
 mod line;
 mod reply;
 pub mod server;
+mod xtext;
 
 pub use address::validate_mailbox;
 pub use capabilities::Capabilities;
@@ -27,6 +28,7 @@ pub use dot::{DataReceiver, DotStuffer};
 pub use error::{CommandError, ProtoError};
 pub use line::take_line;
 pub use reply::{enhanced, parse_reply, EnhancedCode, Reply, ReplyLimits, ReplyScanner};
+pub use xtext::{xtext_decode, xtext_encode};
 
 /// Longest reply line accepted by [`parse_reply`] when used with this value.
 ///
