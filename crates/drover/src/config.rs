@@ -541,7 +541,7 @@ pub struct DkimConfig {
 }
 
 /// `[bounce_processing]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BounceProcessingConfig {
     /// Domains whose mail is parsed as DSN/ARF, never relayed.
@@ -552,6 +552,26 @@ pub struct BounceProcessingConfig {
     /// first signs, all verify (rotation). Unset: a key is generated once and kept in the
     /// spool (extension).
     pub keys: Vec<String>,
+    /// How long the recipient, tenant and campaign of each message are kept for matching
+    /// late reports (extension; default 7 days).
+    pub sent_retention: HumanDuration,
+    /// Largest inbound report accepted (extension; default 10 MiB).
+    pub max_report_size: u64,
+    /// Inbound reports accepted per client address and minute (extension; default 600).
+    pub max_reports_per_minute: u32,
+}
+
+impl Default for BounceProcessingConfig {
+    fn default() -> Self {
+        BounceProcessingConfig {
+            domains: Vec::new(),
+            verp: false,
+            keys: Vec::new(),
+            sent_retention: HumanDuration(std::time::Duration::from_secs(7 * 86_400)),
+            max_report_size: 10 << 20,
+            max_reports_per_minute: 600,
+        }
+    }
 }
 
 fn invalid(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {

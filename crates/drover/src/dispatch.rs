@@ -150,6 +150,7 @@ impl Engine {
         let mut writes = self.spool.message_writes();
         let mut quiet_since = tokio::time::Instant::now();
         let mut flushed = false;
+        let mut last_expiry: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -188,6 +189,19 @@ impl Engine {
                     }
                     if let Some(rss) = resident_bytes() {
                         metrics::gauge!(RESIDENT_MEMORY).set(rss as f64);
+                    }
+                    // What is remembered of sent messages for late reports goes after its
+                    // retention: one range deletion an hour.
+                    if last_expiry.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                        last_expiry = Some(tokio::time::Instant::now());
+                        let retention = self.config.bounce_processing.sent_retention.0;
+                        let before = now_ms().saturating_sub(retention.as_millis() as u64);
+                        let spool = self.spool.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = spool.expire_sent(before) {
+                                tracing::warn!(error = %e, "could not expire remembered messages");
+                            }
+                        });
                     }
                     if last_compaction.elapsed() >= Duration::from_secs(15) {
                         last_compaction = tokio::time::Instant::now();

@@ -49,6 +49,20 @@ struct Settings {
     auth_users: Vec<AuthUser>,
     starttls: bool,
     max_message_size: u64,
+    /// `bounce_processing.domains`, lowercase: mail to them is a report, taken from anyone.
+    bounce_domains: Vec<String>,
+    max_report_size: u64,
+    /// Reports per client address (`bounce_processing.max_reports_per_minute`).
+    report_rate: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl Settings {
+    fn is_report_address(&self, address: &str) -> bool {
+        address.rsplit_once('@').is_some_and(|(_, d)| {
+            let d = d.trim_end_matches('.');
+            self.bounce_domains.iter().any(|b| b.eq_ignore_ascii_case(d))
+        })
+    }
 }
 
 /// A bound, running SMTP listener.
@@ -102,6 +116,15 @@ impl SmtpListener {
             auth_users: config.smtp_listener.auth_users.clone(),
             starttls: tls.is_some(),
             max_message_size: config.smtp_listener.max_message_size,
+            bounce_domains: config
+                .bounce_processing
+                .domains
+                .iter()
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
+            max_report_size: config.bounce_processing.max_report_size,
+            report_rate: std::num::NonZeroU32::new(config.bounce_processing.max_reports_per_minute)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
             engine: Arc::clone(&engine),
         });
         let options = ConnectionOptions {
@@ -198,6 +221,8 @@ struct InjectPolicy {
     peer: SocketAddr,
     may_relay: bool,
     tls: bool,
+    /// Whether this transaction has a report recipient (and so passed the report rate).
+    report_transaction: bool,
 }
 
 impl InjectPolicy {
@@ -212,6 +237,69 @@ impl InjectPolicy {
             peer,
             may_relay,
             tls: false,
+            report_transaction: false,
+        }
+    }
+
+    /// A report recipient: taken from any client, within the per-client rate.
+    fn report_rcpt(&mut self) -> Reply {
+        if !self.report_transaction {
+            let ip = self.peer.ip().to_canonical();
+            if let Some(rate) = &self.settings.report_rate {
+                if rate.check_key(&ip).is_err() {
+                    return Reply::new(
+                        450,
+                        enhanced(4, 7, 0),
+                        "too many reports from your address; try again later",
+                    );
+                }
+            }
+            self.report_transaction = true;
+        }
+        Reply::new(250, enhanced(2, 1, 5), "Recipient OK")
+    }
+
+    /// The end of a transaction with report recipients: the report is read and recorded, and
+    /// the other recipients (a relay client may mix both) are queued as usual.
+    async fn receive(
+        &mut self,
+        session: &ServerSession,
+        sender: &str,
+        recipients: &[String],
+        data: &mut Vec<u8>,
+    ) -> Reply {
+        self.report_transaction = false;
+        if data.len() as u64 > self.settings.max_report_size {
+            return Reply::new(552, enhanced(5, 3, 4), "report too large");
+        }
+        let (reports, others): (Vec<String>, Vec<String>) = recipients
+            .iter()
+            .cloned()
+            .partition(|r| self.settings.is_report_address(r));
+        let queued = if others.is_empty() {
+            None
+        } else {
+            Some(self.queue(session, sender, &others, data).await)
+        };
+        let received = self
+            .settings
+            .engine
+            .receive_report(&reports, std::mem::take(data))
+            .await;
+        match (received, queued) {
+            (Err(e), _) => {
+                tracing::error!(peer = %self.peer, error = %e, "could not record a report");
+                Reply::new(451, enhanced(4, 3, 0), "cannot take reports now; try again later")
+            }
+            (Ok(_), Some(queued)) => queued,
+            (Ok(crate::inbound::Received::AutoReply), None) => {
+                Reply::new(250, enhanced(2, 0, 0), "Ok: auto-reply noted")
+            }
+            (Ok(crate::inbound::Received::Recorded(n)), None) => Reply::new(
+                250,
+                enhanced(2, 0, 0),
+                format!("Ok: report received ({n} records)"),
+            ),
         }
     }
 
@@ -407,11 +495,15 @@ impl Policy for InjectPolicy {
                 if let Some(reply) = self.draining() {
                     return Some(reply);
                 }
+                self.report_transaction = false;
                 if !address.is_empty() && smtp_proto::validate_mailbox(address).is_err() {
                     Reply::new(553, enhanced(5, 1, 7), "Bad sender address syntax")
                 } else {
                     Reply::new(250, enhanced(2, 1, 0), "Sender OK")
                 }
+            }
+            Event::RcptTo { address, .. } if self.settings.is_report_address(address) => {
+                self.report_rcpt()
             }
             Event::RcptTo { address, .. } => {
                 if smtp_proto::validate_mailbox(address).is_err() {
@@ -446,7 +538,16 @@ impl Policy for InjectPolicy {
             }
             Event::DataEnd {
                 sender, recipients, ..
-            } => self.queue(session, sender, recipients, data).await,
+            } => {
+                if recipients
+                    .iter()
+                    .any(|r| self.settings.is_report_address(r))
+                {
+                    self.receive(session, sender, recipients, data).await
+                } else {
+                    self.queue(session, sender, recipients, data).await
+                }
+            }
             Event::Auth {
                 authorization_id,
                 username,

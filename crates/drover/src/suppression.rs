@@ -88,20 +88,23 @@ impl Engine {
         Ok(self.spool.suppressions(tenant, all, after, limit)?)
     }
 
-    /// After a synchronous bounce: suppresses the recipient when its category is one of
-    /// `suppression.bounce_categories`. A failure is logged, not fatal: the bounce is
-    /// recorded, and the next bounce tries again.
-    pub(crate) async fn suppress_after_bounce(&self, meta: &MessageMeta, category: BounceCategory) {
-        let wanted = self
-            .config
+    /// Whether a bounce of `category` suppresses its recipient (`suppression.bounce_categories`).
+    pub(crate) fn suppresses(&self, category: BounceCategory) -> bool {
+        self.config
             .suppression
             .bounce_categories
             .as_deref()
             .map_or_else(
                 || DEFAULT_BOUNCE_CATEGORIES.contains(&category),
                 |list| list.contains(&category),
-            );
-        if !wanted {
+            )
+    }
+
+    /// After a synchronous bounce: suppresses the recipient when its category is one of
+    /// `suppression.bounce_categories`. A failure is logged, not fatal: the bounce is
+    /// recorded, and the next bounce tries again.
+    pub(crate) async fn suppress_after_bounce(&self, meta: &MessageMeta, category: BounceCategory) {
+        if !self.suppresses(category) {
             return;
         }
         let entry = Suppression {

@@ -18,6 +18,8 @@ pub(crate) const SPOOL_MEMORY: &str = "drover_spool_memory_bytes";
 pub(crate) const SUPPRESSIONS: &str = "drover_suppressions_added_total";
 /// Recipients refused at injection because they are suppressed, by `via` (extension).
 pub(crate) const SUPPRESSED: &str = "drover_recipients_suppressed_total";
+/// Mail received for the bounce domains, by what it turned out to be (extension).
+pub(crate) const INBOUND: &str = "drover_inbound_reports_total";
 /// The process's resident memory (the standard Prometheus process metric).
 pub(crate) const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 
@@ -39,6 +41,10 @@ pub(crate) fn describe_metrics() {
     metrics::describe_counter!(
         SUPPRESSIONS,
         "Addresses put on the suppression list, by source (bounce, admin, ...)."
+    );
+    metrics::describe_counter!(
+        INBOUND,
+        "Mail received for the bounce domains, by kind (dsn, text-bounce, arf, auto-reply, unsubscribe, unknown)."
     );
     metrics::describe_counter!(
         SUPPRESSED,

@@ -49,7 +49,7 @@ pub use spool::{
     Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_PENDING_WRITE_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
 };
-pub use suppression::{Suppression, SuppressionKey};
+pub use suppression::{Sent, Suppression, SuppressionKey};
 
 /// Errors of the spool.
 #[non_exhaustive]

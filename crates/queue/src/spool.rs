@@ -26,7 +26,7 @@
 //! assertions, and a second append to a `LOG` whose previous append failed with ENOSPC aborts
 //! the process. For the same reason [`Spool::flush`] does not touch a failed instance's WAL.
 
-use crate::suppression::{Suppression, SuppressionKey};
+use crate::suppression::{Sent, Suppression, SuppressionKey};
 use crate::{MessageId, MessageMeta, QueueError};
 use rocksdb::{ColumnFamilyDescriptor, LogLevel, Options, WriteBatch, WriteOptions, DB};
 use std::collections::VecDeque;
@@ -42,6 +42,9 @@ const CF_SCHEDULE: &str = "schedule";
 const CF_STATE: &str = "state";
 /// The suppression list: key tenant, 0, address; value a JSON [`Suppression`].
 const CF_SUPPRESSION: &str = "suppression";
+/// What is remembered of every message for matching late reports: key the message id
+/// (UUIDv7, so in time order), value a JSON [`Sent`]; trimmed by age ([`Spool::expire_sent`]).
+const CF_SENT: &str = "sent";
 
 /// Gauge: 1 while the spool accepts writes, 0 while it is degraded after a storage error.
 pub(crate) const WRITABLE_GAUGE: &str = "drover_spool_writable";
@@ -314,6 +317,7 @@ fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
         ColumnFamilyDescriptor::new(CF_SCHEDULE, cf_options(small, cache.as_ref())),
         ColumnFamilyDescriptor::new(CF_STATE, cf_options(1 << 20, cache.as_ref())),
         ColumnFamilyDescriptor::new(CF_SUPPRESSION, suppression_options(cache.as_ref())),
+        ColumnFamilyDescriptor::new(CF_SENT, cf_options(4 << 20, cache.as_ref())),
     ]
 }
 
@@ -762,6 +766,28 @@ impl Spool {
         })
     }
 
+    /// What is remembered of message `id` (see [`Sent`]), while it is queued and for the
+    /// retention period after.
+    pub fn sent(&self, id: &MessageId) -> Result<Option<Sent>, QueueError> {
+        self.with_db(|db| {
+            Ok(db
+                .get_pinned_cf(cf(db, CF_SENT)?, id.as_bytes())?
+                .and_then(|v| serde_json::from_slice(&v).ok()))
+        })
+    }
+
+    /// Forgets what is remembered of messages received before `before_ms` (their ids are
+    /// UUIDv7: the first 48 bits are the reception time, so this is one range deletion).
+    pub fn expire_sent(&self, before_ms: u64) -> Result<(), QueueError> {
+        let mut bound = [0u8; 16];
+        bound[..6].copy_from_slice(&before_ms.to_be_bytes()[2..]);
+        self.with_db(|db| {
+            let handle = cf(db, CF_SENT)?;
+            db.delete_range_cf(handle, [0u8; 16], bound)?;
+            Ok(())
+        })
+    }
+
     /// The state record stored under `key`, if any.
     pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>, QueueError> {
         self.with_db(|db| Ok(db.get_cf(cf(db, CF_STATE)?, key.as_bytes())?))
@@ -874,7 +900,14 @@ impl Spool {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         if let (Some(db), true) = (guard.as_ref(), self.is_writable()) {
-            for name in [CF_META, CF_BODY, CF_SCHEDULE, CF_STATE] {
+            for name in [
+                CF_META,
+                CF_BODY,
+                CF_SCHEDULE,
+                CF_STATE,
+                CF_SUPPRESSION,
+                CF_SENT,
+            ] {
                 db.flush_cf(cf(db, name)?)?;
             }
             db.flush_wal(true)?;
@@ -913,7 +946,14 @@ impl Spool {
         self.with_db(|db| {
             let mut memtables = 0;
             let mut cache = 0;
-            for name in [CF_META, CF_BODY, CF_SCHEDULE, CF_STATE] {
+            for name in [
+                CF_META,
+                CF_BODY,
+                CF_SCHEDULE,
+                CF_STATE,
+                CF_SUPPRESSION,
+                CF_SENT,
+            ] {
                 let handle = cf(db, name)?;
                 memtables += db
                     .property_int_value_cf(handle, "rocksdb.cur-size-all-mem-tables")?
@@ -1176,6 +1216,13 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                     batch.put_cf(meta_cf, meta.id.as_bytes(), value);
                     batch.put_cf(body_cf, meta.id.as_bytes(), body);
                     batch.put_cf(sched_cf, schedule_key(meta.due_ms, &meta.id), b"");
+                    let sent = Sent {
+                        recipient: meta.recipient.clone(),
+                        tenant: meta.tenant.clone(),
+                        campaign: meta.campaign.clone(),
+                    };
+                    let sent = serde_json::to_vec(&sent).map_err(|e| e.to_string())?;
+                    batch.put_cf(cf(CF_SENT)?, meta.id.as_bytes(), sent);
                 }
                 Op::Update {
                     meta,
@@ -1344,6 +1391,32 @@ mod tests {
             .suppressed(&[SuppressionKey::new(Some("acme"), "u001@x.test")])
             .unwrap()[0]
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn messages_are_remembered_after_removal_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let mut m = meta("jane@example.test", 10);
+        m.tenant = Some("acme".into());
+        spool
+            .insert(vec![(m.clone(), b"x".to_vec())])
+            .await
+            .unwrap();
+        spool.remove(m.id, 10).await.unwrap();
+        let sent = spool.sent(&m.id).unwrap().unwrap();
+        assert_eq!(sent.recipient, "jane@example.test");
+        assert_eq!(sent.tenant.as_deref(), Some("acme"));
+        assert_eq!(sent.campaign.as_deref(), Some("c"));
+        // Ids are UUIDv7: a bound before this message's time keeps it, one after drops it.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        spool.expire_sent(now - 60_000).unwrap();
+        assert!(spool.sent(&m.id).unwrap().is_some());
+        spool.expire_sent(now + 60_000).unwrap();
+        assert!(spool.sent(&m.id).unwrap().is_none());
     }
 
     #[tokio::test]

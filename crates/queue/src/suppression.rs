@@ -65,6 +65,22 @@ pub struct Suppression {
     pub message_id: Option<String>,
 }
 
+/// What the spool remembers of a message after it is gone, so that a report arriving days
+/// later (a DSN, a complaint) can be tied to its recipient, tenant and campaign
+/// ([`crate::Spool::sent`]). Written with the message, kept for a retention period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    /// Envelope recipient.
+    #[serde(rename = "r")]
+    pub recipient: String,
+    /// Tenant as injected.
+    #[serde(rename = "t", default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Campaign as injected.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
