@@ -20,5 +20,6 @@ mod inject;
 mod listener;
 mod process;
 mod readiness;
+mod reports;
 mod shaping;
 mod suppression;

@@ -151,8 +151,8 @@ impl Engine {
             return None;
         }
         let returned = &report.returned_headers;
-        if let Some(v) = header(returned, "Return-Path")
-            .and_then(|rp| feedback::verp::decode(keys, rp).ok())
+        if let Some(v) =
+            header(returned, "Return-Path").and_then(|rp| feedback::verp::decode(keys, rp).ok())
         {
             if let Ok(id) = MessageId::from_slice(&v.id) {
                 return self.remembered(id, v.recipient);
@@ -190,11 +190,10 @@ impl Engine {
     /// Keeps a copy of an inbound mail nobody could tie to a message, next to the accounting
     /// file (`inbound/<inbound id>.eml`), so nothing that came back is lost.
     async fn keep_inbound(&self, inbound_id: &str, data: &[u8]) {
-        let dir = self
-            .accounting
-            .path()
-            .parent()
-            .map_or_else(|| std::path::PathBuf::from("inbound"), |p| p.join("inbound"));
+        let dir = self.accounting.path().parent().map_or_else(
+            || std::path::PathBuf::from("inbound"),
+            |p| p.join("inbound"),
+        );
         let path = dir.join(format!("{inbound_id}.eml"));
         let data = data.to_vec();
         let written = tokio::task::spawn_blocking(move || {
@@ -259,7 +258,10 @@ impl Engine {
         let base = |kind: RecordType| {
             let mut r = Record::new(
                 kind,
-                matched.as_ref().map(|m| m.id.to_string()).unwrap_or_default(),
+                matched
+                    .as_ref()
+                    .map(|m| m.id.to_string())
+                    .unwrap_or_default(),
             );
             if let Some(m) = &matched {
                 r.recipient = m.recipient.clone();
@@ -288,7 +290,10 @@ impl Engine {
                 if r.recipient.is_empty() {
                     r.recipient = report.arf_original_rcpt_to.clone().unwrap_or_default();
                 }
-                let feedback_type = report.feedback_type.clone().unwrap_or_else(|| "abuse".into());
+                let feedback_type = report
+                    .feedback_type
+                    .clone()
+                    .unwrap_or_else(|| "abuse".into());
                 // A "not spam" report takes nothing back, and suppresses nothing either.
                 if let (Some(m), false) = (&matched, feedback_type == "not-spam") {
                     suppress.push(suppression(m, "complaint", feedback_type.clone()));
@@ -354,9 +359,7 @@ impl Engine {
                     }
                     records.push(r);
                 }
-                if failed.is_empty()
-                    && matches!(report.kind, reports::Kind::Unknown)
-                {
+                if failed.is_empty() && matches!(report.kind, reports::Kind::Unknown) {
                     records.push(base(RecordType::AsyncBounce));
                 }
             }

@@ -60,7 +60,9 @@ impl Settings {
     fn is_report_address(&self, address: &str) -> bool {
         address.rsplit_once('@').is_some_and(|(_, d)| {
             let d = d.trim_end_matches('.');
-            self.bounce_domains.iter().any(|b| b.eq_ignore_ascii_case(d))
+            self.bounce_domains
+                .iter()
+                .any(|b| b.eq_ignore_ascii_case(d))
         })
     }
 }
@@ -289,7 +291,11 @@ impl InjectPolicy {
         match (received, queued) {
             (Err(e), _) => {
                 tracing::error!(peer = %self.peer, error = %e, "could not record a report");
-                Reply::new(451, enhanced(4, 3, 0), "cannot take reports now; try again later")
+                Reply::new(
+                    451,
+                    enhanced(4, 3, 0),
+                    "cannot take reports now; try again later",
+                )
             }
             (Ok(_), Some(queued)) => queued,
             (Ok(crate::inbound::Received::AutoReply), None) => {

@@ -1,0 +1,364 @@
+//! Reports that come back (issue 11): DSNs, complaints, auto-replies and unsubscribe mail sent
+//! to the bounce domain over SMTP are tied to their message through the VERP address (or the
+//! returned headers), recorded, and suppress the recipient; forged ones are recorded unmatched
+//! and suppress nothing.
+
+use crate::dkim::wait_messages;
+use crate::harness::*;
+use connection_pool::{ConnectOptions, Envelope, SmtpClient, TlsFailureMemory, TlsMode};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const KEY: &str = "an operator's secret, 32 bytes!!";
+
+async fn send_report(engine: &TestEngine, to: &str, data: &str) -> (u16, String) {
+    let mut client = SmtpClient::connect_with(ConnectOptions {
+        tls: TlsMode::Disabled,
+        tls_failures: TlsFailureMemory::default(),
+        ..ConnectOptions::new(
+            "localhost",
+            engine.running.as_ref().unwrap().smtp_addr.unwrap(),
+            "mx.receiver.test",
+        )
+    })
+    .await
+    .unwrap();
+    let sent = client
+        .send(
+            &Envelope {
+                sender: String::new(),
+                recipients: vec![to.to_owned()],
+                ..Default::default()
+            },
+            data.replace('\n', "\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let reply = sent.data.or(sent.rcpts.first().cloned()).unwrap();
+    (reply.code, reply.lines.join(" "))
+}
+
+fn dsn(verp: &str, recipient: &str, action: &str, status: &str, diagnostic: &str) -> String {
+    format!(
+        "From: MAILER-DAEMON@mx.receiver.test (Mail Delivery System)
+To: {verp}
+Subject: Undelivered Mail Returned to Sender
+Auto-Submitted: auto-replied
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"
+
+--B1
+Content-Type: text/plain
+
+I'm sorry to have to inform you that your message could not be delivered.
+
+--B1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.receiver.test
+Arrival-Date: Sun, 29 Nov 2026 08:00:00 +0000
+
+Final-Recipient: rfc822; {recipient}
+Original-Recipient: rfc822;{recipient}
+Action: {action}
+Status: {status}
+Remote-MTA: dns; mailbox.receiver.test
+Diagnostic-Code: smtp; {diagnostic}
+
+--B1
+Content-Type: text/rfc822-headers
+
+Return-Path: <{verp}>
+From: News <news@example.com>
+To: {recipient}
+Subject: Hello
+
+--B1--
+"
+    )
+}
+
+fn arf(verp: &str, feedback_type: &str) -> String {
+    format!(
+        "From: staff@fbl.receiver.test
+To: fbl@bounces.example.net
+Subject: FW: Hello
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"A1\"
+
+--A1
+Content-Type: text/plain
+
+This is an email abuse report.
+
+--A1
+Content-Type: message/feedback-report
+
+Feedback-Type: {feedback_type}
+User-Agent: ReceiverFBL/1.0
+Version: 1
+Reporting-MTA: dns; fbl.receiver.test
+
+--A1
+Content-Type: text/rfc822-headers
+
+Return-Path: <{verp}>
+From: News <news@example.com>
+To: redacted@example.test
+Subject: Hello
+
+--A1--
+"
+    )
+}
+
+async fn suppressed(engine: &TestEngine, tenant: &str) -> Vec<(String, String)> {
+    let list = engine
+        .get_json(&format!("/api/admin/v1/suppressions?tenant={tenant}"))
+        .await;
+    list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["address"].as_str().unwrap().to_owned(),
+                e["source"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn of_type(engine: &TestEngine, kind: &str) -> Vec<Value> {
+    records(&engine.accounting_path())
+        .into_iter()
+        .filter(|r| r["type"] == kind)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_matched_recorded_and_suppress() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "{}
+[smtp_listener]
+listen = \"127.0.0.1:0\"
+relay_networks = []
+[bounce_processing]
+domains = [\"bounces.example.net\"]
+verp = true
+keys = [\"{KEY}\"]
+[stamping]
+list_unsubscribe_mailto = true
+",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let recipients: Vec<String> = ["ann", "bob", "cy", "dee", "eve"]
+        .iter()
+        .map(|n| format!("{n}@example.test"))
+        .collect();
+    let (status, body) = engine.inject(&message_for(&recipients)).await;
+    assert_eq!(status, 200, "{body}");
+    let msgs = wait_messages(&sink, 5).await;
+    let verp_of = |rcpt: &str| {
+        msgs.iter()
+            .find(|m| m.recipients[0] == rcpt)
+            .unwrap()
+            .sender
+            .clone()
+    };
+    let id_of = |rcpt: &str| {
+        let i = recipients.iter().position(|r| r == rcpt).unwrap();
+        body["ids"][i].as_str().unwrap().to_owned()
+    };
+
+    // A DSN to ann's VERP address, from a client that may not relay: taken, tied, suppressed.
+    let (code, text) = send_report(
+        &engine,
+        &verp_of("ann@example.test"),
+        &dsn(
+            &verp_of("ann@example.test"),
+            "ann@example.test",
+            "failed",
+            "5.1.1",
+            "550 5.1.1 <ann@example.test>: Recipient address rejected: User unknown",
+        ),
+    )
+    .await;
+    assert_eq!(code, 250, "{text}");
+    let bounces = of_type(&engine, "AsyncBounce");
+    assert_eq!(bounces.len(), 1);
+    let b = &bounces[0];
+    assert_eq!(b["id"], id_of("ann@example.test").as_str());
+    assert_eq!(
+        (
+            b["recipient"].clone(),
+            b["tenant"].clone(),
+            b["campaign"].clone()
+        ),
+        (json!("ann@example.test"), json!("acme"), json!("nov-2026"))
+    );
+    assert_eq!(b["bounce_category"], "bad-mailbox");
+    assert_eq!(b["response"]["enhanced_code"], "5.1.1");
+    assert_eq!(b["report"]["matched"], true);
+    assert_eq!(b["report"]["reporting_mta"], "mx.receiver.test");
+    assert!(suppressed(&engine, "acme")
+        .await
+        .contains(&("ann@example.test".into(), "async-bounce".into())));
+    // The client may not relay: an ordinary recipient is still refused.
+    let (code, _) = send_report(&engine, "someone@elsewhere.test", "Subject: x\n\nhi\n").await;
+    assert_eq!(code, 550);
+
+    // A delayed DSN is not a bounce.
+    let (code, _) = send_report(
+        &engine,
+        &verp_of("bob@example.test"),
+        &dsn(
+            &verp_of("bob@example.test"),
+            "bob@example.test",
+            "delayed",
+            "4.4.1",
+            "451 4.4.1 try later",
+        ),
+    )
+    .await;
+    assert_eq!(code, 250);
+    assert_eq!(of_type(&engine, "AsyncBounce").len(), 1);
+
+    // A complaint to the FBL address, tied through the returned Return-Path.
+    let (code, _) = send_report(
+        &engine,
+        "fbl@bounces.example.net",
+        &arf(&verp_of("bob@example.test"), "abuse"),
+    )
+    .await;
+    assert_eq!(code, 250);
+    let complaints = of_type(&engine, "Complaint");
+    assert_eq!(complaints.len(), 1);
+    assert_eq!(complaints[0]["id"], id_of("bob@example.test").as_str());
+    assert_eq!(complaints[0]["recipient"], "bob@example.test");
+    assert_eq!(complaints[0]["feedback_type"], "abuse");
+    assert_eq!(complaints[0]["report"]["matched"], true);
+    assert!(suppressed(&engine, "acme")
+        .await
+        .contains(&("bob@example.test".into(), "complaint".into())));
+
+    // Unsubscribe mail to cy's mailto: address.
+    let cy = msgs
+        .iter()
+        .find(|m| m.recipients[0] == "cy@example.test")
+        .unwrap();
+    let text = String::from_utf8_lossy(&cy.data).replace("\r\n ", " ");
+    let mailto = text
+        .lines()
+        .find(|l| l.starts_with("List-Unsubscribe:"))
+        .and_then(|l| l.split("<mailto:").nth(1))
+        .and_then(|rest| rest.split('?').next())
+        .unwrap()
+        .to_owned();
+    let (code, _) = send_report(
+        &engine,
+        &mailto,
+        "From: cy@example.test\nSubject: unsubscribe\n\nunsubscribe\n",
+    )
+    .await;
+    assert_eq!(code, 250);
+    let unsubscribes = of_type(&engine, "Unsubscribe");
+    assert_eq!(unsubscribes.len(), 1);
+    assert_eq!(unsubscribes[0]["id"], id_of("cy@example.test").as_str());
+    assert!(suppressed(&engine, "acme")
+        .await
+        .contains(&("cy@example.test".into(), "unsubscribe".into())));
+
+    // An auto-reply is noted, never a bounce.
+    let (code, text) = send_report(&engine, &verp_of("dee@example.test"), "From: dee@example.test\nAuto-Submitted: auto-replied\nSubject: Out of Office: Hello\n\nI am away until Monday.\n").await;
+    assert_eq!(code, 250, "{text}");
+    assert!(text.contains("auto-reply"), "{text}");
+
+    // A forged tag: recorded, unmatched, suppresses nothing, kept as a file.
+    let real = verp_of("eve@example.test");
+    let (local, domain) = real.split_once('@').unwrap();
+    let mut parts: Vec<String> = local.split('.').map(str::to_owned).collect();
+    parts[2] = if parts[2].starts_with('a') {
+        format!("b{}", &parts[2][1..])
+    } else {
+        format!("a{}", &parts[2][1..])
+    };
+    let forged = format!("{}@{domain}", parts.join("."));
+    let (code, _) = send_report(
+        &engine,
+        &forged,
+        &dsn(
+            &forged,
+            "eve@example.test",
+            "failed",
+            "5.1.1",
+            "550 5.1.1 no such user",
+        ),
+    )
+    .await;
+    assert_eq!(code, 250);
+    let bounces = of_type(&engine, "AsyncBounce");
+    assert_eq!(bounces.len(), 2);
+    let unmatched = &bounces[1];
+    assert_eq!(unmatched["report"]["matched"], false);
+    assert_eq!(
+        unmatched["recipient"], "eve@example.test",
+        "what could be parsed"
+    );
+    assert_eq!(unmatched["id"], "");
+    assert!(!suppressed(&engine, "acme")
+        .await
+        .iter()
+        .any(|(a, _)| a == "eve@example.test"));
+    let kept = engine
+        .accounting_path()
+        .parent()
+        .unwrap()
+        .join("inbound")
+        .join(format!(
+            "{}.eml",
+            unmatched["report"]["inbound_id"].as_str().unwrap()
+        ));
+    assert!(kept.exists(), "{kept:?}");
+
+    // What was suppressed is refused at the next injection.
+    let (_, again) = engine.inject(&message_for(&recipients)).await;
+    assert_eq!(again["success_count"], 2, "dee and eve only: {again}");
+    let metrics = engine.metrics().await;
+    assert!(
+        metrics.contains("drover_inbound_reports_total{kind=\"dsn\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("drover_inbound_reports_total{kind=\"arf\"} 1"));
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_size_and_rate_limited_per_client() {
+    let engine = TestEngine::start(
+        "[bounce_processing]\ndomains = [\"bounces.example.net\"]\nmax_report_size = 2000\nmax_reports_per_minute = 2\n",
+    )
+    .await;
+    let big = format!("Subject: big\n\n{}\n", "x".repeat(3000));
+    let (code, _) = send_report(&engine, "b@bounces.example.net", &big).await;
+    assert_eq!(code, 552);
+    let small = "From: a@b.test\nSubject: hello\n\nhi\n";
+    let (code, _) = send_report(&engine, "b@bounces.example.net", small).await;
+    assert_eq!(code, 250);
+    let (code, text) = send_report(&engine, "b@bounces.example.net", small).await;
+    assert_eq!(code, 450, "{text}");
+    // Unknown mail is still recorded, unmatched.
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(5), |r| {
+        count_type(r, "AsyncBounce") >= 1
+    })
+    .await;
+    let r = recs.iter().find(|r| r["type"] == "AsyncBounce").unwrap();
+    assert_eq!(r["report"]["matched"], false);
+    engine.stop().await;
+}
