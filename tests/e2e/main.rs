@@ -18,6 +18,7 @@ mod harness;
 mod hostile;
 mod inject;
 mod listener;
+mod postfix;
 mod process;
 mod readiness;
 mod reports;
