@@ -262,7 +262,7 @@ fn check_config_names_a_bad_dkim_key() {
 
 /// dkimpy (`python3 -m pip install dkimpy`) as an independent verifier, with the key records
 /// given through its `dnsfunc` hook. `None` when it is not installed.
-fn external_verify(message: &[u8], records: &[(String, String)]) -> Option<bool> {
+pub(crate) fn external_verify(message: &[u8], records: &[(String, String)]) -> Option<bool> {
     let probe = std::process::Command::new("python3")
         .args(["-c", "import dkim"])
         .output()

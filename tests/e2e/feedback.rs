@@ -2,7 +2,7 @@
 //! to the message and recipient, complaint and unsubscribe headers stamped per tenant and
 //! campaign before DKIM signing, the same through both doors.
 
-use crate::dkim::{dkim_config, wait_messages};
+use crate::dkim::{dkim_config, external_verify, wait_messages};
 use crate::harness::*;
 use connection_pool::{ConnectOptions, Envelope, SmtpClient, TlsFailureMemory, TlsMode};
 use dkim::testing::{verify, Verdict};
@@ -212,6 +212,12 @@ async fn http_and_smtp_mail_carries_verp_and_stamped_headers_under_the_signature
             vec![Verdict::Pass, Verdict::Pass],
             "{text}"
         );
+        // An independent verifier (dkimpy) agrees, and fails the same tampering.
+        if let Some(external) = external_verify(&m.data, &dns) {
+            assert!(external, "dkimpy rejects the stamped, signed message:\n{text}");
+            let tampered = text.replace("whitelist-complaints@eco.de", "evil@example.org");
+            assert_eq!(external_verify(tampered.as_bytes(), &dns), Some(false));
+        }
         let tampered = text.replace("whitelist-complaints@eco.de", "evil@example.org");
         assert_ne!(
             verify(tampered.as_bytes(), &dns).await,
