@@ -174,11 +174,60 @@ pub fn parse(message: &[u8]) -> Report {
     // mail-parser is robust in practice, but it keeps debug assertions and index arithmetic
     // on offsets it computes from hostile input; a panic there must not take down the
     // engine, so it degrades to reading the message as plain text.
-    let view = std::panic::catch_unwind(|| view_with_mail_parser(input))
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| plain_view(input));
+    let view = if nested_message_fields(input) > MAX_MESSAGE_PARTS {
+        plain_view(input)
+    } else {
+        std::panic::catch_unwind(|| view_with_mail_parser(input))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| plain_view(input))
+    };
     classify(view)
+}
+
+/// Most `Content-Type: message/...` (or `multipart/digest`) fields handed to mail-parser.
+///
+/// mail-parser 0.11 keeps each attached message inside its parent and recurses through
+/// that chain: some thousands of nested `message/rfc822` parts (20 000 fit in 1 MiB)
+/// overflow a 2 MiB thread stack, an abort that `catch_unwind` cannot stop. Real reports
+/// carry one to three; a message with more is read without MIME.
+const MAX_MESSAGE_PARTS: usize = 64;
+
+/// Counts `Content-Type` fields (any case, any indentation, folded or not) whose value
+/// mentions `message` or `digest` (a digest's parts default to `message/rfc822`): the
+/// fields that may make mail-parser nest a message. It over-counts (body lines, other
+/// message types) so that no spelling mail-parser accepts slips past it.
+fn nested_message_fields(input: &[u8]) -> usize {
+    fn suspicious(value: &[u8]) -> bool {
+        let v = value.to_ascii_lowercase();
+        v.windows(7).any(|w| w == b"message") || v.windows(6).any(|w| w == b"digest")
+    }
+    let mut count = 0;
+    let mut field: Option<Vec<u8>> = None;
+    for line in input.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            if let Some(v) = field.as_mut() {
+                if v.len() < 4096 {
+                    v.extend_from_slice(line);
+                }
+                continue;
+            }
+        }
+        if field.take().is_some_and(|v| suspicious(&v)) {
+            count += 1;
+        }
+        let t = line.trim_ascii_start();
+        if t.get(..12)
+            .is_some_and(|n| n.eq_ignore_ascii_case(b"content-type"))
+        {
+            field = Some(t[12..t.len().min(4096)].to_vec());
+        }
+    }
+    if field.is_some_and(|v| suspicious(&v)) {
+        count += 1;
+    }
+    count
 }
 
 fn lossy(bytes: &[u8]) -> Cow<'_, str> {
@@ -533,4 +582,154 @@ fn classify(view: View) -> Report {
             fields::get(&view.top, "In-Reply-To").and_then(codes::clean_message_id);
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hostile 10 MiB report with 100 000 recipient blocks: only the first MiB is read and
+    /// at most [`MAX_RECIPIENTS`] come out, quickly.
+    #[test]
+    fn huge_report_is_bounded() {
+        let mut m = String::from(
+            "From: MAILER-DAEMON@example.org\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; example.org\r\n\r\n",
+        );
+        for i in 0..100_000 {
+            m.push_str(&format!(
+                "Final-Recipient: rfc822; user{i}@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 user unknown, padding padding\r\n\r\n"
+            ));
+        }
+        while m.len() < 10 * 1024 * 1024 {
+            m.push_str("X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        m.push_str("--b--\r\n");
+        assert!(m.len() >= 10 * 1024 * 1024);
+        let started = std::time::Instant::now();
+        let r = parse(m.as_bytes());
+        let took = started.elapsed();
+        assert_eq!(r.kind, Kind::Dsn);
+        assert_eq!(r.recipients.len(), MAX_RECIPIENTS);
+        assert_eq!(
+            r.recipients[0].final_recipient.as_deref(),
+            Some("user0@example.com")
+        );
+        // Generous for a debug build on a shared 2-core machine; a quadratic path would
+        // take minutes here.
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    }
+
+    /// The same through the text-bounce reader: a notice naming 100 000 recipients.
+    #[test]
+    fn huge_text_bounce_is_bounded() {
+        let mut m = String::from(
+            "From: MAILER-DAEMON@example.org\r\nSubject: failure notice\r\n\r\nHi. This is the qmail-send program at example.org.\r\n\r\n",
+        );
+        for i in 0..100_000 {
+            m.push_str(&format!(
+                "<user{i}@example.com>:\r\nRemote host said: 550 5.1.1 no\r\n\r\n"
+            ));
+        }
+        let started = std::time::Instant::now();
+        let r = parse(m.as_bytes());
+        let took = started.elapsed();
+        assert_eq!(r.kind, Kind::TextBounce);
+        assert_eq!(r.recipients.len(), MAX_RECIPIENTS);
+        assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    }
+
+    /// One address named over and over: its lines are gathered without rescanning.
+    #[test]
+    fn repeated_recipient_lines_stay_linear() {
+        let mut m =
+            String::from("From: MAILER-DAEMON@example.org\r\nSubject: failure notice\r\n\r\n");
+        for _ in 0..100_000 {
+            m.push_str("<a@example.com>:\r\n550 5.1.1 no\r\n");
+        }
+        let started = std::time::Instant::now();
+        let r = parse(m.as_bytes());
+        assert_eq!(r.recipients.len(), 1);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    /// Deeply nested MIME (multiparts and attached messages) within the input cap.
+    #[test]
+    fn deep_nesting_is_bounded() {
+        for part in [
+            "Content-Type: multipart/mixed; boundary=b{i}\r\n\r\n--b{i}\r\n",
+            "Content-Type: message/rfc822\r\n\r\n",
+            "Content-Type:\r\n message/rfc822\r\n\r\n",
+        ] {
+            let mut m = String::from("From: a@example.org\r\n");
+            for i in 0..20_000 {
+                m.push_str(&part.replace("{i}", &i.to_string()));
+            }
+            let started = std::time::Instant::now();
+            let _ = parse(m.as_bytes());
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "{part}"
+            );
+        }
+    }
+
+    #[test]
+    fn message_fields_are_counted_however_written() {
+        assert_eq!(
+            nested_message_fields(b"Content-Type: message/rfc822\r\n"),
+            1
+        );
+        assert_eq!(
+            nested_message_fields(b"  content-TYPE :\r\n\tMessage / RFC822\r\nX: y\n"),
+            1
+        );
+        assert_eq!(
+            nested_message_fields(
+                b"Content-Type: multipart/digest; boundary=x\nContent-Type: text/plain\n"
+            ),
+            1
+        );
+        assert_eq!(
+            nested_message_fields(b"Content-Type: text/plain\n message is here\n"),
+            1
+        );
+        assert_eq!(
+            nested_message_fields(b"Content-Type: text/plain\n\nmessage/rfc822\n"),
+            0
+        );
+    }
+
+    #[test]
+    fn auto_submitted_no_is_not_an_auto_reply() {
+        let r = parse(b"From: a@example.org\r\nAuto-Submitted: no\r\nSubject: hello\r\n\r\nhi\r\n");
+        assert_eq!(r.kind, Kind::Unknown);
+        let r = parse(b"From: a@example.org\r\nX-Autoreply: yes\r\nSubject: hello\r\n\r\nhi\r\n");
+        assert_eq!(r.kind, Kind::AutoReply);
+    }
+
+    #[test]
+    fn unsubscribe_by_first_line_and_in_other_languages() {
+        let r = parse(b"From: a@example.org\r\nSubject: hi\r\n\r\n\r\n  Please UNSUBSCRIBE me\r\n");
+        assert_eq!(r.kind, Kind::Unsubscribe);
+        let r = parse("From: a@example.org\r\nSubject: Se désabonner\r\n\r\nx\r\n".as_bytes());
+        assert_eq!(r.kind, Kind::Unsubscribe);
+        let r = parse(b"From: a@example.org\r\nSubject: Newsletter abmelden\r\n\r\nx\r\n");
+        assert_eq!(r.kind, Kind::Unsubscribe);
+    }
+
+    #[test]
+    fn empty_and_headerless_input() {
+        assert_eq!(parse(b"").kind, Kind::Unknown);
+        assert_eq!(parse(b"\r\n\r\njust text").kind, Kind::Unknown);
+    }
+
+    #[test]
+    fn dsn_flattened_to_text_is_still_a_dsn() {
+        let r = parse(
+            b"From: MAILER-DAEMON@example.org\r\nSubject: Returned mail\r\n\r\nSee below.\r\n\r\nReporting-MTA: dns; mx.example.org\r\n\r\nFinal-Recipient: rfc822; a@example.com\r\nAction: failed\r\nStatus: 5.7.1\r\n",
+        );
+        assert_eq!(r.kind, Kind::Dsn);
+        assert_eq!(r.reporting_mta.as_deref(), Some("mx.example.org"));
+        assert_eq!(r.recipients[0].status.as_deref(), Some("5.7.1"));
+    }
 }

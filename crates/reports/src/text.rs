@@ -307,29 +307,36 @@ fn diagnostic(first_rest: &str, seg: &[&str]) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
-/// The action a notice implies for a recipient whose lines have reply class `class`.
-fn action(class: Option<u8>, text_lower: &str, subject_lower: &str) -> Action {
-    let permanent = lower_contains_any(text_lower, PERMANENT);
-    let trying = lower_contains_any(text_lower, STILL_TRYING)
-        || lower_contains_any(subject_lower, STILL_TRYING);
-    if class == Some(5) || permanent {
-        Action::Failed
-    } else if trying || class == Some(4) {
-        Action::Delayed
-    } else if [
-        "fail",
-        "undeliver",
-        "undelivered",
-        "returned",
-        "unzustellbar",
-        "non remis",
-    ]
-    .iter()
-    .any(|w| subject_lower.contains(w))
-    {
-        Action::Failed
-    } else {
-        Action::Unknown
+/// What the notice's prose says, read once (per recipient it would be quadratic).
+struct Tone {
+    permanent: bool,
+    trying: bool,
+    failure_subject: bool,
+}
+
+impl Tone {
+    fn of(subject_lower: &str, notice_lower: &str) -> Tone {
+        Tone {
+            permanent: lower_contains_any(notice_lower, PERMANENT),
+            trying: lower_contains_any(notice_lower, STILL_TRYING)
+                || lower_contains_any(subject_lower, STILL_TRYING),
+            failure_subject: ["fail", "undeliver", "returned", "unzustellbar", "non remis"]
+                .iter()
+                .any(|w| subject_lower.contains(w)),
+        }
+    }
+
+    /// The action for a recipient whose lines have reply class `class`.
+    fn action(&self, class: Option<u8>) -> Action {
+        if class == Some(5) || self.permanent {
+            Action::Failed
+        } else if self.trying || class == Some(4) {
+            Action::Delayed
+        } else if self.failure_subject {
+            Action::Failed
+        } else {
+            Action::Unknown
+        }
     }
 }
 
@@ -369,7 +376,8 @@ pub(crate) fn recipients(subject: &str, notice: &str) -> Vec<RecipientStatus> {
     starts.sort_unstable();
 
     let global_status = find_enhanced(notice).filter(|s| codes::is_enhanced(s));
-    let notice_lower = notice.to_lowercase();
+    let global_class = find_reply_class(notice);
+    let tone = Tone::of(&subject_lower, &notice.to_lowercase());
 
     if found.is_empty() {
         // Prose only: an address in angle brackets on a reply line ("550 5.1.1 <x@y>: ..."
@@ -389,7 +397,7 @@ pub(crate) fn recipients(subject: &str, notice: &str) -> Vec<RecipientStatus> {
         return vec![RecipientStatus {
             final_recipient: addr,
             original_recipient: None,
-            action: action(class, &notice_lower, &subject_lower),
+            action: tone.action(class),
             status,
             diagnostic: diagnostic("", &all),
             remote_mta: None,
@@ -402,8 +410,7 @@ pub(crate) fn recipients(subject: &str, notice: &str) -> Vec<RecipientStatus> {
         let mut first_rest = "";
         for (n, &i) in at.iter().enumerate() {
             let end = starts
-                .iter()
-                .find(|&&s| s > i)
+                .get(starts.partition_point(|&s| s <= i))
                 .copied()
                 .unwrap_or(all.len());
             if n == 0 {
@@ -414,7 +421,7 @@ pub(crate) fn recipients(subject: &str, notice: &str) -> Vec<RecipientStatus> {
         }
         let seg_text = seg.join("\n");
         let seg_status = find_enhanced(&seg_text).or_else(|| global_status.clone());
-        let class = class_of(seg_status.as_deref(), &seg_text).or_else(|| find_reply_class(notice));
+        let class = class_of(seg_status.as_deref(), &seg_text).or(global_class);
         let status = seg_status.or_else(|| class.map(|c| format!("{c}.0.0")));
         let mut diag_lines = seg.clone();
         // The address line's own text goes first; strip the address from it.
@@ -424,7 +431,7 @@ pub(crate) fn recipients(subject: &str, notice: &str) -> Vec<RecipientStatus> {
         out.push(RecipientStatus {
             final_recipient: Some(addr),
             original_recipient: None,
-            action: action(class, &notice_lower, &subject_lower),
+            action: tone.action(class),
             status,
             diagnostic: diagnostic(first_rest, &diag_lines),
             remote_mta: None,
