@@ -76,22 +76,7 @@ impl Engine {
     }
 
     fn post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
-        use std::io::{Read, Write};
-        let body = body.to_string();
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http)).unwrap();
-        write!(
-            s,
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let json = out.split("\r\n\r\n").nth(1).unwrap_or("{}");
-        // Chunked or not, the JSON object is the part between the outer braces.
-        let start = json.find('{').unwrap_or(0);
-        let end = json.rfind('}').map_or(json.len(), |e| e + 1);
-        serde_json::from_str(&json[start..end]).unwrap_or(serde_json::Value::Null)
+        post(self.http, path, body)
     }
 
     fn stop(mut self) {
@@ -100,6 +85,26 @@ impl Engine {
             .status();
         let _ = self.child.wait();
     }
+}
+
+/// POSTs JSON to the engine's HTTP API and returns the JSON reply.
+fn post(port: u16, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let json = out.split("\r\n\r\n").nth(1).unwrap_or("{}");
+    // Chunked or not, the JSON object is the part between the outer braces.
+    let start = json.find('{').unwrap_or(0);
+    let end = json.rfind('}').map_or(json.len(), |e| e + 1);
+    serde_json::from_str(&json[start..end]).unwrap_or(serde_json::Value::Null)
 }
 
 /// Sends `jobs` (recipient, message) over SMTP from `clients` concurrent sessions; returns
@@ -154,14 +159,22 @@ fn fixtures() -> Vec<Vec<u8>> {
     let dir = std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .join("../reports/tests/fixtures");
-    ["postfix-dsn.eml", "gmail-dsn.eml", "exchange-online-dsn.eml", "yahoo-arf.eml", "microsoft-jmrp-arf.eml"]
-        .iter()
-        .map(|f| {
-            let text = std::fs::read(dir.join(f)).unwrap();
-            let text = String::from_utf8_lossy(&text).replace("\r\n", "\n").replace('\n', "\r\n");
-            text.into_bytes()
-        })
-        .collect()
+    [
+        "postfix-dsn.eml",
+        "gmail-dsn.eml",
+        "exchange-online-dsn.eml",
+        "yahoo-arf.eml",
+        "microsoft-jmrp-arf.eml",
+    ]
+    .iter()
+    .map(|f| {
+        let text = std::fs::read(dir.join(f)).unwrap();
+        let text = String::from_utf8_lossy(&text)
+            .replace("\r\n", "\n")
+            .replace('\n', "\r\n");
+        text.into_bytes()
+    })
+    .collect()
 }
 
 fn inject_http(e: &Engine, n: usize, tenant: &str) -> f64 {
@@ -185,7 +198,7 @@ fn inject_http(e: &Engine, n: usize, tenant: &str) -> f64 {
                     "recipients": recipients,
                     "tenant": tenant,
                 });
-                let probe = Engine::post_to(port, "/api/inject/v1", &body);
+                let probe = post(port, "/api/inject/v1", &body);
                 assert!(probe["success_count"].as_u64().is_some(), "{probe}");
             })
         })
@@ -196,25 +209,6 @@ fn inject_http(e: &Engine, n: usize, tenant: &str) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-impl Engine {
-    fn post_to(port: u16, path: &str, body: &serde_json::Value) -> serde_json::Value {
-        let fake = Engine::shell(port);
-        let out = fake.post(path, body);
-        std::mem::forget(fake);
-        out
-    }
-
-    /// A handle for posting only (the threads above do not own the engine).
-    fn shell(port: u16) -> Engine {
-        Engine {
-            child: Command::new("true").spawn().unwrap(),
-            http: port,
-            smtp: 0,
-            _dir: tempfile::tempdir().unwrap(),
-        }
-    }
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("feedback: run with `cargo bench -p drover --bench feedback`; skipped");
@@ -222,12 +216,14 @@ fn main() {
     }
     let quick = std::env::var("DROVER_BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
     let (reports_n, inject_n, suppressed_n) = if quick {
-        (10_000, 20_000, 200_000)
+        (10_000usize, 20_000usize, 200_000usize)
     } else {
         (50_000, 100_000, 1_000_000)
     };
-    let drover = std::env::var_os("DROVER_BENCH_BINARY")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_drover")), PathBuf::from);
+    let drover = std::env::var_os("DROVER_BENCH_BINARY").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_drover")),
+        PathBuf::from,
+    );
     let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
         |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
         PathBuf::from,
@@ -239,10 +235,20 @@ fn main() {
     let fixtures = fixtures();
     let e = Engine::start(&drover, &work);
     let report_jobs: Vec<_> = (0..reports_n)
-        .map(|i| ("fbl@bounces.example.net".to_owned(), fixtures[i % fixtures.len()].clone()))
+        .map(|i| {
+            (
+                "fbl@bounces.example.net".to_owned(),
+                fixtures[i % fixtures.len()].clone(),
+            )
+        })
         .collect();
     let inject_jobs: Vec<_> = (0..reports_n)
-        .map(|i| (format!("r{i}@held.test"), fixtures[i % fixtures.len()].clone()))
+        .map(|i| {
+            (
+                format!("r{i}@held.test"),
+                fixtures[i % fixtures.len()].clone(),
+            )
+        })
         .collect();
     let (inject_secs, injected) = smtp_load(e.smtp, inject_jobs, 8);
     let (report_secs, reported) = smtp_load(e.smtp, report_jobs, 8);
@@ -283,6 +289,10 @@ fn main() {
         "inbound": {"reports": reports_n, "reports_per_s": reports_per_s.round(), "baseline_smtp_msgs_per_s": smtp_per_s.round(), "ratio": (reports_per_s / smtp_per_s * 100.0).round() / 100.0},
         "suppression": {"entries": suppressed_n, "fill_seconds": (fill_secs * 10.0).round() / 10.0, "injected": inject_n, "empty_msgs_per_s": empty_rate.round(), "full_msgs_per_s": full_rate.round(), "ratio": (full_rate / empty_rate * 100.0).round() / 100.0},
     });
-    std::fs::write(work.join("feedback.json"), serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    std::fs::write(
+        work.join("feedback.json"),
+        serde_json::to_string_pretty(&out).unwrap(),
+    )
+    .unwrap();
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
 }

@@ -214,7 +214,10 @@ async fn http_and_smtp_mail_carries_verp_and_stamped_headers_under_the_signature
         );
         // An independent verifier (dkimpy) agrees, and fails the same tampering.
         if let Some(external) = external_verify(&m.data, &dns) {
-            assert!(external, "dkimpy rejects the stamped, signed message:\n{text}");
+            assert!(
+                external,
+                "dkimpy rejects the stamped, signed message:\n{text}"
+            );
             let tampered = text.replace("whitelist-complaints@eco.de", "evil@example.org");
             assert_eq!(external_verify(tampered.as_bytes(), &dns), Some(false));
         }
