@@ -156,23 +156,78 @@ struct Rule {
 /// An enhanced code with `None` standing for `*`.
 type EnhancedPattern = [Option<u16>; 3];
 
-/// How a rule is written in the file.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// How a rule is written in the file, its keys checked one by one so that an error can name
+/// the key as well as the rule.
+#[derive(Default)]
 struct RawRule {
-    category: String,
-    #[serde(default)]
+    category: Option<String>,
     code: Option<Vec<u16>>,
-    #[serde(default)]
     enhanced: Option<Vec<String>>,
-    #[serde(default)]
     text: Option<String>,
-    #[serde(default)]
     provider: Option<Vec<String>>,
-    #[serde(default)]
     permanent: Option<bool>,
-    #[serde(default)]
     transient_only: Option<bool>,
+}
+
+const RULE_KEYS: &str = "category, code, enhanced, text, provider, permanent, transient_only";
+
+impl RawRule {
+    fn parse(value: toml::Value) -> Result<RawRule, String> {
+        let toml::Value::Table(table) = value else {
+            return Err("is not a table".into());
+        };
+        let mut raw = RawRule::default();
+        for (key, value) in table {
+            let wrong = |what: &str| format!("`{key}` must be {what}");
+            match key.as_str() {
+                "category" => raw.category = Some(string(value).ok_or_else(|| wrong("a string"))?),
+                "text" => raw.text = Some(string(value).ok_or_else(|| wrong("a string"))?),
+                "permanent" => {
+                    raw.permanent = Some(value.as_bool().ok_or_else(|| wrong("true or false"))?)
+                }
+                "transient_only" => {
+                    raw.transient_only =
+                        Some(value.as_bool().ok_or_else(|| wrong("true or false"))?)
+                }
+                "code" => {
+                    raw.code = Some(
+                        list(value, |v| {
+                            v.as_integer().and_then(|n| u16::try_from(n).ok())
+                        })
+                        .ok_or_else(|| wrong("a list of reply codes like [550, 551]"))?,
+                    )
+                }
+                "enhanced" => {
+                    raw.enhanced =
+                        Some(list(value, string).ok_or_else(|| {
+                            wrong("a list of strings like [\"5.1.1\", \"5.1.*\"]")
+                        })?)
+                }
+                "provider" => {
+                    raw.provider = Some(
+                        list(value, string)
+                            .ok_or_else(|| wrong("a list of host names like [\"google.com\"]"))?,
+                    )
+                }
+                _ => return Err(format!("unknown key `{key}` (the keys are {RULE_KEYS})")),
+            }
+        }
+        Ok(raw)
+    }
+}
+
+fn string(value: toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn list<T>(value: toml::Value, item: impl Fn(toml::Value) -> Option<T>) -> Option<Vec<T>> {
+    match value {
+        toml::Value::Array(items) => items.into_iter().map(item).collect(),
+        _ => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -207,8 +262,18 @@ impl Classifier {
     /// Compiles a rule file (the format is in the module documentation). Errors name the rule
     /// by its number, counted from 1 in file order.
     pub fn from_toml(source: &str) -> Result<Classifier, AccountingError> {
-        let file: RawFile = toml::from_str(source).map_err(|e| AccountingError::RuleFile {
-            reason: e.message().to_owned(),
+        let file: RawFile = toml::from_str(source).map_err(|e| {
+            // The message alone, with the line it is on: the full rendering quotes the
+            // source over several lines, which log lines do not want.
+            let line = e
+                .span()
+                .map(|span| source[..span.start].matches('\n').count() + 1);
+            AccountingError::RuleFile {
+                reason: match line {
+                    Some(line) => format!("line {line}: {}", e.message()),
+                    None => e.message().to_owned(),
+                },
+            }
         })?;
         if file.rule.is_empty() {
             return Err(AccountingError::RuleFile {
@@ -220,9 +285,7 @@ impl Classifier {
         for (i, value) in file.rule.into_iter().enumerate() {
             let number = i + 1;
             let bad = |reason: String| AccountingError::Rule { number, reason };
-            let raw: RawRule = value
-                .try_into()
-                .map_err(|e: toml::de::Error| bad(e.message().to_owned()))?;
+            let raw = RawRule::parse(value).map_err(bad)?;
             rules.push(compile_rule(raw, &mut patterns).map_err(bad)?);
         }
         let texts = RegexSetBuilder::new(&patterns)
@@ -273,10 +336,11 @@ impl Classifier {
 }
 
 fn compile_rule(raw: RawRule, patterns: &mut Vec<String>) -> Result<Rule, String> {
+    let name = raw.category.ok_or("`category` is missing")?;
     let category = BounceCategory::ALL
         .into_iter()
-        .find(|c| c.as_str() == raw.category)
-        .ok_or_else(|| format!("unknown category `{}`", raw.category))?;
+        .find(|c| c.as_str() == name)
+        .ok_or_else(|| format!("unknown category `{name}`"))?;
     let codes = non_empty("code", raw.code)?;
     if let Some(bad) = codes.iter().find(|c| !(100..=599).contains(*c)) {
         return Err(format!("`code` {bad} is not a reply code (100..=599)"));
@@ -438,8 +502,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_rule_compiles() {
-        assert!(Classifier::from_toml(DEFAULT_RULES).is_ok());
+    fn the_default_rules_compile() {
+        let c = Classifier::from_toml(DEFAULT_RULES).unwrap();
+        assert!(c.rule_count() > 20, "{}", c.rule_count());
     }
 
     #[test]
@@ -528,6 +593,273 @@ mod tests {
                 "{code} {enhanced:?} {text}"
             );
         }
+    }
+
+    fn facts<'a>(code: u16, enhanced: Option<&'a str>, text: &'a str) -> ReplyFacts<'a> {
+        ReplyFacts {
+            code,
+            enhanced,
+            text,
+            domain: None,
+            mx_hosts: &[],
+        }
+    }
+
+    fn rule_error(toml: &str) -> (usize, String) {
+        match Classifier::from_toml(toml) {
+            Err(AccountingError::Rule { number, reason }) => (number, reason),
+            other => panic!("expected a rule error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_first_matching_rule_wins_in_file_order() {
+        let rules = "[[rule]]\ncategory = \"quota-issues\"\ntext = \"full\"\n\
+                     [[rule]]\ncategory = \"bad-mailbox\"\ntext = \"mailbox\"\n";
+        let c = Classifier::from_toml(rules).unwrap();
+        assert_eq!(c.rule_count(), 2);
+        let reply = facts(552, None, "mailbox full");
+        assert_eq!(c.classify(&reply), BounceCategory::QuotaIssues);
+        assert_eq!(
+            c.classify(&facts(550, None, "no such mailbox")),
+            BounceCategory::BadMailbox
+        );
+        let swapped = "[[rule]]\ncategory = \"bad-mailbox\"\ntext = \"mailbox\"\n\
+                       [[rule]]\ncategory = \"quota-issues\"\ntext = \"full\"\n";
+        let c = Classifier::from_toml(swapped).unwrap();
+        assert_eq!(c.classify(&reply), BounceCategory::BadMailbox);
+        assert_eq!(
+            c.classify(&facts(550, None, "nothing known")),
+            BounceCategory::Other
+        );
+    }
+
+    #[test]
+    fn all_conditions_of_a_rule_must_hold() {
+        let rules = "[[rule]]\ncategory = \"bad-mailbox\"\ncode = [550]\n\
+                     enhanced = [\"5.1.*\"]\ntext = \"(?i)unknown\"\n";
+        let c = Classifier::from_toml(rules).unwrap();
+        let hit = facts(550, Some("5.1.1"), "User Unknown");
+        assert_eq!(c.classify(&hit), BounceCategory::BadMailbox);
+        for miss in [
+            facts(551, Some("5.1.1"), "User Unknown"),
+            facts(550, Some("5.2.1"), "User Unknown"),
+            facts(550, Some("5.1.1"), "mailbox full"),
+            facts(550, None, "User Unknown"),
+        ] {
+            assert_eq!(c.classify(&miss), BounceCategory::Other, "{miss:?}");
+        }
+        // Without its own enhanced code a reply's text supplies one, as DSNs and qmail write it.
+        assert_eq!(
+            c.classify(&facts(550, None, "smtp; 550 5.1.1 user unknown")),
+            BounceCategory::BadMailbox
+        );
+        assert_eq!(
+            c.classify(&facts(550, None, "user unknown (#5.1.1)")),
+            BounceCategory::BadMailbox
+        );
+    }
+
+    #[test]
+    fn wildcards_in_enhanced_codes() {
+        let rules = "[[rule]]\ncategory = \"quota-issues\"\nenhanced = [\"*.2.2\"]\n";
+        let c = Classifier::from_toml(rules).unwrap();
+        assert_eq!(
+            c.classify(&facts(452, Some("4.2.2"), "")),
+            BounceCategory::QuotaIssues
+        );
+        assert_eq!(
+            c.classify(&facts(552, Some("5.2.2"), "")),
+            BounceCategory::QuotaIssues
+        );
+        assert_eq!(
+            c.classify(&facts(552, Some("5.2.22"), "")),
+            BounceCategory::Other
+        );
+    }
+
+    #[test]
+    fn provider_rules_fire_only_for_that_provider() {
+        let rules = "[[rule]]\ncategory = \"rate-limited\"\nenhanced = [\"4.2.1\"]\n\
+                     provider = [\"google.com\", \".GMAIL.com.\"]\n\
+                     [[rule]]\ncategory = \"inactive-mailbox\"\nenhanced = [\"4.2.1\"]\n";
+        let c = Classifier::from_toml(rules).unwrap();
+        let with = |domain: Option<&str>, mx: &[&str]| {
+            let mx_hosts: Vec<String> = mx.iter().map(|h| h.to_string()).collect();
+            c.classify(&ReplyFacts {
+                code: 450,
+                enhanced: Some("4.2.1"),
+                text: "try later",
+                domain,
+                mx_hosts: &mx_hosts,
+            })
+        };
+        let google_mx = ["alt1.aspmx.l.google.com.", "ASPMX.L.GOOGLE.COM"];
+        assert_eq!(
+            with(Some("example.com"), &google_mx),
+            BounceCategory::RateLimited
+        );
+        assert_eq!(with(Some("gmail.com"), &[]), BounceCategory::RateLimited);
+        assert_eq!(with(Some("google.com"), &[]), BounceCategory::RateLimited);
+        let elsewhere = ["mx.example.com", "notgoogle.com"];
+        assert_eq!(
+            with(Some("example.com"), &elsewhere),
+            BounceCategory::InactiveMailbox
+        );
+        assert_eq!(
+            with(Some("mygmail.com"), &[]),
+            BounceCategory::InactiveMailbox
+        );
+        assert_eq!(with(None, &[]), BounceCategory::InactiveMailbox);
+    }
+
+    #[test]
+    fn transient_only_and_permanent_restrict_the_class() {
+        let rules =
+            "[[rule]]\ncategory = \"greylisted\"\ntext = \"later\"\ntransient_only = true\n\
+                     [[rule]]\ncategory = \"policy-related\"\ntext = \"later\"\npermanent = true\n\
+                     [[rule]]\ncategory = \"rate-limited\"\ntext = \"slow\"\npermanent = false\n";
+        let c = Classifier::from_toml(rules).unwrap();
+        let later = |code| c.classify(&facts(code, None, "come back later"));
+        assert_eq!(later(451), BounceCategory::Greylisted);
+        assert_eq!(later(550), BounceCategory::PolicyRelated);
+        assert_eq!(
+            c.classify(&facts(421, None, "slow down")),
+            BounceCategory::RateLimited
+        );
+        assert_eq!(
+            c.classify(&facts(554, None, "slow down")),
+            BounceCategory::Other
+        );
+    }
+
+    #[test]
+    fn only_failures_are_classified() {
+        let c = Classifier::from_toml("[[rule]]\ncategory = \"bad-mailbox\"\n").unwrap();
+        assert_eq!(
+            c.classify(&facts(550, None, "anything")),
+            BounceCategory::BadMailbox
+        );
+        assert_eq!(
+            c.classify(&facts(451, None, "anything")),
+            BounceCategory::BadMailbox
+        );
+        for code in [220, 250, 251, 354, 0, 999] {
+            assert_eq!(
+                c.classify(&facts(code, Some("5.1.1"), "user unknown")),
+                BounceCategory::Other,
+                "{code}"
+            );
+        }
+        assert_eq!(
+            classify(250, Some("2.0.0"), "user unknown, queued anyway"),
+            BounceCategory::Other
+        );
+    }
+
+    #[test]
+    fn rule_errors_name_the_rule_and_what_is_wrong() {
+        let ok = "[[rule]]\ncategory = \"other\"\n";
+        let (n, why) = rule_error(&format!("{ok}[[rule]]\ncategory = \"bad-mailboxes\"\n"));
+        assert_eq!(n, 2);
+        assert!(why.contains("unknown category `bad-mailboxes`"), "{why}");
+        let (n, why) = rule_error(&format!(
+            "{ok}{ok}[[rule]]\ncategory = \"other\"\ncolour = 1\n"
+        ));
+        assert_eq!(n, 3);
+        assert!(why.contains("colour"), "{why}");
+        let (n, why) = rule_error("[[rule]]\ncategory = \"other\"\ntext = \"(unclosed\"\n");
+        assert_eq!(n, 1);
+        assert!(why.contains("`text`") && why.contains("(unclosed"), "{why}");
+        let (n, why) = rule_error(&format!(
+            "{ok}[[rule]]\ncategory = \"other\"\nenhanced = [\"5.1\"]\n"
+        ));
+        assert_eq!(n, 2);
+        assert!(why.contains("\"5.1\""), "{why}");
+        let (_, why) = rule_error("[[rule]]\ncategory = \"other\"\nenhanced = [\"3.1.1\"]\n");
+        assert!(why.contains("3.1.1"), "{why}");
+        let (_, why) = rule_error("[[rule]]\ncategory = \"other\"\ncode = [55]\n");
+        assert!(why.contains("55"), "{why}");
+        let (_, why) = rule_error("[[rule]]\ncategory = \"other\"\ncode = []\n");
+        assert!(why.contains("`code` is an empty list"), "{why}");
+        let (_, why) = rule_error("[[rule]]\ncategory = \"other\"\nprovider = [\".\"]\n");
+        assert!(why.contains("provider"), "{why}");
+        let (_, why) =
+            rule_error("[[rule]]\ncategory = \"other\"\npermanent = true\ntransient_only = true\n");
+        assert!(why.contains("never both"), "{why}");
+        let (_, why) = rule_error("[[rule]]\ntext = \"x\"\n");
+        assert!(why.contains("category"), "{why}");
+        let message = Classifier::from_toml("[[rule]]\ncategory = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            message,
+            "bounce classification rule 1: unknown category `nope`"
+        );
+    }
+
+    #[test]
+    fn file_errors_are_reported_as_such() {
+        for bad in [
+            "",
+            "[[rules]]\ncategory = \"other\"\n",
+            "[[rule]\n",
+            "rule = 3\n",
+        ] {
+            match Classifier::from_toml(bad) {
+                Err(AccountingError::RuleFile { .. }) => {}
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_free_function_is_the_default_classifier_without_a_destination() {
+        let c = Classifier::default();
+        assert_eq!(
+            c.rule_count(),
+            Classifier::from_toml(DEFAULT_RULES).unwrap().rule_count()
+        );
+        let replies: &[(u16, Option<&str>, &str)] = &[
+            (
+                550,
+                Some("5.1.1"),
+                "The email account that you tried to reach does not exist.",
+            ),
+            (
+                421,
+                Some("4.7.0"),
+                "[TSS04] Messages from 192.0.2.1 temporarily deferred",
+            ),
+            (
+                450,
+                Some("4.2.1"),
+                "The user you are trying to contact is receiving mail at a rate",
+            ),
+            (450, Some("4.2.1"), "try later"),
+            (554, None, "IP=192.0.2.1 - A problem occurred. (BL)"),
+            (250, None, "ok"),
+            (554, None, "Transaction failed"),
+        ];
+        for (code, enhanced, text) in replies {
+            assert_eq!(
+                classify(*code, *enhanced, text),
+                c.classify(&facts(*code, *enhanced, text)),
+                "{code} {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn classifiers_are_shareable_across_threads() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Classifier>();
+        let c = Classifier::default();
+        let worker = c.clone();
+        let got = std::thread::spawn(move || worker.classify(&facts(552, None, "Mailbox full")))
+            .join()
+            .unwrap();
+        assert_eq!(got, BounceCategory::QuotaIssues);
     }
 
     #[test]

@@ -36,7 +36,9 @@ fn cases() -> Vec<Case<'static>> {
             assert_eq!(f.len(), 6, "corpus.tsv line {}: {l:?}", i + 1);
             Case {
                 line: i + 1,
-                code: f[0].parse().unwrap(),
+                code: f[0]
+                    .parse()
+                    .unwrap_or_else(|_| panic!("corpus.tsv line {}: bad code", i + 1)),
                 enhanced: dash(f[1]),
                 domain: dash(f[2]),
                 mx_hosts: dash(f[3])
