@@ -32,8 +32,10 @@
 //! one pass of that set over the text (a lazy DFA; it reports every pattern that matched), then
 //! a walk over the rules in order comparing integers, the enhanced code and host suffixes
 //! against that bit set. There is never one regex search per rule, so a longer rule file costs
-//! DFA states, not passes. Patterns should avoid `\b` (Unicode word boundaries make the DFA give
-//! up on non-ASCII text); the default rules use explicit character classes instead.
+//! DFA states, not passes. On the corpus (release build) a reply takes about 0.75 µs, where the
+//! former table of nine separate regex searches took about 1.4 µs. Patterns should avoid `\b`
+//! (Unicode word boundaries make the DFA give up on non-ASCII text); the default rules use
+//! explicit character classes instead.
 
 use crate::AccountingError;
 use regex::{Regex, RegexSet, RegexSetBuilder};
@@ -112,6 +114,11 @@ pub const DEFAULT_RULES: &str = include_str!("../rules/default.toml");
 /// Compiled size allowed for the combined text patterns. The regex crate's default (10 MiB)
 /// is for one pattern; a rule file is dozens of case-insensitive alternations in one program.
 const SET_SIZE_LIMIT: usize = 64 << 20;
+
+/// Ceiling for the lazy DFA's state cache (it grows only as far as the texts need). With the
+/// crate's default (2 MiB) the default rules' automaton does not fit, the search falls back to
+/// the PikeVM, and a reply took ~130 µs instead of under 1 µs (measured on the corpus).
+const SET_DFA_LIMIT: usize = 16 << 20;
 
 /// What is known about a reply when it is classified.
 #[derive(Debug, Clone, Copy)]
@@ -290,6 +297,7 @@ impl Classifier {
         }
         let texts = RegexSetBuilder::new(&patterns)
             .size_limit(SET_SIZE_LIMIT)
+            .dfa_size_limit(SET_DFA_LIMIT)
             .build()
             .map_err(|e| AccountingError::RuleFile {
                 reason: format!("the text patterns together: {e}"),
