@@ -10,7 +10,7 @@ mod classify;
 mod metrics_names;
 mod writer;
 
-pub use classify::{classify, BounceCategory};
+pub use classify::{classify, BounceCategory, Classifier, ReplyFacts, DEFAULT_RULES};
 pub use metrics_names::describe_metrics;
 pub use writer::{final_ids_since, Accounting, AccountingError};
 

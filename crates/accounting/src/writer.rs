@@ -25,6 +25,20 @@ pub enum AccountingError {
     /// The writer thread has stopped (after an earlier I/O error or at shutdown).
     #[error("the accounting writer has stopped")]
     Stopped,
+    /// A bounce classification rule file is not valid TOML or has no rules.
+    #[error("bounce classification rules: {reason}")]
+    RuleFile {
+        /// What is wrong with the file as a whole.
+        reason: String,
+    },
+    /// One `[[rule]]` of a bounce classification rule file is wrong.
+    #[error("bounce classification rule {number}: {reason}")]
+    Rule {
+        /// The rule's position in the file, counted from 1.
+        number: usize,
+        /// What is wrong with it (the bad key, category, code or regex).
+        reason: String,
+    },
 }
 
 struct Job {
