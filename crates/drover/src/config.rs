@@ -559,6 +559,9 @@ pub struct BounceProcessingConfig {
     pub max_report_size: u64,
     /// Inbound reports accepted per client address and minute (extension; default 600).
     pub max_reports_per_minute: u32,
+    /// A bounce classification rule file (TOML, see `accounting::classify`) replacing the
+    /// built-in rules; reloaded on SIGHUP (extension).
+    pub classification_rules: Option<std::path::PathBuf>,
 }
 
 impl Default for BounceProcessingConfig {
@@ -570,6 +573,7 @@ impl Default for BounceProcessingConfig {
             sent_retention: HumanDuration(std::time::Duration::from_secs(7 * 86_400)),
             max_report_size: 10 << 20,
             max_reports_per_minute: 600,
+            classification_rules: None,
         }
     }
 }

@@ -345,7 +345,14 @@ impl Engine {
                         } else {
                             550
                         });
-                    let category = accounting::classify(code, enhanced.as_deref(), &text);
+                    let domain = r.recipient.rsplit_once('@').map(|(_, d)| d.to_owned());
+                    let category = self.policy().classifier.classify(&accounting::ReplyFacts {
+                        code,
+                        enhanced: enhanced.as_deref(),
+                        text: &text,
+                        domain: domain.as_deref(),
+                        mx_hosts: &[],
+                    });
                     r.response = Some(accounting::Response {
                         code,
                         enhanced_code: enhanced,

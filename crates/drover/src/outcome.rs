@@ -3,7 +3,7 @@
 
 use crate::automation::{Action, Automation};
 use crate::config::RetryConfig;
-use accounting::{classify, BounceCategory, Peer, Response};
+use accounting::{BounceCategory, Classifier, Peer, Response};
 use connection_pool::ClientError;
 use smtp_proto::Reply;
 use std::time::Duration;
@@ -26,7 +26,14 @@ pub(crate) struct Outcome {
 }
 
 impl Outcome {
-    pub(crate) fn from_reply(reply: &Reply) -> Outcome {
+    /// The outcome of `reply` from an MX of `domain` (`mx_hosts`: provider rules look at
+    /// them).
+    pub(crate) fn from_reply(
+        reply: &Reply,
+        classifier: &Classifier,
+        domain: &str,
+        mx_hosts: &[String],
+    ) -> Outcome {
         let enhanced = reply.enhanced.map(|e| e.to_string());
         let text = reply.text();
         let verdict = if reply.is_positive() {
@@ -37,7 +44,13 @@ impl Outcome {
             Verdict::Deferred
         };
         Outcome {
-            category: classify(reply.code, enhanced.as_deref(), &text),
+            category: classifier.classify(&accounting::ReplyFacts {
+                code: reply.code,
+                enhanced: enhanced.as_deref(),
+                text: &text,
+                domain: Some(domain),
+                mx_hosts,
+            }),
             verdict,
             response: Response {
                 code: reply.code,
@@ -173,6 +186,10 @@ pub(crate) fn retry_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn judge(r: &Reply) -> Outcome {
+        Outcome::from_reply(r, &Classifier::default(), "example.test", &[])
+    }
     use crate::config::Config;
     use smtp_proto::EnhancedCode;
 
@@ -190,20 +207,20 @@ mod tests {
 
     #[test]
     fn replies_give_verdicts_and_categories() {
-        let ok = Outcome::from_reply(&reply(250, Some((2, 0, 0)), "queued"));
+        let ok = judge(&reply(250, Some((2, 0, 0)), "queued"));
         assert_eq!(ok.verdict, Verdict::Delivered);
-        let unknown = Outcome::from_reply(&reply(550, Some((5, 1, 1)), "no such user"));
+        let unknown = judge(&reply(550, Some((5, 1, 1)), "no such user"));
         assert_eq!(unknown.verdict, Verdict::Bounced);
         assert_eq!(unknown.category, BounceCategory::BadMailbox);
         assert_eq!(unknown.response.enhanced_code.as_deref(), Some("5.1.1"));
         assert_eq!(unknown.response.text, "no such user");
-        let later = Outcome::from_reply(&reply(452, Some((4, 2, 2)), "mailbox full"));
+        let later = judge(&reply(452, Some((4, 2, 2)), "mailbox full"));
         assert_eq!(later.verdict, Verdict::Deferred);
     }
 
     #[test]
     fn a_bare_4_7_1_on_a_first_attempt_is_greylisting() {
-        let bare = || Outcome::from_reply(&reply(450, Some((4, 7, 1)), "access denied for now"));
+        let bare = || judge(&reply(450, Some((4, 7, 1)), "access denied for now"));
         assert_ne!(bare().category, BounceCategory::Greylisted);
         let mut first = bare();
         first.mark_greylisting(1);
@@ -211,10 +228,10 @@ mod tests {
         let mut second = bare();
         second.mark_greylisting(2);
         assert_ne!(second.category, BounceCategory::Greylisted);
-        let mut throttled = Outcome::from_reply(&reply(421, Some((4, 7, 0)), "too fast"));
+        let mut throttled = judge(&reply(421, Some((4, 7, 0)), "too fast"));
         throttled.mark_greylisting(1);
         assert_ne!(throttled.category, BounceCategory::Greylisted);
-        let mut bounced = Outcome::from_reply(&reply(550, Some((5, 7, 1)), "denied"));
+        let mut bounced = judge(&reply(550, Some((5, 7, 1)), "denied"));
         bounced.mark_greylisting(1);
         assert_ne!(bounced.category, BounceCategory::Greylisted);
     }
@@ -225,15 +242,15 @@ mod tests {
             "[[automation]]\nmatch_response = \"TSS04\"\naction = \"suspend\"\nduration = \"2h\"\n\
              [[automation]]\nmatch_response = \"4\\\\.2\\\\.2\"\naction = \"bounce\"\n",
         );
-        let mut yahoo = Outcome::from_reply(&reply(421, Some((4, 7, 0)), "[TSS04] deferred"));
+        let mut yahoo = judge(&reply(421, Some((4, 7, 0)), "[TSS04] deferred"));
         let (action, duration) = yahoo.react(&rules).unwrap();
         assert_eq!(action, Action::Suspend);
         assert_eq!(duration, Duration::from_secs(7200));
         assert_eq!(yahoo.verdict, Verdict::Deferred);
-        let mut full = Outcome::from_reply(&reply(452, Some((4, 2, 2)), "mailbox full"));
+        let mut full = judge(&reply(452, Some((4, 2, 2)), "mailbox full"));
         assert_eq!(full.react(&rules).unwrap().0, Action::Bounce);
         assert_eq!(full.verdict, Verdict::Bounced);
-        let mut ok = Outcome::from_reply(&reply(250, None, "TSS04 is fine"));
+        let mut ok = judge(&reply(250, None, "TSS04 is fine"));
         assert!(ok.react(&rules).is_none());
         assert_eq!(ok.verdict, Verdict::Delivered);
     }

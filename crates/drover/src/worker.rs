@@ -352,7 +352,12 @@ impl Engine {
         let tls = client.tls().map(|t| t.to_string());
         let (mut outcome, keep) = match result {
             Ok(tx) => {
-                let mut outcome = Outcome::from_reply(tx.outcome_for(0));
+                let mut outcome = Outcome::from_reply(
+                    tx.outcome_for(0),
+                    &self.policy().classifier,
+                    &meta.domain,
+                    &mx_hosts(dest),
+                );
                 self.automate(&mut outcome, queue, limiter);
                 (outcome, client.is_usable())
             }
