@@ -230,3 +230,12 @@ pub async fn fill_spool(path: &Path, count: usize, due_in_ms: u64, campaign: Opt
     }
     spool.close().unwrap();
 }
+
+/// The value of one series in a Prometheus text page (0 when absent). Counters are
+/// process-wide and tests share the process: compare with `>=`, never `==`.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).filter(|rest| rest.starts_with(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

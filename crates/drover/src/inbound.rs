@@ -181,9 +181,15 @@ impl Engine {
             .returned_message_id
             .as_deref()
             .and_then(id_from_message_id);
+        // A Message-ID the client wrote, through the index kept at injection.
+        let by_index = report
+            .returned_message_id
+            .as_deref()
+            .and_then(|mid| self.spool.message_id(mid).ok().flatten());
         by_envid
             .into_iter()
             .chain(by_message_id)
+            .chain(by_index)
             .find_map(|id| self.remembered(id, None))
     }
 

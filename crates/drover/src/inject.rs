@@ -83,9 +83,35 @@ impl Engine {
             }
         };
         let metas: Vec<MessageMeta> = messages.iter().map(|m| m.meta.clone()).collect();
+        // With the feedback loop on, a Message-ID the client wrote is indexed, so a complaint
+        // that returns only the headers can still be tied to its message (the ones Drover
+        // writes, `<id@domain>`, name the message by themselves).
+        let message_ids: Vec<(String, queue::MessageId)> =
+            if self.config.bounce_processing.domains.is_empty() {
+                Vec::new()
+            } else {
+                messages
+                    .iter()
+                    .filter_map(|m| {
+                        let mid = crate::message::header_value(&m.body, "Message-ID")?;
+                        let own = mid
+                            .trim()
+                            .trim_start_matches('<')
+                            .split('@')
+                            .next()
+                            .is_some_and(|local| local == m.meta.id.to_string());
+                        (!own).then_some((mid, m.meta.id))
+                    })
+                    .collect()
+            };
         self.spool
             .insert(messages.into_iter().map(|m| (m.meta, m.body)).collect())
             .await?;
+        if !message_ids.is_empty() {
+            if let Err(e) = self.spool.index_message_ids(message_ids).await {
+                tracing::warn!(error = %e, "could not index Message-IDs; reports may go unmatched");
+            }
+        }
         metrics::counter!(RECEIVED, "via" => via).increment(count);
         metrics::counter!(DKIM_SIGNATURES, "result" => "signed").increment(signed);
         metrics::counter!(DKIM_SIGNATURES, "result" => "unsigned").increment(count - signed);

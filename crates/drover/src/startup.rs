@@ -61,6 +61,7 @@ impl Engine {
                 sync: config.spool.sync,
                 body_buffer_bytes: config.spool.body_buffer_mb.saturating_mul(1 << 20),
                 memory_budget_bytes: config.spool.memory_budget_mb.saturating_mul(1 << 20),
+                message_id_retention: config.bounce_processing.sent_retention.0,
                 ..SpoolOptions::default()
             },
         )?;

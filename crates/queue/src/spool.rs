@@ -45,6 +45,9 @@ const CF_SUPPRESSION: &str = "suppression";
 /// What is remembered of every message for matching late reports: key the message id
 /// (UUIDv7, so in time order), value a JSON [`Sent`]; trimmed by age ([`Spool::expire_sent`]).
 const CF_SENT: &str = "sent";
+/// Message-IDs a client wrote, to the message id (value: the 16-byte UUIDv7, whose time the
+/// compaction filter reads to drop entries past their retention).
+const CF_MESSAGE_IDS: &str = "message_ids";
 
 /// Gauge: 1 while the spool accepts writes, 0 while it is degraded after a storage error.
 pub(crate) const WRITABLE_GAUGE: &str = "drover_spool_writable";
@@ -93,6 +96,9 @@ pub struct SpoolOptions {
     /// (the engine's state) cannot keep every older log alive, and a start replays at most
     /// this much.
     pub memory_budget_bytes: usize,
+    /// How long the Message-ID index ([`Spool::index_message_ids`]) keeps an entry: older
+    /// ones are dropped as compactions meet them.
+    pub message_id_retention: Duration,
 }
 
 /// The default of [`SpoolOptions::memory_budget_bytes`].
@@ -114,6 +120,7 @@ impl Default for SpoolOptions {
             body_buffer_bytes: DEFAULT_BODY_BUFFER_BYTES,
             max_pending_write_bytes: DEFAULT_PENDING_WRITE_BYTES,
             memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
+            message_id_retention: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -142,6 +149,10 @@ enum Op {
     Unsuppress {
         key: Vec<u8>,
     },
+    IndexMessageId {
+        key: String,
+        id: MessageId,
+    },
 }
 
 impl Op {
@@ -152,6 +163,7 @@ impl Op {
             Op::PutState { key, value } => key.len() + value.len() + 64,
             Op::Suppress { key, value } => key.len() + value.len() + 64,
             Op::Unsuppress { key } => key.len() + 64,
+            Op::IndexMessageId { key, .. } => key.len() + 64,
             Op::Update { .. } | Op::Remove { .. } | Op::DeleteState { .. } => 256,
         }
     }
@@ -300,6 +312,39 @@ fn suppression_options(cache: Option<&rocksdb::Cache>) -> Options {
     opts
 }
 
+/// The Message-ID index forgets entries whose message is older than `retention` as
+/// compactions pass over them: its keys are not in time order, so no range deletion can.
+fn message_id_options(retention: Duration, cache: Option<&rocksdb::Cache>) -> Options {
+    let mut opts = cf_options(4 << 20, cache);
+    let retention_ms = retention.as_millis() as u64;
+    opts.set_compaction_filter("drover-message-id-retention", move |_level, _key, value| {
+        let Some(stamp) = value.get(..6) else {
+            return rocksdb::compaction_filter::Decision::Remove;
+        };
+        let mut ms = [0u8; 8];
+        ms[2..].copy_from_slice(stamp);
+        let written = u64::from_be_bytes(ms);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if written.saturating_add(retention_ms) < now {
+            rocksdb::compaction_filter::Decision::Remove
+        } else {
+            rocksdb::compaction_filter::Decision::Keep
+        }
+    });
+    opts
+}
+
+/// The index key of a Message-ID: without angle brackets, lowercase.
+fn message_id_key(message_id: &str) -> String {
+    message_id
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_lowercase()
+}
+
 fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
     let budget = options.memory_budget_bytes.max(8 << 20);
     // A cache that cannot be made only costs read speed: RocksDB then uses its own 8 MiB.
@@ -318,6 +363,10 @@ fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
         ColumnFamilyDescriptor::new(CF_STATE, cf_options(1 << 20, cache.as_ref())),
         ColumnFamilyDescriptor::new(CF_SUPPRESSION, suppression_options(cache.as_ref())),
         ColumnFamilyDescriptor::new(CF_SENT, cf_options(4 << 20, cache.as_ref())),
+        ColumnFamilyDescriptor::new(
+            CF_MESSAGE_IDS,
+            message_id_options(options.message_id_retention, cache.as_ref()),
+        ),
     ]
 }
 
@@ -763,6 +812,33 @@ impl Spool {
                 out.push((key, entry));
             }
             Ok(out)
+        })
+    }
+
+    /// Remembers the Message-IDs clients wrote, so a report that returns only the headers can
+    /// be tied to its message. Unsynced: a crash loses only the chance to match.
+    pub async fn index_message_ids(
+        &self,
+        entries: Vec<(String, MessageId)>,
+    ) -> Result<(), QueueError> {
+        let ops = entries
+            .into_iter()
+            .map(|(message_id, id)| Op::IndexMessageId {
+                key: message_id_key(&message_id),
+                id,
+            })
+            .filter(|op| matches!(op, Op::IndexMessageId { key, .. } if !key.is_empty()))
+            .collect();
+        self.submit_with(ops, false).await
+    }
+
+    /// The message a client-written Message-ID belongs to, within the retention.
+    pub fn message_id(&self, message_id: &str) -> Result<Option<MessageId>, QueueError> {
+        let key = message_id_key(message_id);
+        self.with_db(|db| {
+            Ok(db
+                .get_pinned_cf(cf(db, CF_MESSAGE_IDS)?, key.as_bytes())?
+                .and_then(|v| MessageId::from_slice(&v).ok()))
         })
     }
 
@@ -1245,6 +1321,9 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                 Op::DeleteState { key } => batch.delete_cf(state_cf, key.as_bytes()),
                 Op::Suppress { key, value } => batch.put_cf(cf(CF_SUPPRESSION)?, key, value),
                 Op::Unsuppress { key } => batch.delete_cf(cf(CF_SUPPRESSION)?, key),
+                Op::IndexMessageId { key, id } => {
+                    batch.put_cf(cf(CF_MESSAGE_IDS)?, key.as_bytes(), id.as_bytes())
+                }
             }
         }
     }
@@ -1417,6 +1496,50 @@ mod tests {
         assert!(spool.sent(&m.id).unwrap().is_some());
         spool.expire_sent(now + 60_000).unwrap();
         assert!(spool.sent(&m.id).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn client_message_ids_find_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let id = MessageId::generate();
+        spool
+            .index_message_ids(vec![
+                ("<Campaign-7.ABC@News.Example.com>".into(), id),
+                ("  ".into(), MessageId::generate()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.message_id("campaign-7.abc@news.example.com").unwrap(),
+            Some(id)
+        );
+        assert_eq!(spool.message_id("<other@news.example.com>").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_message_id_index_forgets_entries_past_their_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SpoolOptions {
+            message_id_retention: Duration::from_millis(1),
+            ..SpoolOptions::default()
+        };
+        let spool = Spool::open(dir.path(), options).unwrap();
+        let id = MessageId::generate();
+        spool
+            .index_message_ids(vec![("<old@x.test>".into(), id)])
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        spool
+            .with_db(|db| {
+                let handle = cf(db, CF_MESSAGE_IDS)?;
+                db.flush_cf(handle)?;
+                db.compact_range_cf(handle, None::<&[u8]>, None::<&[u8]>);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(spool.message_id("<old@x.test>").unwrap(), None);
     }
 
     #[tokio::test]
