@@ -1,6 +1,9 @@
 //! A loopback-only Postfix relay (own config and queue directories, `relayhost` to the sink),
 //! fed by `smtp-source`: the side-by-side with the MTA users know.
 
+#[path = "../support/postfix_conf.rs"]
+mod postfix_conf;
+
 use crate::{free_port, smtp_source, wait_for_port, wait_until, which, Run, Sink};
 use std::path::{Path, PathBuf};
 
@@ -43,61 +46,19 @@ impl Postfix {
         run(Command::new("chown").arg("postfix").arg(&data))?;
         let port = free_port();
         let main = format!(
-            "compatibility_level = 3.6
-queue_directory = {queue}
-data_directory = {data}
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = relay.bench.test
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-relay_domains =
+            "{}relay_domains =
 relayhost = [127.0.0.1]:{sink_port}
-smtp_dns_support_level = disabled
-mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, reject
 default_process_limit = 200
 smtpd_client_connection_count_limit = 0
 default_destination_concurrency_limit = 20
 smtp_destination_concurrency_limit = 20
-maillog_file_prefixes = {dir}
-maillog_file = {dir}/postfix.log
-biff = no
 ",
-            queue = queue.display(),
-            data = data.display(),
-            dir = dir.display(),
+            postfix_conf::base_main_cf(&dir, "relay.bench.test")
         );
         std::fs::write(dir.join("main.cf"), main).map_err(|e| e.to_string())?;
-        // Debian's master.cf, unchrooted, with smtpd on our own port.
-        let master = std::fs::read_to_string("/etc/postfix/master.cf")
-            .map_err(|e| format!("/etc/postfix/master.cf: {e}"))?;
-        let mut out = String::new();
-        for line in master.lines() {
-            if line.starts_with('#') || line.starts_with([' ', '\t']) || line.trim().is_empty() {
-                out.push_str(line);
-                out.push('\n');
-                continue;
-            }
-            let mut fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-            if fields.len() >= 8 {
-                if fields[0] == "smtp" && fields[1] == "inet" {
-                    fields[0] = format!("127.0.0.1:{port}");
-                }
-                fields[4] = "n".into();
-            }
-            out.push_str(&fields.join(" "));
-            out.push('\n');
-        }
-        std::fs::write(dir.join("master.cf"), out).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("master.cf"), postfix_conf::master_cf(port)?)
+            .map_err(|e| e.to_string())?;
         // Postfix logs start-up errors only to syslog; `script` gives them a terminal.
         run(Command::new("script")
             .arg("-qc")

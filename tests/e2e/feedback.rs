@@ -4,7 +4,6 @@
 
 use crate::dkim::{dkim_config, external_verify, wait_messages};
 use crate::harness::*;
-use connection_pool::{ConnectOptions, Envelope, SmtpClient, TlsFailureMemory, TlsMode};
 use dkim::testing::{verify, Verdict};
 use feedback::verp::Kind;
 use std::collections::HashMap;
@@ -91,28 +90,14 @@ async fn http_and_smtp_mail_carries_verp_and_stamped_headers_under_the_signature
         .await;
     assert_eq!(status, 200, "{body}");
     // SMTP: no tenant, so the defaults.
-    let mut client = SmtpClient::connect_with(ConnectOptions {
-        tls: TlsMode::Disabled,
-        tls_failures: TlsFailureMemory::default(),
-        ..ConnectOptions::new(
-            "localhost",
-            engine.running.as_ref().unwrap().smtp_addr.unwrap(),
-            "client.test",
-        )
-    })
-    .await
-    .unwrap();
-    let sent = client
-        .send(
-            &Envelope {
-                sender: "bounces@news.example.com".into(),
-                recipients: vec!["dee@example.test".into()],
-                ..Default::default()
-            },
-            b"From: News <news@example.com>\r\nSubject: smtp\r\n\r\nbody\r\n",
-        )
-        .await
-        .unwrap();
+    let sent = smtp_transaction(
+        &engine,
+        "client.test",
+        "bounces@news.example.com",
+        &["dee@example.test"],
+        b"From: News <news@example.com>\r\nSubject: smtp\r\n\r\nbody\r\n",
+    )
+    .await;
     assert_eq!(sent.data.map(|r| r.code), Some(250));
 
     let msgs = wait_messages(&sink, 4).await;

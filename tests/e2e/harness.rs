@@ -239,3 +239,28 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
+
+/// One SMTP transaction to the engine's listener (plaintext, EHLO `helo`): the replies to
+/// MAIL, each RCPT and the final dot.
+pub async fn smtp_transaction(
+    engine: &TestEngine,
+    helo: &str,
+    sender: &str,
+    recipients: &[&str],
+    data: &[u8],
+) -> connection_pool::TransactionResult {
+    let addr = engine.running.as_ref().unwrap().smtp_addr.unwrap();
+    let mut client = connection_pool::SmtpClient::connect_with(connection_pool::ConnectOptions {
+        tls: connection_pool::TlsMode::Disabled,
+        tls_failures: connection_pool::TlsFailureMemory::default(),
+        ..connection_pool::ConnectOptions::new("localhost", addr, helo)
+    })
+    .await
+    .unwrap();
+    let envelope = connection_pool::Envelope {
+        sender: sender.to_owned(),
+        recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+        ..Default::default()
+    };
+    client.send(&envelope, data).await.unwrap()
+}

@@ -4,6 +4,9 @@
 //! (the bounce domain is routed there). Drover records an `AsyncBounce` for the right message and
 //! recipient and suppresses the recipient, so the next injection refuses it.
 
+#[path = "../../benches/support/postfix_conf.rs"]
+mod postfix_conf;
+
 use crate::harness::*;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -60,64 +63,26 @@ impl Postfix {
         )
         .unwrap();
         let main = format!(
-            "compatibility_level = 3.6
-queue_directory = {queue}
-data_directory = {data}
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.postfix.test
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mydestination =
-local_recipient_maps =
-alias_maps =
-alias_database =
-relay_domains = example.test
+            "{}relay_domains = example.test
 relay_recipient_maps =
 transport_maps = texthash:{dir}/transport
 default_transport = error:this test instance sends nothing out
 relay_transport = error:this test instance sends nothing out
-smtp_dns_support_level = disabled
-mynetworks = 127.0.0.0/8
 smtpd_relay_restrictions = permit_mynetworks, permit_auth_destination, reject
 # Accept at RCPT, bounce afterwards: smtpd would otherwise refuse a recipient whose
 # transport is error:, and the test needs the DSN Postfix writes itself.
 smtpd_reject_unlisted_recipient = no
 delay_warning_time = 0
-maillog_file_prefixes = {dir}
-maillog_file = {dir}/postfix.log
-biff = no
 ",
-            queue = queue.display(),
-            data = data.display(),
+            postfix_conf::base_main_cf(&dir, "mx.postfix.test"),
             dir = dir.display(),
         );
         std::fs::write(dir.join("main.cf"), main).unwrap();
-        // Debian's master.cf, unchrooted, with smtpd on our own port.
-        let master = std::fs::read_to_string("/etc/postfix/master.cf")
-            .expect("/etc/postfix/master.cf (scripts/install-deps.sh installs postfix)");
-        let mut out = String::new();
-        for line in master.lines() {
-            if line.starts_with('#') || line.starts_with([' ', '\t']) || line.trim().is_empty() {
-                out.push_str(line);
-                out.push('\n');
-                continue;
-            }
-            let mut fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-            if fields.len() >= 8 {
-                if fields[0] == "smtp" && fields[1] == "inet" {
-                    fields[0] = format!("127.0.0.1:{port}");
-                }
-                fields[4] = "n".into();
-            }
-            out.push_str(&fields.join(" "));
-            out.push('\n');
-        }
-        std::fs::write(dir.join("master.cf"), out).unwrap();
+        std::fs::write(
+            dir.join("master.cf"),
+            postfix_conf::master_cf(port).unwrap(),
+        )
+        .unwrap();
         // Postfix reports start-up errors only to syslog; `script` gives them a terminal.
         run(Command::new("script")
             .arg("-qc")

@@ -5,35 +5,14 @@
 
 use crate::dkim::wait_messages;
 use crate::harness::*;
-use connection_pool::{ConnectOptions, Envelope, SmtpClient, TlsFailureMemory, TlsMode};
 use serde_json::{json, Value};
 use std::time::Duration;
 
 const KEY: &str = "an operator's secret, 32 bytes!!";
 
 async fn send_report(engine: &TestEngine, to: &str, data: &str) -> (u16, String) {
-    let mut client = SmtpClient::connect_with(ConnectOptions {
-        tls: TlsMode::Disabled,
-        tls_failures: TlsFailureMemory::default(),
-        ..ConnectOptions::new(
-            "localhost",
-            engine.running.as_ref().unwrap().smtp_addr.unwrap(),
-            "mx.receiver.test",
-        )
-    })
-    .await
-    .unwrap();
-    let sent = client
-        .send(
-            &Envelope {
-                sender: String::new(),
-                recipients: vec![to.to_owned()],
-                ..Default::default()
-            },
-            data.replace('\n', "\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
+    let data = data.replace('\n', "\r\n");
+    let sent = smtp_transaction(engine, "mx.receiver.test", "", &[to], data.as_bytes()).await;
     let reply = sent.data.or(sent.rcpts.first().cloned()).unwrap();
     (reply.code, reply.lines.join(" "))
 }

@@ -3,7 +3,6 @@
 //! admin API and `drover suppression` manage the list.
 
 use crate::harness::*;
-use connection_pool::{ConnectOptions, Envelope, SmtpClient, TlsFailureMemory, TlsMode};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -21,28 +20,14 @@ async fn smtp_send(
     recipients: &[&str],
     data: &str,
 ) -> (Option<u16>, String, Vec<u16>) {
-    let mut client = SmtpClient::connect_with(ConnectOptions {
-        tls: TlsMode::Disabled,
-        tls_failures: TlsFailureMemory::default(),
-        ..ConnectOptions::new(
-            "localhost",
-            engine.running.as_ref().unwrap().smtp_addr.unwrap(),
-            "client.test",
-        )
-    })
-    .await
-    .unwrap();
-    let sent = client
-        .send(
-            &Envelope {
-                sender: "news@sender.example.com".into(),
-                recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
-                ..Default::default()
-            },
-            data.as_bytes(),
-        )
-        .await
-        .unwrap();
+    let sent = smtp_transaction(
+        engine,
+        "client.test",
+        "news@sender.example.com",
+        recipients,
+        data.as_bytes(),
+    )
+    .await;
     let rcpt_codes = sent.rcpts.iter().map(|r| r.code).collect();
     let text = sent
         .data

@@ -1,5 +1,6 @@
 //! The `drover` command line (contract §1).
 
+mod admin_client;
 mod suppression_cli;
 
 use anyhow::Context;
@@ -399,30 +400,11 @@ async fn sink(args: SinkArgs) -> anyhow::Result<()> {
 }
 
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let base = args.api.trim_end_matches('/');
-    let send = |request: reqwest::RequestBuilder| async {
-        let request = match &args.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        };
-        let response = request.send().await.context("cannot reach the engine")?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.context("bad reply")?;
-        if !status.is_success() {
-            anyhow::bail!("{status}: {}", body["error"]);
-        }
-        Ok(body)
-    };
-    let action = |path: &str, body: serde_json::Value| {
-        client
-            .post(format!("{base}/api/admin/v1/{path}"))
-            .json(&body)
-    };
+    let api = admin_client::Api::new(&args.api, args.token.clone());
     let body = match &args.action {
         QueueAction::List { json } => {
-            let body = send(client.get(format!("{base}/api/admin/v1/queues"))).await?;
-            let holds = send(client.get(format!("{base}/api/admin/v1/suspensions"))).await?;
+            let body = api.get("queues").await?;
+            let holds = api.get("suspensions").await?;
             if *json {
                 let both = serde_json::json!({"queues": body, "suspensions": holds["suspensions"]});
                 println!("{}", serde_json::to_string_pretty(&both)?);
@@ -432,11 +414,11 @@ async fn queue(args: QueueArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         QueueAction::Suspend { target, duration } => {
-            send(action("suspend", target.json(duration.as_ref()))).await?
+            api.post("suspend", target.json(duration.as_ref())).await?
         }
-        QueueAction::Resume { target } => send(action("resume", target.json(None))).await?,
-        QueueAction::Retry { target } => send(action("retry", target.json(None))).await?,
-        QueueAction::Purge { target } => send(action("purge", target.json(None))).await?,
+        QueueAction::Resume { target } => api.post("resume", target.json(None)).await?,
+        QueueAction::Retry { target } => api.post("retry", target.json(None)).await?,
+        QueueAction::Purge { target } => api.post("purge", target.json(None)).await?,
     };
     println!("{}", serde_json::to_string(&body)?);
     Ok(())

@@ -1,5 +1,6 @@
 //! `drover suppression …`: the suppression list of a running engine, through its admin API.
 
+use crate::admin_client::Api;
 use anyhow::Context;
 use std::path::PathBuf;
 
@@ -61,69 +62,32 @@ enum Action {
 /// Entries per admin request when importing.
 const IMPORT_BATCH: usize = 10_000;
 
-struct Api {
-    client: reqwest::Client,
-    base: String,
-    token: Option<String>,
-}
-
-impl Api {
-    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
-        let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        };
-        let response = request.send().await.context("cannot reach the engine")?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.context("bad reply")?;
-        if !status.is_success() {
-            anyhow::bail!("{status}: {}", body["error"]);
+/// Every entry, page by page, handed to `each`.
+async fn walk(
+    api: &Api,
+    tenant: Option<&str>,
+    all: bool,
+    mut each: impl FnMut(&serde_json::Value) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut after: Option<String> = None;
+    loop {
+        let mut query: Vec<(&str, String)> = vec![("limit", "10000".into())];
+        if let Some(t) = tenant {
+            query.push(("tenant", t.into()));
         }
-        Ok(body)
-    }
-
-    async fn post(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        self.send(
-            self.client
-                .post(format!("{}/api/admin/v1/{path}", self.base))
-                .json(&body),
-        )
-        .await
-    }
-
-    /// Every entry, page by page, handed to `each`.
-    async fn walk(
-        &self,
-        tenant: Option<&str>,
-        all: bool,
-        mut each: impl FnMut(&serde_json::Value) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        let mut after: Option<String> = None;
-        loop {
-            let mut query: Vec<(&str, String)> = vec![("limit", "10000".into())];
-            if let Some(t) = tenant {
-                query.push(("tenant", t.into()));
-            }
-            if all {
-                query.push(("all", "true".into()));
-            }
-            if let Some(a) = &after {
-                query.push(("after", a.clone()));
-            }
-            let page = self
-                .send(
-                    self.client
-                        .get(format!("{}/api/admin/v1/suppressions", self.base))
-                        .query(&query),
-                )
-                .await?;
-            for e in page["entries"].as_array().into_iter().flatten() {
-                each(e)?;
-            }
-            match page["next"].as_str() {
-                Some(next) => after = Some(next.to_owned()),
-                None => return Ok(()),
-            }
+        if all {
+            query.push(("all", "true".into()));
+        }
+        if let Some(a) = &after {
+            query.push(("after", a.clone()));
+        }
+        let page = api.get_query("suppressions", &query).await?;
+        for e in page["entries"].as_array().into_iter().flatten() {
+            each(e)?;
+        }
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return Ok(()),
         }
     }
 }
@@ -142,14 +106,10 @@ fn text(v: &serde_json::Value) -> String {
 }
 
 pub(crate) async fn run(args: SuppressionArgs) -> anyhow::Result<()> {
-    let api = Api {
-        client: reqwest::Client::new(),
-        base: args.api.trim_end_matches('/').to_owned(),
-        token: args.token,
-    };
+    let api = Api::new(&args.api, args.token);
     match args.action {
         Action::List { tenant, all, json } => {
-            api.walk(tenant.as_deref(), all, |e| {
+            walk(&api, tenant.as_deref(), all, |e| {
                 if json {
                     println!("{e}");
                 } else {
@@ -191,7 +151,7 @@ pub(crate) async fn run(args: SuppressionArgs) -> anyhow::Result<()> {
         Action::Export { tenant, all } => {
             let mut out = csv::Writer::from_writer(std::io::stdout().lock());
             out.write_record(["tenant", "address", "source", "reason", "at", "message_id"])?;
-            api.walk(tenant.as_deref(), all, |e| {
+            walk(&api, tenant.as_deref(), all, |e| {
                 out.write_record([
                     text(&e["tenant"]),
                     text(&e["address"]),

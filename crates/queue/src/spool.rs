@@ -48,6 +48,16 @@ const CF_SENT: &str = "sent";
 /// Message-IDs a client wrote, to the message id (value: the 16-byte UUIDv7, whose time the
 /// compaction filter reads to drop entries past their retention).
 const CF_MESSAGE_IDS: &str = "message_ids";
+/// Every column family (flushed at close, counted in the memory figures).
+const ALL_CFS: &[&str] = &[
+    CF_META,
+    CF_BODY,
+    CF_SCHEDULE,
+    CF_STATE,
+    CF_SUPPRESSION,
+    CF_SENT,
+    CF_MESSAGE_IDS,
+];
 
 /// Gauge: 1 while the spool accepts writes, 0 while it is degraded after a storage error.
 pub(crate) const WRITABLE_GAUGE: &str = "drover_spool_writable";
@@ -970,25 +980,7 @@ impl Spool {
     /// start has no log to replay. A degraded spool has nothing to flush: its synced writes
     /// are on disk, and its failed instance must not be touched (module header).
     pub fn flush(&self) -> Result<(), QueueError> {
-        let guard = self
-            .shared
-            .db
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let (Some(db), true) = (guard.as_ref(), self.is_writable()) {
-            for name in [
-                CF_META,
-                CF_BODY,
-                CF_SCHEDULE,
-                CF_STATE,
-                CF_SUPPRESSION,
-                CF_SENT,
-            ] {
-                db.flush_cf(cf(db, name)?)?;
-            }
-            db.flush_wal(true)?;
-        }
-        Ok(())
+        self.flush_cfs(ALL_CFS, true)
     }
 
     /// Message inserts, updates and removals written since the spool opened (state writes,
@@ -1004,14 +996,23 @@ impl Spool {
     /// hold goes back (once a wave of writes is over, nothing else would flush them). Blocks
     /// until done: call it off the async threads.
     pub fn flush_memtables(&self) -> Result<(), QueueError> {
+        self.flush_cfs(&[CF_META, CF_BODY, CF_SCHEDULE], false)
+    }
+
+    /// Flushes the memtables of `names` (and syncs the WAL with `wal`), unless the spool is
+    /// degraded.
+    fn flush_cfs(&self, names: &[&str], wal: bool) -> Result<(), QueueError> {
         let guard = self
             .shared
             .db
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         if let (Some(db), true) = (guard.as_ref(), self.is_writable()) {
-            for name in [CF_META, CF_BODY, CF_SCHEDULE] {
+            for name in names {
                 db.flush_cf(cf(db, name)?)?;
+            }
+            if wal {
+                db.flush_wal(true)?;
             }
         }
         Ok(())
@@ -1022,14 +1023,7 @@ impl Spool {
         self.with_db(|db| {
             let mut memtables = 0;
             let mut cache = 0;
-            for name in [
-                CF_META,
-                CF_BODY,
-                CF_SCHEDULE,
-                CF_STATE,
-                CF_SUPPRESSION,
-                CF_SENT,
-            ] {
+            for name in ALL_CFS {
                 let handle = cf(db, name)?;
                 memtables += db
                     .property_int_value_cf(handle, "rocksdb.cur-size-all-mem-tables")?
