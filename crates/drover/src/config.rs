@@ -109,61 +109,56 @@ pub struct SuppressionConfig {
     pub bounce_categories: Option<Vec<accounting::BounceCategory>>,
 }
 
-/// `[stamping]`: the complaint and unsubscribe headers of all mail, and
-/// `[[stamping.rule]]`s for a tenant and/or campaign (the most specific matching rule wins,
-/// field by field; unset fields fall through).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StampingConfig {
-    /// `X-Complaints-To`: where receivers send abuse complaints.
-    pub x_complaints_to: Option<String>,
-    /// `X-CSA-Complaints` (Certified Senders Alliance), e.g. `whitelist-complaints@eco.de`.
-    pub x_csa_complaints: Option<String>,
-    /// `Feedback-ID` template (`{{campaign}}`, `{{tenant}}`, `{{sender_id}}`, `{{id}}`), as
-    /// Gmail's feedback loop reads it: `{{campaign}}:{{tenant}}:drover:{{sender_id}}`.
-    pub feedback_id: Option<String>,
-    /// `{{sender_id}}` of the `Feedback-ID` template.
-    pub sender_id: Option<String>,
-    /// A `mailto:` entry in `List-Unsubscribe`: a tagged address under the first bounce
-    /// domain; mail to it unsubscribes the recipient.
-    pub list_unsubscribe_mailto: Option<bool>,
-    /// Base of the one-click (RFC 8058) `https:` entry in `List-Unsubscribe`; a tagged token
-    /// is appended, and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` is stamped.
-    pub list_unsubscribe_url: Option<String>,
-    /// What to do when the client already wrote one of these headers: `keep` (default) or
-    /// `replace`.
-    pub existing: Option<feedback::stamp::Existing>,
-    /// Rules for a tenant, a campaign, or both.
-    pub rule: Vec<StampRuleConfig>,
+/// Declares a stamping table: its own fields, then the header fields `[stamping]` and each
+/// `[[stamping.rule]]` share (one list, so the two tables cannot drift apart).
+macro_rules! stamping_table {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            /// `X-Complaints-To`: where receivers send abuse complaints.
+            pub x_complaints_to: Option<String>,
+            /// `X-CSA-Complaints` (Certified Senders Alliance), e.g. `whitelist-complaints@eco.de`.
+            pub x_csa_complaints: Option<String>,
+            /// `Feedback-ID` template (`{{campaign}}`, `{{tenant}}`, `{{sender_id}}`, `{{id}}`), as
+            /// Gmail's feedback loop reads it: `{{campaign}}:{{tenant}}:drover:{{sender_id}}`.
+            pub feedback_id: Option<String>,
+            /// `{{sender_id}}` of the `Feedback-ID` template.
+            pub sender_id: Option<String>,
+            /// A `mailto:` entry in `List-Unsubscribe`: a tagged address under the first bounce
+            /// domain; mail to it unsubscribes the recipient.
+            pub list_unsubscribe_mailto: Option<bool>,
+            /// Base of the one-click (RFC 8058) `https:` entry in `List-Unsubscribe`; a tagged token
+            /// is appended, and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` is stamped.
+            pub list_unsubscribe_url: Option<String>,
+            /// What to do when the client already wrote one of these headers: `keep` (default) or
+            /// `replace`.
+            pub existing: Option<feedback::stamp::Existing>,
+        }
+    };
 }
 
-/// `[[stamping.rule]]`: the fields of `[stamping]` for a tenant, a campaign, or both.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StampRuleConfig {
-    /// Tenant as injected.
-    pub tenant: Option<String>,
-    /// Campaign as injected.
-    pub campaign: Option<String>,
-    /// `X-Complaints-To`: where receivers send abuse complaints.
-    pub x_complaints_to: Option<String>,
-    /// `X-CSA-Complaints` (Certified Senders Alliance), e.g. `whitelist-complaints@eco.de`.
-    pub x_csa_complaints: Option<String>,
-    /// `Feedback-ID` template (`{{campaign}}`, `{{tenant}}`, `{{sender_id}}`, `{{id}}`), as
-    /// Gmail's feedback loop reads it: `{{campaign}}:{{tenant}}:drover:{{sender_id}}`.
-    pub feedback_id: Option<String>,
-    /// `{{sender_id}}` of the `Feedback-ID` template.
-    pub sender_id: Option<String>,
-    /// A `mailto:` entry in `List-Unsubscribe`: a tagged address under the first bounce
-    /// domain; mail to it unsubscribes the recipient.
-    pub list_unsubscribe_mailto: Option<bool>,
-    /// Base of the one-click (RFC 8058) `https:` entry in `List-Unsubscribe`; a tagged token
-    /// is appended, and `List-Unsubscribe-Post: List-Unsubscribe=One-Click` is stamped.
-    pub list_unsubscribe_url: Option<String>,
-    /// What to do when the client already wrote one of these headers: `keep` (default) or
-    /// `replace`.
-    pub existing: Option<feedback::stamp::Existing>,
-}
+stamping_table!(
+    /// `[stamping]`: the complaint and unsubscribe headers of all mail, and
+    /// `[[stamping.rule]]`s for a tenant and/or campaign (the most specific matching rule
+    /// wins, field by field; unset fields fall through).
+    StampingConfig {
+        /// Rules for a tenant, a campaign, or both.
+        rule: Vec<StampRuleConfig>,
+    }
+);
+
+stamping_table!(
+    /// `[[stamping.rule]]`: the fields of `[stamping]` for a tenant, a campaign, or both.
+    StampRuleConfig {
+        /// Tenant as injected.
+        tenant: Option<String>,
+        /// Campaign as injected.
+        campaign: Option<String>,
+    }
+);
 
 /// `[[rate_limit]]`: exactly one of `tenant` and `campaign`.
 #[derive(Debug, Clone, Deserialize)]
