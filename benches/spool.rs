@@ -25,6 +25,7 @@ fn meta(size: usize) -> MessageMeta {
         attempts: 0,
         headers: Default::default(),
         last_source: None,
+        priority: Default::default(),
         size: size as u64,
     }
 }

@@ -35,6 +35,7 @@ fn meta(i: u64) -> MessageMeta {
         attempts: 0,
         headers: BTreeMap::new(),
         last_source: None,
+        priority: Default::default(),
         size: 2048,
     }
 }

@@ -96,6 +96,7 @@ fn meta(i: usize, shape: Shape, due_ms: u64) -> MessageMeta {
         attempts: 0,
         headers: BTreeMap::new(),
         last_source: None,
+        priority: Default::default(),
         size: 0,
     }
 }

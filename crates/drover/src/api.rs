@@ -148,6 +148,7 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         substitutions,
         campaign,
         tenant,
+        priority,
         ..
     } = request;
     let renderer = match Renderer::new(content, usize::try_from(max_size).unwrap_or(usize::MAX)) {
@@ -196,6 +197,7 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         campaign,
         tenant,
         received_ms: now_ms(),
+        priority,
     };
     // Rendering a large batch takes a while: the runtime moves its other tasks off this
     // thread meanwhile. Not a blocking-pool task: the bodies are allocated on a thread that
@@ -271,18 +273,28 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     }
 }
 
-async fn queues(State(state): State<AppState>, headers: HeaderMap) -> Response {
+#[derive(serde::Deserialize)]
+struct QueuesQuery {
+    /// Also list each destination's ready mail by tenant, campaign and priority.
+    #[serde(default)]
+    groups: bool,
+}
+
+async fn queues(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<QueuesQuery>,
+) -> Response {
     if !authorized(&state, &headers) {
         return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
     }
     let now = now_ms();
-    let destinations: Vec<_> = state
-        .engine
-        .scheduler()
+    let scheduler = state.engine.scheduler();
+    let destinations: Vec<_> = scheduler
         .destinations(now)
         .into_iter()
         .map(|(name, c)| {
-            json!({
+            let mut d = json!({
                 "destination": name.to_string(),
                 "ready": c.ready,
                 "scheduled": c.scheduled,
@@ -290,13 +302,19 @@ async fn queues(State(state): State<AppState>, headers: HeaderMap) -> Response {
                 "parked": c.parked,
                 "oldest_age_seconds": c.oldest_received_ms.map(|r| now.saturating_sub(r) / 1000),
                 "suspended_until": c.suspended_until_ms.map(rfc3339),
-            })
+            });
+            if q.groups && c.ready > 0 {
+                d["groups"] = json!(scheduler.groups(&name));
+            }
+            d
         })
         .collect();
-    let totals = state.engine.scheduler().totals();
+    let totals = scheduler.totals();
+    let [high, normal, low] = scheduler.ready_by_priority();
     Json(json!({
         "destinations": destinations,
         "totals": {"ready": totals.ready, "scheduled": totals.scheduled, "in_flight": totals.in_flight, "parked": totals.parked},
+        "ready_by_priority": {"high": high, "normal": normal, "low": low},
     }))
     .into_response()
 }

@@ -89,6 +89,20 @@ pub struct Config {
     pub suppression: SuppressionConfig,
     /// `[unsubscribe]`: the one-click unsubscribe listener (extension).
     pub unsubscribe: UnsubscribeConfig,
+    /// `[[tenant]]`: per-tenant settings (extension).
+    pub tenant: Vec<TenantConfig>,
+}
+
+/// `[[tenant]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Tenant as injected.
+    pub name: String,
+    /// Its turn, in messages, when several tenants' mail waits for one destination (default
+    /// 1 for every tenant: equal shares).
+    #[serde(default = "one")]
+    pub weight: u32,
 }
 
 /// `[unsubscribe]`
@@ -581,6 +595,14 @@ fn invalid(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigErr
 }
 
 impl Config {
+    /// `[[tenant]] weight`s by name.
+    pub fn tenant_weights(&self) -> std::collections::HashMap<String, u32> {
+        self.tenant
+            .iter()
+            .map(|t| (t.name.clone(), t.weight))
+            .collect()
+    }
+
     /// Parses TOML text and validates it.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
@@ -664,6 +686,21 @@ impl Config {
         self.dkim_signers()?;
         self.validate_egress()?;
         self.validate_feedback()?;
+        let mut tenants = std::collections::HashSet::new();
+        for (i, t) in self.tenant.iter().enumerate() {
+            if t.name.is_empty() || !tenants.insert(t.name.as_str()) {
+                return Err(invalid(
+                    format!("tenant[{i}].name"),
+                    format!("{:?} is empty or named twice", t.name),
+                ));
+            }
+            if t.weight == 0 || t.weight > 1000 {
+                return Err(invalid(
+                    format!("tenant[{i}].weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
+        }
         self.keyed_rates()?;
         for net in &self.smtp_listener.relay_networks {
             parse_cidr(net).ok_or_else(|| {

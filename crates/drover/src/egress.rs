@@ -156,6 +156,7 @@ mod tests {
             attempts: 0,
             headers: Default::default(),
             last_source: None,
+            priority: Default::default(),
             size: 0,
         }
     }

@@ -137,8 +137,11 @@ impl Engine {
             Arc::new(Policy::from_config(config).map_err(|e| EngineError::Config(e.to_string()))?);
         self.outbound.shaper.reload(rules);
         self.outbound.rates.reload(rates);
+        self.scheduler.set_tenant_weights(config.tenant_weights());
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy;
-        tracing::info!("reloaded shaping, automation, TLS and rate rules and DKIM keys");
+        tracing::info!(
+            "reloaded shaping, automation, TLS, rate and classification rules, tenant weights, stamping and DKIM keys"
+        );
         Ok(())
     }
 
@@ -207,15 +210,20 @@ impl Engine {
     fn put_on_schedule(&self, meta: &MessageMeta, only_new: bool) -> bool {
         let key = self.outbound.egress.queue_for(meta);
         let place = if only_new {
-            Scheduler::restore
+            Scheduler::restore_with
         } else {
-            Scheduler::schedule
+            Scheduler::schedule_with
+        };
+        let tags = queue::Tags {
+            campaign: meta.campaign.as_deref(),
+            tenant: meta.tenant.as_deref(),
+            priority: meta.priority,
         };
         place(
             &self.scheduler,
             meta.id,
             &key,
-            meta.campaign.as_deref(),
+            &tags,
             meta.due_ms,
             meta.received_ms,
             now_ms(),

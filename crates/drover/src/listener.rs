@@ -217,6 +217,9 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
+/// The header that sets a message's priority over SMTP (removed before sending).
+const PRIORITY_HEADER: &str = "X-Drover-Priority";
+
 /// The listener's answers for one connection.
 struct InjectPolicy {
     settings: Arc<Settings>,
@@ -362,11 +365,24 @@ impl InjectPolicy {
                 ),
             );
         }
+        // `X-Drover-Priority` is for Drover alone: read, then removed before the message is
+        // stored (an unknown value is normal priority).
+        let priority = header_value(data, PRIORITY_HEADER)
+            .and_then(|p| queue::Priority::parse(&p))
+            .unwrap_or_default();
+        let stripped;
+        let data = if header_value(data, PRIORITY_HEADER).is_some() {
+            stripped = feedback::stamp::remove(data, PRIORITY_HEADER);
+            &stripped[..]
+        } else {
+            data
+        };
         let origin = Origin {
             sender: sender.to_owned(),
             campaign: header_value(data, "X-Campaign"),
             tenant: header_value(data, "X-Tenant"),
             received_ms: now_ms(),
+            priority,
         };
         // A tenant's own list: its suppressed recipients are left out, and named in the reply
         // (one reply answers the whole transaction).

@@ -135,6 +135,9 @@ enum QueueAction {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Also show each destination's ready mail by tenant, campaign and priority.
+        #[arg(long)]
+        groups: bool,
     },
     /// Hold a domain or campaign: its messages stay queued but are not delivered.
     Suspend {
@@ -402,8 +405,14 @@ async fn sink(args: SinkArgs) -> anyhow::Result<()> {
 async fn queue(args: QueueArgs) -> anyhow::Result<()> {
     let api = admin_client::Api::new(&args.api, args.token.clone());
     let body = match &args.action {
-        QueueAction::List { json } => {
-            let body = api.get("queues").await?;
+        QueueAction::List { json, groups } => {
+            let body = api
+                .get(if *groups {
+                    "queues?groups=true"
+                } else {
+                    "queues"
+                })
+                .await?;
             let holds = api.get("suspensions").await?;
             if *json {
                 let both = serde_json::json!({"queues": body, "suspensions": holds["suspensions"]});
@@ -443,6 +452,15 @@ fn print_queues(body: &serde_json::Value, holds: &serde_json::Value) {
             d["parked"],
             oldest
         );
+        for g in d["groups"].as_array().into_iter().flatten() {
+            println!(
+                "    tenant {:<20} campaign {:<20} {:<7} {:>8} ready",
+                g["tenant"].as_str().unwrap_or("-"),
+                g["campaign"].as_str().unwrap_or("-"),
+                g["priority"].as_str().unwrap_or("?"),
+                g["ready"]
+            );
+        }
     }
     for h in holds["suspensions"].as_array().into_iter().flatten() {
         let what = h["domain"]

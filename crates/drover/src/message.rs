@@ -39,6 +39,8 @@ pub struct Origin {
     pub tenant: Option<String>,
     /// When it was received (ms since the epoch).
     pub received_ms: u64,
+    /// How urgent among its destination's waiting mail.
+    pub priority: queue::Priority,
 }
 
 impl NewMessage {
@@ -62,6 +64,7 @@ impl NewMessage {
             attempts: 0,
             headers: tracked_headers(&body),
             last_source: None,
+            priority: origin.priority,
             size: body.len() as u64,
         };
         NewMessage { meta, body }
@@ -160,6 +163,9 @@ pub struct InjectRequest {
     /// Accepted for compatibility with KumoMTA clients.
     #[serde(default)]
     pub trace_headers: Option<Value>,
+    /// `high`, `normal` (default) or `low` (contract §3, Drover's extension).
+    #[serde(default)]
+    pub priority: queue::Priority,
 }
 
 /// `content`: a raw message or a description to build one from.

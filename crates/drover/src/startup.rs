@@ -131,6 +131,9 @@ impl Engine {
             feedback_keys,
         });
         engine.load_suspensions()?;
+        engine
+            .scheduler
+            .set_tenant_weights(engine.config.tenant_weights());
         // Before anything is delivered: messages whose final record was written just before
         // the last stop are removed, not delivered again.
         let checkpoint = engine.settle_recorded_finals().await?;

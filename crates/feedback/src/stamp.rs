@@ -92,6 +92,21 @@ fn fold(name: &str, value: &str) -> String {
     format!("{name}: {}\r\n", value.replace(", ", ",\r\n "))
 }
 
+/// `message` without any field named `name` (case-insensitive, continuation lines included)
+/// in its header section; the body is untouched.
+pub fn remove(message: &[u8], name: &str) -> Vec<u8> {
+    let end = header_end(message);
+    let (head, body) = message.split_at(end);
+    let mut out = Vec::with_capacity(message.len());
+    for (n, field) in fields(head) {
+        if !n.trim_ascii().eq_ignore_ascii_case(name.as_bytes()) {
+            out.extend_from_slice(field);
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
 /// `message` with `headers` added at the top of its header section, in order. Names must be
 /// header names and values free of CR and LF (the caller builds them: [`expand`] makes them
 /// so). With [`Existing::Keep`] a header the message already has is not added; with
@@ -199,6 +214,17 @@ mod tests {
             ),
             "nov  X: y:acme:drover:"
         );
+    }
+
+    #[test]
+    fn remove_takes_out_every_occurrence_and_leaves_the_body() {
+        let out = remove(MSG, "list-unsubscribe");
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("From: a@example.com\r\nSubject: hi\r\n\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("List-Unsubscribe: in the body"));
     }
 
     #[test]

@@ -34,6 +34,7 @@
 //! - A failed write (full disk) leaves nothing applied and makes the spool read-only until it
 //!   can be reopened; see the `spool` module for the recovery (`Spool::is_writable`).
 
+mod fair;
 mod message;
 #[cfg(test)]
 mod model_check;
@@ -43,8 +44,9 @@ mod suppression;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use fair::Priority;
 pub use message::{MessageId, MessageMeta};
-pub use schedule::{DestinationCounts, Scheduler, Selector};
+pub use schedule::{DestinationCounts, GroupCounts, Scheduler, Selector, Tags};
 pub use spool::{
     Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_PENDING_WRITE_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,

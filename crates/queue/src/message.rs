@@ -98,6 +98,13 @@ pub struct MessageMeta {
     /// Byte length of the body.
     #[serde(default)]
     pub size: u64,
+    /// How urgent it is among its destination's waiting mail (contract §3 `priority`).
+    #[serde(default, skip_serializing_if = "is_normal")]
+    pub priority: crate::Priority,
+}
+
+fn is_normal(p: &crate::Priority) -> bool {
+    *p == crate::Priority::Normal
 }
 
 #[cfg(test)]

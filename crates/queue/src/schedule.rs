@@ -19,15 +19,18 @@
 //! another bucket) and dropped when the bucket comes up, or by a sweep once stale ids are
 //! many.
 
-use crate::MessageId;
+use crate::fair::{Group, ReadyQueue};
+use crate::{MessageId, Priority};
 use queue_key::QueueKey;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 pub(crate) const QUEUE_GAUGE: &str = "drover_queue_messages";
+/// Ready messages by priority (extension).
+pub(crate) const READY_GAUGE: &str = "drover_queue_ready_messages";
 
 /// Width of a far timer bucket.
 pub(crate) const TIMER_BUCKET_MS: u64 = 4096;
@@ -66,30 +69,52 @@ enum State {
 
 /// No campaign.
 const NO_CAMPAIGN: u32 = u32::MAX;
+/// No tenant.
+const NO_TENANT: u32 = u32::MAX;
 const STATE_SHIFT: u32 = 30;
-const DUE_HIGH_MASK: u32 = (1 << STATE_SHIFT) - 1;
+const PRIORITY_SHIFT: u32 = 28;
+const DUE_HIGH_MASK: u32 = (1 << PRIORITY_SHIFT) - 1;
 
-/// One message, in 20 bytes (4-byte aligned, so the map slot with its id is 36).
+/// One message, in 24 bytes (4-byte aligned, so the map slot with its id is 40).
 struct Entry {
     due_low: u32,
-    /// The state in the top two bits, the due time's high bits below.
+    /// The state in the top two bits, the priority in the next two, the due time's high bits
+    /// below.
     due_high_state: u32,
     dest: u32,
     campaign: u32,
+    tenant: u32,
     received_s: u32,
 }
 
 impl Entry {
-    fn new(dest: u32, campaign: u32, received_ms: u64, state: State) -> Entry {
+    fn new(group: Group, dest: u32, received_ms: u64, state: State) -> Entry {
         let mut e = Entry {
             due_low: 0,
-            due_high_state: 0,
+            due_high_state: (group.priority as u32) << PRIORITY_SHIFT,
             dest,
-            campaign,
+            campaign: group.campaign,
+            tenant: group.tenant,
             received_s: u32::try_from(received_ms / 1000).unwrap_or(u32::MAX),
         };
         e.set_state(state);
         e
+    }
+
+    fn priority(&self) -> Priority {
+        match (self.due_high_state >> PRIORITY_SHIFT) & 3 {
+            0 => Priority::High,
+            2 => Priority::Low,
+            _ => Priority::Normal,
+        }
+    }
+
+    fn group(&self) -> Group {
+        Group {
+            tenant: self.tenant,
+            campaign: self.campaign,
+            priority: self.priority(),
+        }
     }
 
     fn state(&self) -> State {
@@ -104,14 +129,16 @@ impl Entry {
 
     fn set_state(&mut self, state: State) {
         let (tag, due) = match state {
-            // 62 bits of milliseconds: far beyond any date a retry schedule reaches.
-            State::Scheduled(due) => (0, due.min((1 << 62) - 1)),
+            // 60 bits of milliseconds: far beyond any date a retry schedule reaches.
+            State::Scheduled(due) => (0, due.min((1 << 60) - 1)),
             State::Ready => (1, 0),
             State::InFlight => (2, 0),
             State::Parked => (3, 0),
         };
+        let priority = self.due_high_state & (3 << PRIORITY_SHIFT);
         self.due_low = due as u32;
-        self.due_high_state = (tag << STATE_SHIFT) | ((due >> 32) as u32 & DUE_HIGH_MASK);
+        self.due_high_state =
+            (tag << STATE_SHIFT) | priority | ((due >> 32) as u32 & DUE_HIGH_MASK);
     }
 
     fn received_ms(&self) -> u64 {
@@ -220,6 +247,31 @@ struct Bucket {
     earliest: u64,
 }
 
+/// Who a message belongs to and how urgent it is: how it is served among its destination's
+/// waiting mail (see `crate::fair`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tags<'a> {
+    /// Campaign as injected.
+    pub campaign: Option<&'a str>,
+    /// Tenant as injected.
+    pub tenant: Option<&'a str>,
+    /// Priority as injected.
+    pub priority: Priority,
+}
+
+/// Waiting mail of one tenant and campaign at one priority within a destination.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupCounts {
+    /// Tenant, if any.
+    pub tenant: Option<String>,
+    /// Campaign, if any.
+    pub campaign: Option<String>,
+    /// Priority.
+    pub priority: Priority,
+    /// Ready messages.
+    pub ready: usize,
+}
+
 /// What an operator action selects.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "name")]
@@ -243,9 +295,14 @@ struct Inner {
     far_stale: usize,
     /// Ordered by key (name, then source), so the dispatcher can walk the queues round-robin
     /// from where it stopped ([`Scheduler::ready_after`]).
-    ready: BTreeMap<Arc<QueueKey>, VecDeque<MessageId>>,
+    ready: BTreeMap<Arc<QueueKey>, ReadyQueue>,
+    /// Ready messages per priority (high, normal, low), for the gauge.
+    ready_by_priority: [usize; 3],
     keys: Interner<QueueKey>,
     campaigns: Interner<str>,
+    tenants: Interner<str>,
+    /// Turn lengths of tenants in their destinations' round-robin (default 1).
+    weights: HashMap<Arc<str>, u32>,
     counts: HashMap<Arc<QueueKey>, DestinationCounts>,
     totals: DestinationCounts,
     /// Holds by domain (or site) name: every queue of the name, whatever its source.
@@ -269,8 +326,11 @@ impl Inner {
             far_ids: 0,
             far_stale: 0,
             ready: BTreeMap::new(),
+            ready_by_priority: [0; 3],
             keys: Interner::default(),
             campaigns: Interner::default(),
+            tenants: Interner::default(),
+            weights: HashMap::new(),
             counts: HashMap::new(),
             totals: DestinationCounts::default(),
             suspended_dests: HashMap::new(),
@@ -305,7 +365,7 @@ impl Inner {
         &mut self,
         id: MessageId,
         destination: &QueueKey,
-        campaign: Option<&str>,
+        tags: &Tags<'_>,
         due_ms: u64,
         received_ms: u64,
         now_ms: u64,
@@ -314,11 +374,20 @@ impl Inner {
             let dest = self
                 .keys
                 .acquire(destination, || Arc::new(destination.clone()));
-            let campaign =
-                campaign.map_or(NO_CAMPAIGN, |c| self.campaigns.acquire(c, || Arc::from(c)));
+            let campaign = tags
+                .campaign
+                .map_or(NO_CAMPAIGN, |c| self.campaigns.acquire(c, || Arc::from(c)));
+            let tenant = tags
+                .tenant
+                .map_or(NO_TENANT, |t| self.tenants.acquire(t, || Arc::from(t)));
+            let group = Group {
+                tenant,
+                campaign,
+                priority: tags.priority,
+            };
             // Counted as in flight for one instant so `set_state` can do the bookkeeping.
             self.entries
-                .insert(id, Entry::new(dest, campaign, received_ms, State::InFlight));
+                .insert(id, Entry::new(group, dest, received_ms, State::InFlight));
             if let Some(key) = self.keys.get(dest).cloned() {
                 self.count(&key, State::InFlight, 1);
             }
@@ -447,6 +516,7 @@ impl Inner {
         let from = entry.state();
         entry.set_state(to);
         let dest_index = entry.dest;
+        let group = entry.group();
         let Some(dest) = self.keys.get(dest_index).cloned() else {
             return;
         };
@@ -455,12 +525,18 @@ impl Inner {
         }
         match to {
             State::Scheduled(due) => self.timer_insert(due, id),
-            State::Ready => self
-                .ready
-                .entry(Arc::clone(&dest))
-                .or_default()
-                .push_back(id),
+            State::Ready => {
+                self.ready
+                    .entry(Arc::clone(&dest))
+                    .or_default()
+                    .push(group, id);
+                self.ready_by_priority[group.priority as usize] += 1;
+            }
             State::InFlight | State::Parked => {}
+        }
+        if from == State::Ready {
+            let n = &mut self.ready_by_priority[group.priority as usize];
+            *n = n.saturating_sub(1);
         }
         self.count(&dest, from, -1);
         self.count(&dest, to, 1);
@@ -480,6 +556,13 @@ impl Inner {
         self.keys.release(entry.dest);
         if entry.campaign != NO_CAMPAIGN {
             self.campaigns.release(entry.campaign);
+        }
+        if entry.tenant != NO_TENANT {
+            self.tenants.release(entry.tenant);
+        }
+        if state == State::Ready {
+            let n = &mut self.ready_by_priority[entry.priority() as usize];
+            *n = n.saturating_sub(1);
         }
         let key = key?;
         self.count(&key, state, -1);
@@ -533,6 +616,9 @@ impl Inner {
         metrics::gauge!(QUEUE_GAUGE, "state" => "scheduled").set((t.scheduled + t.parked) as f64);
         metrics::gauge!(QUEUE_GAUGE, "state" => "ready").set(t.ready as f64);
         metrics::gauge!(QUEUE_GAUGE, "state" => "in_flight").set(t.in_flight as f64);
+        for (priority, n) in Priority::ALL.into_iter().zip(self.ready_by_priority) {
+            metrics::gauge!(READY_GAUGE, "priority" => priority.as_str()).set(n as f64);
+        }
     }
 
     /// The ids `selector` matches.
@@ -624,6 +710,24 @@ impl Scheduler {
         received_ms: u64,
         now_ms: u64,
     ) -> bool {
+        let tags = Tags {
+            campaign,
+            ..Tags::default()
+        };
+        self.schedule_with(id, destination, &tags, due_ms, received_ms, now_ms)
+    }
+
+    /// [`Scheduler::schedule`] with the message's tenant and priority (how it is served
+    /// among its destination's waiting mail).
+    pub fn schedule_with(
+        &self,
+        id: MessageId,
+        destination: &QueueKey,
+        tags: &Tags<'_>,
+        due_ms: u64,
+        received_ms: u64,
+        now_ms: u64,
+    ) -> bool {
         {
             let mut inner = self.lock();
             if let Some(e) = inner.entries.get(&id) {
@@ -631,7 +735,7 @@ impl Scheduler {
                     return false;
                 }
             }
-            inner.place(id, destination, campaign, due_ms, received_ms, now_ms);
+            inner.place(id, destination, tags, due_ms, received_ms, now_ms);
         }
         self.notify.notify_one();
         true
@@ -661,12 +765,29 @@ impl Scheduler {
         received_ms: u64,
         now_ms: u64,
     ) -> bool {
+        let tags = Tags {
+            campaign,
+            ..Tags::default()
+        };
+        self.restore_with(id, destination, &tags, due_ms, received_ms, now_ms)
+    }
+
+    /// [`Scheduler::restore`] with the message's tenant and priority.
+    pub fn restore_with(
+        &self,
+        id: MessageId,
+        destination: &QueueKey,
+        tags: &Tags<'_>,
+        due_ms: u64,
+        received_ms: u64,
+        now_ms: u64,
+    ) -> bool {
         {
             let mut inner = self.lock();
             if inner.knows(&id) {
                 return false;
             }
-            inner.place(id, destination, campaign, due_ms, received_ms, now_ms);
+            inner.place(id, destination, tags, due_ms, received_ms, now_ms);
         }
         self.notify.notify_one();
         true
@@ -765,10 +886,24 @@ impl Scheduler {
         if inner.dest_held(destination, now_ms) {
             return None;
         }
-        let queue = inner.ready.get_mut(destination)?;
-        let id = queue.pop_front()?;
+        let Inner {
+            ready,
+            tenants,
+            weights,
+            ..
+        } = &mut *inner;
+        let queue = ready.get_mut(destination)?;
+        // A tenant's turn lasts its weight in messages (`[[tenant]] weight`, default 1).
+        let weight = |tenant: u32| {
+            tenants
+                .get(tenant)
+                .and_then(|name| weights.get(name))
+                .copied()
+                .unwrap_or(1)
+        };
+        let id = queue.pop(weight)?;
         if queue.is_empty() {
-            inner.ready.remove(destination);
+            ready.remove(destination);
         }
         // Already out of the ready queue: only the state and the counts change.
         inner.set_state(id, State::InFlight);
@@ -1000,6 +1135,42 @@ impl Scheduler {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+
+    /// Sets the tenants' turn lengths in their destinations' round-robin (a tenant not named
+    /// gets 1): with weights 3 and 1, two tenants with mail waiting for one destination get
+    /// three quarters and one quarter of its deliveries.
+    pub fn set_tenant_weights(&self, weights: HashMap<String, u32>) {
+        self.lock().weights = weights
+            .into_iter()
+            .map(|(name, w)| (Arc::from(name.as_str()), w.max(1)))
+            .collect();
+    }
+
+    /// The ready mail of one destination by tenant, campaign and priority, largest first.
+    pub fn groups(&self, destination: &QueueKey) -> Vec<GroupCounts> {
+        let inner = self.lock();
+        let Some(queue) = inner.ready.get(destination) else {
+            return Vec::new();
+        };
+        let name = |interner: &Interner<str>, i: u32| interner.get(i).map(|n| n.to_string());
+        let mut out: Vec<GroupCounts> = queue
+            .groups()
+            .into_iter()
+            .map(|(g, ready)| GroupCounts {
+                tenant: name(&inner.tenants, g.tenant),
+                campaign: name(&inner.campaigns, g.campaign),
+                priority: g.priority,
+                ready,
+            })
+            .collect();
+        out.sort_by(|a, b| b.ready.cmp(&a.ready).then(a.priority.cmp(&b.priority)));
+        out
+    }
+
+    /// Ready messages per priority (high, normal, low) across every destination.
+    pub fn ready_by_priority(&self) -> [usize; 3] {
+        self.lock().ready_by_priority
     }
 
     /// Totals over every destination.

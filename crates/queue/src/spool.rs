@@ -1361,6 +1361,7 @@ mod tests {
             attempts: 0,
             headers: BTreeMap::new(),
             last_source: None,
+            priority: Default::default(),
             size: 5,
         }
     }
@@ -1773,6 +1774,7 @@ mod full_disk_tests {
             attempts: 0,
             headers: BTreeMap::new(),
             last_source: None,
+            priority: Default::default(),
             size: 200_000,
         }
     }
