@@ -185,17 +185,15 @@ impl ReadyQueue {
     /// [`AGING`] turns; within it, the tenant whose turn it is (`weight(tenant)` messages a
     /// turn).
     pub(crate) fn pop(&mut self, weight: impl Fn(u32) -> u32) -> Option<MessageId> {
-        let waiting: Vec<usize> = (0..3).filter(|&i| self.classes[i].len > 0).collect();
-        let first = *waiting.first()?;
+        let waiting = |i: usize| self.classes[i].len > 0;
+        let first = (0..3).find(|&i| waiting(i))?;
         // The lowest class that has waited its turns goes first; else the most urgent.
-        let chosen = waiting
-            .iter()
+        let chosen = (first + 1..3)
             .rev()
-            .copied()
-            .find(|&i| i != first && self.classes[i].waited >= AGING)
+            .find(|&i| waiting(i) && self.classes[i].waited >= AGING)
             .unwrap_or(first);
-        for &i in &waiting {
-            if i > chosen {
+        for i in chosen + 1..3 {
+            if self.classes[i].len > 0 {
                 self.classes[i].waited += 1;
             }
         }

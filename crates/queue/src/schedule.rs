@@ -2,10 +2,11 @@
 //! plus operator holds (suspended destinations and campaigns).
 //!
 //! Only ids, destination keys and campaign names (interned) and times live here; metadata and
-//! bodies stay in the spool. A queued message costs one 36-byte map slot (the id, its
-//! destination's and campaign's interned indices, its state and due time, its reception
-//! second) and, while deferred, 16 bytes in a timer bucket: about 100 bytes at a million
-//! queued, hash-table slack included (measured by the scale bench).
+//! bodies stay in the spool. A queued message costs one 40-byte map slot (the id, its
+//! destination's, campaign's and tenant's interned indices, its state, priority and due time,
+//! its reception second) and, while deferred, 16 bytes in a timer bucket (while ready, 16
+//! bytes in its destination's fair queue, `crate::fair`): 100–130 bytes at a million queued,
+//! hash-table slack included (measured by the scale and fair benches).
 //!
 //! Every message known to the schedule is in exactly one state: scheduled (in the timer),
 //! ready (in its destination's ready queue), in flight (taken by a worker), or parked (its
