@@ -2,8 +2,8 @@
 //! plus operator holds (suspended destinations and campaigns).
 //!
 //! Only ids, destination keys and campaign names (interned) and times live here; metadata and
-//! bodies stay in the spool. A queued message costs one 40-byte map slot (the id, its
-//! destination's, campaign's and tenant's interned indices, its state, priority and due time,
+//! bodies stay in the spool. A queued message costs one 36-byte map slot (the id, its
+//! destination's and its (tenant, campaign) pair's interned indices, its state, priority and due time,
 //! its reception second) and, while deferred, 16 bytes in a timer bucket (while ready, 16
 //! bytes in its destination's fair queue, `crate::fair`): 100–130 bytes at a million queued,
 //! hash-table slack included (measured by the scale and fair benches).
@@ -76,26 +76,26 @@ const STATE_SHIFT: u32 = 30;
 const PRIORITY_SHIFT: u32 = 28;
 const DUE_HIGH_MASK: u32 = (1 << PRIORITY_SHIFT) - 1;
 
-/// One message, in 24 bytes (4-byte aligned, so the map slot with its id is 40).
+/// One message, in 20 bytes (4-byte aligned, so the map slot with its id is 36).
 struct Entry {
     due_low: u32,
     /// The state in the top two bits, the priority in the next two, the due time's high bits
     /// below.
     due_high_state: u32,
     dest: u32,
-    campaign: u32,
-    tenant: u32,
+    /// The interned (tenant, campaign) pair (`Inner::owners`): one index for both, as most
+    /// queues hold few pairs.
+    owner: u32,
     received_s: u32,
 }
 
 impl Entry {
-    fn new(group: Group, dest: u32, received_ms: u64, state: State) -> Entry {
+    fn new(priority: Priority, dest: u32, owner: u32, received_ms: u64, state: State) -> Entry {
         let mut e = Entry {
             due_low: 0,
-            due_high_state: (group.priority as u32) << PRIORITY_SHIFT,
+            due_high_state: (priority as u32) << PRIORITY_SHIFT,
             dest,
-            campaign: group.campaign,
-            tenant: group.tenant,
+            owner,
             received_s: u32::try_from(received_ms / 1000).unwrap_or(u32::MAX),
         };
         e.set_state(state);
@@ -107,14 +107,6 @@ impl Entry {
             0 => Priority::High,
             2 => Priority::Low,
             _ => Priority::Normal,
-        }
-    }
-
-    fn group(&self) -> Group {
-        Group {
-            tenant: self.tenant,
-            campaign: self.campaign,
-            priority: self.priority(),
         }
     }
 
@@ -302,6 +294,8 @@ struct Inner {
     keys: Interner<QueueKey>,
     campaigns: Interner<str>,
     tenants: Interner<str>,
+    /// (tenant, campaign) index pairs the entries refer to.
+    owners: Interner<(u32, u32)>,
     /// Turn lengths of tenants in their destinations' round-robin (default 1).
     weights: HashMap<Arc<str>, u32>,
     counts: HashMap<Arc<QueueKey>, DestinationCounts>,
@@ -331,6 +325,7 @@ impl Inner {
             keys: Interner::default(),
             campaigns: Interner::default(),
             tenants: Interner::default(),
+            owners: Interner::default(),
             weights: HashMap::new(),
             counts: HashMap::new(),
             totals: DestinationCounts::default(),
@@ -381,14 +376,14 @@ impl Inner {
             let tenant = tags
                 .tenant
                 .map_or(NO_TENANT, |t| self.tenants.acquire(t, || Arc::from(t)));
-            let group = Group {
-                tenant,
-                campaign,
-                priority: tags.priority,
-            };
+            let owner = self
+                .owners
+                .acquire(&(tenant, campaign), || Arc::new((tenant, campaign)));
             // Counted as in flight for one instant so `set_state` can do the bookkeeping.
-            self.entries
-                .insert(id, Entry::new(group, dest, received_ms, State::InFlight));
+            self.entries.insert(
+                id,
+                Entry::new(tags.priority, dest, owner, received_ms, State::InFlight),
+            );
             if let Some(key) = self.keys.get(dest).cloned() {
                 self.count(&key, State::InFlight, 1);
             }
@@ -400,6 +395,13 @@ impl Inner {
         };
         self.set_state(id, to);
         self.publish();
+    }
+
+    /// The (tenant, campaign) indices of an entry's owner.
+    fn owner(&self, owner: u32) -> (u32, u32) {
+        self.owners
+            .get(owner)
+            .map_or((NO_TENANT, NO_CAMPAIGN), |pair| **pair)
     }
 
     fn key_of(&self, entry: &Entry) -> Option<Arc<QueueKey>> {
@@ -517,7 +519,13 @@ impl Inner {
         let from = entry.state();
         entry.set_state(to);
         let dest_index = entry.dest;
-        let group = entry.group();
+        let (priority, owner) = (entry.priority(), entry.owner);
+        let (tenant, campaign) = self.owner(owner);
+        let group = Group {
+            tenant,
+            campaign,
+            priority,
+        };
         let Some(dest) = self.keys.get(dest_index).cloned() else {
             return;
         };
@@ -555,11 +563,13 @@ impl Inner {
             self.timer_remove(due, *id);
         }
         self.keys.release(entry.dest);
-        if entry.campaign != NO_CAMPAIGN {
-            self.campaigns.release(entry.campaign);
+        let (tenant, campaign) = self.owner(entry.owner);
+        self.owners.release(entry.owner);
+        if campaign != NO_CAMPAIGN {
+            self.campaigns.release(campaign);
         }
-        if entry.tenant != NO_TENANT {
-            self.tenants.release(entry.tenant);
+        if tenant != NO_TENANT {
+            self.tenants.release(tenant);
         }
         if state == State::Ready {
             let n = &mut self.ready_by_priority[entry.priority() as usize];
@@ -598,7 +608,7 @@ impl Inner {
     /// Where a message that is due goes: its ready queue, or parked if its campaign is held.
     fn due_state(&self, id: &MessageId, now_ms: u64) -> State {
         match self.entries.get(id) {
-            Some(e) if self.campaign_held(e.campaign, now_ms) => State::Parked,
+            Some(e) if self.campaign_held(self.owner(e.owner).1, now_ms) => State::Parked,
             _ => State::Ready,
         }
     }
@@ -654,7 +664,7 @@ impl Inner {
         };
         self.entries
             .iter()
-            .filter(|(_, e)| e.campaign == c && keep(e.state()))
+            .filter(|(_, e)| self.owner(e.owner).1 == c && keep(e.state()))
             .map(|(id, _)| *id)
             .collect()
     }
@@ -972,7 +982,8 @@ impl Scheduler {
         if inner.far_stale > 0 {
             inner.sweep_far();
         }
-        let released = inner.keys.shrink() + inner.campaigns.shrink();
+        let released = inner.keys.shrink() + inner.campaigns.shrink() + inner.tenants.shrink();
+        inner.owners.shrink();
         inner.counts.shrink_to_fit();
         // Only when the table is mostly empty: shrinking rehashes every entry under the lock.
         if inner.entries.capacity() > 4 * inner.entries.len().max(1024) {
@@ -984,7 +995,7 @@ impl Scheduler {
     /// Destination keys and campaign names held (for tests and the memory view).
     pub fn interned(&self) -> usize {
         let inner = self.lock();
-        inner.keys.len() + inner.campaigns.len()
+        inner.keys.len() + inner.campaigns.len() + inner.tenants.len()
     }
 
     /// Makes every scheduled message `selector` matches due now; returns how many.
