@@ -30,9 +30,10 @@ use tokio::time::Instant;
 /// How long a limiter nobody uses is kept before [`Shaper::evict_idle`] or
 /// [`KeyedRates::evict_idle`] may drop it, when the caller has no reason to pick another.
 /// Short: a limiter past it holds nothing a fresh one would not (rates keep theirs until
-/// they have forgotten every permit, backoffs until they end), while a deferral wave over
-/// 100 000 sites would otherwise keep 100 000 limiters for as long.
-pub const IDLE_EVICTION: Duration = Duration::from_secs(60);
+/// they have forgotten every permit, backoffs until they end, and one with a session open is
+/// never idle), while a deferral wave over 100 000 sites would otherwise keep 100 000
+/// limiters (about 660 bytes each) for as long.
+pub const IDLE_EVICTION: Duration = Duration::from_secs(15);
 
 /// governor's clock on tokio's time: waits are tokio sleeps, and tests with paused time
 /// drive the limits deterministically.
