@@ -18,24 +18,9 @@
 mod net;
 
 use serde_json::json;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn post(port: u16, path: &str, body: &serde_json::Value) -> String {
-    let body = body.to_string();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
 
 fn deliveries(path: &Path) -> usize {
     std::fs::read_to_string(path)
@@ -69,7 +54,7 @@ fn run(drover: &Path, work: &Path, sink_port: u16, n: usize, tenants: usize) -> 
         .spawn()
         .unwrap();
     assert!(net::wait_for_port(http, Duration::from_secs(30)));
-    post(
+    net::http_post(
         http,
         "/api/admin/v1/suspend",
         &json!({"domain": "gmail.test"}),
@@ -96,14 +81,14 @@ fn run(drover: &Path, work: &Path, sink_port: u16, n: usize, tenants: usize) -> 
                 "campaign": format!("campaign-{c}"),
                 "priority": priorities[p],
             });
-            let reply = post(http, "/api/inject/v1", &body);
+            let reply = net::http_post(http, "/api/inject/v1", &body);
             assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
         }
     }
     // Every message is queued (Reception records are written just before queueing).
     std::thread::sleep(Duration::from_secs(1));
     let start = Instant::now();
-    post(
+    net::http_post(
         http,
         "/api/admin/v1/resume",
         &json!({"domain": "gmail.test"}),
@@ -131,16 +116,8 @@ fn main() {
     }
     let quick = std::env::var("DROVER_BENCH_QUICK").is_ok_and(|v| v != "0" && !v.is_empty());
     let (n, runs) = if quick { (5_000, 1) } else { (20_000, 3) };
-    let drover = std::env::var_os("DROVER_BENCH_BINARY").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_drover")),
-        PathBuf::from,
-    );
-    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
-        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
-        PathBuf::from,
-    );
-    let work = target.join("bench");
-    std::fs::create_dir_all(&work).unwrap();
+    let drover = net::drover_binary(env!("CARGO_BIN_EXE_drover"));
+    let work = net::bench_dir(env!("CARGO_MANIFEST_DIR"));
     let sink_port = net::free_port();
     let mut sink = Command::new(&drover)
         .args(["sink", "--listen", &format!("127.0.0.1:{sink_port}")])

@@ -94,17 +94,7 @@ impl Engine {
 
 /// POSTs JSON to the engine's HTTP API and returns the JSON reply.
 fn post(port: u16, path: &str, body: &serde_json::Value) -> serde_json::Value {
-    use std::io::{Read, Write};
-    let body = body.to_string();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = net::http_post(port, path, body);
     let json = out.split("\r\n\r\n").nth(1).unwrap_or("{}");
     // Chunked or not, the JSON object is the part between the outer braces.
     let start = json.find('{').unwrap_or(0);
@@ -225,16 +215,8 @@ fn main() {
     } else {
         (50_000, 100_000, 1_000_000)
     };
-    let drover = std::env::var_os("DROVER_BENCH_BINARY").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_drover")),
-        PathBuf::from,
-    );
-    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
-        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
-        PathBuf::from,
-    );
-    let work = target.join("bench");
-    std::fs::create_dir_all(&work).unwrap();
+    let drover = net::drover_binary(env!("CARGO_BIN_EXE_drover"));
+    let work = net::bench_dir(env!("CARGO_MANIFEST_DIR"));
 
     // 1. Inbound reports vs ordinary SMTP injection of the same bytes.
     let fixtures = fixtures();

@@ -618,16 +618,8 @@ fn main() {
         due_domains,
     };
     let body_size = env_usize("DROVER_BENCH_SCALE_BODY", 1024);
-    let drover = std::env::var_os("DROVER_BENCH_BINARY").map_or_else(
-        || PathBuf::from(env!("CARGO_BIN_EXE_drover")),
-        PathBuf::from,
-    );
-    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
-        |_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
-        PathBuf::from,
-    );
-    let work = target.join("bench");
-    std::fs::create_dir_all(&work).unwrap();
+    let drover = net::drover_binary(env!("CARGO_BIN_EXE_drover"));
+    let work = net::bench_dir(env!("CARGO_MANIFEST_DIR"));
     let machine = proc::machine();
 
     let sched = scheduler_memory(shape);

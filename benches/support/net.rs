@@ -31,3 +31,38 @@ pub fn wait_for_port(port: u16, limit: Duration) -> bool {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     })
 }
+
+/// The `drover` binary a bench runs: `DROVER_BENCH_BINARY` (an older build, for a
+/// before/after) or this build's (`built`, the bench's `CARGO_BIN_EXE_drover`).
+pub fn drover_binary(built: &str) -> std::path::PathBuf {
+    std::env::var_os("DROVER_BENCH_BINARY")
+        .map_or_else(|| std::path::PathBuf::from(built), std::path::PathBuf::from)
+}
+
+/// Where benches write: `$CARGO_TARGET_DIR/bench` (default `target/bench` beside the
+/// workspace, `manifest_dir` being the bench crate's), created.
+pub fn bench_dir(manifest_dir: &str) -> std::path::PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(
+        |_| std::path::Path::new(manifest_dir).join("../../target"),
+        std::path::PathBuf::from,
+    );
+    let work = target.join("bench");
+    std::fs::create_dir_all(&work).unwrap();
+    work
+}
+
+/// POSTs a JSON body to the engine's HTTP API on 127.0.0.1:`port`; the whole raw reply.
+pub fn http_post(port: u16, path: &str, body: &serde_json::Value) -> String {
+    use std::io::{Read, Write};
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
