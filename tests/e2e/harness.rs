@@ -265,3 +265,12 @@ pub async fn smtp_transaction(
     };
     client.send(&envelope, data).await.unwrap()
 }
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -29,14 +29,6 @@ fn check_config_exit_codes() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn wait_http(url: &str) {
     for _ in 0..200 {
         if reqwest::get(url)

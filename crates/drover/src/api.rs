@@ -349,23 +349,33 @@ fn bad(status: StatusCode, message: impl Into<String>) -> Box<Response> {
     Box::new(error(status, message))
 }
 
-fn admin_target(
+/// The JSON body of an admin call, once its token is checked: 401 without one, 400 when the
+/// body is not what the call takes.
+fn admin_body<T: serde::de::DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(Selector, Option<std::time::Duration>), Box<Response>> {
+) -> Result<T, Box<Response>> {
     if !authorized(state, headers) {
         return Err(bad(
             StatusCode::UNAUTHORIZED,
             "missing or invalid bearer token",
         ));
     }
-    let target: AdminTarget = serde_json::from_slice(body).map_err(|e| {
+    serde_json::from_slice(body).map_err(|e| {
         bad(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {e}"),
         )
-    })?;
+    })
+}
+
+fn admin_target(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Selector, Option<std::time::Duration>), Box<Response>> {
+    let target: AdminTarget = admin_body(state, headers, body)?;
     let selector = match (target.domain, target.campaign) {
         // Lists show a source's own queue as `domain|source`; holds and backoffs of it are
         // named (and lifted) by the domain alone.
@@ -594,18 +604,7 @@ fn suppression_batch(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Vec<(SuppressionKey, String)>, Box<Response>> {
-    if !authorized(state, headers) {
-        return Err(bad(
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid bearer token",
-        ));
-    }
-    let batch: SuppressionBatch = serde_json::from_slice(body).map_err(|e| {
-        bad(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })?;
+    let batch: SuppressionBatch = admin_body(state, headers, body)?;
     if batch.entries.is_empty() {
         return Err(bad(StatusCode::BAD_REQUEST, "entries: none given"));
     }

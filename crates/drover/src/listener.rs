@@ -367,11 +367,13 @@ impl InjectPolicy {
         }
         // `X-Drover-Priority` is for Drover alone: read, then removed before the message is
         // stored (an unknown value is normal priority).
-        let priority = header_value(data, PRIORITY_HEADER)
-            .and_then(|p| queue::Priority::parse(&p))
+        let asked = header_value(data, PRIORITY_HEADER);
+        let priority = asked
+            .as_deref()
+            .and_then(queue::Priority::parse)
             .unwrap_or_default();
         let stripped;
-        let data = if header_value(data, PRIORITY_HEADER).is_some() {
+        let data = if asked.is_some() {
             stripped = feedback::stamp::remove(data, PRIORITY_HEADER);
             &stripped[..]
         } else {
