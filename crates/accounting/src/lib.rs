@@ -8,10 +8,12 @@
 
 mod classify;
 mod metrics_names;
+mod position;
 mod writer;
 
 pub use classify::{classify, BounceCategory, Classifier, ReplyFacts, DEFAULT_RULES};
 pub use metrics_names::describe_metrics;
+pub use position::Position;
 pub use writer::{final_ids_since, Accounting, AccountingError};
 
 use serde::{Deserialize, Serialize};
