@@ -48,7 +48,9 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
     std::fs::write(
         &config,
         format!(
-            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:0\"\n[retry]\nintervals = [\"1s\"]\n{}",
+            // Segments of a few hundred records, half of them compressed: the kills land
+            // while they rotate.
+            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:0\"\n[retry]\nintervals = [\"1s\"]\n[accounting]\nrotate_size = \"96KiB\"\ncompress = true\n{}",
             dir.path().join("data"),
             routes(&["k1.test", "k2.test"], sink.local_addr())
         ),
@@ -139,6 +141,8 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
     for (_, rcpt) in &accepted {
         assert!(received.contains(rcpt), "{rcpt} never reached the sink");
     }
+    let segments = segment_files(&accounting);
+    assert!(segments.len() > 3, "the log never rotated: {segments:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,13 +98,54 @@ pub async fn post_json(url: &str, body: &Value, token: Option<&str>) -> (u16, Va
 
 /// The complete records of an accounting file. A line still being written (no newline yet)
 /// is not a record yet; every complete line must parse.
+/// Every record of the accounting log at `path`: its closed segments (`<path>.<n>`, or
+/// `<path>.<n>.zst`) in order, then the current file.
 pub fn records(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l:?}: {e}")))
-        .collect()
+    let mut out = Vec::new();
+    for segment in segment_files(path) {
+        let bytes = if segment.extension().is_some_and(|e| e == "zst") {
+            std::fs::File::open(&segment)
+                .ok()
+                .and_then(|f| zstd::decode_all(f).ok())
+                .unwrap_or_default()
+        } else {
+            std::fs::read(&segment).unwrap_or_default()
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        out.extend(
+            complete.lines().map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l:?}: {e}"))
+            }),
+        );
+    }
+    out
+}
+
+/// The files of the accounting log at `path`, oldest first.
+pub fn segment_files(path: &Path) -> Vec<std::path::PathBuf> {
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let mut closed: Vec<(u64, std::path::PathBuf)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(path.parent().unwrap()) {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file.strip_prefix(&format!("{name}.")) else {
+                continue;
+            };
+            let digits = rest.strip_suffix(".zst").unwrap_or(rest);
+            if let Ok(n) = digits.parse::<u64>() {
+                // A plain file and its compressed copy both present: the plain one is whole.
+                if !closed.iter().any(|(m, _)| *m == n) || !rest.ends_with(".zst") {
+                    closed.retain(|(m, _)| *m != n);
+                    closed.push((n, entry.path()));
+                }
+            }
+        }
+    }
+    closed.sort();
+    let mut files: Vec<_> = closed.into_iter().map(|(_, p)| p).collect();
+    files.push(path.to_owned());
+    files
 }
 
 pub fn count_type(records: &[Value], kind: &str) -> usize {

@@ -9,12 +9,17 @@
 mod classify;
 mod metrics_names;
 mod position;
+mod reader;
+mod retention;
+mod segments;
 mod writer;
 
 pub use classify::{classify, BounceCategory, Classifier, ReplyFacts, DEFAULT_RULES};
 pub use metrics_names::describe_metrics;
 pub use position::Position;
-pub use writer::{final_ids_since, Accounting, AccountingError};
+pub use reader::{Line, Reader, Recorded};
+pub use retention::{Pruned, Retention};
+pub use writer::{Accounting, AccountingError, Rotation};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -2,7 +2,7 @@
 
 use crate::clock::now_ms;
 use crate::engine::{state_u64, Engine, EngineError};
-use accounting::{BounceCategory, RecordType, Response};
+use accounting::{RecordType, Response};
 use queue::{MessageId, MessageMeta, Selector};
 use std::time::Duration;
 
@@ -110,12 +110,13 @@ impl Engine {
                     enhanced_code: Some("5.0.0".into()),
                     text: "purged by the operator".into(),
                 });
-                r.bounce_category = Some(BounceCategory::Other);
+                // Not a receiver's verdict: no category (contract §4 gives one only to
+                // Bounce, AsyncBounce, Expiration and TransientFailure).
                 r
             })
             .collect();
         let count = metas.len();
-        self.finalize_group(metas, records).await?;
+        self.finalizer.finalize_group(&metas, records).await?;
         Ok(count)
     }
 

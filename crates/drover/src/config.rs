@@ -43,6 +43,81 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// A size written like `"64MiB"`, `"1GiB"`, `"500MB"` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"<number>[unit]"`; units B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB (the
+    /// short and `iB` forms are powers of 1024, `KB`, `MB`... of 1000).
+    pub fn parse(text: &str) -> Option<ByteSize> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let n: u64 = digits.parse().ok()?;
+        let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "kb" => 1_000,
+            "m" | "mib" => 1 << 20,
+            "mb" => 1_000_000,
+            "g" | "gib" => 1 << 30,
+            "gb" => 1_000_000_000,
+            "t" | "tib" => 1 << 40,
+            "tb" => 1_000_000_000_000,
+            _ => return None,
+        };
+        n.checked_mul(factor).map(ByteSize)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => ByteSize::parse(&t).ok_or_else(|| {
+                serde::de::Error::custom(format!("invalid size {t:?} (e.g. \"64MiB\", \"1GiB\")"))
+            }),
+        }
+    }
+}
+
+/// An optional duration: `""` (or absent, where the default is none) means none.
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HumanDuration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    humantime::parse_duration(&s)
+        .map(|d| Some(HumanDuration(d)))
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+/// An optional size: `""` means none.
+fn optional_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Number(n) => Ok(Some(ByteSize(n))),
+        Raw::Text(t) if t.trim().is_empty() => Ok(None),
+        Raw::Text(t) => ByteSize::parse(&t)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("invalid size {t:?}"))),
+    }
+}
+
 fn secs(n: u64) -> HumanDuration {
     HumanDuration(Duration::from_secs(n))
 }
@@ -493,11 +568,64 @@ pub struct RouteConfig {
 }
 
 /// `[accounting]`
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccountingConfig {
-    /// JSON Lines file; empty = `<spool.path>/accounting.jsonl`.
+    /// JSON Lines file holding the newest records; empty = `<spool.path>/accounting.jsonl`.
+    /// Closed segments sit beside it as `<path>.<sequence>[.zst]`.
     pub path: String,
+    /// Close the current segment past this size.
+    pub rotate_size: ByteSize,
+    /// ... or past this age (`""` = never by age).
+    #[serde(deserialize_with = "optional_duration")]
+    pub rotate_age: Option<HumanDuration>,
+    /// Compress closed segments with zstd (extension).
+    pub compress: bool,
+    /// Delete closed segments older than this (extension; `""` = keep them).
+    #[serde(deserialize_with = "optional_duration")]
+    pub retain_age: Option<HumanDuration>,
+    /// Delete the oldest closed segments while all of them take more than this (extension;
+    /// `""` = no limit).
+    #[serde(deserialize_with = "optional_size")]
+    pub retain_size: Option<ByteSize>,
+    /// How much of the log retention keeps beyond its limits for a webhook that has not
+    /// sent it yet; past it the oldest is deleted anyway, with an error and a metric
+    /// (extension).
+    pub webhook_hold: ByteSize,
+}
+
+impl Default for AccountingConfig {
+    fn default() -> Self {
+        AccountingConfig {
+            path: String::new(),
+            rotate_size: ByteSize(1 << 30),
+            rotate_age: Some(secs(86_400)),
+            compress: false,
+            retain_age: None,
+            retain_size: None,
+            webhook_hold: ByteSize(10 << 30),
+        }
+    }
+}
+
+impl AccountingConfig {
+    /// When segments are closed and compressed.
+    pub fn rotation(&self) -> accounting::Rotation {
+        accounting::Rotation {
+            size: self.rotate_size.0.max(1),
+            age: self.rotate_age.map(|d| d.0).filter(|d| !d.is_zero()),
+            compress: self.compress,
+        }
+    }
+
+    /// When closed segments are deleted.
+    pub fn retention(&self) -> accounting::Retention {
+        accounting::Retention {
+            max_age: self.retain_age.map(|d| d.0),
+            max_size: self.retain_size.map(|s| s.0),
+            hold: self.webhook_hold.0,
+        }
+    }
 }
 
 /// `[[shaping]]`
@@ -1046,6 +1174,32 @@ mod tests {
             c.accounting_path(),
             PathBuf::from("./drover-data/accounting.jsonl")
         );
+    }
+
+    #[test]
+    fn accounting_rotation_and_retention_keys() {
+        assert_eq!(ByteSize::parse("64MiB"), Some(ByteSize(64 << 20)));
+        assert_eq!(ByteSize::parse("1GiB"), Some(ByteSize(1 << 30)));
+        assert_eq!(ByteSize::parse("500MB"), Some(ByteSize(500_000_000)));
+        assert_eq!(ByteSize::parse("4096"), Some(ByteSize(4096)));
+        assert_eq!(ByteSize::parse("12 parsecs"), None);
+        assert_eq!(ByteSize::parse(""), None);
+        let c = Config::parse(
+            "[accounting]\nrotate_size = \"64MiB\"\nrotate_age = \"\"\ncompress = true\nretain_age = \"30d\"\nretain_size = 1000000\n",
+        )
+        .unwrap();
+        let rotation = c.accounting.rotation();
+        assert_eq!(rotation.size, 64 << 20);
+        assert_eq!(rotation.age, None);
+        assert!(rotation.compress);
+        let retention = c.accounting.retention();
+        assert_eq!(retention.max_age, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(retention.max_size, Some(1_000_000));
+        assert_eq!(retention.hold, 10 << 30);
+        let defaults = Config::parse("").unwrap().accounting.rotation();
+        assert_eq!(defaults.size, 1 << 30);
+        assert_eq!(defaults.age, Some(Duration::from_secs(86_400)));
+        assert!(Config::parse("[accounting]\nrotate_size = \"big\"\n").is_err());
     }
 
     #[test]

@@ -8,91 +8,29 @@
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::crew::Crew;
-use crate::finals::Ledger;
-use crate::message::NewMessage;
+use crate::finalizer::Finalizer;
 use crate::outbound::Outbound;
 use crate::policy::Policy;
 use accounting::{Accounting, Record, RecordType};
 use queue::{MessageMeta, Scheduler, Spool};
-use resolver_cache::ResolveError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Engine state records that hold a time or an offset store it as a big-endian u64.
-pub(crate) fn state_u64(value: &[u8]) -> Option<u64> {
-    value
-        .get(..8)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-}
-
-/// Why the engine could not start or accept.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    /// The spool failed.
-    #[error(transparent)]
-    Spool(#[from] queue::QueueError),
-    /// Accounting failed.
-    #[error(transparent)]
-    Accounting(#[from] accounting::AccountingError),
-    /// The resolver could not be set up.
-    #[error(transparent)]
-    Resolver(#[from] ResolveError),
-    /// The configuration is unusable.
-    #[error("configuration: {0}")]
-    Config(String),
-    /// The engine is shutting down.
-    #[error("the engine is shutting down")]
-    Draining,
-    /// The queue holds `spool.max_queued` messages already.
-    #[error("the queue is full ({0} messages)")]
-    Full(usize),
-    /// Some messages cannot be DKIM-signed although a key applies (malformed headers); nothing
-    /// was stored, and the messages come back unchanged.
-    #[error("{0}")]
-    Unsignable(Box<Unsignable>),
-    /// Signing stopped abnormally.
-    #[error("signing failed: {0}")]
-    Signing(String),
-}
-
-/// Messages handed back by [`Engine::accept`] because some of them cannot be signed.
-pub struct Unsignable {
-    /// Position (in the batch) and reason of each message that cannot be signed.
-    pub failures: Vec<(usize, dkim::DkimError)>,
-    /// The whole batch, unchanged: the caller may retry without the failed ones.
-    pub messages: Vec<NewMessage>,
-}
-
-impl std::fmt::Debug for Unsignable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Unsignable")
-            .field("failures", &self.failures)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Display for Unsignable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.failures.first() {
-            Some((_, e)) => write!(f, "DKIM signing failed: {e}"),
-            None => write!(f, "DKIM signing failed"),
-        }
-    }
-}
+pub(crate) use crate::error::state_u64;
+pub use crate::error::{EngineError, Unsignable};
 
 /// Shared state of a running engine. The work is done in the modules around it, one concern
 /// each: `startup` and `restore` (start-up and reload), `inject`, `admin`, `dispatch`,
-/// `worker`, `outcome` (pure), `record` and `finals`.
+/// `worker`, `outcome` (pure), `record` and `finalizer`.
 pub struct Engine {
     pub(crate) config: Config,
     pub(crate) spool: Spool,
     pub(crate) scheduler: Scheduler,
     pub(crate) accounting: Accounting,
-    /// Finalizations between their record and their message's removal (see `finals`).
-    pub(crate) ledger: Ledger,
+    /// Exactly one final record per message (see `finalizer`).
+    pub(crate) finalizer: Finalizer,
     /// Resolver, sessions, limits and sources of outbound mail.
     pub(crate) outbound: Outbound,
     /// The delivery workers.
@@ -256,8 +194,7 @@ impl Engine {
             tracing::warn!("workers still busy after {grace:?}; their messages stay spooled");
         }
         self.outbound.pool.close().await;
-        // Finished messages need no look at the accounting file at the next start.
-        self.advance_checkpoint(0).await;
+        self.finalizer.close().await;
         // Flushing the WAL waits for the disk: not on an async worker thread.
         let spool = self.spool.clone();
         match tokio::task::spawn_blocking(move || spool.close()).await {

@@ -57,6 +57,52 @@ impl Engine {
             return Err(EngineError::Full(queued));
         }
         let count = messages.len() as u64;
+        // Before the spool write: the checkpoint stays behind until the Reception records
+        // are down, so a crash in between is repaired at the next start (`finalizer`).
+        // Reception time is taken after the hold, which that repair relies on.
+        let hold = self.finalizer.hold();
+        let mut messages = messages;
+        let received = crate::clock::now_ms();
+        for m in &mut messages {
+            m.meta.received_ms = m.meta.received_ms.max(received);
+        }
+        let metas = match self.prepare_and_store(messages, via, count).await {
+            Ok(metas) => metas,
+            Err(e) => {
+                self.finalizer.release(hold);
+                return Err(e);
+            }
+        };
+        // Accepted means spooled: the caller is answered now, and the Reception records are
+        // synced in the background, each message queued only after its record is down, so a
+        // Reception never follows its message's final record. A crash in that moment loses
+        // no line either: the hold keeps the checkpoint back and the next start writes it.
+        let engine = Arc::clone(self);
+        self.crew.tracker.spawn(async move {
+            let records = metas
+                .iter()
+                .map(|m| engine.record(RecordType::Reception, m))
+                .collect();
+            match engine.accounting.record_all(records).await {
+                Ok(()) => engine.finalizer.release(hold),
+                // The messages are safely spooled and will be delivered; the hold stays, so
+                // the next start writes the lines.
+                Err(e) => tracing::error!(error = %e, "could not write Reception records; they are written at the next start"),
+            }
+            for m in &metas {
+                engine.enqueue_new(m);
+            }
+        });
+        Ok(())
+    }
+
+    /// Stamps, signs and stores (synced) a batch; returns the stored messages' metadata.
+    async fn prepare_and_store(
+        &self,
+        messages: Vec<NewMessage>,
+        via: &'static str,
+        count: u64,
+    ) -> Result<Vec<MessageMeta>, EngineError> {
         let policy = self.policy();
         let (messages, signed) = if policy.signers.is_empty() && policy.stamper.is_noop() {
             (messages, 0)
@@ -115,24 +161,6 @@ impl Engine {
         metrics::counter!(RECEIVED, "via" => via).increment(count);
         metrics::counter!(DKIM_SIGNATURES, "result" => "signed").increment(signed);
         metrics::counter!(DKIM_SIGNATURES, "result" => "unsigned").increment(count - signed);
-        // Accepted means spooled: the caller is answered now, and the Reception records are
-        // synced in the background, each message queued only after its record is down, so a
-        // Reception never follows its message's final record. A crash in that moment can lose
-        // a Reception line, never a message or its final record.
-        let engine = Arc::clone(self);
-        self.crew.tracker.spawn(async move {
-            let records = metas
-                .iter()
-                .map(|m| engine.record(RecordType::Reception, m))
-                .collect();
-            if let Err(e) = engine.accounting.record_all(records).await {
-                // The messages are safely spooled and will be delivered; only the line is lost.
-                tracing::error!(error = %e, "could not write Reception records");
-            }
-            for m in &metas {
-                engine.enqueue_new(m);
-            }
-        });
-        Ok(())
+        Ok(metas)
     }
 }

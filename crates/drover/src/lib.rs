@@ -10,12 +10,13 @@ pub mod unsubscribe_http;
 pub mod message;
 // The engine's state, and its work by concern, in the order a message meets them.
 mod admin;
-mod checkpoint;
 mod dispatch;
 pub mod engine;
-mod finals;
+mod error;
+mod finalizer;
 pub mod inbound;
 mod inject;
+mod log_keeper;
 mod outcome;
 mod record;
 mod restore;

@@ -1,22 +1,43 @@
 //! Start-up: what the spool holds goes back on the schedule, and what was recorded as
-//! finished just before the last stop is removed instead of delivered again.
+//! finished just before the last stop is removed instead of delivered again (see `finalizer`).
 
 use crate::clock::now_ms;
-use crate::engine::{state_u64, Engine, EngineError};
-use queue::MessageId;
+use crate::engine::{Engine, EngineError};
+use crate::finalizer::Settled;
+use accounting::RecordType;
+use queue::MessageMeta;
 
 /// How many due messages a restart schedules before the full reload scan.
 const DUE_FIRST: usize = 100_000;
 
 impl Engine {
-    pub(crate) fn reload_spool(&self) -> Result<(), EngineError> {
+    /// Runs on the blocking pool (it streams the whole spool).
+    pub(crate) fn reload_spool(&self, settled: &Settled) -> Result<(), EngineError> {
         let mut count = 0u64;
+        let mut rebuilt = std::collections::HashSet::new();
+        let runtime = tokio::runtime::Handle::current();
+        // A message spooled just before a crash may lack its Reception record: it is
+        // written now, before the message can be delivered (and earn its final record).
+        let mut admit = |meta: &MessageMeta| {
+            if settled.missing_reception(meta) && !rebuilt.contains(&meta.id) {
+                let record = self.record(RecordType::Reception, meta);
+                match runtime.block_on(self.accounting.record(record)) {
+                    Ok(()) => {
+                        rebuilt.insert(meta.id);
+                    }
+                    Err(e) => {
+                        tracing::error!(id = %meta.id, error = %e, "could not write a lost Reception record")
+                    }
+                }
+            }
+            self.enqueue_new(meta)
+        };
         // What is due goes first, straight from the schedule index, so delivery restarts in
         // moments however large the queue; the full scan then adds the rest (messages already
         // scheduled are left as they are).
         for id in self.spool.due_ids(now_ms(), DUE_FIRST)? {
             if let Some(meta) = self.spool.meta(&id)? {
-                self.enqueue_new(&meta);
+                admit(&meta);
             }
         }
         for meta in self.spool.scan() {
@@ -25,7 +46,7 @@ impl Engine {
             }
             match meta {
                 Ok(meta) => {
-                    if self.enqueue_new(&meta) {
+                    if admit(&meta) {
                         count += 1;
                     }
                 }
@@ -36,43 +57,12 @@ impl Engine {
         if count > 0 {
             tracing::info!(messages = count, "reloaded the spool");
         }
-        Ok(())
-    }
-
-    /// Removes the spooled messages that already have a final record after the stored
-    /// accounting checkpoint (the engine stopped between a record and its message's removal),
-    /// and stores a checkpoint if there was none. Returns the checkpoint in force.
-    pub(crate) async fn settle_recorded_finals(&self) -> Result<u64, EngineError> {
-        let stored = self
-            .spool
-            .state(crate::finals::CHECKPOINT_KEY)?
-            .and_then(|v| state_u64(&v));
-        let Some(checkpoint) = stored else {
-            // A new spool: none of its messages can have a record before this point.
-            let len = self.accounting.synced_len();
-            self.store_checkpoint(len).await?;
-            return Ok(len);
-        };
-        let path = self.accounting.path().to_owned();
-        let recorded = accounting::final_ids_since(&path, checkpoint).map_err(|source| {
-            EngineError::Accounting(accounting::AccountingError::Io { path, source })
-        })?;
-        let mut removed = 0u64;
-        for id in recorded
-            .iter()
-            .filter_map(|id| id.parse::<MessageId>().ok())
-        {
-            if let Some(meta) = self.spool.meta(&id)? {
-                self.spool.remove(id, meta.due_ms).await?;
-                removed += 1;
-            }
-        }
-        if removed > 0 {
+        if !rebuilt.is_empty() {
             tracing::info!(
-                removed,
-                "removed messages whose final record was written before the last stop"
+                messages = rebuilt.len(),
+                "wrote the Reception records a crash lost after their messages were spooled"
             );
         }
-        Ok(checkpoint)
+        Ok(())
     }
 }

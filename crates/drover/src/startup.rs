@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::crew::Crew;
 use crate::egress::Egress;
 use crate::engine::{Engine, EngineError};
+use crate::finalizer::Finalizer;
 use crate::outbound::Outbound;
 use crate::policy::Policy;
 use crate::telemetry::describe_metrics;
@@ -65,7 +66,8 @@ impl Engine {
                 ..SpoolOptions::default()
             },
         )?;
-        let accounting = Accounting::open(&config.accounting_path())?;
+        let accounting =
+            Accounting::open_with(&config.accounting_path(), config.accounting.rotation())?;
         let feedback_keys = feedback_keys(&config, &spool).await?;
         let nameservers = config
             .dns
@@ -107,7 +109,10 @@ impl Engine {
         let policy = std::sync::RwLock::new(Arc::new(
             Policy::from_config(&config).map_err(|e| EngineError::Config(e.to_string()))?,
         ));
+        let cancel = CancellationToken::new();
+        let finalizer = Finalizer::new(accounting.clone(), spool.clone(), cancel.clone());
         let engine = Arc::new(Engine {
+            finalizer,
             outbound: Outbound {
                 resolver,
                 pool: Pool::new(config.delivery.idle_timeout.0),
@@ -122,10 +127,9 @@ impl Engine {
             spool,
             scheduler: Scheduler::new(),
             accounting,
-            ledger: crate::finals::Ledger::default(),
             crew: Crew::default(),
             policy,
-            cancel: CancellationToken::new(),
+            cancel,
             draining: AtomicBool::new(false),
             reloading: Arc::new(AtomicBool::new(true)),
             feedback_keys,
@@ -136,7 +140,8 @@ impl Engine {
             .set_tenant_weights(engine.config.tenant_weights());
         // Before anything is delivered: messages whose final record was written just before
         // the last stop are removed, not delivered again.
-        let checkpoint = engine.settle_recorded_finals().await?;
+        let settled = engine.finalizer.settle().await?;
+        let checkpoint = settled.checkpoint;
         // The reload streams the spool while delivery already runs, so a large queue does
         // not delay the first delivery.
         let reloading = Arc::clone(&engine);
@@ -144,7 +149,7 @@ impl Engine {
         // finishes during the reload is remembered.
         engine.scheduler.begin_reload();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = reloading.reload_spool() {
+            if let Err(e) = reloading.reload_spool(&settled) {
                 tracing::error!(error = %e, "reloading the spool failed; some messages wait for the next start");
             }
             reloading.scheduler.end_reload();
@@ -152,7 +157,9 @@ impl Engine {
         });
         tokio::spawn(Arc::clone(&engine).dispatch());
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
-        tokio::spawn(Arc::clone(&engine).keep_checkpoint(checkpoint));
+        tokio::spawn(Arc::clone(&engine).keep_log());
+        let keeper = Arc::clone(&engine);
+        tokio::spawn(async move { keeper.finalizer.keep_checkpoint(checkpoint).await });
         Ok(engine)
     }
 }
