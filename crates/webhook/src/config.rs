@@ -12,7 +12,7 @@ use std::time::Duration;
 /// Deserialises from TOML with every key but `url` optional and unknown keys refused; durations
 /// are written like `"500ms"`, `"10s"` or `"5m"`. Call [`WebhookConfig::validate`] before use
 /// ([`crate::spawn`] does).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookConfig {
     /// Label in metrics, logs, status and the `X-Drover-Webhook` header, and the key of the
@@ -55,6 +55,29 @@ impl Default for WebhookConfig {
             max_backoff: Duration::from_secs(300),
             tls_verify: true,
         }
+    }
+}
+
+/// The secret is left out, so a configuration dump in a log leaks no key.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = if self.secret.is_empty() {
+            ""
+        } else {
+            "<redacted>"
+        };
+        f.debug_struct("WebhookConfig")
+            .field("name", &self.name)
+            .field("url", &self.display_url())
+            .field("secret", &secret)
+            .field("types", &self.types)
+            .field("tenants", &self.tenants)
+            .field("batch_size", &self.batch_size)
+            .field("max_delay", &self.max_delay)
+            .field("timeout", &self.timeout)
+            .field("max_backoff", &self.max_backoff)
+            .field("tls_verify", &self.tls_verify)
+            .finish()
     }
 }
 
@@ -289,6 +312,17 @@ mod tests {
             ..config("https://h.example/")
         };
         assert_eq!(named.label(), "crm");
+    }
+
+    #[test]
+    fn debug_hides_the_secret_and_the_password() {
+        let c = WebhookConfig {
+            secret: "hunter2".into(),
+            ..config("https://u:pw@h.example/x")
+        };
+        let text = format!("{c:?}");
+        assert!(!text.contains("hunter2") && !text.contains("pw@"), "{text}");
+        assert!(text.contains("<redacted>"), "{text}");
     }
 
     #[test]
