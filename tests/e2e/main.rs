@@ -25,3 +25,4 @@ mod readiness;
 mod reports;
 mod shaping;
 mod suppression;
+mod webhooks;

@@ -32,6 +32,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/inject/v1", post(inject))
         .route("/api/admin/v1/queues", get(queues))
         .route("/api/admin/v1/suspensions", get(suspensions))
+        .route("/api/admin/v1/webhooks", get(webhooks))
         .route("/api/admin/v1/suspend", post(suspend))
         .route("/api/admin/v1/resume", post(resume))
         .route("/api/admin/v1/retry", post(retry))
@@ -315,8 +316,17 @@ async fn queues(
         "destinations": destinations,
         "totals": {"ready": totals.ready, "scheduled": totals.scheduled, "in_flight": totals.in_flight, "parked": totals.parked},
         "ready_by_priority": {"high": high, "normal": normal, "low": low},
+        "webhooks": state.engine.webhook_statuses(),
     }))
     .into_response()
+}
+
+/// `GET /api/admin/v1/webhooks`: each `[[webhook]]`'s cursor, lag and last error.
+async fn webhooks(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
+    }
+    Json(json!({ "webhooks": state.engine.webhook_statuses() })).into_response()
 }
 
 /// `None` for "until resumed".

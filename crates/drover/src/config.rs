@@ -142,6 +142,8 @@ pub struct Config {
     pub route: Vec<RouteConfig>,
     /// `[accounting]`
     pub accounting: AccountingConfig,
+    /// `[[webhook]]`: accounting records POSTed to HTTP endpoints.
+    pub webhook: Vec<webhook::WebhookConfig>,
     /// `[[shaping]]`
     pub shaping: Vec<ShapingConfig>,
     /// `[[automation]]`
@@ -844,6 +846,22 @@ impl Config {
                 return Err(invalid(
                     format!("smtp_listener.auth_users[{i}]"),
                     "user and password must not be empty",
+                ));
+            }
+        }
+        let mut labels = std::collections::HashSet::new();
+        for (i, w) in self.webhook.iter().enumerate() {
+            w.validate()
+                .map_err(|e| invalid(format!("webhook[{i}]"), e))?;
+            // The label keys the webhook's cursor in the spool: two sharing one would
+            // overwrite each other's place.
+            if !labels.insert(w.label()) {
+                return Err(invalid(
+                    format!("webhook[{i}].name"),
+                    format!(
+                        "{:?} is used by another webhook; give each a distinct name",
+                        w.label()
+                    ),
                 ));
             }
         }

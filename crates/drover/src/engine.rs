@@ -31,6 +31,8 @@ pub struct Engine {
     pub(crate) accounting: Accounting,
     /// Exactly one final record per message (see `finalizer`).
     pub(crate) finalizer: Finalizer,
+    /// The `[[webhook]]` senders (see `webhooks`).
+    pub(crate) webhooks: crate::webhooks::Webhooks,
     /// Resolver, sessions, limits and sources of outbound mail.
     pub(crate) outbound: Outbound,
     /// The delivery workers.
@@ -101,6 +103,11 @@ impl Engine {
     /// The spool (for tools and tests that look below the API).
     pub fn spool(&self) -> &Spool {
         &self.spool
+    }
+
+    /// Where each `[[webhook]]` stands and how far behind it is (for the admin API).
+    pub fn webhook_statuses(&self) -> Vec<webhook::WebhookStatus> {
+        self.webhooks.statuses()
     }
 
     /// The schedule (for the admin API).

@@ -23,6 +23,7 @@ mod restore;
 mod stamping;
 mod startup;
 mod suppression;
+mod webhooks;
 mod worker;
 // Leaves the above share.
 pub mod allocator;

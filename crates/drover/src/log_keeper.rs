@@ -23,7 +23,10 @@ impl Engine {
 
     async fn prune_log(&self) {
         let settle_from = self.finalizer.checkpoint_now();
-        let read_from = settle_from;
+        let read_from = self
+            .webhooks
+            .slowest_cursor()
+            .map_or(settle_from, |cursor| cursor.min(settle_from));
         let retention = self.config.accounting.retention();
         let accounting = self.accounting.clone();
         let pruned = tokio::task::spawn_blocking(move || {

@@ -462,6 +462,24 @@ fn print_queues(body: &serde_json::Value, holds: &serde_json::Value) {
             );
         }
     }
+    let hooks = body["webhooks"].as_array().cloned().unwrap_or_default();
+    if !hooks.is_empty() {
+        println!(
+            "{:<40} {:>10} {:>10} {:>9} {:>8}  LAST ERROR",
+            "WEBHOOK", "LAG", "LAG_SECS", "SENT", "FAILURES"
+        );
+    }
+    for w in &hooks {
+        println!(
+            "{:<40} {:>10} {:>10.0} {:>9} {:>8}  {}",
+            w["name"].as_str().unwrap_or("?"),
+            w["lag_records"],
+            w["lag_seconds"].as_f64().unwrap_or(0.0),
+            w["sent_records"],
+            w["consecutive_failures"],
+            w["last_error"].as_str().unwrap_or("-")
+        );
+    }
     for h in holds["suspensions"].as_array().into_iter().flatten() {
         let what = h["domain"]
             .as_str()

@@ -113,6 +113,7 @@ impl Engine {
         let finalizer = Finalizer::new(accounting.clone(), spool.clone(), cancel.clone());
         let engine = Arc::new(Engine {
             finalizer,
+            webhooks: Default::default(),
             outbound: Outbound {
                 resolver,
                 pool: Pool::new(config.delivery.idle_timeout.0),
@@ -157,6 +158,7 @@ impl Engine {
         });
         tokio::spawn(Arc::clone(&engine).dispatch());
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
+        engine.start_webhooks().await?;
         tokio::spawn(Arc::clone(&engine).keep_log());
         let keeper = Arc::clone(&engine);
         tokio::spawn(async move { keeper.finalizer.keep_checkpoint(checkpoint).await });

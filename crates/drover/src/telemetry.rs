@@ -88,6 +88,7 @@ pub(crate) fn describe_metrics() {
     );
     // Each crate describes its own metrics and gives their series a first zero.
     accounting::describe_metrics();
+    webhook::describe_metrics();
     queue::describe_metrics();
     connection_pool::describe_metrics();
     resolver_cache::describe_metrics();
