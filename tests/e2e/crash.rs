@@ -3,32 +3,7 @@
 use crate::harness::*;
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-const DROVER: &str = env!("CARGO_BIN_EXE_drover");
-
-fn spawn_serve(config: &std::path::Path) -> Child {
-    Command::new(DROVER)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_ready(port: u16) {
-    for _ in 0..400 {
-        if reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("drover never became ready");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_nothing_and_finalises_once() {
@@ -50,7 +25,7 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
         format!(
             // Segments of a few hundred records, half of them compressed: the kills land
             // while they rotate.
-            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:0\"\n[retry]\nintervals = [\"1s\"]\n[accounting]\nrotate_size = \"96KiB\"\ncompress = true\n{}",
+            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:0\"\n[retry]\nintervals = [\"1s\"]\n[accounting]\nrotate_size = \"32KiB\"\ncompress = true\n{}",
             dir.path().join("data"),
             routes(&["k1.test", "k2.test"], sink.local_addr())
         ),
@@ -61,8 +36,8 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
     let mut accepted: Vec<(String, String)> = Vec::new();
     let mut batch = 0;
     for round in 0..4 {
-        let mut child = spawn_serve(&config);
-        wait_ready(port).await;
+        let mut child = spawn_drover(&config);
+        wait_port_ready(port).await;
         let kill_after = Duration::from_millis(rand::rng().random_range(150..600));
         let started = std::time::Instant::now();
         // Inject until the kill; requests in flight at the kill may or may not have been
@@ -97,8 +72,8 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
         );
     }
     // A last, undisturbed run delivers whatever is left.
-    let mut child = spawn_serve(&config);
-    wait_ready(port).await;
+    let mut child = spawn_drover(&config);
+    wait_port_ready(port).await;
     let want: HashSet<&str> = accepted.iter().map(|(id, _)| id.as_str()).collect();
     let recs = wait_records(&accounting, Duration::from_secs(60), |recs| {
         let finals: HashSet<&str> = recs
@@ -142,7 +117,7 @@ async fn kill_9_under_load_loses_nothing_and_finalises_once() {
         assert!(received.contains(rcpt), "{rcpt} never reached the sink");
     }
     let segments = segment_files(&accounting);
-    assert!(segments.len() > 3, "the log never rotated: {segments:?}");
+    assert!(segments.len() >= 3, "the log never rotated: {segments:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

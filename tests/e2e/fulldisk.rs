@@ -51,15 +51,6 @@ async fn readyz(engine: &TestEngine) -> u16 {
         .as_u16()
 }
 
-fn ids_of(reply: &Value) -> Vec<String> {
-    reply["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_disk_answers_503_loses_nothing_and_recovers() {
     let Some(disk) = SmallDisk::mount("24m") else {

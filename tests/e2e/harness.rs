@@ -315,3 +315,37 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// `drover serve --config <config>` as a child process (stderr discarded).
+pub fn spawn_drover(config: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the process listening on `port` answers `/readyz` with 200.
+pub async fn wait_port_ready(port: u16) {
+    for _ in 0..400 {
+        if reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("drover never became ready");
+}
+
+/// The `ids` of an inject reply.
+pub fn ids_of(reply: &Value) -> Vec<String> {
+    reply["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}

@@ -6,11 +6,9 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{KeyInit, Mac};
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const DROVER: &str = env!("CARGO_BIN_EXE_drover");
 const SECRET: &str = "webhook-test-secret";
 
 #[derive(Default)]
@@ -58,28 +56,6 @@ async fn start_receiver(state: Arc<Mutex<Receiver>>) -> std::net::SocketAddr {
     addr
 }
 
-fn spawn_serve(config: &std::path::Path) -> Child {
-    Command::new(DROVER)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_ready(port: u16) {
-    for _ in 0..400 {
-        if reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("drover never became ready");
-}
-
 async fn inject(port: u16, recipients: &[String]) -> Vec<String> {
     let resp = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}/api/inject/v1"))
@@ -88,13 +64,7 @@ async fn inject(port: u16, recipients: &[String]) -> Vec<String> {
         .await
         .unwrap();
     assert!(resp.status().is_success());
-    let body: serde_json::Value = resp.json().await.unwrap();
-    body["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect()
+    ids_of(&resp.json().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,8 +88,8 @@ async fn every_record_reaches_the_webhook_in_order_across_an_outage_and_a_kill()
     )
     .unwrap();
     let accounting = dir.path().join("data/accounting.jsonl");
-    let mut child = spawn_serve(&config);
-    wait_ready(port).await;
+    let mut child = spawn_drover(&config);
+    wait_port_ready(port).await;
     let mut ids = Vec::new();
     for batch in 0..3 {
         let rcpts: Vec<String> = (0..20).map(|i| format!("a{batch}-{i}@w.test")).collect();
@@ -136,8 +106,8 @@ async fn every_record_reaches_the_webhook_in_order_across_an_outage_and_a_kill()
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let mut child = spawn_serve(&config);
-    wait_ready(port).await;
+    let mut child = spawn_drover(&config);
+    wait_port_ready(port).await;
     for batch in 3..5 {
         let rcpts: Vec<String> = (0..20).map(|i| format!("a{batch}-{i}@w.test")).collect();
         ids.extend(inject(port, &rcpts).await);

@@ -106,15 +106,26 @@ fn optional_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteSize>, D:
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
-        Number(u64),
-        Text(String),
+        Empty(EmptyString),
+        Size(ByteSize),
     }
-    match Raw::deserialize(d)? {
-        Raw::Number(n) => Ok(Some(ByteSize(n))),
-        Raw::Text(t) if t.trim().is_empty() => Ok(None),
-        Raw::Text(t) => ByteSize::parse(&t)
-            .map(Some)
-            .ok_or_else(|| serde::de::Error::custom(format!("invalid size {t:?}"))),
+    Ok(match Raw::deserialize(d)? {
+        Raw::Empty(_) => None,
+        Raw::Size(size) => Some(size),
+    })
+}
+
+/// Only `""` (or blanks).
+struct EmptyString;
+
+impl<'de> Deserialize<'de> for EmptyString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim().is_empty() {
+            Ok(EmptyString)
+        } else {
+            Err(serde::de::Error::custom("not empty"))
+        }
     }
 }
 
