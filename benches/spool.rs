@@ -26,6 +26,7 @@ fn meta(size: usize) -> MessageMeta {
         headers: Default::default(),
         last_source: None,
         priority: Default::default(),
+        metadata: None,
         size: size as u64,
     }
 }

@@ -36,6 +36,7 @@ fn meta(i: u64) -> MessageMeta {
         headers: BTreeMap::new(),
         last_source: None,
         priority: Default::default(),
+        metadata: None,
         size: 2048,
     }
 }

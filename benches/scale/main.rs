@@ -97,6 +97,7 @@ fn meta(i: usize, shape: Shape, due_ms: u64) -> MessageMeta {
         headers: BTreeMap::new(),
         last_source: None,
         priority: Default::default(),
+        metadata: None,
         size: 0,
     }
 }

@@ -110,7 +110,16 @@ async fn a_suspended_campaign_is_parked_then_purged_with_admin_bounces() {
             .collect();
         assert_eq!(finals.len(), 1, "{id}");
         assert_eq!(finals[0]["type"], "AdminBounce");
+        // A purge is no receiver's verdict: no category, counted apart.
+        assert_eq!(finals[0]["bounce_category"], serde_json::Value::Null);
     }
+    let metrics = engine.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "drover_messages_bounced_total{category=\"admin\"}"
+        ) >= 4.0
+    );
     let q = queues(&engine).await;
     assert_eq!(q["totals"]["parked"], 0);
     assert_eq!(sink.stats().transactions, 1);

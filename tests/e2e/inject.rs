@@ -80,6 +80,41 @@ async fn partly_valid_batches_report_each_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipient_metadata_is_in_every_record_and_bounded() {
+    let sink = start_sink(sink::SinkConfig::default()).await;
+    let engine = TestEngine::start(&routes(&["meta.test"], sink.local_addr())).await;
+    let mut body = message_for(&[]);
+    body["recipients"] = json!([
+        {"email": "a@meta.test", "metadata": {"user_id": 42, "list": ["x", "y"], "vip": true}},
+        {"email": "b@meta.test"},
+        {"email": "c@meta.test", "metadata": {"blob": "z".repeat(20_000)}},
+    ]);
+    let (status, reply) = engine.inject(&body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["success_count"], 2);
+    assert_eq!(reply["failed_recipients"], json!(["c@meta.test"]));
+    assert!(reply["errors"][0].as_str().unwrap().contains("metadata"));
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 2
+    })
+    .await;
+    for r in &recs {
+        if r["recipient"] == "a@meta.test" {
+            assert_eq!(
+                r["metadata"],
+                json!({"user_id": 42, "list": ["x", "y"], "vip": true}),
+                "{r}"
+            );
+        } else {
+            // Present and null (contract §4), not left out.
+            assert!(r.as_object().unwrap().contains_key("metadata"));
+            assert_eq!(r["metadata"], serde_json::Value::Null);
+        }
+    }
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_required_when_configured_and_big_bodies_get_413() {
     let engine =
         TestEngine::start("[http]\napi_tokens = [\"s3cret\"]\nmax_body_size = 1000\n").await;

@@ -108,18 +108,43 @@ async fn every_record_reaches_the_webhook_in_order_across_an_outage_and_a_kill()
     child.wait().unwrap();
     let mut child = spawn_drover(&config);
     wait_port_ready(port).await;
-    for batch in 3..5 {
-        let rcpts: Vec<String> = (0..20).map(|i| format!("a{batch}-{i}@w.test")).collect();
-        ids.extend(inject(port, &rcpts).await);
-    }
-    // Every record of the log reaches the endpoint.
-    let logged = wait_records(&accounting, Duration::from_secs(60), |recs| {
-        ids.iter().all(|id| {
+    let rcpts: Vec<String> = (0..20).map(|i| format!("a3-{i}@w.test")).collect();
+    ids.extend(inject(port, &rcpts).await);
+    // An outside rotation (logrotate's dateext style) while it runs: the current file is
+    // renamed under a name Drover does not use; the next write starts a new one.
+    let moved = dir.path().join("data/accounting.jsonl-20261129");
+    std::fs::rename(&accounting, &moved).unwrap();
+    let rcpts: Vec<String> = (0..20).map(|i| format!("a4-{i}@w.test")).collect();
+    ids.extend(inject(port, &rcpts).await);
+    // Every record of the log, wherever it now is, reaches the endpoint.
+    let all_records = || {
+        let mut recs = records(&moved);
+        recs.extend(records(&accounting));
+        recs
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let logged = loop {
+        let recs = all_records();
+        if ids.iter().all(|id| {
             recs.iter()
                 .any(|r| r["id"] == id.as_str() && r["type"] == "Delivery")
-        })
-    })
-    .await;
+        }) {
+            break recs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every message was delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        std::fs::read_to_string(&accounting)
+            .unwrap()
+            .lines()
+            .count()
+            > 0,
+        "no new file at the accounting path after the rename"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let got = state.lock().unwrap().records.clone();

@@ -7,6 +7,7 @@
 //! on disk, so a crash can repeat a delivery but never lose its outcome.
 
 mod classify;
+mod csv;
 mod metrics_names;
 mod position;
 mod reader;
@@ -15,6 +16,7 @@ mod segments;
 mod writer;
 
 pub use classify::{classify, BounceCategory, Classifier, ReplyFacts, DEFAULT_RULES};
+pub use csv::{CsvFormat, DEFAULT_CSV_FIELDS};
 pub use metrics_names::describe_metrics;
 pub use position::Position;
 pub use reader::{Line, Reader, Recorded};
@@ -130,6 +132,9 @@ pub struct Record {
     pub attempt: u32,
     /// Milliseconds from reception to this event.
     pub queue_time_ms: u64,
+    /// The recipient's `metadata` object from the inject request, or null.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
     /// Complaint and tracking headers of the message.
     pub headers: BTreeMap<String, String>,
     /// TLS protocol and cipher of the session, when it was encrypted (Drover extension).
@@ -162,6 +167,7 @@ impl Record {
             bounce_category: None,
             attempt: 0,
             queue_time_ms: 0,
+            metadata: None,
             headers: BTreeMap::new(),
             tls: None,
             feedback_type: None,

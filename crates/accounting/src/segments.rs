@@ -79,6 +79,16 @@ impl Layout {
         self.dir.join(format!("{}.{segment:06}", self.name))
     }
 
+    /// The CSV copy of the current segment (`acct.csv` beside the log).
+    pub(crate) fn csv_path(&self) -> PathBuf {
+        self.dir.join("acct.csv")
+    }
+
+    /// A closed segment's CSV copy: `acct-<sequence>.csv`, as PowerMTA-era tooling globs it.
+    pub(crate) fn closed_csv_path(&self, segment: u64) -> PathBuf {
+        self.dir.join(format!("acct-{segment:06}.csv"))
+    }
+
     pub(crate) fn compressed_path(&self, segment: u64) -> PathBuf {
         self.dir.join(format!("{}.{segment:06}.zst", self.name))
     }
@@ -306,13 +316,20 @@ pub(crate) fn close_moved(layout: &Layout, manifest: &mut Manifest) -> std::io::
 /// Compresses a closed segment to `<path>.<n>.zst` and removes the plain file. Readers that
 /// have the plain file open keep reading it; new readers find one or the other.
 pub(crate) fn compress(layout: &Layout, segment: u64) -> std::io::Result<()> {
-    let plain = layout.closed_path(segment);
-    let target = layout.compressed_path(segment);
-    let tmp = layout
-        .dir
-        .join(format!(".{}.{segment:06}.zst.tmp", layout.name));
+    compress_file(&layout.closed_path(segment))
+}
+
+/// Compresses `plain` to `<plain>.zst` (through a temporary file, synced) and removes it.
+pub(crate) fn compress_file(plain: &Path) -> std::io::Result<()> {
+    let name = plain
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = plain.parent().unwrap_or_else(|| Path::new("."));
+    let target = dir.join(format!("{name}.zst"));
+    let tmp = dir.join(format!(".{name}.zst.tmp"));
     {
-        let mut input = File::open(&plain)?;
+        let mut input = File::open(plain)?;
         let output = File::create(&tmp)?;
         let mut encoder = zstd::Encoder::new(output, 3)?;
         std::io::copy(&mut input, &mut encoder)?;
@@ -320,9 +337,9 @@ pub(crate) fn compress(layout: &Layout, segment: u64) -> std::io::Result<()> {
         output.sync_all()?;
     }
     std::fs::rename(&tmp, &target)?;
-    sync_dir(&layout.dir)?;
-    std::fs::remove_file(&plain)?;
-    sync_dir(&layout.dir)
+    sync_dir(dir)?;
+    std::fs::remove_file(plain)?;
+    sync_dir(dir)
 }
 
 #[cfg(test)]

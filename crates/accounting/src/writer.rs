@@ -1,7 +1,7 @@
 //! The group-committing JSON Lines writer.
 
 use crate::segments::{self, now_secs, Layout, Manifest};
-use crate::{BounceCategory, Position, Record, RecordType};
+use crate::{BounceCategory, CsvFormat, Position, Record, RecordType};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -141,6 +141,17 @@ impl Accounting {
     /// adopting what an outside tool did to it while Drover was stopped, and starts the
     /// writer thread.
     pub fn open_with(path: &Path, rotation: Rotation) -> Result<Accounting, AccountingError> {
+        Accounting::open_full(path, rotation, None)
+    }
+
+    /// As [`Accounting::open_with`], also writing every record as a CSV line (`csv`) to
+    /// `acct.csv` beside the log, rotated with it as `acct-<sequence>.csv[.zst]` and synced in
+    /// the same group commit.
+    pub fn open_full(
+        path: &Path,
+        rotation: Rotation,
+        csv: Option<CsvFormat>,
+    ) -> Result<Accounting, AccountingError> {
         let io = |source| AccountingError::Io {
             path: path.to_owned(),
             source,
@@ -155,6 +166,10 @@ impl Accounting {
             synced: watch::Sender::new(Position::new(segment, len)),
             manifest: Mutex::new(opened.manifest),
         });
+        let csv = match csv {
+            Some(format) => Some(CsvOut::open(&shared.layout, format).map_err(io)?),
+            None => None,
+        };
         let compressor = if rotation.compress {
             Some(spawn_compressor(Arc::clone(&shared)).map_err(io)?)
         } else {
@@ -168,6 +183,7 @@ impl Accounting {
             written: len,
             rotation,
             compressor,
+            csv,
         };
         thread::Builder::new()
             .name("accounting".into())
@@ -329,6 +345,100 @@ struct Log {
     written: u64,
     rotation: Rotation,
     compressor: Option<mpsc::Sender<u64>>,
+    /// The CSV copy of every record, when configured.
+    csv: Option<CsvOut>,
+}
+
+/// The CSV side of the log: `acct.csv` beside it, closed with each segment as
+/// `acct-<sequence>.csv`. A view of the same records, written and synced with them.
+struct CsvOut {
+    format: CsvFormat,
+    path: PathBuf,
+    file: File,
+    written: u64,
+    buf: Vec<u8>,
+}
+
+impl CsvOut {
+    fn open(layout: &Layout, format: CsvFormat) -> std::io::Result<CsvOut> {
+        let path = layout.csv_path();
+        let file = segments::open_append(&path)?;
+        drop_torn_tail(&path)?;
+        let written = file.metadata()?.len();
+        let mut out = CsvOut {
+            format,
+            path,
+            file,
+            written,
+            buf: Vec::new(),
+        };
+        out.header_if_new()?;
+        Ok(out)
+    }
+
+    /// A new (or emptied) file starts with the header line.
+    fn header_if_new(&mut self) -> std::io::Result<()> {
+        if self.written == 0 {
+            let header = format!("{}\r\n", self.format.header());
+            self.file.write_all(header.as_bytes())?;
+            self.file.sync_data()?;
+            self.written = header.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Reopens the file if another program renamed or truncated it.
+    fn follow_outside_rotation(&mut self) -> std::io::Result<()> {
+        let ours = self.file.metadata()?;
+        let renamed = !std::fs::metadata(&self.path)
+            .is_ok_and(|m| m.ino() == ours.ino() && m.dev() == ours.dev());
+        if renamed {
+            self.file = segments::open_append(&self.path)?;
+            self.written = self.file.metadata()?.len();
+        } else if ours.len() < self.written {
+            self.written = ours.len();
+        }
+        self.header_if_new()
+    }
+
+    fn rotate(&mut self, layout: &Layout, closed: u64) -> std::io::Result<()> {
+        std::fs::rename(&self.path, layout.closed_csv_path(closed))?;
+        self.file = segments::open_append(&self.path)?;
+        self.written = 0;
+        self.header_if_new()
+    }
+
+    fn write(&mut self, batch: &Batch) -> std::io::Result<()> {
+        self.buf.clear();
+        for (lines, _, _) in batch {
+            for line in lines {
+                if let Some(csv) = self.format.line(line) {
+                    self.buf.extend_from_slice(csv.as_bytes());
+                    self.buf.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        self.file.write_all(&self.buf)?;
+        self.file.sync_data()?;
+        self.written += self.buf.len() as u64;
+        if self.buf.capacity() > MAX_KEPT_BUFFER {
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+
+    fn discard_failed(&mut self) {
+        let on_disk = self.file.metadata().map_or(self.written, |m| m.len());
+        let keep = self.written.min(on_disk);
+        if self
+            .file
+            .set_len(keep)
+            .and_then(|()| self.file.sync_data())
+            .is_ok()
+        {
+            self.written = keep;
+        }
+    }
 }
 
 impl Log {
@@ -425,6 +535,11 @@ impl Log {
         self.file = file;
         self.written = 0;
         self.publish();
+        if let Some(csv) = &mut self.csv {
+            if let Err(e) = csv.rotate(&layout, closed) {
+                tracing::error!(error = %e, "could not rotate the CSV accounting file");
+            }
+        }
         metrics::counter!(crate::metrics_names::ROTATIONS, "reason" => reason).increment(1);
         tracing::info!(segment = closed, reason, "closed an accounting segment");
         if let Some(compressor) = &self.compressor {
@@ -459,6 +574,12 @@ fn spawn_compressor(shared: Arc<Shared>) -> std::io::Result<mpsc::Sender<u64>> {
             while let Ok(segment) = rx.recv() {
                 if let Err(e) = segments::compress(&shared.layout, segment) {
                     tracing::error!(segment, error = %e, "could not compress an accounting segment");
+                }
+                let csv = shared.layout.closed_csv_path(segment);
+                if csv.exists() {
+                    if let Err(e) = segments::compress_file(&csv) {
+                        tracing::error!(segment, error = %e, "could not compress a CSV accounting segment");
+                    }
                 }
             }
         })?;
@@ -520,9 +641,7 @@ type Batch = Vec<(
 )>;
 
 fn write_jobs(log: &mut Log, batch: Batch) {
-    let result = log
-        .follow_outside_rotation()
-        .and_then(|()| write_batch(log, &batch));
+    let result = write_both(log, &batch);
     match &result {
         Ok(bytes) => {
             log.written += bytes;
@@ -531,6 +650,9 @@ fn write_jobs(log: &mut Log, batch: Batch) {
         Err(e) => {
             tracing::error!(path = %log.path().display(), error = %e, "accounting write failed");
             discard_failed(log);
+            if let Some(csv) = &mut log.csv {
+                csv.discard_failed();
+            }
         }
     }
     for (_, counted, done) in batch {
@@ -542,6 +664,27 @@ fn write_jobs(log: &mut Log, batch: Batch) {
         }
         let _ = done.send(answer);
     }
+}
+
+/// Writes a batch to the log and, when configured, its CSV copy; both synced before anyone
+/// is answered. A CSV failure fails the batch (and cuts the JSON lines off again), so a retry
+/// never finds the two out of step.
+fn write_both(log: &mut Log, batch: &Batch) -> std::io::Result<u64> {
+    log.follow_outside_rotation()?;
+    if let Some(csv) = &mut log.csv {
+        csv.follow_outside_rotation()?;
+    }
+    let bytes = write_batch(log, batch)?;
+    if let Some(csv) = &mut log.csv {
+        if let Err(e) = csv.write(batch) {
+            let _ = log
+                .file
+                .set_len(log.written)
+                .and_then(|()| log.file.sync_data());
+            return Err(e);
+        }
+    }
+    Ok(bytes)
 }
 
 /// Undoes a failed batch: its callers are told it failed and may write the same records again
@@ -859,6 +1002,45 @@ mod tests {
             acct.final_ids_since(owed),
             Err(AccountingError::MissingSegment { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn the_csv_copy_has_a_header_per_file_and_rotates_with_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let csv = CsvFormat::new(&["type".to_owned(), "id".to_owned(), "rcpt".to_owned()]).unwrap();
+        let acct = Accounting::open_full(&path, small_segments(), Some(csv.clone())).unwrap();
+        write_ids(&acct, 0..12).await;
+        // Answered after the rotation that followed the last batch.
+        acct.close().await;
+        let layout = Layout::new(&path);
+        let closed = layout.closed().unwrap();
+        assert!(closed.len() >= 2);
+        let mut all = Vec::new();
+        let listing: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        for segment in closed.keys() {
+            let text = std::fs::read_to_string(layout.closed_csv_path(*segment))
+                .unwrap_or_else(|e| panic!("segment {segment}: {e}; {listing:?}"));
+            let mut lines = text.split("\r\n");
+            assert_eq!(lines.next(), Some("type,id,rcpt"));
+            all.extend(lines.filter(|l| !l.is_empty()).map(str::to_owned));
+        }
+        let current = std::fs::read_to_string(layout.csv_path()).unwrap();
+        let mut lines = current.split("\r\n");
+        assert_eq!(lines.next(), Some("type,id,rcpt"));
+        all.extend(lines.filter(|l| !l.is_empty()).map(str::to_owned));
+        let expected: Vec<String> = (0..12).map(|i| format!("d,m{i},")).collect();
+        assert_eq!(all, expected);
+        // After a restart the file goes on, without a second header.
+        drop(acct);
+        let acct = Accounting::open_full(&path, small_segments(), Some(csv)).unwrap();
+        write_ids(&acct, 12..13).await;
+        let current = std::fs::read_to_string(layout.csv_path()).unwrap();
+        assert_eq!(current.matches("type,id,rcpt").count(), 1);
+        assert!(current.ends_with("d,m12,\r\n"));
     }
 
     #[tokio::test]

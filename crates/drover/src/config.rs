@@ -605,6 +605,13 @@ pub struct AccountingConfig {
     /// sent it yet; past it the oldest is deleted anyway, with an error and a metric
     /// (extension).
     pub webhook_hold: ByteSize,
+    /// Also write every record as a PowerMTA-style CSV line to `acct.csv` beside the log,
+    /// rotated with it as `acct-<sequence>.csv` (extension).
+    pub csv: bool,
+    /// The CSV columns: PowerMTA names (`type`, `timeLogged`, `orig`, `rcpt`, `dsnStatus`,
+    /// ...) or record paths (`id`, `response.code`, `headers.Feedback-ID`); empty = the
+    /// default set (extension).
+    pub csv_fields: Vec<String>,
 }
 
 impl Default for AccountingConfig {
@@ -617,6 +624,8 @@ impl Default for AccountingConfig {
             retain_age: None,
             retain_size: None,
             webhook_hold: ByteSize(10 << 30),
+            csv: false,
+            csv_fields: Vec::new(),
         }
     }
 }
@@ -629,6 +638,16 @@ impl AccountingConfig {
             age: self.rotate_age.map(|d| d.0).filter(|d| !d.is_zero()),
             compress: self.compress,
         }
+    }
+
+    /// The CSV copy's layout, when `csv` is on.
+    pub fn csv_format(&self) -> Result<Option<accounting::CsvFormat>, ConfigError> {
+        if !self.csv {
+            return Ok(None);
+        }
+        accounting::CsvFormat::new(&self.csv_fields)
+            .map(Some)
+            .map_err(|e| invalid("accounting.csv_fields", e))
     }
 
     /// When closed segments are deleted.
@@ -860,6 +879,7 @@ impl Config {
                 ));
             }
         }
+        self.accounting.csv_format()?;
         let mut labels = std::collections::HashSet::new();
         for (i, w) in self.webhook.iter().enumerate() {
             w.validate()
@@ -1229,6 +1249,16 @@ mod tests {
         assert_eq!(defaults.size, 1 << 30);
         assert_eq!(defaults.age, Some(Duration::from_secs(86_400)));
         assert!(Config::parse("[accounting]\nrotate_size = \"big\"\n").is_err());
+        assert!(c.accounting.csv_format().unwrap().is_none());
+        let csv = Config::parse(
+            "[accounting]\ncsv = true\ncsv_fields = [\"type\", \"rcpt\", \"response.code\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            csv.accounting.csv_format().unwrap().unwrap().header(),
+            "type,rcpt,response.code"
+        );
+        assert!(Config::parse("[accounting]\ncsv = true\ncsv_fields = [\"nonsense\"]\n").is_err());
     }
 
     #[test]

@@ -157,6 +157,7 @@ mod tests {
             headers: Default::default(),
             last_source: None,
             priority: Default::default(),
+            metadata: None,
             size: 0,
         }
     }

@@ -185,6 +185,7 @@ impl Engine {
         r.attempt = meta.attempts;
         r.queue_time_ms = now_ms().saturating_sub(meta.received_ms);
         r.headers = meta.headers.clone();
+        r.metadata = meta.metadata.clone();
         r
     }
 

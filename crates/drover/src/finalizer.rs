@@ -453,6 +453,7 @@ mod tests {
             last_source: None,
             size: 4,
             priority: Default::default(),
+            metadata: None,
         };
         spool
             .insert(vec![(meta.clone(), b"body".to_vec())])

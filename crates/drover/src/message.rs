@@ -66,6 +66,7 @@ impl NewMessage {
             last_source: None,
             priority: origin.priority,
             size: body.len() as u64,
+            metadata: None,
         };
         NewMessage { meta, body }
     }
@@ -126,8 +127,19 @@ pub fn prepare(
             ));
             continue;
         }
-        out.messages
-            .push(NewMessage::new(id, origin, email.to_owned(), domain, body));
+        let metadata = recipient.metadata.clone().map(Value::Object);
+        if let Some(m) = &metadata {
+            let len = m.to_string().len();
+            if len > MAX_METADATA_BYTES {
+                refuse(format!(
+                    "metadata of {len} bytes exceeds the limit of {MAX_METADATA_BYTES}"
+                ));
+                continue;
+            }
+        }
+        let mut message = NewMessage::new(id, origin, email.to_owned(), domain, body);
+        message.meta.metadata = metadata;
+        out.messages.push(message);
     }
     out
 }
@@ -224,7 +236,15 @@ pub struct Recipient {
     /// Recipient template values, over the request's.
     #[serde(default)]
     pub substitutions: Map<String, Value>,
+    /// Any JSON values the platform wants back in every record of this recipient's message
+    /// (KumoMTA's per-recipient `metadata`; contract §4 `metadata`).
+    #[serde(default)]
+    pub metadata: Option<Map<String, Value>>,
 }
+
+/// The largest `metadata` object accepted per recipient (serialised): it is kept with the
+/// message and copied into each of its records.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 /// A template that cannot be compiled is the whole request's fault.
 #[derive(Debug, thiserror::Error)]

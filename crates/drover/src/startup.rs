@@ -66,8 +66,14 @@ impl Engine {
                 ..SpoolOptions::default()
             },
         )?;
-        let accounting =
-            Accounting::open_with(&config.accounting_path(), config.accounting.rotation())?;
+        let accounting = Accounting::open_full(
+            &config.accounting_path(),
+            config.accounting.rotation(),
+            config
+                .accounting
+                .csv_format()
+                .map_err(|e| EngineError::Config(e.to_string()))?,
+        )?;
         let feedback_keys = feedback_keys(&config, &spool).await?;
         let nameservers = config
             .dns

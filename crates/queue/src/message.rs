@@ -101,6 +101,10 @@ pub struct MessageMeta {
     /// How urgent it is among its destination's waiting mail (contract §3 `priority`).
     #[serde(default, skip_serializing_if = "is_normal")]
     pub priority: crate::Priority,
+    /// The recipient's `metadata` object from the inject request, copied into every record
+    /// of the message (contract §4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 fn is_normal(p: &crate::Priority) -> bool {

@@ -43,6 +43,7 @@ fn meta(due_ms: u64) -> MessageMeta {
         headers: Default::default(),
         last_source: None,
         priority: Default::default(),
+        metadata: None,
         size: 4,
     }
 }

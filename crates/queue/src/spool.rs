@@ -1362,6 +1362,7 @@ mod tests {
             headers: BTreeMap::new(),
             last_source: None,
             priority: Default::default(),
+            metadata: None,
             size: 5,
         }
     }
@@ -1775,6 +1776,7 @@ mod full_disk_tests {
             headers: BTreeMap::new(),
             last_source: None,
             priority: Default::default(),
+            metadata: None,
             size: 200_000,
         }
     }
