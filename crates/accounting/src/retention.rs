@@ -85,6 +85,7 @@ impl Accounting {
                 continue;
             }
             std::fs::remove_file(path).map_err(io)?;
+            remove_csv(layout, *segment);
             total -= len;
             metrics::counter!(crate::metrics_names::SEGMENTS_DELETED, "reason" => "retention")
                 .increment(1);
@@ -100,6 +101,7 @@ impl Accounting {
         pruned.held_bytes = kept;
         for (segment, path, len) in &wanted[..keep_from] {
             std::fs::remove_file(path).map_err(io)?;
+            remove_csv(layout, *segment);
             total -= len;
             tracing::error!(
                 segment,
@@ -119,6 +121,20 @@ impl Accounting {
     }
 }
 
+/// The CSV copy of a deleted segment goes with it.
+fn remove_csv(layout: &crate::segments::Layout, segment: u64) {
+    let plain = layout.closed_csv_path(segment);
+    for file in [plain.with_extension("csv.zst"), plain] {
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "could not delete a CSV accounting segment")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +146,8 @@ mod tests {
             age: None,
             compress: false,
         };
-        let acct = Accounting::open_with(&dir.join("a.jsonl"), rotation).unwrap();
+        let csv = crate::CsvFormat::new(&[]).unwrap();
+        let acct = Accounting::open_full(&dir.join("a.jsonl"), rotation, Some(csv)).unwrap();
         for i in 0..20 {
             acct.record(Record::new(RecordType::Delivery, format!("m{i}")))
                 .await
@@ -156,10 +173,12 @@ mod tests {
             max_size: Some(two_newest),
             ..Retention::default()
         };
+        assert!(dir.path().join("acct-000000.csv").exists());
         let pruned = acct.prune(end, end, &keep_two).unwrap();
         assert_eq!(pruned.closed_segments, 2, "{pruned:?}");
         assert!(pruned.closed_bytes <= two_newest);
         assert_eq!(pruned.deleted.first(), Some(&0));
+        assert!(!dir.path().join("acct-000000.csv").exists());
         // Settlement from segment 0 would need everything: nothing goes.
         let dir2 = tempfile::tempdir().unwrap();
         let acct2 = log_with_segments(dir2.path()).await;

@@ -89,9 +89,10 @@ impl Ledger {
         }
     }
 
-    /// The checkpoint that may be stored now. `synced` must be read *before* this call: a
-    /// finalization not yet in the ledger then appends at or after it.
-    pub(crate) fn checkpoint(&self, synced: Position) -> Position {
+    /// The checkpoint that may be stored now (its position). `synced` must be read *before*
+    /// this call: a finalization not yet in the ledger then appends at or after it.
+    #[cfg(test)]
+    fn checkpoint(&self, synced: Position) -> Position {
         self.checkpoint_at(synced, now_ms()).at
     }
 
@@ -123,6 +124,8 @@ pub(crate) struct Finalizer {
     spool: Spool,
     ledger: Ledger,
     cancel: CancellationToken,
+    /// The checkpoint last stored: start-up settlement after a crash reads from there.
+    stored: Mutex<Position>,
 }
 
 impl Finalizer {
@@ -132,6 +135,7 @@ impl Finalizer {
             spool,
             ledger: Ledger::default(),
             cancel,
+            stored: Mutex::new(Position::default()),
         }
     }
 
@@ -239,6 +243,7 @@ impl Finalizer {
         self.spool
             .put_state(CHECKPOINT_KEY, checkpoint.to_bytes())
             .await?;
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = checkpoint.at;
         Ok(())
     }
 
@@ -263,7 +268,11 @@ impl Finalizer {
     /// needs to find messages whose Reception record a crash lost.
     pub(crate) async fn settle(&self) -> Result<Settled, EngineError> {
         let started_ms = now_ms();
-        let Some(checkpoint) = self.stored_checkpoint()? else {
+        let stored = self.stored_checkpoint()?;
+        if let Some(c) = stored {
+            *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = c.at;
+        }
+        let Some(checkpoint) = stored else {
             // A new spool: none of its messages can have a record before this point.
             let end = Checkpoint {
                 at: self.accounting.synced_position(),
@@ -345,11 +354,10 @@ impl Finalizer {
         self.accounting.close().await;
     }
 
-    /// Where the checkpoint could be stored now (for status and retention: the log before
-    /// it is no longer needed for settling).
-    pub(crate) fn checkpoint_now(&self) -> Position {
-        let synced = self.accounting.synced_position();
-        self.ledger.checkpoint(synced)
+    /// The checkpoint last stored: a start after a crash settles from there, so the log
+    /// before it is all retention may delete.
+    pub(crate) fn stored_position(&self) -> Position {
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -22,7 +22,7 @@ impl Engine {
     }
 
     async fn prune_log(&self) {
-        let settle_from = self.finalizer.checkpoint_now();
+        let settle_from = self.finalizer.stored_position();
         let read_from = self
             .webhooks
             .slowest_cursor()

@@ -10,8 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use webhook::{Backlog, CursorStore, SourceRecord, WebhookHandle, WebhookStatus};
 
-/// Records counted ahead per batch for the lag figure (bounds the work one batch adds).
+/// Records counted ahead per count for the lag figure (bounds the work one count adds).
 const COUNT_AHEAD: u64 = 100_000;
+/// How often the backlog is counted (the lag gauges are this stale at most).
+const COUNT_INTERVAL: Duration = Duration::from_secs(1);
+/// Once a record is there, how long a read waits for more to fill the batch: the log grows
+/// a group commit at a time, and a read per group commit would cost more than it sends.
+const COALESCE: Duration = Duration::from_millis(100);
 
 /// The running senders.
 #[derive(Debug, Default)]
@@ -60,6 +65,7 @@ struct LogSource {
     /// Records between `reader` and `counter`.
     ahead: u64,
     backlog_bytes: u64,
+    last_count: Option<tokio::time::Instant>,
 }
 
 impl LogSource {
@@ -145,8 +151,28 @@ impl webhook::Source for LogSource {
             }
             lines = self.read(max).await?;
         }
+        if !lines.is_empty() && lines.len() < max {
+            let until = tokio::time::Instant::now() + COALESCE.min(wait);
+            while lines.len() < max {
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                if let Some(reader) = self.reader.as_mut() {
+                    reader.wait(until - now).await;
+                }
+                let more = self.read(max - lines.len()).await?;
+                lines.extend(more);
+            }
+        }
         self.ahead = self.ahead.saturating_sub(lines.len() as u64);
-        self.count_ahead().await;
+        if self
+            .last_count
+            .is_none_or(|t| t.elapsed() >= COUNT_INTERVAL)
+        {
+            self.last_count = Some(tokio::time::Instant::now());
+            self.count_ahead().await;
+        }
         Ok(lines
             .into_iter()
             .map(|l| SourceRecord {
@@ -207,5 +233,6 @@ fn log_source(accounting: &Accounting, name: &str, start: Position) -> LogSource
         counter: Some(accounting.reader(start)),
         ahead: 0,
         backlog_bytes: 0,
+        last_count: None,
     }
 }
