@@ -20,6 +20,9 @@ pub(crate) const SUPPRESSIONS: &str = "drover_suppressions_added_total";
 pub(crate) const SUPPRESSED: &str = "drover_recipients_suppressed_total";
 /// Mail received for the bounce domains, by what it turned out to be (extension).
 pub(crate) const INBOUND: &str = "drover_inbound_reports_total";
+/// Accounting segments a webhook skipped because they were gone before it sent them
+/// (extension).
+pub(crate) const WEBHOOK_SKIPPED_SEGMENTS: &str = "drover_webhook_skipped_segments_total";
 /// The process's resident memory (the standard Prometheus process metric).
 pub(crate) const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 
@@ -38,6 +41,10 @@ pub(crate) const DELIVERY_DURATION_BUCKETS: &[f64] = &[
 /// Registers the descriptions of every metric (contract §5).
 pub(crate) fn describe_metrics() {
     metrics::describe_counter!(RECEIVED, "Messages accepted into the spool, by channel.");
+    metrics::describe_counter!(
+        WEBHOOK_SKIPPED_SEGMENTS,
+        "Accounting segments a webhook could not send: deleted (retention past webhook_hold) or lost before it read them."
+    );
     metrics::describe_counter!(
         SUPPRESSIONS,
         "Addresses put on the suppression list, by source (bounce, admin, ...)."

@@ -98,7 +98,7 @@ impl LogSource {
                         expected = %expected.display(),
                         "an accounting segment this webhook had not sent is gone; its records are skipped"
                     );
-                    metrics::counter!(SKIPPED_SEGMENTS, "webhook" => name.clone()).increment(1);
+                    metrics::counter!(crate::telemetry::WEBHOOK_SKIPPED_SEGMENTS, "webhook" => name.clone()).increment(1);
                     reader.skip_segment();
                 }
                 other => return other.map_err(|e| e.to_string()),
@@ -134,9 +134,6 @@ impl LogSource {
         }
     }
 }
-
-/// `drover_webhook_skipped_segments_total{webhook}`.
-pub(crate) const SKIPPED_SEGMENTS: &str = "drover_webhook_skipped_segments_total";
 
 impl webhook::Source for LogSource {
     async fn next_batch(
