@@ -97,16 +97,8 @@ fn run(drover: &Path, work: &Path, sink_port: u16, n: usize, tenants: usize) -> 
         &accounting
     ) >= n));
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    net::terminate(&mut child);
     rate
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -118,14 +110,7 @@ fn main() {
     let (n, runs) = if quick { (5_000, 1) } else { (20_000, 3) };
     let drover = net::drover_binary(env!("CARGO_BIN_EXE_drover"));
     let work = net::bench_dir(env!("CARGO_MANIFEST_DIR"));
-    let sink_port = net::free_port();
-    let mut sink = Command::new(&drover)
-        .args(["sink", "--listen", &format!("127.0.0.1:{sink_port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(net::wait_for_port(sink_port, Duration::from_secs(30)));
+    let (mut sink, sink_port) = net::spawn_sink(&drover);
     let (mut one, mut many) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         one.push(run(&drover, &work, sink_port, n, 1));
@@ -133,7 +118,7 @@ fn main() {
     }
     let _ = sink.kill();
     let _ = sink.wait();
-    let (one, many) = (median(one), median(many));
+    let (one, many) = (net::median(one), net::median(many));
     println!(
         "dispatch end to end: {one:.0} msgs/s from 1 tenant, {many:.0} msgs/s from 1 000 tenants x 10 campaigns x 3 priorities (ratio {:.2}; {n} messages, medians of {runs})",
         many / one

@@ -242,20 +242,12 @@ fn run(
         );
         drain_rate = want as f64 / drain.elapsed().as_secs_f64();
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    net::terminate(&mut child);
     Run {
         delivery_rate,
         fill_rate,
         drain_rate,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -274,14 +266,7 @@ fn main() {
         .unwrap();
     let receiver = start_receiver(&runtime);
     let hung = start_hung();
-    let sink_port = net::free_port();
-    let mut sink = Command::new(&drover)
-        .args(["sink", "--listen", &format!("127.0.0.1:{sink_port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(net::wait_for_port(sink_port, Duration::from_secs(30)));
+    let (mut sink, sink_port) = net::spawn_sink(&drover);
     let (mut none, mut two, mut down, mut with_hung) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut fill, mut drain) = (Vec::new(), Vec::new());
@@ -315,8 +300,13 @@ fn main() {
     }
     let _ = sink.kill();
     let _ = sink.wait();
-    let (none, two, down, with_hung) = (median(none), median(two), median(down), median(with_hung));
-    let (fill, drain) = (median(fill), median(drain));
+    let (none, two, down, with_hung) = (
+        net::median(none),
+        net::median(two),
+        net::median(down),
+        net::median(with_hung),
+    );
+    let (fill, drain) = (net::median(fill), net::median(drain));
     println!(
         "webhooks, delivery: {none:.0} msgs/s without webhooks; with 2 webhooks sending meanwhile {two:.0} (ratio {:.2}), with their endpoint down {down:.0} (ratio {:.2}), with one live and one hung {with_hung:.0} (ratio {:.2}); {n} messages, medians of {rounds}",
         two / none,

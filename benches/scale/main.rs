@@ -646,14 +646,7 @@ fn main() {
     }
 
     // The sink: Drover's own (this bench measures the engine's memory and start-up, not the wire).
-    let sink_port = free_port();
-    let mut sink = Command::new(&drover)
-        .args(["sink", "--listen", &format!("127.0.0.1:{sink_port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(net::wait_for_port(sink_port, Duration::from_secs(30)));
+    let (mut sink, sink_port) = net::spawn_sink(&drover);
 
     // An engine on an empty spool: the fixed part of its memory.
     let empty_dir = tempfile::Builder::new()

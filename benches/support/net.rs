@@ -66,3 +66,30 @@ pub fn http_post(port: u16, path: &str, body: &serde_json::Value) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// `drover sink` on a free port (`drover`: the binary), waited for until it listens.
+pub fn spawn_sink(drover: &std::path::Path) -> (std::process::Child, u16) {
+    let port = free_port();
+    let child = std::process::Command::new(drover)
+        .args(["sink", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_port(port, Duration::from_secs(30)));
+    (child, port)
+}
+
+/// SIGTERM (a clean stop, as an operator's), then waits for the process to end.
+pub fn terminate(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// The median of some figures.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}

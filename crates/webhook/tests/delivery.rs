@@ -226,14 +226,7 @@ async fn a_hung_endpoint_times_out_and_is_retried() {
         timeout: Duration::from_millis(200),
         ..config(silent.addr, "hung")
     };
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        Arc::new(Store::default()),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_fresh(config, &log, &cancel);
     // A timed-out connection is dropped, so every retry connects anew.
     wait_for("three attempts", || silent.accepted() >= 3).await;
     let status = handle.status();
@@ -256,14 +249,7 @@ async fn cancellation_ends_a_request_in_flight() {
         timeout: Duration::from_secs(600),
         ..config(silent.addr, "in-flight")
     };
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        Arc::new(Store::default()),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_fresh(config, &log, &cancel);
     wait_for("the request", || silent.accepted() == 1).await;
     stop(&cancel, handle).await;
 }
@@ -278,14 +264,7 @@ async fn cancellation_ends_a_backoff() {
         max_backoff: Duration::from_secs(600),
         ..config(receiver.addr, "backoff")
     };
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        Arc::new(Store::default()),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_fresh(config, &log, &cancel);
     // After the third failure the task waits 2–4 s before the fourth attempt.
     wait_for("three failures", || receiver.request_count() == 3).await;
     let cancelled = Instant::now();
@@ -405,14 +384,7 @@ async fn a_partial_batch_waits_max_delay_and_a_full_one_does_not() {
         max_delay: Duration::from_millis(300),
         ..config(receiver.addr, "partial")
     };
-    let handle = spawn(
-        partial,
-        log.source(Position::default()),
-        Arc::new(Store::default()),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_fresh(partial, &log, &cancel);
     let pushed = Instant::now();
     fill(&log, 0..3);
     wait_for("the partial batch", || receiver.request_count() == 1).await;
@@ -526,17 +498,14 @@ async fn tls_verify_false_accepts_a_self_signed_certificate() {
     let url = format!("https://{}/events", receiver.addr);
 
     let cancel = CancellationToken::new();
-    let verified = spawn(
+    let verified = spawn_fresh(
         WebhookConfig {
             url: url.clone(),
             ..config(receiver.addr, "verified")
         },
-        log.source(Position::default()),
-        Arc::new(Store::default()),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+        &log,
+        &cancel,
+    );
     wait_for("a refused certificate", || {
         verified.status().consecutive_failures >= 2
     })

@@ -52,6 +52,22 @@ pub fn ids(body: &[u8]) -> Vec<String> {
 }
 
 /// A config for a receiver at `addr`, with quick retries.
+/// Starts `config` over `log` from its beginning, with a fresh cursor store.
+pub fn spawn_fresh(
+    config: WebhookConfig,
+    log: &Log,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> webhook::WebhookHandle {
+    webhook::spawn(
+        config,
+        log.source(Position::default()),
+        std::sync::Arc::new(Store::default()),
+        Position::default(),
+        cancel.clone(),
+    )
+    .expect("spawns")
+}
+
 pub fn config(addr: SocketAddr, name: &str) -> WebhookConfig {
     WebhookConfig {
         name: name.to_string(),
