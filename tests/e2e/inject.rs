@@ -151,3 +151,174 @@ pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
         resp.json().await.unwrap_or_default(),
     )
 }
+
+/// A raw HTTP exchange: what the server answers to `head` (and `body`, sent only if given).
+async fn raw_http(addr: std::net::SocketAddr, head: &str, body: Option<&[u8]>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    if let Some(body) = body {
+        s.write_all(body).await.unwrap();
+    }
+    let mut reply = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut reply))
+        .await
+        .expect("no answer while the body was still owed")
+        .unwrap();
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_gets_401_before_its_body_is_read() {
+    let engine =
+        TestEngine::start("[http]\napi_tokens = [\"s3cret\"]\nmax_body_size = 1000\n").await;
+    let addr = engine.running.as_ref().unwrap().http_addr;
+    // A 100 MB body announced and never sent: the answer comes from the headers alone.
+    let head = "POST /api/inject/v1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n";
+    let reply = raw_http(addr, head, None).await;
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    let admin = "POST /api/admin/v1/purge HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\nContent-Length: 100000000\r\n\r\n";
+    assert!(raw_http(addr, admin, None)
+        .await
+        .starts_with("HTTP/1.1 401"));
+    // The scheme in any case.
+    let body = message_for(&["a@example.test".into()]).to_string();
+    let head = format!(
+        "POST /api/inject/v1 HTTP/1.1\r\nHost: x\r\nAuthorization: bearer s3cret\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let reply = raw_http(addr, &head, Some(body.as_bytes())).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    engine.stop().await;
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bodies_are_accepted_and_bombs_and_unknown_encodings_refused() {
+    let engine = TestEngine::start(
+        "[http]\nmax_body_size = 100000\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n[retry]\nintervals = [\"1h\"]\n",
+    )
+    .await;
+    let url = engine.url("/api/inject/v1");
+    let client = reqwest::Client::new();
+    let body = message_for(&["a@example.test".into(), "b@example.test".into()]).to_string();
+    let resp = client
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "gzip")
+        .body(gzip(body.as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let reply: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(reply["success_count"], 2);
+    // 10 MB of JSON whitespace: about 10 KB compressed, over the limit once decoded.
+    let mut bomb = body.clone().into_bytes();
+    bomb.splice(1..1, std::iter::repeat_n(b' ', 10 << 20));
+    let bomb = gzip(&bomb);
+    assert!(bomb.len() < 100_000);
+    let resp = client
+        .post(&url)
+        .header("Content-Encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    let resp = client
+        .post(&url)
+        .header("Content-Encoding", "br")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_recipients_get_413_and_line_breaks_in_headers_400() {
+    let engine = TestEngine::start(
+        "[http]\nmax_recipients = 5\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n",
+    )
+    .await;
+    let six: Vec<String> = (0..6).map(|i| format!("r{i}@example.test")).collect();
+    let (status, reply) = engine.inject(&message_for(&six)).await;
+    assert_eq!(status, 413, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("max_recipients"));
+    let mut body = message_for(&["a@example.test".into()]);
+    body["content"] = json!({
+        "from": {"email": "news@example.com"},
+        "subject": "Hi",
+        "text_body": "x",
+        "headers": {"X-Ok": "v\r\nBcc: evil@evil.test"},
+    });
+    let (status, reply) = engine.inject(&body).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("content.headers.X-Ok"),
+        "{reply}"
+    );
+    let q = engine.get_json("/api/admin/v1/queues").await;
+    assert_eq!(q["totals"]["scheduled"], 0);
+    assert_eq!(q["totals"]["ready"], 0);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_mail_is_traced_completed_and_unicode_domains_go_out_as_a_labels() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&routes(&["xn--bcher-kva.test"], sink.local_addr())).await;
+    let mut body = message_for(&[]);
+    body["content"] = json!("From: news@example.com\r\nSubject: no id, no date\r\n\r\nhello\r\n");
+    body["recipients"] = json!([
+        {"email": "ann@bücher.test"},
+        {"email": "bob@xn--a.bücher"},
+    ]);
+    let (status, reply) = engine.inject(&body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["success_count"], 1);
+    let error = reply["errors"][0].as_str().unwrap();
+    assert!(
+        error.starts_with("bob@xn--a.bücher: ") && error.contains("IDNA"),
+        "{error}"
+    );
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1
+    })
+    .await;
+    let delivery = recs.iter().find(|r| r["type"] == "Delivery").unwrap();
+    assert_eq!(delivery["recipient"], "ann@xn--bcher-kva.test");
+    assert_eq!(delivery["domain"], "xn--bcher-kva.test");
+    let m = &sink.messages()[0];
+    assert_eq!(m.recipients, vec!["ann@xn--bcher-kva.test".to_owned()]);
+    let data = String::from_utf8(m.data.clone()).unwrap();
+    let id = delivery["id"].as_str().unwrap();
+    assert!(
+        data.starts_with(&format!(
+            "Received: from api-client ([127.0.0.1])\r\n\tby drover.test (Drover) with HTTP id {id}\r\n\tfor <ann@xn--bcher-kva.test>; "
+        )),
+        "{data}"
+    );
+    assert!(
+        data.contains(&format!(
+            "\r\nMessage-ID: <{id}@news.example.com>\r\nDate: "
+        )),
+        "{data}"
+    );
+    engine.stop().await;
+}

@@ -2,10 +2,11 @@
 
 use crate::clock::now_ms;
 use crate::engine::{Engine, EngineError, Unsignable};
+use crate::http_guard::Body;
 use crate::message::{prepare, InjectRequest, Origin, Prepared, Renderer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,7 +15,6 @@ use queue::{Selector, Suppression, SuppressionKey};
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -48,39 +48,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        // Before any body is read: an unauthenticated client gets 401, not a buffered upload.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::http_guard::require_token,
+        ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
-/// Runs CPU-heavy work without stalling the other tasks of this runtime thread: on a
-/// multi-threaded runtime they move to another thread meanwhile (`block_in_place`); a
-/// single-threaded runtime (tests) runs it in place.
-fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
-        _ => work(),
-    }
-}
-
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
-fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
-    let tokens = &state.engine.config().http.api_tokens;
-    if tokens.is_empty() {
-        return true;
-    }
-    let Some(presented) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    tokens
-        .iter()
-        .any(|t| t.as_bytes().ct_eq(presented.trim().as_bytes()).into())
 }
 
 fn unavailable(message: impl Into<String>) -> Response {
@@ -113,10 +91,11 @@ fn no_valid_recipient(failed_recipients: Vec<String>, errors: Vec<String>) -> Re
         .into_response()
 }
 
-async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if !authorized(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-    }
+async fn inject(
+    State(state): State<AppState>,
+    client: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    Body(body): Body,
+) -> Response {
     if state.engine.is_draining() {
         return unavailable("shutting down");
     }
@@ -129,7 +108,10 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
             )
         }
     };
-    let sender = request.envelope_sender.trim().to_owned();
+    let sender = match crate::message::ascii_domain(request.envelope_sender.trim()) {
+        Ok(sender) => sender.into_owned(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("envelope_sender: {e}")),
+    };
     if !sender.is_empty() {
         if let Err(e) = smtp_proto::validate_mailbox(&sender) {
             return error(StatusCode::BAD_REQUEST, format!("envelope_sender: {e}"));
@@ -138,6 +120,16 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     if request.recipients.is_empty() {
         return error(StatusCode::BAD_REQUEST, "recipients: no recipient given");
     }
+    let max_recipients = state.engine.config().http.max_recipients;
+    if request.recipients.len() > max_recipients {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "recipients: {} given, at most {max_recipients} per request (http.max_recipients)",
+                request.recipients.len()
+            ),
+        );
+    }
     let sender_domain = sender
         .rsplit_once('@')
         .map(|(_, d)| d.to_owned())
@@ -145,7 +137,7 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     let max_size = state.engine.config().smtp_listener.max_message_size;
     let InjectRequest {
         content,
-        recipients,
+        mut recipients,
         substitutions,
         campaign,
         tenant,
@@ -156,6 +148,13 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("content: {e}")),
     };
+    // Domains in Unicode become A-labels first, so the suppression list and the records see
+    // the address that goes on the envelope (an invalid one is refused by `prepare`).
+    for r in &mut recipients {
+        if let Ok(std::borrow::Cow::Owned(ascii)) = crate::message::ascii_domain(r.email.trim()) {
+            r.email = ascii;
+        }
+    }
     // Suppressed recipients are refused before anything is rendered for them. Should the
     // list be unreadable, nothing is queued: mail to an address that asked for none is worse
     // than a retry.
@@ -199,12 +198,15 @@ async fn inject(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
         tenant,
         received_ms: now_ms(),
         priority,
+        door: Some(Arc::new(crate::prepare::Door::Http {
+            client: client.map(|c| c.0 .0.ip()),
+        })),
     };
     // Rendering a large batch takes a while: the runtime moves its other tasks off this
     // thread meanwhile. Not a blocking-pool task: the bodies are allocated on a thread that
     // keeps allocating (a worker), so their memory is reused instead of stranded in the heaps
     // of idle pool threads (measured at 100 KB: +20 % CPU and +200 MB RSS that way).
-    let prepared = off_the_runtime(|| {
+    let prepared = crate::prepare::off_the_runtime(|| {
         prepare(
             &renderer,
             &substitutions,
@@ -281,14 +283,7 @@ struct QueuesQuery {
     groups: bool,
 }
 
-async fn queues(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<QueuesQuery>,
-) -> Response {
-    if !authorized(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-    }
+async fn queues(State(state): State<AppState>, Query(q): Query<QueuesQuery>) -> Response {
     let now = now_ms();
     let scheduler = state.engine.scheduler();
     let destinations: Vec<_> = scheduler
@@ -322,10 +317,7 @@ async fn queues(
 }
 
 /// `GET /api/admin/v1/webhooks`: each `[[webhook]]`'s cursor, lag and last error.
-async fn webhooks(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if !authorized(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-    }
+async fn webhooks(State(state): State<AppState>) -> Response {
     Json(json!({ "webhooks": state.engine.webhook_statuses() })).into_response()
 }
 
@@ -359,19 +351,9 @@ fn bad(status: StatusCode, message: impl Into<String>) -> Box<Response> {
     Box::new(error(status, message))
 }
 
-/// The JSON body of an admin call, once its token is checked: 401 without one, 400 when the
+/// The JSON body of an admin call (its token was checked before it was read): 400 when the
 /// body is not what the call takes.
-fn admin_body<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<T, Box<Response>> {
-    if !authorized(state, headers) {
-        return Err(bad(
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid bearer token",
-        ));
-    }
+fn admin_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
         bad(
             StatusCode::BAD_REQUEST,
@@ -380,12 +362,8 @@ fn admin_body<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn admin_target(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<(Selector, Option<std::time::Duration>), Box<Response>> {
-    let target: AdminTarget = admin_body(state, headers, body)?;
+fn admin_target(body: &Bytes) -> Result<(Selector, Option<std::time::Duration>), Box<Response>> {
+    let target: AdminTarget = admin_body(body)?;
     let selector = match (target.domain, target.campaign) {
         // Lists show a source's own queue as `domain|source`; holds and backoffs of it are
         // named (and lifted) by the domain alone.
@@ -421,8 +399,8 @@ fn selector_json(selector: &Selector) -> serde_json::Value {
     }
 }
 
-async fn suspend(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (selector, duration) = match admin_target(&state, &headers, &body) {
+async fn suspend(State(state): State<AppState>, Body(body): Body) -> Response {
+    let (selector, duration) = match admin_target(&body) {
         Ok(t) => t,
         Err(r) => return *r,
     };
@@ -436,8 +414,8 @@ async fn suspend(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
     }
 }
 
-async fn resume(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (selector, _) = match admin_target(&state, &headers, &body) {
+async fn resume(State(state): State<AppState>, Body(body): Body) -> Response {
+    let (selector, _) = match admin_target(&body) {
         Ok(t) => t,
         Err(r) => return *r,
     };
@@ -451,8 +429,8 @@ async fn resume(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
     }
 }
 
-async fn retry(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (selector, _) = match admin_target(&state, &headers, &body) {
+async fn retry(State(state): State<AppState>, Body(body): Body) -> Response {
+    let (selector, _) = match admin_target(&body) {
         Ok(t) => t,
         Err(r) => return *r,
     };
@@ -462,8 +440,8 @@ async fn retry(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
     Json(reply).into_response()
 }
 
-async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let (selector, _) = match admin_target(&state, &headers, &body) {
+async fn purge(State(state): State<AppState>, Body(body): Body) -> Response {
+    let (selector, _) = match admin_target(&body) {
         Ok(t) => t,
         Err(r) => return *r,
     };
@@ -477,10 +455,7 @@ async fn purge(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
     }
 }
 
-async fn suspensions(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if !authorized(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-    }
+async fn suspensions(State(state): State<AppState>) -> Response {
     let list: Vec<_> = state
         .engine
         .scheduler()
@@ -574,12 +549,8 @@ fn page_cursor(key: &SuppressionKey) -> String {
 
 async fn list_suppressions(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Query(q): Query<SuppressionQuery>,
 ) -> Response {
-    if !authorized(&state, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
-    }
     let limit = q.limit.unwrap_or(1_000).clamp(1, MAX_SUPPRESSION_PAGE);
     let after = q.after.as_deref().map(|c| match c.split_once('\u{1f}') {
         Some((tenant, address)) => SuppressionKey::new(Some(tenant), address),
@@ -609,12 +580,8 @@ async fn list_suppressions(
 
 /// The entries of a suppression request, checked: every address a mailbox, no tenant with
 /// a control character.
-fn suppression_batch(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Vec<(SuppressionKey, String)>, Box<Response>> {
-    let batch: SuppressionBatch = admin_body(state, headers, body)?;
+fn suppression_batch(body: &Bytes) -> Result<Vec<(SuppressionKey, String)>, Box<Response>> {
+    let batch: SuppressionBatch = admin_body(body)?;
     if batch.entries.is_empty() {
         return Err(bad(StatusCode::BAD_REQUEST, "entries: none given"));
     }
@@ -644,12 +611,8 @@ fn suppression_batch(
         .collect()
 }
 
-async fn add_suppressions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let batch = match suppression_batch(&state, &headers, &body) {
+async fn add_suppressions(State(state): State<AppState>, Body(body): Body) -> Response {
+    let batch = match suppression_batch(&body) {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -675,12 +638,8 @@ async fn add_suppressions(
     }
 }
 
-async fn remove_suppressions(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let batch = match suppression_batch(&state, &headers, &body) {
+async fn remove_suppressions(State(state): State<AppState>, Body(body): Body) -> Response {
+    let batch = match suppression_batch(&body) {
         Ok(b) => b,
         Err(r) => return *r,
     };

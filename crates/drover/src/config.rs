@@ -364,8 +364,11 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Bearer tokens; when non-empty every `/api/` call needs one.
     pub api_tokens: Vec<String>,
-    /// Largest accepted request body in bytes (extension; default 64 MiB). Larger: 413.
+    /// Largest accepted request body in bytes (extension; default 64 MiB). Larger: 413. A
+    /// gzip body is held to it once decoded too.
     pub max_body_size: usize,
+    /// Most recipients one inject request may carry (extension; default 10 000). More: 413.
+    pub max_recipients: usize,
 }
 
 impl Default for HttpConfig {
@@ -374,6 +377,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
             api_tokens: Vec::new(),
             max_body_size: 64 * 1024 * 1024,
+            max_recipients: 10_000,
         }
     }
 }

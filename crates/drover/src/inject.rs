@@ -1,4 +1,6 @@
-//! Injection: stamping (VERP, complaint and unsubscribe headers), DKIM signing, the synced spool write, Reception records, queueing.
+//! Injection: preparation (`prepare`: trace header, Message-ID, Date), stamping (VERP,
+//! complaint and unsubscribe headers), DKIM signing, the synced spool write, Reception records,
+//! queueing.
 
 use crate::engine::{Engine, EngineError, Unsignable};
 use crate::message::NewMessage;
@@ -36,6 +38,19 @@ fn sign_all(
         }
     }
     Ok((messages, count))
+}
+
+/// The `prepare` step for a batch (one date for all of it). A message is prepared once: a
+/// batch handed back (unsignable) and injected again does not get a second trace header.
+fn prepare_all(messages: &mut [NewMessage], by: &str) {
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc2822)
+        .unwrap_or_default();
+    for m in messages {
+        if let Some(door) = m.door.take() {
+            crate::prepare::prepare(m, &door, by, &date);
+        }
+    }
 }
 
 impl Engine {
@@ -104,7 +119,10 @@ impl Engine {
         count: u64,
     ) -> Result<Vec<MessageMeta>, EngineError> {
         let policy = self.policy();
+        let by = self.ehlo_name().to_owned();
         let (messages, signed) = if policy.signers.is_empty() && policy.stamper.is_noop() {
+            let mut messages = messages;
+            crate::prepare::off_the_runtime(|| prepare_all(&mut messages, &by));
             (messages, 0)
         } else {
             // RSA signing costs about a millisecond per message and stamping copies each
@@ -112,6 +130,8 @@ impl Engine {
             let keys = self.feedback_keys.clone();
             let prepared = tokio::task::spawn_blocking(move || {
                 let mut messages = messages;
+                // One order for both doors: trace and missing headers, stamping, DKIM.
+                prepare_all(&mut messages, &by);
                 for m in &mut messages {
                     policy.stamper.apply(&keys, m);
                 }

@@ -4,6 +4,7 @@
 
 // Doors: where messages come in.
 pub mod api;
+mod http_guard;
 pub mod listener;
 pub mod unsubscribe_http;
 // Prepare: one RFC 5322 message per recipient.
@@ -18,6 +19,7 @@ pub mod inbound;
 mod inject;
 mod log_keeper;
 mod outcome;
+pub mod prepare;
 mod record;
 mod restore;
 mod stamping;

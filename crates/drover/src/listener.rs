@@ -385,6 +385,7 @@ impl InjectPolicy {
             tenant: header_value(data, "X-Tenant"),
             received_ms: now_ms(),
             priority,
+            door: None,
         };
         // A tenant's own list: its suppressed recipients are left out, and named in the reply
         // (one reply answers the whole transaction).
@@ -419,23 +420,26 @@ impl InjectPolicy {
             (false, true) => "ESMTPA",
             (true, true) => "ESMTPSA",
         };
-        let helo = session.helo().unwrap_or("unknown");
-        let date = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc2822)
-            .unwrap_or_default();
+        let door = std::sync::Arc::new(crate::prepare::Door::Smtp {
+            helo: session.helo().unwrap_or("unknown").to_owned(),
+            client: self.peer.ip(),
+            rdns: None,
+            protocol,
+        });
+        let origin = Origin {
+            door: Some(door),
+            ..origin
+        };
         let messages: Vec<NewMessage> = unique
             .into_iter()
             .map(|(recipient, domain)| {
-                let id = MessageId::generate();
-                let received = format!(
-                    "Received: from {helo} ([{ip}])\r\n\tby {us} with {protocol} id {id};\r\n\t{date}\r\n",
-                    ip = self.peer.ip().to_canonical(),
-                    us = self.settings.engine.ehlo_name(),
-                );
-                let mut body = Vec::with_capacity(received.len() + data.len());
-                body.extend_from_slice(received.as_bytes());
-                body.extend_from_slice(data);
-                NewMessage::new(id, &origin, recipient, domain, body)
+                NewMessage::new(
+                    MessageId::generate(),
+                    &origin,
+                    recipient,
+                    domain,
+                    data.to_vec(),
+                )
             })
             .collect();
         let ids: Vec<String> = messages.iter().map(|m| m.meta.id.to_string()).collect();

@@ -26,6 +26,8 @@ pub struct NewMessage {
     pub meta: MessageMeta,
     /// The RFC 5322 message.
     pub body: Vec<u8>,
+    /// The door it came in by: `prepare` writes its `Received:` header (none when unset).
+    pub door: Option<std::sync::Arc<crate::prepare::Door>>,
 }
 
 /// What the messages of one injection (a request, an SMTP transaction) share.
@@ -41,6 +43,8 @@ pub struct Origin {
     pub received_ms: u64,
     /// How urgent among its destination's waiting mail.
     pub priority: queue::Priority,
+    /// The door the messages came in by (their `Received:` header).
+    pub door: Option<std::sync::Arc<crate::prepare::Door>>,
 }
 
 impl NewMessage {
@@ -68,7 +72,11 @@ impl NewMessage {
             size: body.len() as u64,
             metadata: None,
         };
-        NewMessage { meta, body }
+        NewMessage {
+            meta,
+            body,
+            door: origin.door.clone(),
+        }
     }
 }
 
@@ -102,7 +110,14 @@ pub fn prepare(
             out.failed_recipients.push(recipient.email.clone());
             out.errors.push(format!("{}: {why}", recipient.email));
         };
-        let email = recipient.email.trim();
+        let email = match ascii_domain(recipient.email.trim()) {
+            Ok(email) => email,
+            Err(e) => {
+                refuse(e);
+                continue;
+            }
+        };
+        let email = email.as_ref();
         if let Err(e) = smtp_proto::validate_mailbox(email) {
             refuse(e.to_string());
             continue;
@@ -142,6 +157,22 @@ pub fn prepare(
         out.messages.push(message);
     }
     out
+}
+
+/// The address with its domain as A-labels (punycode, IDNA 2008 / UTS 46), so the envelope
+/// is ASCII unless the local part itself needs SMTPUTF8. An ASCII address comes back as it
+/// is (borrowed).
+pub fn ascii_domain(address: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return Ok(std::borrow::Cow::Borrowed(address));
+    };
+    if domain.is_ascii() {
+        return Ok(std::borrow::Cow::Borrowed(address));
+    }
+    let ascii = idna::domain_to_ascii(domain).map_err(|_| {
+        format!("the domain {domain:?} is not a valid internationalised domain name (IDNA)")
+    })?;
+    Ok(std::borrow::Cow::Owned(format!("{local}@{ascii}")))
 }
 
 /// The body of `POST /api/inject/v1`. Field names follow KumoMTA's inject API.
@@ -225,7 +256,7 @@ pub struct Builder {
 }
 
 /// One recipient.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipient {
     /// Address.
@@ -342,6 +373,27 @@ impl Renderer {
             Content::Builder(b) => {
                 smtp_proto::validate_mailbox(&b.from.email)
                     .map_err(|e| TemplateError(format!("content.from: {e}")))?;
+                // Header fields are one line each: a line break in a value would start a
+                // header of the client's choosing (`Bcc:`) or end the header section.
+                let one_line = |field: &str, value: &str| {
+                    if value.contains(['\r', '\n']) {
+                        Err(TemplateError(format!(
+                            "{field}: contains a line break (CR or LF); header fields are one line"
+                        )))
+                    } else {
+                        Ok(())
+                    }
+                };
+                one_line("content.from.name", b.from.name.as_deref().unwrap_or(""))?;
+                one_line("content.subject", b.subject.as_deref().unwrap_or(""))?;
+                if let Some(r) = &b.reply_to {
+                    smtp_proto::validate_mailbox(&r.email)
+                        .map_err(|e| TemplateError(format!("content.reply_to: {e}")))?;
+                    one_line("content.reply_to.name", r.name.as_deref().unwrap_or(""))?;
+                }
+                for (name, value) in &b.headers {
+                    one_line(&format!("content.headers.{name}"), value)?;
+                }
                 add(&mut env, "subject", b.subject.as_deref().unwrap_or(""))?;
                 add(&mut env, "text", b.text_body.as_deref().unwrap_or(""))?;
                 add(&mut env, "html", b.html_body.as_deref().unwrap_or(""))?;
@@ -422,7 +474,7 @@ impl Renderer {
                 let head = self.render("headers", &header_ctx)?;
                 // The body goes out as bytes: no second pass to validate it as a string.
                 let body = self.render_bytes("body", &ctx)?;
-                let head = complete_headers(&head, id, sender_domain);
+                let head = head.trim_end_matches(['\r', '\n']);
                 let mut out = Vec::with_capacity(head.len() + body.len() + 64);
                 to_crlf_into(head.as_bytes(), &mut out);
                 out.extend_from_slice(b"\r\n\r\n");
@@ -458,13 +510,13 @@ impl Renderer {
                     .map(|n| n.replace(['\r', '\n'], " ")),
                 recipient.email.clone(),
             ))
-            .subject(self.render("subject", header_ctx)?)
+            .subject(one_line(self.render("subject", header_ctx)?))
             .message_id(format!("{id}@{sender_domain}"));
         if let Some(r) = &b.reply_to {
             mb = mb.reply_to(addr(r));
         }
         for name in b.headers.keys() {
-            let value = self.render(&format!("h:{name}"), header_ctx)?;
+            let value = one_line(self.render(&format!("h:{name}"), header_ctx)?);
             mb = mb.header(name.clone(), Raw::new(value));
         }
         if b.text_body.is_some() {
@@ -476,6 +528,16 @@ impl Renderer {
         mb.write_to_vec()
             .map(|m| to_crlf(&m))
             .map_err(|e| format!("cannot build message: {e}"))
+    }
+}
+
+/// A rendered header value on one line: a template can still make a line break (a string
+/// literal with `\n`), which must not start a header of its own.
+fn one_line(value: String) -> String {
+    if value.contains(['\r', '\n']) {
+        value.replace("\r\n", " ").replace(['\r', '\n'], " ")
+    } else {
+        value
     }
 }
 
@@ -491,33 +553,6 @@ fn header_safe(ctx: &Map<String, Value>) -> Map<String, Value> {
         }
     }
     ctx.iter().map(|(k, v)| (k.clone(), clean(v))).collect()
-}
-
-/// Names of the header fields present in a header section (lower-cased).
-fn header_names(head: &str) -> impl Iterator<Item = String> + '_ {
-    head.lines()
-        .filter(|l| !l.starts_with([' ', '\t']))
-        .filter_map(|l| {
-            l.split_once(':')
-                .map(|(n, _)| n.trim().to_ascii_lowercase())
-        })
-}
-
-fn complete_headers(head: &str, id: &str, sender_domain: &str) -> String {
-    let head = head.trim_end_matches(['\r', '\n']);
-    let names: Vec<String> = header_names(head).collect();
-    let mut out = head.replace("\r\n", "\n").replace('\n', "\r\n");
-    if !names.iter().any(|n| n == "message-id") {
-        out.push_str(&format!("\r\nMessage-ID: <{id}@{sender_domain}>"));
-    }
-    if !names.iter().any(|n| n == "date") {
-        let now = time::OffsetDateTime::now_utc();
-        let date = now
-            .format(&time::format_description::well_known::Rfc2822)
-            .unwrap_or_default();
-        out.push_str(&format!("\r\nDate: {date}"));
-    }
-    out
 }
 
 /// Normalises line endings to CRLF (bare LF and bare CR alike).
@@ -627,6 +662,114 @@ mod tests {
     }
 
     #[test]
+    fn unicode_domains_become_a_labels_and_bad_ones_are_named() {
+        assert_eq!(
+            ascii_domain("ann@bücher.example").unwrap(),
+            "ann@xn--bcher-kva.example"
+        );
+        assert_eq!(
+            ascii_domain("ann@example.test").unwrap(),
+            "ann@example.test"
+        );
+        assert!(matches!(
+            ascii_domain("ann@example.test").unwrap(),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // The local part is left alone (it needs SMTPUTF8, not punycode).
+        assert_eq!(
+            ascii_domain("jörg@bücher.example").unwrap(),
+            "jörg@xn--bcher-kva.example"
+        );
+        let err = ascii_domain("ann@xn--a.bücher").unwrap_err();
+        assert!(err.contains("internationalised"), "{err}");
+    }
+
+    #[test]
+    fn line_breaks_in_builder_header_fields_are_refused_naming_the_field() {
+        let base = serde_json::json!({
+            "from": {"email": "news@example.com", "name": "News"},
+            "subject": "Hello",
+            "text_body": "Hi",
+        });
+        let cases = [
+            (
+                "/headers",
+                serde_json::json!({"X-Ok": "v\r\nBcc: evil@evil.test"}),
+                "content.headers.X-Ok",
+            ),
+            (
+                "/subject",
+                serde_json::json!("Hi\nBcc: evil@evil.test"),
+                "content.subject",
+            ),
+            (
+                "/from/name",
+                serde_json::json!("News\r\nBcc: evil@evil.test"),
+                "content.from.name",
+            ),
+            (
+                "/reply_to",
+                serde_json::json!({"email": "r@example.com", "name": "R\nX: y"}),
+                "content.reply_to.name",
+            ),
+            (
+                "/reply_to",
+                serde_json::json!({"email": "r@example.com\r\nBcc: e@e.test"}),
+                "content.reply_to",
+            ),
+        ];
+        for (pointer, value, field) in cases {
+            let mut content = base.clone();
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            let target = if parent.is_empty() {
+                &mut content
+            } else {
+                content.pointer_mut(parent).unwrap()
+            };
+            target[key] = value;
+            let err = Renderer::new(req(content).content, 1 << 20)
+                .err()
+                .unwrap_or_else(|| panic!("{field} accepted"));
+            assert!(err.0.starts_with(field), "{field}: {}", err.0);
+        }
+        // A header name with a colon or a line break.
+        for name in ["X-A:b", "X-A\r\nBcc"] {
+            let mut content = base.clone();
+            content["headers"] = serde_json::json!({ name: "v" });
+            assert!(
+                Renderer::new(req(content).content, 1 << 20).is_err(),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn line_breaks_made_by_templates_stay_inside_their_header() {
+        let r = req(serde_json::json!({
+            "from": {"email": "news@example.com"},
+            "subject": "Hi {{ '\\r\\nBcc: evil@evil.test' }}",
+            "text_body": "Hi",
+            "headers": {"X-Ok": "{{ plan }}{{ '\\nBcc: evil@evil.test' }}"},
+        }));
+        let mut recipient = r.recipients[0].clone();
+        recipient
+            .substitutions
+            .insert("plan".into(), Value::String("gold\r\nBcc: x@x.test".into()));
+        let renderer = Renderer::new(r.content, 1 << 20).unwrap();
+        let out = renderer
+            .render_for(&r.substitutions, &recipient, "abc", "news.example.com")
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let head = text.split("\r\n\r\n").next().unwrap();
+        assert!(
+            !head
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("bcc:")),
+            "{head}"
+        );
+    }
+
+    #[test]
     fn raw_templates_render_with_overlay_and_safe_headers() {
         let r = req(Value::String(
             "From: n@example.com\nSubject: Hi {{ name }}\nX-Campaign: {{ campaign_name }}\n\nDear {{ name }}, plan {{ plan }} for {{ email }}.{{ missing }}\n".into(),
@@ -653,8 +796,8 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("Message-ID: <abc@news.example.com>\r\n"));
-        assert!(text.contains("\r\nDate: "));
+        // Message-ID and Date are `prepare`'s, for both doors alike.
+        assert!(!text.contains("Message-ID"));
         assert!(
             !text.replace("\r\n", "").contains('\n'),
             "only CRLF line endings"

@@ -114,6 +114,8 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     });
     let stopped = stop.clone();
     let server = tokio::spawn(async move {
+        // The client's address goes into the Received header of what it injects.
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             stopped.cancelled().await;
         });
