@@ -300,3 +300,59 @@ pub(crate) fn external_verify(message: &[u8], records: &[(String, String)]) -> O
     }
     Some(out.status.success())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builder_mail_with_attachments_is_valid_mime_and_verifies() {
+    use mail_parser::MimeHeaders;
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let (dkim, records) = dkim_config();
+    let engine = TestEngine::start(&format!(
+        "{dkim}{}",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b);
+    let pdf: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+    let mut body = message_for(&["ann@example.test".into()]);
+    body["content"] = serde_json::json!({
+        "from": {"email": "news@example.com", "name": "News"},
+        "subject": "Your report, {{ name }}",
+        "text_body": "Hello {{ name }}, see the attachment.",
+        "html_body": "<p>Hello {{ name }}</p><img src=\"cid:logo\">",
+        "attachments": [
+            {"filename": "report.bin", "content_type": "application/octet-stream", "data": b64(&pdf)},
+            {"filename": "logo.gif", "content_type": "image/gif", "data": b64(b"GIF89a"), "content_id": "logo"},
+        ],
+    });
+    let (status, reply) = engine.inject(&body).await;
+    assert_eq!(status, 200, "{reply}");
+    let m = &wait_messages(&sink, 1).await[0];
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&m.data)
+        .expect("valid MIME");
+    assert_eq!(parsed.content_type().unwrap().subtype(), Some("mixed"));
+    let report = parsed
+        .parts
+        .iter()
+        .find(|p| p.attachment_name() == Some("report.bin"))
+        .expect("the attachment");
+    assert_eq!(report.contents(), &pdf[..]);
+    let logo = parsed
+        .parts
+        .iter()
+        .find(|p| p.content_id() == Some("logo"))
+        .expect("the inline image");
+    assert_eq!(logo.contents(), b"GIF89a");
+    assert_eq!(
+        verify(&m.data, &records).await,
+        vec![Verdict::Pass, Verdict::Pass]
+    );
+    if let Some(external) = external_verify(&m.data, &records) {
+        assert!(external, "dkimpy rejects the built message");
+    }
+    engine.stop().await;
+}

@@ -77,11 +77,9 @@ impl FromRequest<AppState> for Body {
         let limit = state.engine.config().http.max_body_size;
         match encoding.as_deref() {
             None | Some("" | "identity") => Ok(Body(raw)),
-            Some("gzip" | "x-gzip") => {
-                crate::prepare::off_the_runtime(|| gunzip(&raw, limit))
-                    .map(Body)
-                    .map_err(|(status, message)| error(status, message))
-            }
+            Some("gzip" | "x-gzip") => crate::prepare::off_the_runtime(|| gunzip(&raw, limit))
+                .map(Body)
+                .map_err(|(status, message)| error(status, message)),
             Some(other) => Err(error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("Content-Encoding {other:?} is not supported (gzip is)"),

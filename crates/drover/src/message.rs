@@ -253,6 +253,124 @@ pub struct Builder {
     /// Reply-To header.
     #[serde(default)]
     pub reply_to: Option<NamedAddress>,
+    /// AMP part (`text/x-amp-html`, a template), between the text and HTML parts of the
+    /// `multipart/alternative` (KumoMTA's `amp_html_body`).
+    #[serde(default)]
+    pub amp_html_body: Option<String>,
+    /// Files attached (or, with a `content_id`, shown inline by the HTML part).
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
+    /// Substituted values are HTML-escaped in `html_body` and `amp_html_body` (default);
+    /// `false` puts them in as given.
+    #[serde(default = "yes")]
+    pub html_autoescape: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One `attachments` entry. Drover's field names and KumoMTA's are both accepted:
+/// `filename` or `file_name`; `data` is base64 when `base64` is true, which is the default
+/// with `filename` and not with `file_name` (KumoMTA's default: `data` is the text itself).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attachment {
+    /// File name shown to the reader.
+    #[serde(default)]
+    pub filename: Option<String>,
+    /// KumoMTA's name for `filename`.
+    #[serde(default)]
+    pub file_name: Option<String>,
+    /// MIME type, e.g. `application/pdf`.
+    pub content_type: String,
+    /// The content: base64, or the text itself (see `base64`).
+    pub data: String,
+    /// Whether `data` is base64.
+    #[serde(default)]
+    pub base64: Option<bool>,
+    /// Shown inline rather than as an attachment (implied by `content_id`).
+    #[serde(default)]
+    pub inline: bool,
+    /// Content-ID for `cid:` references from the HTML part; the part then goes into a
+    /// `multipart/related` with it.
+    #[serde(default)]
+    pub content_id: Option<String>,
+}
+
+/// An attachment checked and decoded once per request.
+#[derive(Debug)]
+struct Part {
+    content_type: String,
+    filename: Option<String>,
+    bytes: Vec<u8>,
+    content_id: Option<String>,
+    inline: bool,
+}
+
+impl Attachment {
+    fn decode(self, i: usize) -> Result<Part, TemplateError> {
+        use base64::Engine as _;
+        let field = |name: &str| format!("content.attachments[{i}].{name}");
+        let ct = self.content_type.trim();
+        let valid_ct = ct.split_once('/').is_some_and(|(t, s)| {
+            let token = |x: &str| {
+                !x.is_empty()
+                    && x.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+            };
+            token(t) && token(s.split(';').next().unwrap_or_default().trim())
+        });
+        if !valid_ct || ct.contains(['\r', '\n']) {
+            return Err(TemplateError(format!(
+                "{}: {ct:?} is not a MIME type (type/subtype)",
+                field("content_type")
+            )));
+        }
+        let kumo = self.file_name.is_some();
+        let filename = self.filename.or(self.file_name);
+        if filename
+            .as_deref()
+            .is_some_and(|f| f.contains(['\r', '\n']))
+        {
+            return Err(TemplateError(format!(
+                "{}: contains a line break",
+                field("filename")
+            )));
+        }
+        let content_id = self.content_id.map(|c| {
+            c.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        });
+        if content_id.as_deref().is_some_and(|c| {
+            c.is_empty()
+                || c.contains(|ch: char| {
+                    ch.is_control() || ch.is_whitespace() || ch == '<' || ch == '>'
+                })
+        }) {
+            return Err(TemplateError(format!(
+                "{}: not a valid Content-ID",
+                field("content_id")
+            )));
+        }
+        let bytes = if self.base64.unwrap_or(!kumo) {
+            let compact: String = self.data.split_ascii_whitespace().collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(compact.as_bytes())
+                .map_err(|e| TemplateError(format!("{}: invalid base64: {e}", field("data"))))?
+        } else {
+            self.data.into_bytes()
+        };
+        Ok(Part {
+            content_type: ct.to_owned(),
+            filename,
+            inline: self.inline || content_id.is_some(),
+            content_id,
+            bytes,
+        })
+    }
 }
 
 /// One recipient.
@@ -321,7 +439,7 @@ impl std::io::Write for Capped {
 
 enum Kind {
     Raw,
-    Builder(Box<Builder>),
+    Builder(Box<Builder>, Vec<Part>),
 }
 
 fn add(
@@ -357,8 +475,13 @@ impl Renderer {
         let mut env = Environment::new();
         env.set_fuel(Some(RENDER_FUEL));
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
-        // Messages are not HTML documents to escape; values go in as given.
-        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        // Values go into headers and text as given; into the HTML parts of a builder message
+        // HTML-escaped, unless the request says otherwise.
+        let escape_html = matches!(&content, Content::Builder(b) if b.html_autoescape);
+        env.set_auto_escape_callback(move |name| match name {
+            "html" | "amp" if escape_html => minijinja::AutoEscape::Html,
+            _ => minijinja::AutoEscape::None,
+        });
         env.set_keep_trailing_newline(true);
         let kind = match content {
             Content::Raw(raw) => {
@@ -370,7 +493,7 @@ impl Renderer {
                 add(&mut env, "body", body)?;
                 Kind::Raw
             }
-            Content::Builder(b) => {
+            Content::Builder(mut b) => {
                 smtp_proto::validate_mailbox(&b.from.email)
                     .map_err(|e| TemplateError(format!("content.from: {e}")))?;
                 // Header fields are one line each: a line break in a value would start a
@@ -397,9 +520,17 @@ impl Renderer {
                 add(&mut env, "subject", b.subject.as_deref().unwrap_or(""))?;
                 add(&mut env, "text", b.text_body.as_deref().unwrap_or(""))?;
                 add(&mut env, "html", b.html_body.as_deref().unwrap_or(""))?;
-                if b.text_body.is_none() && b.html_body.is_none() {
-                    return Err(TemplateError("content needs text_body or html_body".into()));
+                add(&mut env, "amp", b.amp_html_body.as_deref().unwrap_or(""))?;
+                if b.text_body.is_none() && b.html_body.is_none() && b.amp_html_body.is_none() {
+                    return Err(TemplateError(
+                        "content needs text_body, html_body or amp_html_body".into(),
+                    ));
                 }
+                let parts = std::mem::take(&mut b.attachments)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, a)| a.decode(i))
+                    .collect::<Result<Vec<Part>, _>>()?;
                 for (name, value) in &b.headers {
                     if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic() && c != b':') {
                         return Err(TemplateError(format!(
@@ -411,7 +542,7 @@ impl Renderer {
                             TemplateError(format!("template error in header {name}: {e}"))
                         })?;
                 }
-                Kind::Builder(b)
+                Kind::Builder(b, parts)
             }
         };
         Ok(Renderer {
@@ -481,14 +612,18 @@ impl Renderer {
                 to_crlf_into(&body, &mut out);
                 out
             }
-            Kind::Builder(b) => self.build(b, &ctx, &header_ctx, recipient, id, sender_domain)?,
+            Kind::Builder(b, parts) => {
+                self.build(b, parts, &ctx, &header_ctx, recipient, id, sender_domain)?
+            }
         };
         Ok(message)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(
         &self,
         b: &Builder,
+        parts: &[Part],
         ctx: &Map<String, Value>,
         header_ctx: &Map<String, Value>,
         recipient: &Recipient,
@@ -519,15 +654,77 @@ impl Renderer {
             let value = one_line(self.render(&format!("h:{name}"), header_ctx)?);
             mb = mb.header(name.clone(), Raw::new(value));
         }
-        if b.text_body.is_some() {
-            mb = mb.text_body(self.render("text", ctx)?);
-        }
-        if b.html_body.is_some() {
-            mb = mb.html_body(self.render("html", ctx)?);
-        }
+        mb = mb.body(self.mime_body(b, parts, ctx)?);
         mb.write_to_vec()
             .map(|m| to_crlf(&m))
             .map_err(|e| format!("cannot build message: {e}"))
+    }
+}
+
+impl Renderer {
+    /// The MIME tree: the bodies as `multipart/alternative` (text, AMP, HTML), inside a
+    /// `multipart/related` with the inline parts, inside a `multipart/mixed` with the
+    /// attachments; each level only when it has more than one part.
+    fn mime_body<'a>(
+        &self,
+        b: &Builder,
+        parts: &'a [Part],
+        ctx: &Map<String, Value>,
+    ) -> Result<mail_builder::mime::MimePart<'a>, String> {
+        use mail_builder::mime::{BodyPart, MimePart};
+        let mut alternatives = Vec::new();
+        if b.text_body.is_some() {
+            alternatives.push(MimePart::new("text/plain", self.render("text", ctx)?));
+        }
+        if b.amp_html_body.is_some() {
+            alternatives.push(MimePart::new("text/x-amp-html", self.render("amp", ctx)?));
+        }
+        if b.html_body.is_some() {
+            alternatives.push(MimePart::new("text/html", self.render("html", ctx)?));
+        }
+        let one_or_many = |content_type: &'static str, mut list: Vec<MimePart<'a>>| {
+            if list.len() == 1 {
+                list.pop().expect("one part")
+            } else {
+                MimePart::new(content_type, list)
+            }
+        };
+        let part = |p: &'a Part| {
+            let mut m = MimePart::new(
+                p.content_type.as_str(),
+                BodyPart::Binary(std::borrow::Cow::Borrowed(&p.bytes[..])),
+            );
+            if p.inline {
+                m = match &p.filename {
+                    Some(name) => m.header(
+                        "Content-Disposition",
+                        mail_builder::headers::content_type::ContentType::new("inline")
+                            .attribute("filename", name.as_str()),
+                    ),
+                    None => m.inline(),
+                };
+                if let Some(cid) = &p.content_id {
+                    m = m.cid(cid.as_str());
+                }
+            } else {
+                m = m.attachment(p.filename.as_deref().unwrap_or("attachment"));
+            }
+            m
+        };
+        let mut body = one_or_many("multipart/alternative", alternatives);
+        let inline: Vec<MimePart<'a>> = parts.iter().filter(|p| p.inline).map(part).collect();
+        if !inline.is_empty() {
+            let mut related = vec![body];
+            related.extend(inline);
+            body = MimePart::new("multipart/related", related);
+        }
+        let attached: Vec<MimePart<'a>> = parts.iter().filter(|p| !p.inline).map(part).collect();
+        if !attached.is_empty() {
+            let mut mixed = vec![body];
+            mixed.extend(attached);
+            body = MimePart::new("multipart/mixed", mixed);
+        }
+        Ok(body)
     }
 }
 
@@ -659,6 +856,116 @@ mod tests {
             "substitutions": {"plan": "silver", "campaign_name": "nov"},
         }))
         .unwrap()
+    }
+
+    fn parse(message: &[u8]) -> mail_parser::Message<'_> {
+        mail_parser::MessageParser::default()
+            .parse(message)
+            .expect("parses as MIME")
+    }
+
+    #[test]
+    fn attachments_inline_parts_and_amp_make_the_usual_mime_tree() {
+        use mail_parser::MimeHeaders;
+        let gif =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"GIF89a-bytes");
+        let r = req(serde_json::json!({
+            "from": {"email": "news@example.com"},
+            "subject": "Report for {{ name }}",
+            "text_body": "Hi {{ name }}",
+            "html_body": "<p>Hi {{ plan }}</p><img src=\"cid:logo\">",
+            "amp_html_body": "<html amp4email>{{ plan }}</html>",
+            "attachments": [
+                {"filename": "report.pdf", "content_type": "application/pdf", "data": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"%PDF-1.4 fake")},
+                {"file_name": "logo.gif", "content_type": "image/gif", "data": gif, "base64": true, "content_id": "logo"},
+                {"file_name": "notes.txt", "content_type": "text/plain", "data": "plain text, not base64"},
+            ],
+        }));
+        let mut recipient = r.recipients[0].clone();
+        recipient
+            .substitutions
+            .insert("plan".into(), Value::String("<b>gold</b> & co".into()));
+        let renderer = Renderer::new(r.content, 1 << 20).unwrap();
+        let out = renderer
+            .render_for(&r.substitutions, &recipient, "abc", "news.example.com")
+            .unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(!text.replace("\r\n", "").contains('\n'), "only CRLF");
+        let m = parse(&out);
+        assert_eq!(m.content_type().unwrap().subtype(), Some("mixed"));
+        // HTML escaped in the HTML and AMP parts, as given in the text part.
+        let html = m.body_html(0).unwrap();
+        assert!(
+            html.contains("&lt;b&gt;gold&lt;") && html.contains("&amp; co"),
+            "{html}"
+        );
+        assert!(!html.contains("<b>"), "{html}");
+        assert!(text.contains("multipart/related"), "{text}");
+        assert!(text.contains("text/x-amp-html"), "{text}");
+        let attachments: Vec<_> = m
+            .parts
+            .iter()
+            .filter(|p| p.attachment_name().is_some())
+            .collect();
+        assert_eq!(attachments.len(), 3, "{text}");
+        let pdf = attachments
+            .iter()
+            .find(|a| a.attachment_name() == Some("report.pdf"))
+            .unwrap();
+        assert_eq!(pdf.contents(), b"%PDF-1.4 fake");
+        let logo = attachments
+            .iter()
+            .find(|a| a.attachment_name() == Some("logo.gif"))
+            .unwrap();
+        assert_eq!(logo.content_id(), Some("logo"));
+        assert_eq!(logo.contents(), b"GIF89a-bytes");
+        let notes = attachments
+            .iter()
+            .find(|a| a.attachment_name() == Some("notes.txt"))
+            .unwrap();
+        assert_eq!(notes.contents(), b"plain text, not base64");
+    }
+
+    #[test]
+    fn autoescape_can_be_turned_off_and_bad_attachments_are_named() {
+        let r = req(serde_json::json!({
+            "from": {"email": "news@example.com"},
+            "html_body": "<p>{{ plan }}</p>",
+            "html_autoescape": false,
+        }));
+        let mut recipient = r.recipients[0].clone();
+        recipient
+            .substitutions
+            .insert("plan".into(), Value::String("<b>gold</b>".into()));
+        let renderer = Renderer::new(r.content, 1 << 20).unwrap();
+        let out = renderer
+            .render_for(&r.substitutions, &recipient, "abc", "news.example.com")
+            .unwrap();
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("<p><b>gold</b></p>"));
+        for (attachment, field) in [
+            (
+                serde_json::json!({"filename": "a", "content_type": "application/pdf", "data": "not base64!"}),
+                "attachments[0].data",
+            ),
+            (
+                serde_json::json!({"filename": "a", "content_type": "pdf", "data": ""}),
+                "attachments[0].content_type",
+            ),
+            (
+                serde_json::json!({"filename": "a\r\nX: y", "content_type": "text/plain", "data": ""}),
+                "attachments[0].filename",
+            ),
+        ] {
+            let r = req(serde_json::json!({
+                "from": {"email": "news@example.com"},
+                "text_body": "x",
+                "attachments": [attachment],
+            }));
+            let err = Renderer::new(r.content, 1 << 20).err().unwrap();
+            assert!(err.0.contains(field), "{field}: {}", err.0);
+        }
     }
 
     #[test]
