@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/api/openapi.json", get(crate::openapi::serve))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

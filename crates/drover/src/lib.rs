@@ -5,6 +5,7 @@
 // Doors: where messages come in.
 pub mod api;
 pub mod listener;
+pub mod openapi;
 pub mod unsubscribe_http;
 // Prepare: one RFC 5322 message per recipient.
 pub mod message;
