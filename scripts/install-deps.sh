@@ -6,10 +6,16 @@
 #   benchmarks. Postfix is installed unconfigured, so nothing listens on port 25.
 # - dkimpy and PyNaCl (PyPI, for the `python3` on PATH): an independent DKIM verifier for the
 #   e2e tests, which skip that check when it is missing.
+# - openapi-spec-validator (PyPI, brings jsonschema): validates docs/openapi.yaml and the replies
+#   the e2e test gets against it (scripts/check-openapi.py); skipped when it is missing.
 set -euo pipefail
 if command -v python3 >/dev/null && ! python3 -c "import dkim, nacl" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check dkimpy pynacl 2>/dev/null \
     || echo "dkimpy not installed; the e2e DKIM test skips its external verifier" >&2
+fi
+if command -v python3 >/dev/null && ! python3 -c "import openapi_spec_validator, jsonschema" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check openapi-spec-validator 2>/dev/null \
+    || echo "openapi-spec-validator not installed; the e2e OpenAPI test skips its schema checks" >&2
 fi
 packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks dnsmasq-base)
 missing=()

@@ -19,6 +19,7 @@ mod harness;
 mod hostile;
 mod inject;
 mod listener;
+mod openapi;
 mod postfix;
 mod process;
 mod readiness;

@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/api/openapi.json", get(crate::openapi::serve))
         // Before any body is read: an unauthenticated client gets 401, not a buffered upload.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -6,6 +6,7 @@
 pub mod api;
 mod http_guard;
 pub mod listener;
+pub mod openapi;
 pub mod unsubscribe_http;
 // Prepare: one RFC 5322 message per recipient.
 pub mod message;
