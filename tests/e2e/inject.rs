@@ -322,3 +322,21 @@ async fn http_mail_is_traced_completed_and_unicode_domains_go_out_as_a_labels() 
     );
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_templated_request_of_10_000_recipients_is_accepted() {
+    let engine = TestEngine::start(
+        "[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n[retry]\nintervals = [\"1h\"]\n",
+    )
+    .await;
+    let recipients: Vec<String> = (0..10_000).map(|i| format!("r{i}@big.test")).collect();
+    let (status, reply) = engine.inject(&message_for(&recipients)).await;
+    assert_eq!(status, 200);
+    assert_eq!(reply["success_count"], 10_000);
+    assert_eq!(reply["ids"].as_array().unwrap().len(), 10_000);
+    wait_records(&engine.accounting_path(), Duration::from_secs(60), |r| {
+        count_type(r, "Reception") == 10_000
+    })
+    .await;
+    engine.stop().await;
+}
