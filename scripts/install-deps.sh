@@ -4,6 +4,7 @@
 # - libclang-dev/clang: bindgen generates the RocksDB bindings.
 # - postfix (smtp-sink, smtp-source), swaks, dnsmasq-base: real SMTP/DNS peers for tests and
 #   benchmarks. Postfix is installed unconfigured, so nothing listens on port 25.
+#   libnet-ssleay-perl: swaks's STARTTLS (only recommended by the swaks package).
 # - dkimpy and PyNaCl (PyPI, for the `python3` on PATH): an independent DKIM verifier for the
 #   e2e tests, which skip that check when it is missing.
 set -euo pipefail
@@ -11,7 +12,7 @@ if command -v python3 >/dev/null && ! python3 -c "import dkim, nacl" 2>/dev/null
   python3 -m pip install -q --disable-pip-version-check dkimpy pynacl 2>/dev/null \
     || echo "dkimpy not installed; the e2e DKIM test skips its external verifier" >&2
 fi
-packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks dnsmasq-base)
+packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -89,6 +89,19 @@ pub enum BareNewlines {
     Keep,
 }
 
+impl BareNewlines {
+    /// The `550 5.6.11` a message with bare CR or LF gets under
+    /// [`BareNewlines::Reject`]; for a policy that decides itself (see
+    /// [`ServerSession::saw_bare_newline`]).
+    pub fn refusal() -> Reply {
+        Reply::new(
+            550,
+            enhanced(5, 6, 11),
+            "Message contains bare CR or LF characters; use CRLF line endings",
+        )
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -642,14 +655,7 @@ impl ServerSession {
         }
         if self.config.bare_newlines == BareNewlines::Reject && self.receiver.saw_bare_newline() {
             self.reset_transaction();
-            return (
-                used,
-                Some(Action::Reply(Reply::new(
-                    550,
-                    enhanced(5, 6, 11),
-                    "Message contains bare CR or LF characters; use CRLF line endings",
-                ))),
-            );
+            return (used, Some(Action::Reply(BareNewlines::refusal())));
         }
         let sender = self.sender.take().unwrap_or_default();
         let recipients = std::mem::take(&mut self.recipients);
@@ -663,6 +669,14 @@ impl ServerSession {
                 },
             })),
         )
+    }
+
+    /// Whether the message being received, or the one whose final dot was just
+    /// seen (so at its [`Event::DataEnd`] decision), had a bare CR or bare LF.
+    /// Under [`BareNewlines::Normalize`] or [`BareNewlines::Keep`] the policy
+    /// can refuse such a message itself, for some transactions only.
+    pub fn saw_bare_newline(&self) -> bool {
+        self.receiver.saw_bare_newline()
     }
 
     /// The TLS handshake after [`Action::StartTls`] succeeded: RFC 3207

@@ -1509,6 +1509,7 @@ mod server_session {
         msg.clear();
         let (_, action) = s.handle_data(b"clean\r\n.\r\n", &mut msg);
         assert!(matches!(action, Some(Action::Decide(_))), "{action:?}");
+        assert!(!s.saw_bare_newline());
     }
 
     #[test]
@@ -1531,6 +1532,8 @@ mod server_session {
                 panic!("{mode:?}: {action:?}")
             };
             assert!(matches!(d.event(), Event::DataEnd { .. }));
+            // The policy can tell, and refuse the message itself.
+            assert!(s.saw_bare_newline(), "{mode:?}");
             assert_eq!(
                 String::from_utf8_lossy(&msg),
                 String::from_utf8_lossy(want),

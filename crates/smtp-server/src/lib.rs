@@ -135,6 +135,13 @@ pub trait Policy: Send {
         let _ = bytes;
     }
 
+    /// The session refused a message at its final dot without asking
+    /// [`Policy::decide`] (over SIZE: `552 5.3.4`; bare CR or LF: `550 5.6.11`);
+    /// `reply` is what the client gets. For counting.
+    fn message_refused(&mut self, reply: &Reply) {
+        let _ = reply;
+    }
+
     /// The server is about to send its last reply and close: called before the client can
     /// see the close, so a count of open connections drops before the client can open its
     /// next one.
@@ -378,7 +385,12 @@ pub async fn serve_connection<P: Policy>(
                     driver.data.clear();
                 }
                 match action {
-                    Some(action) => next = driver.apply(&mut session, action).await,
+                    Some(action) => {
+                        if let Some(reply) = action.reply() {
+                            driver.policy.message_refused(reply);
+                        }
+                        next = driver.apply(&mut session, action).await;
+                    }
                     None => break,
                 }
             } else if discarding {

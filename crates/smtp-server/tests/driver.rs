@@ -41,6 +41,8 @@ struct Recorder {
     messages: Vec<Received>,
     tls: Option<String>,
     discarded: usize,
+    /// Replies to messages the session refused by itself.
+    refused: Vec<u16>,
 }
 
 impl Policy for Recorder {
@@ -67,6 +69,10 @@ impl Policy for Recorder {
 
     fn discarded_after_starttls(&mut self, bytes: usize) {
         self.discarded += bytes;
+    }
+
+    fn message_refused(&mut self, reply: &Reply) {
+        self.refused.push(reply.code);
     }
 
     async fn decide(
@@ -210,6 +216,7 @@ async fn oversized_message_is_refused() {
     // The oversized message never reached the policy.
     let data: Vec<&[u8]> = policy.messages.iter().map(|m| &m.data[..]).collect();
     assert_eq!(data, [b"small\r\n"]);
+    assert_eq!(policy.refused, [552]);
 }
 
 #[tokio::test]
@@ -236,6 +243,7 @@ async fn a_message_with_bare_line_ends_is_refused_and_forgotten() {
     // Nothing of the refused message reached the policy, alone or in front of the next.
     let data: Vec<&[u8]> = policy.messages.iter().map(|m| &m.data[..]).collect();
     assert_eq!(data, [b"two\r\n"]);
+    assert_eq!(policy.refused, [550]);
 }
 
 #[tokio::test]
