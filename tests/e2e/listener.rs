@@ -543,3 +543,366 @@ async fn listener_answers_421_while_draining_and_stops_accepting() {
     assert_eq!(count_type(&recs, "Reception"), 1, "only the HTTP message");
     sink.shutdown().await;
 }
+
+/// A raw client connected from `local` (any 127.0.0.0/8 address is this machine's), with
+/// the first reply: the banner or a refusal.
+async fn connect_from(addr: SocketAddr, local: &str) -> (Raw, (u16, String)) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(local.parse().unwrap(), 0))
+        .unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let mut raw = Raw {
+        reader: BufReader::new(stream),
+    };
+    let first = raw.reply().await;
+    (raw, first)
+}
+
+impl Raw {
+    /// Whether the server closed the connection (EOF within 5 s).
+    async fn closed(&mut self) -> bool {
+        let mut rest = String::new();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.reader.read_line(&mut rest)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+/// Runs swaks with `args` against `server` to completion, without blocking the engine.
+async fn swaks(server: SocketAddr, args: &[&str]) -> (bool, String) {
+    let mut command = std::process::Command::new("/usr/bin/swaks");
+    command
+        .args(["--server", &server.to_string()])
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let transcript = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), transcript)
+}
+
+fn have_swaks() -> bool {
+    let found = std::path::Path::new("/usr/bin/swaks").exists();
+    if !found {
+        eprintln!("swaks is not installed; skipping");
+    }
+    found
+}
+
+/// `drover hash-password`, fed `input` on stdin.
+fn hash_password_cli(input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_auth_with_a_hashed_password_over_starttls_and_a_failure_limit() {
+    if !have_swaks() {
+        return;
+    }
+    let out = hash_password_cli("correct horse\n");
+    assert_success(&out);
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
+    assert!(!hash_password_cli("\n").status.success(), "empty password");
+
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..sink::SinkConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let engine = TestEngine::start(&format!(
+        "[smtp_listener]\nrelay_networks = [\"10.0.0.0/8\"]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\nmax_auth_failures = 2\nauth_users = [{{ user = \"app\", password_hash = {hash:?} }}]\n{}",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let addr = smtp_addr(&engine);
+    let session = |password: &'static str| {
+        [
+            "--tls",
+            "--from",
+            "s@example.com",
+            "--to",
+            "hashed@example.test",
+            "--helo",
+            "swaks.test",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "app",
+            "--auth-password",
+            password,
+        ]
+    };
+    let (ok, transcript) = swaks(addr, &session("correct horse")).await;
+    assert!(ok, "{transcript}");
+    assert!(transcript.contains("<~  235 2.7.0"), "{transcript}");
+    assert!(
+        transcript.contains("<~  250 2.0.0 Ok: queued as "),
+        "{transcript}"
+    );
+    wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1
+    })
+    .await;
+    let data = String::from_utf8(sink.messages()[0].data.clone()).unwrap();
+    assert!(data.contains("with ESMTPSA id "), "{data}");
+
+    // Two wrong passwords: 535 each; the limit is then reached for this address, and even
+    // the right password gets 421 and a closed connection.
+    for _ in 0..2 {
+        let (ok, transcript) = swaks(addr, &session("battery staple")).await;
+        assert!(!ok, "{transcript}");
+        assert!(transcript.contains("<~* 535 5.7.8"), "{transcript}");
+    }
+    let (ok, transcript) = swaks(addr, &session("correct horse")).await;
+    assert!(!ok, "{transcript}");
+    assert!(transcript.contains("<~* 421 4.7.0"), "{transcript}");
+    let metrics = engine.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "drover_smtp_listener_rejections_total{reason=\"auth_failures\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(receptions(&engine).len(), 1);
+    engine.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_denies_relaying_to_a_client_outside_relay_networks() {
+    if !have_swaks() {
+        return;
+    }
+    let engine = TestEngine::start(
+        "[smtp_listener]\nrelay_networks = [\"127.0.0.1/32\"]\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n[retry]\nintervals = [\"1h\"]\n",
+    )
+    .await;
+    let addr = smtp_addr(&engine);
+    let args = |local: &'static str| {
+        [
+            "--local-interface",
+            local,
+            "--from",
+            "s@example.com",
+            "--to",
+            "victim@example.test",
+            "--helo",
+            "outside.test",
+        ]
+    };
+    let (ok, transcript) = swaks(addr, &args("127.0.0.5")).await;
+    assert!(!ok, "{transcript}");
+    assert!(
+        transcript.contains("<** 550 5.7.1 Relaying denied"),
+        "{transcript}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(records(&engine.accounting_path()).is_empty());
+    // The same session from the relay network is taken.
+    let (ok, transcript) = swaks(addr, &args("127.0.0.1")).await;
+    assert!(ok, "{transcript}");
+    wait_records(&engine.accounting_path(), Duration::from_secs(5), |r| {
+        count_type(r, "Reception") == 1
+    })
+    .await;
+    engine.stop().await;
+}
+
+/// A message with a bare LF, and behind a bare `LF . LF` a second transaction that a
+/// receiver taking that for the end of data would run (SMTP smuggling).
+const SMUGGLING: &str = "From: a@example.com\r\nSubject: bare\r\n\r\nline one\nline two\n.\nMAIL FROM:<admin@example.com>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nFrom: admin@example.com\r\n\r\nforged\r\n.\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_refuses_bare_newlines_in_data() {
+    let engine = TestEngine::start(
+        "[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n[retry]\nintervals = [\"1h\"]\n",
+    )
+    .await;
+    let addr = smtp_addr(&engine);
+    let mut raw = Raw::connect(addr).await;
+    assert_eq!(raw.cmd("EHLO bare.test").await.0, 250);
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<r@example.test>").await.0, 250);
+    assert_eq!(raw.cmd("DATA").await.0, 354);
+    raw.send(SMUGGLING).await;
+    // One reply for the whole thing: the smuggled commands were message content.
+    let (code, text) = raw.reply().await;
+    assert_eq!(code, 550, "{text}");
+    assert!(text.starts_with("5.6.11"), "{text}");
+    assert_eq!(
+        raw.cmd("NOOP").await.0,
+        250,
+        "in step: nothing was smuggled"
+    );
+    assert_eq!(raw.cmd("QUIT").await.0, 221);
+
+    if have_swaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("bare.eml");
+        std::fs::write(&data, "Subject: swaks\r\n\r\nbare\nLF\r\n.\r\n").unwrap();
+        let (ok, transcript) = swaks(
+            addr,
+            &[
+                "--from",
+                "s@example.com",
+                "--to",
+                "r@example.test",
+                "--no-data-fixup",
+                "--data",
+                data.to_str().unwrap(),
+            ],
+        )
+        .await;
+        assert!(!ok, "{transcript}");
+        assert!(transcript.contains("<** 550 5.6.11"), "{transcript}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        records(&engine.accounting_path()).is_empty(),
+        "nothing queued"
+    );
+    let metrics = engine.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "drover_smtp_listener_rejections_total{reason=\"bare_newline\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_normalizes_bare_newlines_when_told() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..sink::SinkConfig::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "[smtp_listener]\nbare_newlines = \"normalize\"\n{}",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let mut raw = Raw::connect(smtp_addr(&engine)).await;
+    assert_eq!(raw.cmd("EHLO bare.test").await.0, 250);
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<r@example.test>").await.0, 250);
+    assert_eq!(raw.cmd("DATA").await.0, 354);
+    raw.send(SMUGGLING).await;
+    let (code, text) = raw.reply().await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(queued_ids(&text).len(), 1, "one message, not two");
+    assert_eq!(raw.cmd("QUIT").await.0, 221);
+    wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1
+    })
+    .await;
+    let data = String::from_utf8(sink.messages()[0].data.clone()).unwrap();
+    let (_, body) = data.split_once("\r\n\r\n").unwrap();
+    // CRLF everywhere; the lone dot was content, and the forged commands with it.
+    assert_eq!(
+        body,
+        "line one\r\nline two\r\n.\r\nMAIL FROM:<admin@example.com>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nFrom: admin@example.com\r\n\r\nforged\r\n"
+    );
+    assert_eq!(sink.messages()[0].recipients, ["r@example.test"]);
+    engine.stop().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_caps_connections_in_total_and_per_address() {
+    let engine = TestEngine::start(
+        "[smtp_listener]\nmax_connections = 3\nmax_connections_per_ip = 2\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n",
+    )
+    .await;
+    let addr = smtp_addr(&engine);
+    let (_a1, (code, _)) = connect_from(addr, "127.0.0.1").await;
+    assert_eq!(code, 220);
+    let (mut a2, (code, _)) = connect_from(addr, "127.0.0.1").await;
+    assert_eq!(code, 220);
+    // A third from the same address: refused in the banner, and closed.
+    let (mut a3, (code, text)) = connect_from(addr, "127.0.0.1").await;
+    assert_eq!(code, 421, "{text}");
+    assert!(
+        text.starts_with("4.7.0 drover.test Too many connections from your address"),
+        "{text}"
+    );
+    assert!(a3.closed().await);
+    // Another address still gets in, up to the total.
+    let (_b1, (code, _)) = connect_from(addr, "127.0.0.5").await;
+    assert_eq!(code, 220);
+    let (mut c1, (code, text)) = connect_from(addr, "127.0.0.6").await;
+    assert_eq!(code, 421, "{text}");
+    assert!(text.starts_with("4.7.0"), "{text}");
+    assert!(c1.closed().await);
+    // A connection that ends frees its place at once.
+    assert_eq!(a2.cmd("QUIT").await.0, 221);
+    let (mut a4, (code, text)) = connect_from(addr, "127.0.0.1").await;
+    assert_eq!(code, 220, "{text}");
+    assert_eq!(a4.cmd("EHLO again.test").await.0, 250);
+    let metrics = engine.metrics().await;
+    for (reason, n) in [("max_connections_per_ip", 1.0), ("max_connections", 1.0)] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                &format!("drover_smtp_listener_rejections_total{{reason=\"{reason}\"}}")
+            ),
+            n,
+            "{metrics}"
+        );
+    }
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_limits_recipients_and_idle_time_from_config() {
+    let engine = TestEngine::start(
+        "[smtp_listener]\nmax_recipients = 2\nidle_timeout = \"1s\"\n[[route]]\ndomain = \"*\"\nhosts = [\"127.0.0.1:9\"]\n",
+    )
+    .await;
+    let mut raw = Raw::connect(smtp_addr(&engine)).await;
+    assert_eq!(raw.cmd("EHLO many.test").await.0, 250);
+    assert_eq!(raw.cmd("MAIL FROM:<s@example.com>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<one@example.test>").await.0, 250);
+    assert_eq!(raw.cmd("RCPT TO:<two@example.test>").await.0, 250);
+    let (code, text) = raw.cmd("RCPT TO:<three@example.test>").await;
+    assert_eq!(code, 452, "{text}");
+    assert!(text.starts_with("4.5.3"), "{text}");
+    // Then silence: the connection is closed after the idle limit.
+    let started = std::time::Instant::now();
+    assert!(raw.closed().await);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    engine.stop().await;
+}

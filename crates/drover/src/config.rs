@@ -399,16 +399,55 @@ pub struct SmtpListenerConfig {
     /// Users that may AUTH (PLAIN, LOGIN) and then relay from anywhere (extension). AUTH is
     /// offered only over TLS, or to loopback clients.
     pub auth_users: Vec<AuthUser>,
+    /// Failed AUTH attempts from one client address within `auth_failure_window` after which
+    /// its further AUTH gets `421 4.7.0` and the connection closes (extension; 0: no limit).
+    pub max_auth_failures: u32,
+    /// The window `max_auth_failures` counts in (extension).
+    pub auth_failure_window: HumanDuration,
+    /// Connections open at once, all clients; more get `421 4.7.0` as banner (extension).
+    pub max_connections: usize,
+    /// Connections open at once from one client address (extension).
+    pub max_connections_per_ip: usize,
+    /// Longest wait for a command line (inside DATA: for more bytes) before the connection
+    /// is closed (extension; RFC 5321 §4.5.3.2).
+    pub idle_timeout: HumanDuration,
+    /// Longest wait for a STARTTLS handshake (extension).
+    pub tls_handshake_timeout: HumanDuration,
+    /// Longest wait for a write of replies to a client that does not read (extension).
+    pub write_timeout: HumanDuration,
+    /// Recipients per message; more get `452 4.5.3` (extension).
+    pub max_recipients: usize,
+    /// A message with a bare CR or LF in its data: refused with `550 5.6.11` (`reject`) or
+    /// converted to CRLF (`normalize`) (extension). Mail for the bounce domains alone is
+    /// always normalised.
+    pub bare_newlines: BareNewlines,
 }
 
-/// One `[[smtp_listener.auth_users]]` entry.
+/// `smtp_listener.bare_newlines`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareNewlines {
+    /// Refuse the message with `550 5.6.11` (Postfix's `smtpd_forbid_bare_newline = reject`).
+    #[default]
+    Reject,
+    /// Convert each bare CR and bare LF to CRLF and accept the message.
+    Normalize,
+}
+
+/// One `[[smtp_listener.auth_users]]` entry: a user name and exactly one of `password` and
+/// `password_hash`.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthUser {
     /// User name.
     pub user: String,
     /// Password, in clear: protect the configuration file.
-    pub password: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Argon2 hash of the password as a PHC string (`$argon2id$v=19$m=...`), as printed by
+    /// `drover hash-password`.
+    #[serde(default)]
+    pub password_hash: Option<String>,
 }
 
 impl std::fmt::Debug for AuthUser {
@@ -428,6 +467,15 @@ impl Default for SmtpListenerConfig {
             tls_cert_file: None,
             tls_key_file: None,
             auth_users: Vec::new(),
+            max_auth_failures: 5,
+            auth_failure_window: secs(300),
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            idle_timeout: secs(300),
+            tls_handshake_timeout: secs(30),
+            write_timeout: secs(60),
+            max_recipients: 1000,
+            bare_newlines: BareNewlines::Reject,
         }
     }
 }
@@ -875,14 +923,7 @@ impl Config {
             })?;
         }
         self.smtp_listener_tls()?;
-        for (i, u) in self.smtp_listener.auth_users.iter().enumerate() {
-            if u.user.is_empty() || u.password.is_empty() {
-                return Err(invalid(
-                    format!("smtp_listener.auth_users[{i}]"),
-                    "user and password must not be empty",
-                ));
-            }
-        }
+        self.validate_smtp_listener()?;
         self.accounting.csv_format()?;
         let mut labels = std::collections::HashSet::new();
         for (i, w) in self.webhook.iter().enumerate() {
@@ -1129,6 +1170,53 @@ impl Config {
         tls_mode_of(&self.shaping, domain, mx_hosts)
     }
 
+    fn validate_smtp_listener(&self) -> Result<(), ConfigError> {
+        let l = &self.smtp_listener;
+        for (i, u) in l.auth_users.iter().enumerate() {
+            let key = format!("smtp_listener.auth_users[{i}]");
+            if u.user.is_empty() {
+                return Err(invalid(key, "user must not be empty"));
+            }
+            match (&u.password, &u.password_hash) {
+                (Some(p), None) if p.is_empty() => {
+                    return Err(invalid(key, "password must not be empty"))
+                }
+                (Some(_), None) => {}
+                (None, Some(hash)) => crate::listener::check_password_hash(hash)
+                    .map_err(|e| invalid(format!("{key}.password_hash"), e))?,
+                _ => {
+                    return Err(invalid(
+                        key,
+                        "give exactly one of password and password_hash",
+                    ))
+                }
+            }
+        }
+        for (key, value) in [
+            ("max_connections", l.max_connections),
+            ("max_connections_per_ip", l.max_connections_per_ip),
+            ("max_recipients", l.max_recipients),
+        ] {
+            if value == 0 {
+                return Err(invalid(
+                    format!("smtp_listener.{key}"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        for (key, value) in [
+            ("idle_timeout", l.idle_timeout),
+            ("tls_handshake_timeout", l.tls_handshake_timeout),
+            ("write_timeout", l.write_timeout),
+            ("auth_failure_window", l.auth_failure_window),
+        ] {
+            if value.0.is_zero() {
+                return Err(invalid(format!("smtp_listener.{key}"), "must be positive"));
+            }
+        }
+        Ok(())
+    }
+
     /// The SMTP listener's STARTTLS certificate, loaded from `tls_cert_file` and
     /// `tls_key_file`; `None` when neither is set.
     pub fn smtp_listener_tls(&self) -> Result<Option<smtp_server::TlsAcceptor>, ConfigError> {
@@ -1266,10 +1354,51 @@ mod tests {
     }
 
     #[test]
+    fn smtp_listener_limits_have_defaults_and_parse() {
+        let d = Config::parse("").unwrap().smtp_listener;
+        assert_eq!(d.max_auth_failures, 5);
+        assert_eq!(d.auth_failure_window.0, Duration::from_secs(300));
+        assert_eq!((d.max_connections, d.max_connections_per_ip), (1000, 50));
+        assert_eq!(d.idle_timeout.0, Duration::from_secs(300));
+        assert_eq!(d.tls_handshake_timeout.0, Duration::from_secs(30));
+        assert_eq!(d.write_timeout.0, Duration::from_secs(60));
+        assert_eq!(d.max_recipients, 1000);
+        assert_eq!(d.bare_newlines, BareNewlines::Reject);
+        let c = Config::parse(concat!(
+            "[smtp_listener]\nmax_auth_failures = 0\nauth_failure_window = \"1h\"\n",
+            "max_connections = 10\nmax_connections_per_ip = 2\nidle_timeout = \"1m\"\n",
+            "tls_handshake_timeout = \"5s\"\nwrite_timeout = \"10s\"\nmax_recipients = 3\n",
+            "bare_newlines = \"normalize\"\n",
+            "auth_users = [{ user = \"a\", password = \"p\" }, { user = \"b\", password_hash = ",
+            "\"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g\" }]\n",
+        ))
+        .unwrap()
+        .smtp_listener;
+        assert_eq!(c.max_auth_failures, 0);
+        assert_eq!(c.auth_failure_window.0, Duration::from_secs(3600));
+        assert_eq!((c.max_connections, c.max_connections_per_ip), (10, 2));
+        assert_eq!(c.idle_timeout.0, Duration::from_secs(60));
+        assert_eq!(c.tls_handshake_timeout.0, Duration::from_secs(5));
+        assert_eq!(c.write_timeout.0, Duration::from_secs(10));
+        assert_eq!(c.max_recipients, 3);
+        assert_eq!(c.bare_newlines, BareNewlines::Normalize);
+        assert_eq!(c.auth_users[0].password.as_deref(), Some("p"));
+        assert!(c.auth_users[1].password_hash.is_some());
+        // Neither form of the secret shows in debug output.
+        let debug = format!("{:?}", c.auth_users);
+        assert!(
+            !debug.contains("argon2") && !debug.contains("\"p\""),
+            "{debug}"
+        );
+    }
+
+    #[test]
     fn the_contract_example_parses() {
         let text = include_str!("../../../deploy/drover.example.toml");
         let c = Config::parse(text).unwrap();
         assert_eq!(c.route[0].domain, "example.test");
+        assert_eq!(c.smtp_listener.max_connections_per_ip, 50);
+        assert_eq!(c.smtp_listener.bare_newlines, BareNewlines::Reject);
         assert_eq!(c.retry.intervals[4].0, Duration::from_secs(4800));
         assert_eq!(c.shaping_rules().unwrap().len(), c.shaping.len());
         assert_eq!(
@@ -1352,6 +1481,30 @@ mod tests {
                 "[smtp_listener]\nauth_users = [{ user = \"u\", pass = \"p\" }]\n",
                 "pass",
             ),
+            (
+                "[smtp_listener]\nauth_users = [{ user = \"u\" }]\n",
+                "smtp_listener.auth_users[0]",
+            ),
+            (
+                "[smtp_listener]\nauth_users = [{ user = \"u\", password = \"p\", password_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g\" }]\n",
+                "smtp_listener.auth_users[0]",
+            ),
+            (
+                "[smtp_listener]\nauth_users = [{ user = \"u\", password_hash = \"s3cret\" }]\n",
+                "smtp_listener.auth_users[0].password_hash",
+            ),
+            (
+                "[smtp_listener]\nauth_users = [{ user = \"u\", password_hash = \"$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW\" }]\n",
+                "smtp_listener.auth_users[0].password_hash",
+            ),
+            ("[smtp_listener]\nmax_connections = 0\n", "smtp_listener.max_connections"),
+            (
+                "[smtp_listener]\nmax_connections_per_ip = 0\n",
+                "smtp_listener.max_connections_per_ip",
+            ),
+            ("[smtp_listener]\nmax_recipients = 0\n", "smtp_listener.max_recipients"),
+            ("[smtp_listener]\nwrite_timeout = \"0s\"\n", "smtp_listener.write_timeout"),
+            ("[smtp_listener]\nbare_newlines = \"allow\"\n", "bare_newlines"),
             (
                 "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_file = \"/nonexistent/k.pem\"\n",
                 "dkim[0].key_file",

@@ -11,36 +11,252 @@
 //! (AUTH PLAIN or LOGIN against `auth_users`, offered only over TLS or on loopback); everyone
 //! else gets `550 5.7.1` at RCPT. Drover is never an open relay.
 //!
+//! What one client can cost is bounded: connections in total and per address (over either,
+//! `421 4.7.0` as banner), failed AUTH per address (past the limit, `421 4.7.0` and the
+//! connection closes), the waits of [`ConnectionOptions`], and recipients per message.
+//!
 //! Two header fields of the submitted message carry what the inject API takes as JSON fields
 //! (a Drover extension): `X-Campaign` sets the campaign and `X-Tenant` the tenant. Both stay in
 //! the message.
 
 use crate::clock::now_ms;
-use crate::config::{parse_cidr, AuthUser, Config};
+use crate::config::{parse_cidr, AuthUser, BareNewlines, Config};
 use crate::engine::{Engine, EngineError};
 use crate::message::header_value;
 use crate::message::{NewMessage, Origin};
+use argon2::password_hash::{phc::PasswordHash, PasswordHasher, PasswordVerifier};
+use argon2::Argon2;
+use dashmap::DashMap;
 use queue::MessageId;
 use smtp_proto::server::{Event, ServerConfig, ServerSession};
 use smtp_proto::{enhanced, Capabilities, Reply};
 use smtp_server::{serve_connection, ConnectionOptions, Policy};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
-use subtle::{Choice, ConstantTimeEq};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-/// RFC 5321 §4.5.3.2 gives servers 5 minutes between commands.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Most recipients per transaction; more get `452 4.5.3` and can be sent in another one.
-const MAX_RECIPIENTS: usize = 1000;
-
 /// Every recipient gets its own copy of the message, all held in memory until the spool
 /// has them; beyond this many bytes per transaction the client must split it.
 const MAX_TRANSACTION_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// How long a failed AUTH waits before its `535`, as Postfix's `smtpd_error_sleep_time`
+/// does: a guesser on one connection gets one try a second at most.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
+
+/// Most client addresses whose AUTH failures are remembered at once. Past it, failures of
+/// addresses not yet tracked are not counted (each connection still has its error limit):
+/// refusing everyone instead would let an attacker with many addresses lock every client out.
+const MAX_TRACKED_AUTH_CLIENTS: usize = 100_000;
+
+/// Hashes `password` with Argon2id (the argon2 crate's defaults: v19, 19 MiB, 2 passes,
+/// OWASP's minimum) and a random salt, as the PHC string `password_hash` takes.
+pub fn hash_password(password: &str) -> Result<String, ListenerError> {
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|hash| hash.to_string())
+        .map_err(|e| ListenerError::Password(e.to_string()))
+}
+
+/// Checks that `hash` is an Argon2 PHC string the listener can verify passwords against.
+pub fn check_password_hash(hash: &str) -> Result<(), ListenerError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        ListenerError::Password(format!(
+            "not an Argon2 PHC string ({e}); make one with `drover hash-password`"
+        ))
+    };
+    let parsed = PasswordHash::new(hash).map_err(|e| bad(&e))?;
+    argon2::Algorithm::try_from(parsed.algorithm.as_str()).map_err(|e| bad(&e))?;
+    argon2::Params::try_from(&parsed).map_err(|e| bad(&e))?;
+    if parsed.salt.is_none() || parsed.hash.is_none() {
+        return Err(bad(&"no salt or no hash"));
+    }
+    Ok(())
+}
+
+/// Whether `password` matches the PHC string `hash`.
+fn verify_password_hash(hash: &str, password: &str) -> bool {
+    Argon2::default()
+        .verify_password(password.as_bytes(), hash)
+        .is_ok()
+}
+
+/// Whether the credentials are those of one of `users`. Runs Argon2 when a hash is
+/// involved, so call it off the async threads.
+fn check_credentials(
+    users: &[AuthUser],
+    authorization_id: &str,
+    username: &str,
+    password: &str,
+) -> bool {
+    if !authorization_id.is_empty() && authorization_id != username {
+        return false;
+    }
+    // Every name is compared in full, so timing does not tell which user names exist.
+    let mut found = None;
+    for user in users {
+        let same: bool = user.user.as_bytes().ct_eq(username.as_bytes()).into();
+        if same && found.is_none() {
+            found = Some(user);
+        }
+    }
+    match found {
+        Some(AuthUser {
+            password: Some(clear),
+            ..
+        }) => clear.as_bytes().ct_eq(password.as_bytes()).into(),
+        Some(AuthUser {
+            password_hash: Some(hash),
+            ..
+        }) => verify_password_hash(hash, password),
+        _ => {
+            // An unknown name costs what a hashed password does, so the time of the answer
+            // does not tell it from a wrong password.
+            if let Some(hash) = users.iter().find_map(|u| u.password_hash.as_deref()) {
+                verify_password_hash(hash, password);
+            }
+            false
+        }
+    }
+}
+
+/// Failed AUTH attempts per client address, counted in fixed windows, like Postfix's anvil
+/// counts events per client.
+struct AuthFailures {
+    max: u32,
+    window: Duration,
+    /// Per address: when its window started and the failures in it.
+    counts: DashMap<IpAddr, (Instant, u32)>,
+    /// When expired entries are next dropped.
+    next_sweep: Mutex<Instant>,
+}
+
+impl AuthFailures {
+    fn new(max: u32, window: Duration) -> AuthFailures {
+        AuthFailures {
+            max,
+            window,
+            counts: DashMap::new(),
+            next_sweep: Mutex::new(Instant::now() + window),
+        }
+    }
+
+    /// Whether `ip` has used up its failures for the current window.
+    fn blocked(&self, ip: IpAddr) -> bool {
+        self.counts
+            .get(&ip)
+            .is_some_and(|e| e.0.elapsed() < self.window && e.1 >= self.max)
+    }
+
+    fn record(&self, ip: IpAddr) {
+        self.sweep();
+        if self.counts.len() >= MAX_TRACKED_AUTH_CLIENTS && !self.counts.contains_key(&ip) {
+            return;
+        }
+        let now = Instant::now();
+        let mut entry = self.counts.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= self.window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    /// Drops the addresses whose window is over, at most once a window, so memory follows
+    /// the clients that failed recently.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let Ok(mut next) = self.next_sweep.try_lock() else {
+            return;
+        };
+        if now < *next {
+            return;
+        }
+        *next = now + self.window;
+        drop(next);
+        self.counts
+            .retain(|_, (start, _)| now.duration_since(*start) < self.window);
+    }
+}
+
+/// Open connections, in total and per client address.
+struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    /// Only addresses with a connection open: an entry goes with its last connection.
+    per_ip: DashMap<IpAddr, usize>,
+}
+
+/// One counted connection; dropping it (when the connection's task ends in any way) frees
+/// its place.
+struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimits {
+    /// A place for a connection from `ip`, or which cap it is over.
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Refusal> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::MaxConnections);
+        }
+        let mut count = self.per_ip.entry(ip).or_insert(0);
+        if *count >= self.max_per_ip {
+            drop(count);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::MaxConnectionsPerIp);
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if let dashmap::Entry::Occupied(mut entry) = self.limits.per_ip.entry(self.ip) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why the listener refused a connection or a request, as the `reason` label of
+/// `drover_smtp_listener_rejections_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    MaxConnections,
+    MaxConnectionsPerIp,
+    AuthFailures,
+    BareNewline,
+    MessageSize,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+            Refusal::AuthFailures => "auth_failures",
+            Refusal::BareNewline => "bare_newline",
+            Refusal::MessageSize => "message_size",
+        }
+    }
+
+    fn count(self) {
+        metrics::counter!(crate::telemetry::SMTP_REJECTIONS, "reason" => self.label()).increment(1);
+    }
+}
 
 /// What every connection of the listener shares.
 struct Settings {
@@ -54,6 +270,16 @@ struct Settings {
     max_report_size: u64,
     /// Reports per client address (`bounce_processing.max_reports_per_minute`).
     report_rate: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
+    /// `None` when `max_auth_failures` is 0.
+    auth_failures: Option<AuthFailures>,
+    /// Password checks running at once: one per CPU. Each Argon2 verification takes its
+    /// memory cost (19 MiB with the defaults) for its duration, so a thousand clients sending
+    /// AUTH at once must queue rather than claim 19 GiB.
+    password_checks: Arc<tokio::sync::Semaphore>,
+    connections: Arc<ConnectionLimits>,
+    max_recipients: usize,
+    /// `bare_newlines = "reject"`.
+    reject_bare_newlines: bool,
 }
 
 impl Settings {
@@ -97,6 +323,9 @@ pub enum ListenerError {
     /// Its TLS certificate or key could not be loaded.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A password could not be hashed, or a password hash is unusable.
+    #[error("{0}")]
+    Password(String),
 }
 
 impl SmtpListener {
@@ -113,7 +342,21 @@ impl SmtpListener {
             .iter()
             .filter_map(|n| parse_cidr(n))
             .collect();
+        let l = &config.smtp_listener;
         let settings = Arc::new(Settings {
+            auth_failures: (l.max_auth_failures > 0)
+                .then(|| AuthFailures::new(l.max_auth_failures, l.auth_failure_window.0)),
+            connections: Arc::new(ConnectionLimits {
+                max_total: l.max_connections,
+                max_per_ip: l.max_connections_per_ip,
+                total: AtomicUsize::new(0),
+                per_ip: DashMap::new(),
+            }),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, usize::from),
+            )),
+            max_recipients: l.max_recipients,
+            reject_bare_newlines: l.bare_newlines == BareNewlines::Reject,
             relay_networks,
             auth_users: config.smtp_listener.auth_users.clone(),
             starttls: tls.is_some(),
@@ -131,7 +374,9 @@ impl SmtpListener {
         });
         let options = ConnectionOptions {
             tls,
-            idle_timeout: Some(IDLE_TIMEOUT),
+            idle_timeout: Some(l.idle_timeout.0),
+            tls_handshake_timeout: Some(l.tls_handshake_timeout.0),
+            write_timeout: Some(l.write_timeout.0),
         };
         let bind_error = |source| ListenerError::Bind {
             addr: listen,
@@ -193,12 +438,32 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let settings = Arc::clone(&settings);
                     let options = Arc::clone(&options);
-                    connections.spawn(async move {
-                        let mut policy = InjectPolicy::new(settings, peer);
-                        if let Err(e) = serve_connection(stream, &options, &mut policy).await {
-                            tracing::debug!(%peer, error = %e, "SMTP connection ended with an error");
+                    match settings.connections.acquire(peer.ip().to_canonical()) {
+                        Ok(slot) => {
+                            connections.spawn(async move {
+                                let mut policy = InjectPolicy::new(settings, peer, slot);
+                                if let Err(e) = serve_connection(stream, &options, &mut policy).await {
+                                    tracing::debug!(%peer, error = %e, "SMTP connection ended with an error");
+                                }
+                            });
                         }
-                    });
+                        Err(refusal) => {
+                            refusal.count();
+                            tracing::debug!(%peer, reason = refusal.label(), "SMTP connection refused");
+                            connections.spawn(async move {
+                                let text = match refusal {
+                                    Refusal::MaxConnectionsPerIp => "Too many connections from your address; try again later",
+                                    _ => "Too many connections; try again later",
+                                };
+                                let reply = Reply::new(
+                                    421,
+                                    enhanced(4, 7, 0),
+                                    format!("{} {text}", settings.engine.ehlo_name()),
+                                );
+                                let _ = smtp_server::refuse_connection(stream, &options, &reply).await;
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // Typically EMFILE; back off instead of spinning.
@@ -228,10 +493,12 @@ struct InjectPolicy {
     tls: bool,
     /// Whether this transaction has a report recipient (and so passed the report rate).
     report_transaction: bool,
+    /// This connection's place under the connection caps; given back at close.
+    slot: Option<ConnectionSlot>,
 }
 
 impl InjectPolicy {
-    fn new(settings: Arc<Settings>, peer: SocketAddr) -> InjectPolicy {
+    fn new(settings: Arc<Settings>, peer: SocketAddr, slot: ConnectionSlot) -> InjectPolicy {
         let ip = peer.ip().to_canonical();
         let may_relay = settings
             .relay_networks
@@ -243,6 +510,7 @@ impl InjectPolicy {
             may_relay,
             tls: false,
             report_transaction: false,
+            slot: Some(slot),
         }
     }
 
@@ -319,21 +587,61 @@ impl InjectPolicy {
             .then(|| Reply::new(421, enhanced(4, 3, 2), "shutting down"))
     }
 
-    fn check_credentials(&self, authorization_id: &str, username: &str, password: &str) -> bool {
-        if !authorization_id.is_empty() && authorization_id != username {
-            return false;
+    /// Answers a completed AUTH exchange. A client address past `max_auth_failures` gets
+    /// `421` without its credentials being checked; a failure gets `535` after a delay.
+    async fn authenticate(
+        &mut self,
+        authorization_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Reply {
+        let ip = self.peer.ip().to_canonical();
+        let failures = self.settings.auth_failures.as_ref();
+        if failures.is_some_and(|f| f.blocked(ip)) {
+            Refusal::AuthFailures.count();
+            tracing::info!(peer = %self.peer, user = %username, "SMTP AUTH refused: too many failures from this address");
+            return Reply::new(
+                421,
+                enhanced(4, 7, 0),
+                format!(
+                    "{} Too many failed authentication attempts from your address; try again later",
+                    self.settings.engine.ehlo_name()
+                ),
+            );
         }
-        // Every entry is compared, so timing does not tell which user names exist.
-        let found = self
-            .settings
-            .auth_users
-            .iter()
-            .fold(Choice::from(0), |found, u| {
-                let user = u.user.as_bytes().ct_eq(username.as_bytes());
-                let pass = u.password.as_bytes().ct_eq(password.as_bytes());
-                found | (user & pass)
-            });
-        found.into()
+        let settings = Arc::clone(&self.settings);
+        let (authorization_id, name, password) = (
+            authorization_id.to_owned(),
+            username.to_owned(),
+            password.to_owned(),
+        );
+        // The semaphore is never closed; without a permit the check is refused.
+        let good = match Arc::clone(&self.settings.password_checks)
+            .acquire_owned()
+            .await
+        {
+            // Argon2 takes tens of milliseconds of CPU by design: not on an async thread. The
+            // permit goes with the check, which runs to its end even if this connection ends.
+            Ok(permit) => tokio::task::spawn_blocking(move || {
+                let good =
+                    check_credentials(&settings.auth_users, &authorization_id, &name, &password);
+                drop(permit);
+                good
+            })
+            .await
+            .unwrap_or(false),
+            Err(_) => false,
+        };
+        if good {
+            tracing::info!(peer = %self.peer, user = %username, "SMTP client authenticated");
+            return Reply::new(235, enhanced(2, 7, 0), "Authentication successful");
+        }
+        tracing::info!(peer = %self.peer, user = %username, "SMTP authentication failed");
+        if let Some(failures) = failures {
+            failures.record(ip);
+        }
+        tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+        Reply::new(535, enhanced(5, 7, 8), "Authentication credentials invalid")
     }
 
     async fn queue(
@@ -500,11 +808,24 @@ impl Policy for InjectPolicy {
                 auth,
                 ..Capabilities::default()
             },
-            max_recipients: MAX_RECIPIENTS,
+            max_recipients: self.settings.max_recipients,
             max_errors: 20,
             // Passwords cross only encrypted connections, or never leave the machine.
             auth_requires_tls: !tls_active && !self.peer.ip().to_canonical().is_loopback(),
+            // Normalised by the session; refused (or not) at the final dot in `decide`, which
+            // knows the recipients.
+            bare_newlines: smtp_proto::server::BareNewlines::Normalize,
         }
+    }
+
+    fn message_refused(&mut self, reply: &Reply) {
+        Refusal::MessageSize.count();
+        tracing::debug!(peer = %self.peer, reply = %reply.text(), "SMTP message refused");
+    }
+
+    fn closing(&mut self) {
+        // Before the client sees the close, so its next connection finds the place free.
+        self.slot = None;
     }
 
     fn tls_established(&mut self, tls: &str) {
@@ -567,10 +888,23 @@ impl Policy for InjectPolicy {
             Event::DataEnd {
                 sender, recipients, ..
             } => {
-                if recipients
+                let reports = recipients
                     .iter()
-                    .any(|r| self.settings.is_report_address(r))
+                    .filter(|r| self.settings.is_report_address(r))
+                    .count();
+                // Bare line ends are what SMTP smuggling is made of, and a message that may be
+                // relayed must not carry them on. Mail for the bounce domains alone is only
+                // parsed and recorded, never relayed, and a DSN refused is a bounce lost, so it
+                // is taken normalised.
+                if self.settings.reject_bare_newlines
+                    && session.saw_bare_newline()
+                    && reports < recipients.len()
                 {
+                    Refusal::BareNewline.count();
+                    tracing::info!(peer = %self.peer, "refused a message with bare CR or LF");
+                    return Some(smtp_proto::server::BareNewlines::refusal());
+                }
+                if reports > 0 {
                     self.receive(session, sender, recipients, data).await
                 } else {
                     self.queue(session, sender, recipients, data).await
@@ -582,13 +916,8 @@ impl Policy for InjectPolicy {
                 password,
                 ..
             } => {
-                if self.check_credentials(authorization_id, username, password) {
-                    tracing::info!(peer = %self.peer, user = %username, "SMTP client authenticated");
-                    Reply::new(235, enhanced(2, 7, 0), "Authentication successful")
-                } else {
-                    tracing::info!(peer = %self.peer, user = %username, "SMTP authentication failed");
-                    Reply::new(535, enhanced(5, 7, 8), "Authentication credentials invalid")
-                }
+                self.authenticate(authorization_id, username, password)
+                    .await
             }
             _ => Reply::new(451, enhanced(4, 3, 0), "Unexpected event"),
         };
@@ -637,6 +966,96 @@ mod tests {
         assert!(in_network(v6, "::1".parse().unwrap(), 128));
         assert!(!in_network(v6, "127.0.0.0".parse().unwrap(), 8));
         assert!(in_network(v6, "::".parse().unwrap(), 0));
+    }
+
+    fn user(name: &str, password: Option<&str>, hash: Option<String>) -> AuthUser {
+        AuthUser {
+            user: name.to_owned(),
+            password: password.map(str::to_owned),
+            password_hash: hash,
+        }
+    }
+
+    #[test]
+    fn hashed_and_clear_passwords_are_checked() {
+        let hash = hash_password("hunter2").unwrap();
+        assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
+        check_password_hash(&hash).unwrap();
+        // A fresh salt each time.
+        assert_ne!(hash, hash_password("hunter2").unwrap());
+        let users = [
+            user("clear", Some("s3cret"), None),
+            user("hashed", None, Some(hash)),
+        ];
+        assert!(check_credentials(&users, "", "clear", "s3cret"));
+        assert!(!check_credentials(&users, "", "clear", "s3cre"));
+        assert!(check_credentials(&users, "", "hashed", "hunter2"));
+        assert!(check_credentials(&users, "hashed", "hashed", "hunter2"));
+        assert!(!check_credentials(&users, "clear", "hashed", "hunter2"));
+        assert!(!check_credentials(&users, "", "hashed", "hunter3"));
+        assert!(!check_credentials(&users, "", "hashed", "s3cret"));
+        assert!(!check_credentials(&users, "", "clear", "hunter2"));
+        assert!(!check_credentials(&users, "", "nobody", "hunter2"));
+        assert!(!check_credentials(&users, "", "", ""));
+    }
+
+    #[test]
+    fn unusable_password_hashes_are_named() {
+        for bad in [
+            "hunter2",
+            "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",
+            "$scrypt$ln=16,r=8,p=1$aM15713r3Xsvxbi31lqr1Q$nFNh2CVHVjNldFVKDHDlm4CbdRSCdEBsjjJxD+iCs5E",
+            "$argon2id$v=19$m=19456,t=2,p=1",
+            "$argon2id$v=19$m=1,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g",
+        ] {
+            let err = check_password_hash(bad).unwrap_err().to_string();
+            assert!(err.contains("drover hash-password"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn auth_failures_block_an_address_for_its_window() {
+        let failures = AuthFailures::new(3, Duration::from_millis(200));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..2 {
+            failures.record(a);
+        }
+        assert!(!failures.blocked(a));
+        failures.record(a);
+        assert!(failures.blocked(a));
+        assert!(!failures.blocked(b), "counted per address");
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!failures.blocked(a), "the window is over");
+        // The sweep drops what expired: memory follows recent failures only.
+        failures.record(b);
+        assert!(!failures.counts.contains_key(&a));
+        assert_eq!(failures.counts.len(), 1);
+    }
+
+    #[test]
+    fn connection_caps_count_per_address_and_free_on_drop() {
+        let limits = Arc::new(ConnectionLimits {
+            max_total: 3,
+            max_per_ip: 2,
+            total: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let a1 = limits.acquire(a).unwrap();
+        let a2 = limits.acquire(a).unwrap();
+        assert_eq!(limits.acquire(a).err(), Some(Refusal::MaxConnectionsPerIp));
+        let b1 = limits.acquire(b).unwrap();
+        assert_eq!(limits.acquire(b).err(), Some(Refusal::MaxConnections));
+        drop(a1);
+        let b2 = limits.acquire(b).unwrap();
+        drop((a2, b1, b2));
+        assert_eq!(limits.total.load(Ordering::Acquire), 0);
+        assert!(
+            limits.per_ip.is_empty(),
+            "no entry outlives its connections"
+        );
     }
 
     #[test]

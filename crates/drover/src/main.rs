@@ -62,6 +62,9 @@ enum Cmd {
         /// The configuration file.
         file: PathBuf,
     },
+    /// Read a password (one line) from stdin and print its Argon2id hash for
+    /// `smtp_listener.auth_users` `password_hash`.
+    HashPassword,
 }
 
 #[derive(clap::Args)]
@@ -259,6 +262,7 @@ async fn run(command: Cmd) -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Cmd::HashPassword => exit(hash_password()),
         Cmd::Queue(args) => exit(queue(args).await),
         Cmd::Suppression(args) => exit(suppression_cli::run(args).await),
     }
@@ -273,6 +277,24 @@ fn zone_txt(name: &str, value: &str) -> String {
         .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
         .collect();
     format!("{name}. IN TXT ( {} )", chunks.join(" "))
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("Password (shown as typed): ");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    println!("{}", drover::listener::hash_password(password)?);
+    Ok(())
 }
 
 fn exit(result: anyhow::Result<()>) -> ExitCode {

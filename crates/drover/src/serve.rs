@@ -71,7 +71,7 @@ impl From<ListenerError> for ServeError {
     fn from(e: ListenerError) -> ServeError {
         match e {
             ListenerError::Bind { addr, source } => ServeError::Bind { addr, source },
-            ListenerError::Tls(why) => ServeError::Listener(why),
+            ListenerError::Tls(why) | ListenerError::Password(why) => ServeError::Listener(why),
         }
     }
 }

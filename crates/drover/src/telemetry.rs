@@ -18,6 +18,9 @@ pub(crate) const SPOOL_MEMORY: &str = "drover_spool_memory_bytes";
 pub(crate) const SUPPRESSIONS: &str = "drover_suppressions_added_total";
 /// Recipients refused at injection because they are suppressed, by `via` (extension).
 pub(crate) const SUPPRESSED: &str = "drover_recipients_suppressed_total";
+/// Connections, AUTH attempts and messages the SMTP listener refused for a limit, by
+/// `reason` (extension).
+pub(crate) const SMTP_REJECTIONS: &str = "drover_smtp_listener_rejections_total";
 /// Mail received for the bounce domains, by what it turned out to be (extension).
 pub(crate) const INBOUND: &str = "drover_inbound_reports_total";
 /// Accounting segments a webhook skipped because they were gone before it sent them
@@ -52,6 +55,12 @@ pub(crate) fn describe_metrics() {
     metrics::describe_counter!(
         INBOUND,
         "Mail received for the bounce domains, by kind (dsn, text-bounce, arf, auto-reply, unsubscribe, unknown)."
+    );
+    metrics::describe_counter!(
+        SMTP_REJECTIONS,
+        "What the SMTP listener refused for a limit, by reason: max_connections, \
+         max_connections_per_ip (421 banner), auth_failures (421 to AUTH), bare_newline \
+         (550 5.6.11), message_size (552 5.3.4)."
     );
     metrics::describe_counter!(
         SUPPRESSED,

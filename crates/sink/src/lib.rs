@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
-use smtp_proto::server::{Event, ServerConfig, ServerSession};
+use smtp_proto::server::{BareNewlines, Event, ServerConfig, ServerSession};
 use smtp_proto::{enhanced, Capabilities, Reply};
 use smtp_server::{serve_connection, ConnectionOptions, Policy, TlsAcceptor};
 use tokio::net::{TcpListener, TcpStream};
@@ -605,6 +605,8 @@ fn session_config(cfg: &SinkConfig, tls_active: bool) -> ServerConfig {
         max_recipients: 10_000,
         max_errors: 20,
         auth_requires_tls: false,
+        // A test receiver records what arrived, bare line ends included.
+        bare_newlines: BareNewlines::Keep,
     }
 }
 
@@ -621,7 +623,7 @@ async fn serve(
     }
     let options = ConnectionOptions {
         tls: cfg.tls.as_ref().map(|t| t.acceptor.clone()),
-        idle_timeout: None,
+        ..ConnectionOptions::default()
     };
     let mut policy = SinkPolicy {
         shared: Arc::clone(&shared),

@@ -67,6 +67,39 @@ pub struct ServerConfig {
     /// implemented) is refused with `538 5.7.11` and not advertised: set it
     /// while the connection is unencrypted and passwords must not cross it.
     pub auth_requires_tls: bool,
+    /// What a message whose data holds a bare CR or bare LF gets.
+    pub bare_newlines: BareNewlines,
+}
+
+/// What the server does with a bare CR or bare LF (one not part of a CRLF)
+/// in message data; see [`crate::DataReceiver`]. Whatever the choice, only
+/// `CRLF . CRLF` ends the data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BareNewlines {
+    /// Refuse the message with `550 5.6.11` after its final dot (Postfix's
+    /// `smtpd_forbid_bare_newline = reject`): nothing of it reaches the
+    /// policy. Bare line ends are what SMTP smuggling is built from, and no
+    /// conforming client sends them.
+    #[default]
+    Reject,
+    /// Convert each to CRLF and accept the message.
+    Normalize,
+    /// Pass them through unchanged: for test servers that record exactly
+    /// what arrived.
+    Keep,
+}
+
+impl BareNewlines {
+    /// The `550 5.6.11` a message with bare CR or LF gets under
+    /// [`BareNewlines::Reject`]; for a policy that decides itself (see
+    /// [`ServerSession::saw_bare_newline`]).
+    pub fn refusal() -> Reply {
+        Reply::new(
+            550,
+            enhanced(5, 6, 11),
+            "Message contains bare CR or LF characters; use CRLF line endings",
+        )
+    }
 }
 
 impl Default for ServerConfig {
@@ -84,6 +117,7 @@ impl Default for ServerConfig {
             max_recipients: 1000,
             max_errors: 20,
             auth_requires_tls: false,
+            bare_newlines: BareNewlines::Reject,
         }
     }
 }
@@ -470,7 +504,10 @@ impl ServerSession {
             Command::Data => match self.state {
                 S::ExpectRcptOrData => {
                     self.state = S::ReceivingData;
-                    self.receiver = DataReceiver::new();
+                    self.receiver = match self.config.bare_newlines {
+                        BareNewlines::Normalize => DataReceiver::normalizing(),
+                        BareNewlines::Reject | BareNewlines::Keep => DataReceiver::new(),
+                    };
                     self.data_size = 0;
                     Action::StartData(Reply::new(
                         354,
@@ -584,11 +621,14 @@ impl ServerSession {
     /// the unstuffed message to `out`.
     ///
     /// Returns how many bytes of `input` were used, and an action once the
-    /// final dot arrived: a [`Decision`] with [`Event::DataEnd`], or a `552`
-    /// reply if the message exceeded the size limit. Bytes after the final
-    /// dot are not consumed; they are the next pipelined commands. The caller
-    /// may drain `out` between calls (the session counts the size itself),
-    /// which keeps memory bounded for oversized messages.
+    /// final dot arrived: a [`Decision`] with [`Event::DataEnd`], a `552`
+    /// reply if the message exceeded the size limit, or a `550 5.6.11` reply
+    /// if it held a bare CR or LF under [`BareNewlines::Reject`]. After
+    /// either reply the bytes in `out` are no message: the caller discards
+    /// them. Bytes after the final dot are not consumed; they are the next
+    /// pipelined commands. The caller may drain `out` between calls (the
+    /// session counts the size itself), which keeps memory bounded for
+    /// oversized messages.
     pub fn handle_data(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, Option<Action>) {
         if self.state != SessionState::ReceivingData {
             return (0, None);
@@ -613,6 +653,10 @@ impl ServerSession {
                 ))),
             );
         }
+        if self.config.bare_newlines == BareNewlines::Reject && self.receiver.saw_bare_newline() {
+            self.reset_transaction();
+            return (used, Some(Action::Reply(BareNewlines::refusal())));
+        }
         let sender = self.sender.take().unwrap_or_default();
         let recipients = std::mem::take(&mut self.recipients);
         (
@@ -625,6 +669,14 @@ impl ServerSession {
                 },
             })),
         )
+    }
+
+    /// Whether the message being received, or the one whose final dot was just
+    /// seen (so at its [`Event::DataEnd`] decision), had a bare CR or bare LF.
+    /// Under [`BareNewlines::Normalize`] or [`BareNewlines::Keep`] the policy
+    /// can refuse such a message itself, for some transactions only.
+    pub fn saw_bare_newline(&self) -> bool {
+        self.receiver.saw_bare_newline()
     }
 
     /// The TLS handshake after [`Action::StartTls`] succeeded: RFC 3207

@@ -1081,12 +1081,65 @@ mod props {
             })
     }
 
+    /// Where the data really ends: after the first CRLF . CRLF, the CRLF of the DATA
+    /// command standing before a leading dot.
+    fn real_end(wire: &[u8]) -> Option<usize> {
+        if wire.starts_with(b".\r\n") {
+            return Some(3);
+        }
+        wire.windows(5)
+            .position(|w| w == b"\r\n.\r\n")
+            .map(|i| i + 5)
+    }
+
+    /// A CR not followed by LF or an LF not preceded by CR (the data follows a CRLF).
+    fn has_bare_newline(data: &[u8]) -> bool {
+        data.iter().enumerate().any(|(i, &b)| match b {
+            b'\n' => i == 0 || data[i - 1] != b'\r',
+            b'\r' => data.get(i + 1) != Some(&b'\n'),
+            _ => false,
+        })
+    }
+
     proptest! {
         #[test]
         fn dot_round_trip(input in message_bytes(), a in 1usize..50, b in 1usize..50) {
             let wire = stuff_in_chunks(&input, a);
             prop_assert_eq!(&wire, &stuff_in_chunks(&input, input.len().max(1)));
             prop_assert_eq!(receive_in_chunks(&wire, b), normalise(&input));
+        }
+
+        #[test]
+        fn only_crlf_dot_crlf_ends_the_data(
+            mut wire in message_bytes(),
+            chunk in 1usize..40,
+            normalize in any::<bool>(),
+        ) {
+            wire.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+            let mut rx = if normalize {
+                DataReceiver::normalizing()
+            } else {
+                DataReceiver::new()
+            };
+            let mut out = Vec::new();
+            let mut pos = 0;
+            let mut ended = None;
+            for part in wire.chunks(chunk) {
+                let (used, done) = rx.feed(part, &mut out);
+                pos += used;
+                if done {
+                    ended = Some(pos);
+                    break;
+                }
+                prop_assert_eq!(used, part.len());
+            }
+            let end = real_end(&wire);
+            prop_assert_eq!(ended, end);
+            let end = end.unwrap_or(wire.len());
+            prop_assert_eq!(rx.saw_bare_newline(), has_bare_newline(&wire[..end]));
+            if normalize {
+                prop_assert!(!has_bare_newline(&out), "{:?} gave {:?}", wire, out);
+            }
         }
 
         #[test]
@@ -1209,7 +1262,9 @@ mod props {
 // --------------------------------------------------------- server session
 
 mod server_session {
-    use smtp_proto::server::{Action, Event, ServerConfig, ServerSession, SessionState};
+    use smtp_proto::server::{
+        Action, BareNewlines, Event, ServerConfig, ServerSession, SessionState,
+    };
     use smtp_proto::{enhanced, Capabilities, Reply};
 
     fn ok() -> Reply {
@@ -1409,6 +1464,83 @@ mod server_session {
         let r = a.expect("done");
         assert_eq!(r.reply().map(|r| r.code), Some(552));
         assert_eq!(s.state(), SessionState::ExpectMail);
+    }
+
+    /// A session with `mode`, in DATA with one recipient.
+    fn in_data(mode: BareNewlines) -> ServerSession {
+        let mut s = ServerSession::new(ServerConfig {
+            bare_newlines: mode,
+            ..ServerConfig::default()
+        });
+        let _ = s.greeting();
+        for l in ["HELO c", "MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>"] {
+            assert_eq!(code(&step(&mut s, l, ok())), 250);
+        }
+        assert!(matches!(s.handle_line(b"DATA"), Action::StartData(_)));
+        s
+    }
+
+    /// A bare LF, then a smuggling attempt: a forged transaction after `LF . LF`.
+    const BARE: &[u8] =
+        b"Subject: x\r\n\r\nline\nMAIL FROM:<f@b.test>\n.\nRCPT TO:<v@d.test>\r\n.\r\nNOOP\r\n";
+
+    #[test]
+    fn bare_newlines_are_refused_by_default() {
+        assert_eq!(ServerConfig::default().bare_newlines, BareNewlines::Reject);
+        let mut s = in_data(BareNewlines::Reject);
+        let mut msg = Vec::new();
+        let (used, action) = s.handle_data(BARE, &mut msg);
+        assert_eq!(&BARE[used..], b"NOOP\r\n", "only CRLF.CRLF ends the data");
+        let action = action.expect("done");
+        let Action::Reply(r) = &action else {
+            panic!("no policy decision for a refused message: {action:?}")
+        };
+        assert_eq!(r.code, 550);
+        assert_eq!(r.enhanced.map(|e| e.to_string()).as_deref(), Some("5.6.11"));
+        // The transaction is over; the session carries on.
+        assert_eq!(s.state(), SessionState::ExpectMail);
+        assert_eq!(s.sender(), None);
+        assert_eq!(code(&s.handle_line(b"NOOP")), 250);
+        // A clean message afterwards is accepted.
+        for l in ["MAIL FROM:<a@b.test>", "RCPT TO:<c@d.test>"] {
+            assert_eq!(code(&step(&mut s, l, ok())), 250);
+        }
+        assert!(matches!(s.handle_line(b"DATA"), Action::StartData(_)));
+        msg.clear();
+        let (_, action) = s.handle_data(b"clean\r\n.\r\n", &mut msg);
+        assert!(matches!(action, Some(Action::Decide(_))), "{action:?}");
+        assert!(!s.saw_bare_newline());
+    }
+
+    #[test]
+    fn bare_newlines_can_be_normalized_or_kept() {
+        for (mode, want) in [
+            (
+                BareNewlines::Normalize,
+                &b"Subject: x\r\n\r\nline\r\nMAIL FROM:<f@b.test>\r\n.\r\nRCPT TO:<v@d.test>\r\n"[..],
+            ),
+            (
+                BareNewlines::Keep,
+                &b"Subject: x\r\n\r\nline\nMAIL FROM:<f@b.test>\n.\nRCPT TO:<v@d.test>\r\n"[..],
+            ),
+        ] {
+            let mut s = in_data(mode);
+            let mut msg = Vec::new();
+            let (used, action) = s.handle_data(BARE, &mut msg);
+            assert_eq!(&BARE[used..], b"NOOP\r\n", "{mode:?}");
+            let Some(Action::Decide(d)) = action else {
+                panic!("{mode:?}: {action:?}")
+            };
+            assert!(matches!(d.event(), Event::DataEnd { .. }));
+            // The policy can tell, and refuse the message itself.
+            assert!(s.saw_bare_newline(), "{mode:?}");
+            assert_eq!(
+                String::from_utf8_lossy(&msg),
+                String::from_utf8_lossy(want),
+                "{mode:?}"
+            );
+            assert_eq!(code(&s.decide(d, ok())), 250);
+        }
     }
 
     #[test]

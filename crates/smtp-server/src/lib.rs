@@ -25,6 +25,14 @@
 //!   fresh session built from [`Policy::session_config`] with `tls_active`
 //!   set, so nothing learned before TLS survives and STARTTLS is no longer
 //!   offered.
+//! - Every wait on the client is bounded when [`ConnectionOptions`] says so:
+//!   a command line must be complete within `idle_timeout` of the previous
+//!   one (inside DATA, each read within `idle_timeout`), the TLS handshake
+//!   within `tls_handshake_timeout`, and each write of replies within
+//!   `write_timeout`.
+//! - A message refused without a policy decision (over SIZE; bare CR or LF,
+//!   see [`smtp_proto::server::BareNewlines`]) never reaches the policy, alone
+//!   or in front of the next message.
 //!
 //! ```no_run
 //! use smtp_server::{serve_connection, ConnectionOptions, Policy};
@@ -127,6 +135,13 @@ pub trait Policy: Send {
         let _ = bytes;
     }
 
+    /// The session refused a message at its final dot without asking
+    /// [`Policy::decide`] (over SIZE: `552 5.3.4`; bare CR or LF: `550 5.6.11`);
+    /// `reply` is what the client gets. For counting.
+    fn message_refused(&mut self, reply: &Reply) {
+        let _ = reply;
+    }
+
     /// The server is about to send its last reply and close: called before the client can
     /// see the close, so a count of open connections drops before the client can open its
     /// next one.
@@ -143,6 +158,14 @@ pub struct ConnectionOptions {
     /// Close the connection when the client sends nothing for this long
     /// (RFC 5321 §4.5.3.2 suggests 5 minutes); `None`: wait forever.
     pub idle_timeout: Option<Duration>,
+    /// Give up on a STARTTLS handshake that has not completed within this
+    /// long; `None`: wait forever.
+    pub tls_handshake_timeout: Option<Duration>,
+    /// Close the connection when one write of replies (the banner included)
+    /// has not completed within this long: a client that never reads its
+    /// replies fills the socket buffer and would otherwise hold the task
+    /// forever. `None`: wait forever.
+    pub write_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for ConnectionOptions {
@@ -150,8 +173,54 @@ impl std::fmt::Debug for ConnectionOptions {
         f.debug_struct("ConnectionOptions")
             .field("tls", &self.tls.is_some())
             .field("idle_timeout", &self.idle_timeout)
+            .field("tls_handshake_timeout", &self.tls_handshake_timeout)
+            .field("write_timeout", &self.write_timeout)
             .finish()
     }
+}
+
+/// Runs `io` within `limit` (if any); past it, a [`io::ErrorKind::TimedOut`] error naming
+/// `what`.
+async fn within<T>(
+    limit: Option<Duration>,
+    what: &'static str,
+    io: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, io)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, what))),
+        None => io.await,
+    }
+}
+
+/// Writes `bytes` and flushes them within [`ConnectionOptions::write_timeout`].
+async fn write_within<S: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+    options: &ConnectionOptions,
+) -> io::Result<()> {
+    within(options.write_timeout, "client not reading replies", async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    })
+    .await
+}
+
+/// Answers a connection the server will not serve (too many connections, say) with `reply`
+/// as its banner, and closes it. RFC 5321 §3.1 lets a server refuse a session this way,
+/// with a `554` or, for a temporary reason, a `421`. The write is bounded by
+/// [`ConnectionOptions::write_timeout`]; what the client sends is never read.
+pub async fn refuse_connection(
+    mut tcp: TcpStream,
+    options: &ConnectionOptions,
+    reply: &Reply,
+) -> io::Result<()> {
+    let mut out = Vec::new();
+    reply.encode(&mut out);
+    write_within(&mut tcp, &out, options).await?;
+    let _ = within(options.write_timeout, "closing", tcp.shutdown()).await;
+    Ok(())
 }
 
 /// What the connection loop does after handling one action.
@@ -187,7 +256,14 @@ impl<P: Policy> Driver<'_, P> {
     async fn apply(&mut self, session: &mut ServerSession, mut action: Action) -> Next {
         loop {
             match action {
-                Action::Reply(r) | Action::StartData(r) => {
+                Action::Reply(r) => {
+                    self.push(&r).await;
+                    return Next::Continue;
+                }
+                Action::StartData(r) => {
+                    // Whatever a message refused without a policy decision (too large,
+                    // bare line ends) left behind must not become part of this one.
+                    self.data.clear();
                     self.push(&r).await;
                     return Next::Continue;
                 }
@@ -224,16 +300,17 @@ impl<P: Policy> Driver<'_, P> {
     }
 }
 
+/// Reads more bytes into `buf`; past `deadline`, a [`io::ErrorKind::TimedOut`] error.
 async fn read_more(
     stream: &mut Stream,
     buf: &mut Vec<u8>,
-    idle_timeout: Option<Duration>,
+    deadline: Option<tokio::time::Instant>,
 ) -> io::Result<usize> {
     let start = buf.len();
     buf.resize(start + READ_CHUNK, 0);
     let read = stream.read(&mut buf[start..]);
-    let n = match idle_timeout {
-        Some(limit) => match tokio::time::timeout(limit, read).await {
+    let n = match deadline {
+        Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
             Ok(n) => n,
             Err(_) => {
                 buf.truncate(start);
@@ -261,7 +338,8 @@ async fn read_more(
 /// calling this. Returns `Ok` when the dialogue ended normally (QUIT, a
 /// `421`, the client closing) and the I/O error otherwise, including a failed
 /// TLS handshake and [`io::ErrorKind::TimedOut`] after
-/// [`ConnectionOptions::idle_timeout`].
+/// [`ConnectionOptions::idle_timeout`], [`ConnectionOptions::tls_handshake_timeout`] or
+/// [`ConnectionOptions::write_timeout`].
 pub async fn serve_connection<P: Policy>(
     tcp: TcpStream,
     options: &ConnectionOptions,
@@ -277,14 +355,19 @@ pub async fn serve_connection<P: Policy>(
         data: Vec::new(),
     };
     session.greeting().encode(&mut driver.out);
-    stream.write_all(&driver.out).await?;
+    write_within(&mut stream, &driver.out, options).await?;
     driver.out.clear();
 
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut discarding = false;
+    // When the command being waited for must have arrived.
+    let mut command_deadline = None;
     loop {
         let mut pos = 0;
         let mut next = Next::Continue;
+        // A whole command line (or message bytes) arrived, which restarts the idle clock;
+        // bytes of a line that never ends do not.
+        let mut progressed = command_deadline.is_none();
         while next == Next::Continue && !driver.policy.is_stalled() {
             if session.is_receiving_data() {
                 if pos == buf.len() {
@@ -292,6 +375,7 @@ pub async fn serve_connection<P: Policy>(
                 }
                 let (used, action) = session.handle_data(&buf[pos..], &mut driver.data);
                 pos += used;
+                progressed = true;
                 let limit = session.config().capabilities.size.filter(|&n| n > 0);
                 if !driver.policy.keep_data()
                     || limit.is_some_and(|limit| driver.data.len() as u64 > limit)
@@ -301,7 +385,12 @@ pub async fn serve_connection<P: Policy>(
                     driver.data.clear();
                 }
                 match action {
-                    Some(action) => next = driver.apply(&mut session, action).await,
+                    Some(action) => {
+                        if let Some(reply) = action.reply() {
+                            driver.policy.message_refused(reply);
+                        }
+                        next = driver.apply(&mut session, action).await;
+                    }
                     None => break,
                 }
             } else if discarding {
@@ -309,6 +398,7 @@ pub async fn serve_connection<P: Policy>(
                     Some(i) => {
                         pos += i + 1;
                         discarding = false;
+                        progressed = true;
                     }
                     None => {
                         pos = buf.len();
@@ -320,6 +410,7 @@ pub async fn serve_connection<P: Policy>(
                     Ok(Some((line, used))) => {
                         let action = session.handle_line(line);
                         pos += used;
+                        progressed = true;
                         action
                     }
                     Ok(None) => break,
@@ -341,14 +432,13 @@ pub async fn serve_connection<P: Policy>(
             driver.policy.closing();
         }
         if !driver.out.is_empty() {
-            stream.write_all(&driver.out).await?;
-            stream.flush().await?;
+            write_within(&mut stream, &driver.out, options).await?;
             driver.out.clear();
         }
         match next {
             Next::Continue => {}
             Next::Close => {
-                let _ = stream.shutdown().await;
+                let _ = within(options.write_timeout, "closing", stream.shutdown()).await;
                 return Ok(());
             }
             Next::StartTls => {
@@ -365,7 +455,12 @@ pub async fn serve_connection<P: Policy>(
                 let (Either::Left(tcp), Some(acceptor)) = (stream, &options.tls) else {
                     return Err(io::Error::other("STARTTLS inside TLS"));
                 };
-                let tls_stream = acceptor.accept(tcp).await?;
+                let tls_stream = within(
+                    options.tls_handshake_timeout,
+                    "TLS handshake",
+                    acceptor.accept(tcp),
+                )
+                .await?;
                 let (_, connection) = tls_stream.get_ref();
                 driver.policy.tls_established(&describe_tls(connection));
                 driver.tls_active = true;
@@ -378,14 +473,22 @@ pub async fn serve_connection<P: Policy>(
                 discarding = false;
             }
         }
-        // A stalled server keeps the socket but must not time out the client
-        // on its own, so the idle limit applies only while answering.
-        let idle = if driver.policy.is_stalled() {
+        // The idle limit runs from the last complete command, so a client trickling one
+        // byte at a time cannot stretch a command line forever; inside DATA it runs from
+        // the last read, as a large message may take long. A stalled server keeps the
+        // socket but must not time out the client on its own, so the limit applies only
+        // while answering.
+        if progressed || session.is_receiving_data() {
+            command_deadline = options
+                .idle_timeout
+                .map(|idle| tokio::time::Instant::now() + idle);
+        }
+        let deadline = if driver.policy.is_stalled() {
             None
         } else {
-            options.idle_timeout
+            command_deadline
         };
-        if read_more(&mut stream, &mut buf, idle).await? == 0 {
+        if read_more(&mut stream, &mut buf, deadline).await? == 0 {
             return Ok(());
         }
     }

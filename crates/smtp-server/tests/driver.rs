@@ -14,6 +14,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use smtp_proto::server::{Event, ServerConfig, ServerSession};
 use smtp_proto::{enhanced, Capabilities, Reply};
 use smtp_server::{serve_connection, tls_acceptor_from_pem_files, ConnectionOptions, Policy};
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -40,6 +41,8 @@ struct Recorder {
     messages: Vec<Received>,
     tls: Option<String>,
     discarded: usize,
+    /// Replies to messages the session refused by itself.
+    refused: Vec<u16>,
 }
 
 impl Policy for Recorder {
@@ -66,6 +69,10 @@ impl Policy for Recorder {
 
     fn discarded_after_starttls(&mut self, bytes: usize) {
         self.discarded += bytes;
+    }
+
+    fn message_refused(&mut self, reply: &Reply) {
+        self.refused.push(reply.code);
     }
 
     async fn decide(
@@ -209,6 +216,142 @@ async fn oversized_message_is_refused() {
     // The oversized message never reached the policy.
     let data: Vec<&[u8]> = policy.messages.iter().map(|m| &m.data[..]).collect();
     assert_eq!(data, [b"small\r\n"]);
+    assert_eq!(policy.refused, [552]);
+}
+
+#[tokio::test]
+async fn a_message_with_bare_line_ends_is_refused_and_forgotten() {
+    let (addr, served) = serve_one(Recorder::default(), ConnectionOptions::default()).await;
+    let mut c = Client::connect(addr).await;
+    c.expect("EHLO x", 250).await;
+    // A smuggling attempt: the forged transaction after "LF . LF" stays inside the message.
+    let r = c
+        .send_message(
+            "a@b.test",
+            "c@d.test",
+            b"one\n.\nMAIL FROM:<forged@b.test>\r\nRCPT TO:<victim@d.test>\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.code, 550, "{r:?}");
+    assert_eq!(r.enhanced.map(|e| e.to_string()).as_deref(), Some("5.6.11"));
+    let r = c.send_message("a@b.test", "c@d.test", b"two\r\n").await;
+    assert_eq!(r.unwrap().code, 250);
+    c.expect("QUIT", 221).await;
+    let (result, policy) = finished(served).await;
+    result.unwrap();
+    // Nothing of the refused message reached the policy, alone or in front of the next.
+    let data: Vec<&[u8]> = policy.messages.iter().map(|m| &m.data[..]).collect();
+    assert_eq!(data, [b"two\r\n"]);
+    assert_eq!(policy.refused, [550]);
+}
+
+#[tokio::test]
+async fn a_client_trickling_a_command_times_out() {
+    let options = ConnectionOptions {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..ConnectionOptions::default()
+    };
+    let (addr, served) = serve_one(Recorder::default(), options).await;
+    let mut c = Client::connect(addr).await;
+    c.expect("EHLO x", 250).await;
+    // One byte every 100 ms for 3 s: each read is well within the limit, the command is not.
+    let started = std::time::Instant::now();
+    for &b in b"NOOP NOOP NOOP NOOP NOOP NOOP" {
+        if served.is_finished() || c.stream.write_all(&[b]).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the trickle went on for {:?}",
+        started.elapsed()
+    );
+    let (result, _) = finished(served).await;
+    assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+}
+
+#[tokio::test]
+async fn commands_keep_a_connection_alive_past_the_idle_limit() {
+    let options = ConnectionOptions {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..ConnectionOptions::default()
+    };
+    let (addr, served) = serve_one(Recorder::default(), options).await;
+    let mut c = Client::connect(addr).await;
+    c.expect("EHLO x", 250).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.expect("NOOP", 250).await;
+    }
+    c.expect("QUIT", 221).await;
+    finished(served).await.0.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_replies_is_dropped() {
+    let options = ConnectionOptions {
+        write_timeout: Some(Duration::from_millis(200)),
+        ..ConnectionOptions::default()
+    };
+    let (addr, served) = serve_one(Recorder::default(), options).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (_reader, mut writer) = stream.into_split();
+    // Pipelined NOOPs whose replies are never read fill both socket buffers; the server's
+    // write then stalls until its limit.
+    let flood = tokio::spawn(async move {
+        let noops = b"NOOP\r\n".repeat(10_000);
+        while writer.write_all(&noops).await.is_ok() {}
+    });
+    let (result, _) = timeout(Duration::from_secs(30), served)
+        .await
+        .expect("the server gave up on the client")
+        .unwrap();
+    assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    flood.abort();
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, cert_file, key_file) = certificate_files(dir.path());
+    let options = ConnectionOptions {
+        tls: Some(tls_acceptor_from_pem_files(&cert_file, &key_file).unwrap()),
+        tls_handshake_timeout: Some(Duration::from_millis(200)),
+        ..ConnectionOptions::default()
+    };
+    let policy = Recorder {
+        starttls: true,
+        ..Recorder::default()
+    };
+    let (addr, served) = serve_one(policy, options).await;
+    let mut c = Client::connect(addr).await;
+    c.expect("EHLO x", 250).await;
+    c.expect("STARTTLS", 220).await;
+    // No ClientHello ever comes.
+    let (result, _) = finished(served).await;
+    assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    drop(c);
+}
+
+#[tokio::test]
+async fn refused_connections_get_the_reply_as_banner() {
+    let listener = smtp_server::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let reply = Reply::new(421, enhanced(4, 7, 0), "Too many connections");
+        smtp_server::refuse_connection(tcp, &ConnectionOptions::default(), &reply).await
+    });
+    let mut c = Client::connect_raw(addr).await;
+    let r = c.reply().await.unwrap();
+    assert_eq!(r.code, 421);
+    assert_eq!(r.text(), "Too many connections");
+    c.expect_eof().await;
+    timeout(WAIT, served).await.unwrap().unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -252,6 +395,7 @@ async fn an_idle_client_is_disconnected() {
     let options = ConnectionOptions {
         tls: None,
         idle_timeout: Some(Duration::from_millis(100)),
+        ..ConnectionOptions::default()
     };
     let (addr, served) = serve_one(Recorder::default(), options).await;
     let mut c = Client::connect(addr).await;
@@ -293,7 +437,7 @@ async fn starttls_discards_pipelined_bytes_and_starts_over() {
     let (cert, cert_file, key_file) = certificate_files(dir.path());
     let options = ConnectionOptions {
         tls: Some(tls_acceptor_from_pem_files(&cert_file, &key_file).unwrap()),
-        idle_timeout: None,
+        ..ConnectionOptions::default()
     };
     let policy = Recorder {
         starttls: true,
