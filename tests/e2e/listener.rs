@@ -906,3 +906,38 @@ async fn listener_limits_recipients_and_idle_time_from_config() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unicode_recipient_domain_goes_on_as_a_labels() {
+    let sink = start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&routes(&["xn--bcher-kva.test"], sink.local_addr())).await;
+    let data = b"From: s@example.com\r\nSubject: idn\r\n\r\nhello\r\n";
+    let result = smtp_transaction(
+        &engine,
+        "client.test",
+        "s@example.com",
+        &["ann@bücher.test"],
+        data,
+    )
+    .await;
+    assert!(
+        result.rcpts.iter().all(|r| r.code == 250)
+            && result.data.as_ref().is_some_and(|d| d.code == 250),
+        "{result:?}"
+    );
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1
+    })
+    .await;
+    let delivery = recs.iter().find(|r| r["type"] == "Delivery").unwrap();
+    assert_eq!(delivery["recipient"], "ann@xn--bcher-kva.test");
+    assert_eq!(
+        sink.messages()[0].recipients,
+        vec!["ann@xn--bcher-kva.test".to_owned()]
+    );
+    engine.stop().await;
+}

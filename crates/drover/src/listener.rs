@@ -855,21 +855,23 @@ impl Policy for InjectPolicy {
                 self.report_rcpt()
             }
             Event::RcptTo { address, .. } => {
-                if smtp_proto::validate_mailbox(address).is_err() {
-                    Reply::new(
+                let ascii = crate::message::ascii_domain(address).map(|a| a.into_owned());
+                match ascii {
+                    Err(_) => Reply::new(553, enhanced(5, 1, 3), "Bad destination domain (IDNA)"),
+                    Ok(ascii) if smtp_proto::validate_mailbox(&ascii).is_err() => Reply::new(
                         553,
                         enhanced(5, 1, 3),
                         "Bad destination mailbox address syntax",
-                    )
-                } else if !self.may_relay && session.authenticated().is_none() {
-                    Reply::new(550, enhanced(5, 7, 1), "Relaying denied")
-                } else {
+                    ),
+                    Ok(_) if !self.may_relay && session.authenticated().is_none() => {
+                        Reply::new(550, enhanced(5, 7, 1), "Relaying denied")
+                    }
                     // The tenant comes with the message (X-Tenant); here only the list of
                     // mail without one can be asked. `queue` checks the tenant's.
-                    match self
+                    Ok(ascii) => match self
                         .settings
                         .engine
-                        .suppressed(None, std::slice::from_ref(address))
+                        .suppressed(None, std::slice::from_ref(&ascii))
                         .await
                     {
                         Ok(found) if found.first().is_some_and(Option::is_some) => {
@@ -882,7 +884,7 @@ impl Policy for InjectPolicy {
                             tracing::error!(error = %e, "cannot read the suppression list");
                             Reply::new(451, enhanced(4, 3, 0), "try again later")
                         }
-                    }
+                    },
                 }
             }
             Event::DataEnd {
@@ -928,12 +930,15 @@ impl Policy for InjectPolicy {
 /// The recipient with its domain lower-cased (the local part is the receiver's business),
 /// and the domain.
 fn normalize_recipient(address: &str) -> (String, String) {
+    // A Unicode domain (SMTPUTF8 clients) goes on as A-labels, as over HTTP; RCPT checked it.
+    let address =
+        crate::message::ascii_domain(address).unwrap_or(std::borrow::Cow::Borrowed(address));
     match address.rsplit_once('@') {
         Some((local, domain)) => {
             let domain = domain.to_ascii_lowercase();
             (format!("{local}@{domain}"), domain)
         }
-        None => (address.to_owned(), String::new()),
+        None => (address.into_owned(), String::new()),
     }
 }
 
