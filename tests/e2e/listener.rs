@@ -12,6 +12,23 @@ use tokio::net::TcpStream;
 
 const MESSAGE: &str = "From: News <news@example.com>\r\nTo: list@example.test\r\nSubject: over SMTP\r\nX-Campaign: smtp-camp\r\nX-Tenant: smtp-tenant\r\n\r\nHello from SMTP.\r\n.. a stuffed line\r\n";
 
+/// A self-signed certificate for `localhost` written as PEM files in a fresh temp dir:
+/// (the dir, the certificate, its file, its key's file).
+fn test_certificate() -> (
+    tempfile::TempDir,
+    rcgen::CertifiedKey<rcgen::KeyPair>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    (dir, generated, cert, key)
+}
+
 fn smtp_addr(engine: &TestEngine) -> SocketAddr {
     engine.running.as_ref().unwrap().smtp_addr.unwrap()
 }
@@ -319,12 +336,7 @@ async fn listener_offers_starttls_with_the_configured_certificate() {
         ..sink::SinkConfig::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, generated.cert.pem()).unwrap();
-    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let (_dir, generated, cert, key) = test_certificate();
     let engine = TestEngine::start(&format!(
         "[smtp_listener]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n{}",
         routes(&["example.test"], sink.local_addr())
@@ -632,12 +644,7 @@ async fn listener_auth_with_a_hashed_password_over_starttls_and_a_failure_limit(
         ..sink::SinkConfig::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, generated.cert.pem()).unwrap();
-    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let (_dir, _generated, cert, key) = test_certificate();
     let engine = TestEngine::start(&format!(
         "[smtp_listener]\nrelay_networks = [\"10.0.0.0/8\"]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\nmax_auth_failures = 2\nauth_users = [{{ user = \"app\", password_hash = {hash:?} }}]\n{}",
         routes(&["example.test"], sink.local_addr())
