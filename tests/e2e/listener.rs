@@ -172,7 +172,7 @@ async fn listener_queues_one_message_per_recipient_and_delivers_them() {
         let data = String::from_utf8(m.data.clone()).unwrap();
         assert!(
             data.starts_with(
-                "Received: from client.test (unknown [127.0.0.1])\r\n\tby drover.test (Drover) with ESMTP id "
+                "Received: from client.test (localhost [127.0.0.1])\r\n\tby drover.test (Drover) with ESMTP id "
             ),
             "{data}"
         );
@@ -500,7 +500,7 @@ async fn listener_works_with_swaks() {
         .all(|r| r["campaign"] == "swaks"));
     let data = String::from_utf8(sink.messages()[0].data.clone()).unwrap();
     assert!(
-        data.contains("from swaks.test (unknown [127.0.0.1])"),
+        data.contains("from swaks.test (localhost [127.0.0.1])"),
         "{data}"
     );
     assert!(data.contains("with ESMTPA id "), "{data}");

@@ -495,6 +495,8 @@ struct InjectPolicy {
     report_transaction: bool,
     /// This connection's place under the connection caps; given back at close.
     slot: Option<ConnectionSlot>,
+    /// The client's forward-confirmed reverse name, looked up at its first message.
+    rdns: Option<Option<String>>,
 }
 
 impl InjectPolicy {
@@ -511,6 +513,7 @@ impl InjectPolicy {
             tls: false,
             report_transaction: false,
             slot: Some(slot),
+            rdns: None,
         }
     }
 
@@ -645,7 +648,7 @@ impl InjectPolicy {
     }
 
     async fn queue(
-        &self,
+        &mut self,
         session: &ServerSession,
         sender: &str,
         recipients: &[String],
@@ -728,10 +731,14 @@ impl InjectPolicy {
             (false, true) => "ESMTPA",
             (true, true) => "ESMTPSA",
         };
+        if self.rdns.is_none() {
+            let resolver = &self.settings.engine.outbound.resolver;
+            self.rdns = Some(resolver.reverse(self.peer.ip()).await);
+        }
         let door = std::sync::Arc::new(crate::prepare::Door::Smtp {
             helo: session.helo().unwrap_or("unknown").to_owned(),
             client: self.peer.ip(),
-            rdns: None,
+            rdns: self.rdns.clone().flatten(),
             protocol,
         });
         let origin = Origin {

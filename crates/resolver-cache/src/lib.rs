@@ -401,6 +401,30 @@ impl MxResolver {
         }
     }
 
+    /// The client's name for a trace header: the PTR name of `ip` when that name resolves
+    /// back to `ip` (forward-confirmed, as Postfix checks it), else `None` ("unknown").
+    /// Loopback addresses are `localhost` without a query. Uncached: one per connection.
+    pub async fn reverse(&self, ip: IpAddr) -> Option<String> {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() {
+            return Some("localhost".to_owned());
+        }
+        let names = self.resolver.reverse_lookup(ip).await.ok()?;
+        for record in names.answers() {
+            let RData::PTR(ptr) = &record.data else {
+                continue;
+            };
+            let name = ptr.0.to_ascii();
+            let Ok(addrs) = self.resolver.lookup_ip(name.as_str()).await else {
+                continue;
+            };
+            if addrs.iter().any(|a| a.to_canonical() == ip) {
+                return Some(name.trim_end_matches('.').to_ascii_lowercase());
+            }
+        }
+        None
+    }
+
     /// One uncached resolution, with the TTL of its least durable ingredient.
     async fn lookup(&self, domain: &str) -> (Answer, Duration) {
         let fqdn = format!("{domain}.");

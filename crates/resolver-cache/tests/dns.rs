@@ -437,3 +437,35 @@ async fn invalid_domains_never_reach_the_server() {
     let literal = r.resolve("[192.0.2.7]").await.unwrap();
     assert_eq!(literal.hosts[0].addresses, [sa("192.0.2.7")]);
 }
+
+#[tokio::test]
+async fn reverse_names_are_forward_confirmed() {
+    const ROOT: &str = r#"
+$ORIGIN .
+$TTL 300
+.                           IN SOA ns.root.test. admin.root.test. ( 1 3600 600 86400 2 )
+7.2.0.192.in-addr.arpa.     IN PTR client.good.test.
+client.good.test.           IN A   192.0.2.7
+8.2.0.192.in-addr.arpa.     IN PTR liar.bad.test.
+liar.bad.test.              IN A   192.0.2.99
+"#;
+    let dns = TestDns::start(ROOT, ".").await;
+    let r = dns.resolver();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        r.reverse(ip("192.0.2.7")).await.as_deref(),
+        Some("client.good.test")
+    );
+    // A PTR whose name does not point back is not believed.
+    assert_eq!(r.reverse(ip("192.0.2.8")).await, None);
+    // No PTR at all.
+    assert_eq!(r.reverse(ip("192.0.2.9")).await, None);
+    assert_eq!(
+        r.reverse(ip("127.0.0.1")).await.as_deref(),
+        Some("localhost")
+    );
+    assert_eq!(
+        r.reverse(ip("::ffff:127.0.0.1")).await.as_deref(),
+        Some("localhost")
+    );
+}
