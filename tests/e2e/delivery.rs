@@ -6,11 +6,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_messages_to_three_domains_are_delivered_over_reused_sessions() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let domains = ["a.example.test", "b.example.test", "c.example.test"];
     let engine = TestEngine::start(&routes(&domains, sink.local_addr())).await;
     let recipients: Vec<String> = (0..200)
@@ -409,11 +405,7 @@ async fn sessions_closed_by_421_or_dropped_after_data_lose_no_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_ascii_addresses_need_smtputf8_and_bounce_clearly_without_it() {
-    let modern = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let modern = capturing_sink().await;
     let old = start_sink(sink::SinkConfig {
         smtputf8: false,
         eight_bit_mime: false,

@@ -58,11 +58,7 @@ pub(crate) async fn wait_messages(sink: &sink::SinkHandle, n: usize) -> Vec<sink
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_mail_arrives_signed_and_verifies() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let (dkim, records) = dkim_config();
     let engine = TestEngine::start(&format!(
         "{dkim}{}",
@@ -101,11 +97,7 @@ async fn injected_mail_arrives_signed_and_verifies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_recipients_whose_message_cannot_be_signed_fail_alone() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let (dkim, records) = dkim_config();
     let engine = TestEngine::start(&format!(
         "{dkim}{}",
@@ -193,11 +185,7 @@ async fn smtp_submit(addr: std::net::SocketAddr, rcpt: &str, data: &str) -> Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_submissions_are_signed_or_refused_with_554() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let (dkim, records) = dkim_config();
     let engine = TestEngine::start(&format!(
         "{dkim}{}",
@@ -304,11 +292,7 @@ pub(crate) fn external_verify(message: &[u8], records: &[(String, String)]) -> O
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builder_mail_with_attachments_is_valid_mime_and_verifies() {
     use mail_parser::MimeHeaders;
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let (dkim, records) = dkim_config();
     let engine = TestEngine::start(&format!(
         "{dkim}{}",

@@ -22,11 +22,7 @@ nullmx   IN MX  0 .
 async fn mx_failover_implicit_mx_and_dns_bounces() {
     let dns = TestDns::start(ZONE, "mx.test.").await;
     // The sink listens on 127.0.0.1 only, so the preferred MX (127.0.0.2) refuses.
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&format!(
         "[dns]\nnameservers = [\"{}\"]\n[delivery]\nsmtp_port = {}\n",
         dns.addr,

@@ -150,11 +150,7 @@ async fn tenant_weights_split_a_destination() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priority_is_validated_and_taken_from_smtp_then_removed() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = engine(&sink, "").await;
     let (status, body) = engine.inject(&batch("t", 1, "urgent")).await;
     assert_eq!(status, 400, "{body}");

@@ -58,11 +58,7 @@ fn header(data: &[u8], name: &str) -> (Option<String>, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_and_smtp_mail_carries_verp_and_stamped_headers_under_the_signature() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let (dkim, dns) = dkim_config();
     let engine = TestEngine::start(&format!(
         "{dkim}{}{}",
@@ -267,11 +263,7 @@ fn feedback_settings_are_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_click_unsubscribe_suppresses_and_records_and_forged_links_do_nothing() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&format!(
         "{}\n[stamping]\nlist_unsubscribe_url = \"https://unsub.example.net/u\"\n[unsubscribe]\nlisten = \"127.0.0.1:0\"\n",
         routes(&["example.test"], sink.local_addr())

@@ -174,6 +174,15 @@ pub async fn wait_records(
     }
 }
 
+/// A sink on a free port that keeps every message it accepts.
+pub async fn capturing_sink() -> sink::SinkHandle {
+    start_sink(sink::SinkConfig {
+        capture: true,
+        ..Default::default()
+    })
+    .await
+}
+
 pub async fn start_sink(config: sink::SinkConfig) -> sink::SinkHandle {
     sink::Sink::bind("127.0.0.1:0".parse().unwrap(), config)
         .await

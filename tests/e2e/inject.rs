@@ -277,11 +277,7 @@ async fn too_many_recipients_get_413_and_line_breaks_in_headers_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_mail_is_traced_completed_and_unicode_domains_go_out_as_a_labels() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&routes(&["xn--bcher-kva.test"], sink.local_addr())).await;
     let mut body = message_for(&[]);
     body["content"] = json!("From: news@example.com\r\nSubject: no id, no date\r\n\r\nhello\r\n");

@@ -104,11 +104,7 @@ fn queued_ids(text: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_queues_one_message_per_recipient_and_delivers_them() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..sink::SinkConfig::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&routes(&["example.test"], sink.local_addr())).await;
     let mut client =
         SmtpClient::connect_with(client_options(smtp_addr(&engine), TlsMode::Disabled))
@@ -331,11 +327,7 @@ async fn listener_refuses_oversized_messages_and_bad_addresses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_offers_starttls_with_the_configured_certificate() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..sink::SinkConfig::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let (_dir, generated, cert, key) = test_certificate();
     let engine = TestEngine::start(&format!(
         "[smtp_listener]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\n{}",
@@ -447,11 +439,7 @@ async fn listener_works_with_swaks() {
         eprintln!("swaks is not installed; skipping");
         return;
     }
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..sink::SinkConfig::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&format!(
         "[smtp_listener]\nrelay_networks = [\"10.0.0.0/8\"]\nauth_users = [{{ user = \"app\", password = \"s3cret\" }}]\n{}",
         routes(&["example.test"], sink.local_addr())
@@ -639,11 +627,7 @@ async fn listener_auth_with_a_hashed_password_over_starttls_and_a_failure_limit(
     assert!(hash.starts_with("$argon2id$v=19$"), "{hash}");
     assert!(!hash_password_cli("\n").status.success(), "empty password");
 
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..sink::SinkConfig::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let (_dir, _generated, cert, key) = test_certificate();
     let engine = TestEngine::start(&format!(
         "[smtp_listener]\nrelay_networks = [\"10.0.0.0/8\"]\ntls_cert_file = {cert:?}\ntls_key_file = {key:?}\nmax_auth_failures = 2\nauth_users = [{{ user = \"app\", password_hash = {hash:?} }}]\n{}",
@@ -812,11 +796,7 @@ async fn listener_refuses_bare_newlines_in_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_normalizes_bare_newlines_when_told() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..sink::SinkConfig::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&format!(
         "[smtp_listener]\nbare_newlines = \"normalize\"\n{}",
         routes(&["example.test"], sink.local_addr())
@@ -916,11 +896,7 @@ async fn listener_limits_recipients_and_idle_time_from_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unicode_recipient_domain_goes_on_as_a_labels() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&routes(&["xn--bcher-kva.test"], sink.local_addr())).await;
     let data = b"From: s@example.com\r\nSubject: idn\r\n\r\nhello\r\n";
     let result = smtp_transaction(

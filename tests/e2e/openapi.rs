@@ -180,11 +180,7 @@ enum RequestBody {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_operation_answers_as_documented() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     // A webhook whose endpoint refuses connections: its status has an error to show.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let hook = closed.local_addr().unwrap();

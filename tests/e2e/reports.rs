@@ -117,11 +117,7 @@ fn of_type(engine: &TestEngine, kind: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_are_matched_recorded_and_suppress() {
-    let sink = start_sink(sink::SinkConfig {
-        capture: true,
-        ..Default::default()
-    })
-    .await;
+    let sink = capturing_sink().await;
     let engine = TestEngine::start(&format!(
         "{}
 [smtp_listener]
