@@ -29,7 +29,6 @@ async fn malformed_bodies_get_400_and_queue_nothing() {
         json!({"envelope_sender": "s@example.com", "content": "Subject: x\r\n\r\nx", "recipients": []}),
         json!({"envelope_sender": "s@example.com", "content": "Subject: x\r\n\r\nx", "recipients": [{"email": "not-an-address"}]}),
         json!({"envelope_sender": "s@exa\r\nmple.com", "content": "Subject: x\r\n\r\nx", "recipients": [{"email": "a@example.test"}]}),
-        json!({"envelope_sender": "s@example.com", "content": "Subject: {{ broken\r\n\r\nx", "recipients": [{"email": "a@example.test"}]}),
         json!({"envelope_sender": "s@example.com", "content": "Subject: x\r\n\r\nx", "recipients": [{"email": "a@example.test", "bogus": 1}]}),
         json!({"envelope_sender": "s@example.com", "content": "Subject: x\r\n\r\nx", "recipients": [{"email": "a\r\nRCPT TO:<x@y>@example.test"}]}),
     ];
@@ -38,6 +37,14 @@ async fn malformed_bodies_get_400_and_queue_nothing() {
         assert_eq!(status, 400, "{case}: {body}");
         assert!(body["error"].is_string(), "{body}");
     }
+    // A template that does not compile is 422, as KumoMTA answers it.
+    let broken = json!({"envelope_sender": "s@example.com", "content": "Subject: {{ broken\r\n\r\nx", "recipients": [{"email": "a@example.test"}]});
+    let (status, body) = engine.inject(&broken).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("syntax error"),
+        "{body}"
+    );
     // Nothing was queued and nothing was recorded.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(records(&engine.accounting_path()).is_empty());

@@ -147,6 +147,10 @@ async fn inject(
     } = request;
     let renderer = match Renderer::new(content, usize::try_from(max_size).unwrap_or(usize::MAX)) {
         Ok(r) => r,
+        // As KumoMTA: a template that does not compile is 422, a bad field 400.
+        Err(e) if e.syntax => {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("content: {e}"))
+        }
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("content: {e}")),
     };
     // Domains in Unicode become A-labels first, so the suppression list and the records see

@@ -322,7 +322,7 @@ impl Attachment {
             token(t) && token(s.split(';').next().unwrap_or_default().trim())
         });
         if !valid_ct || ct.contains(['\r', '\n']) {
-            return Err(TemplateError(format!(
+            return Err(TemplateError::invalid(format!(
                 "{}: {ct:?} is not a MIME type (type/subtype)",
                 field("content_type")
             )));
@@ -333,7 +333,7 @@ impl Attachment {
             .as_deref()
             .is_some_and(|f| f.contains(['\r', '\n']))
         {
-            return Err(TemplateError(format!(
+            return Err(TemplateError::invalid(format!(
                 "{}: contains a line break",
                 field("filename")
             )));
@@ -350,7 +350,7 @@ impl Attachment {
                     ch.is_control() || ch.is_whitespace() || ch == '<' || ch == '>'
                 })
         }) {
-            return Err(TemplateError(format!(
+            return Err(TemplateError::invalid(format!(
                 "{}: not a valid Content-ID",
                 field("content_id")
             )));
@@ -359,7 +359,9 @@ impl Attachment {
             let compact: String = self.data.split_ascii_whitespace().collect();
             base64::engine::general_purpose::STANDARD
                 .decode(compact.as_bytes())
-                .map_err(|e| TemplateError(format!("{}: invalid base64: {e}", field("data"))))?
+                .map_err(|e| {
+                    TemplateError::invalid(format!("{}: invalid base64: {e}", field("data")))
+                })?
         } else {
             self.data.into_bytes()
         };
@@ -395,10 +397,32 @@ pub struct Recipient {
 /// message and copied into each of its records.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
-/// A template that cannot be compiled is the whole request's fault.
+/// What is wrong with a request's content: the whole request's fault.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TemplateError(pub String);
+#[error("{message}")]
+pub struct TemplateError {
+    /// What, naming the field.
+    pub message: String,
+    /// A template that does not compile (KumoMTA answers those 422), rather than a field
+    /// that is not valid (400).
+    pub syntax: bool,
+}
+
+impl TemplateError {
+    fn invalid(message: impl Into<String>) -> TemplateError {
+        TemplateError {
+            message: message.into(),
+            syntax: false,
+        }
+    }
+
+    fn syntax(message: impl Into<String>) -> TemplateError {
+        TemplateError {
+            message: message.into(),
+            syntax: true,
+        }
+    }
+}
 
 /// Instructions one template render may execute: far beyond what a newsletter needs (a
 /// few hundred; a loop over a thousand items some ten thousand), small enough that a hostile
@@ -448,7 +472,7 @@ fn add(
     source: &str,
 ) -> Result<(), TemplateError> {
     env.add_template_owned(name, source.to_owned())
-        .map_err(|e| TemplateError(format!("template error in {name}: {e}")))
+        .map_err(|e| TemplateError::syntax(format!("template error in {name}: {e}")))
 }
 
 /// Splits a raw message at its first empty line. `(headers, body)`; the separator is in neither.
@@ -486,7 +510,7 @@ impl Renderer {
         let kind = match content {
             Content::Raw(raw) => {
                 if raw.trim().is_empty() {
-                    return Err(TemplateError("content is empty".into()));
+                    return Err(TemplateError::invalid("content is empty"));
                 }
                 let (head, body) = split_message(&raw);
                 add(&mut env, "headers", head)?;
@@ -495,12 +519,12 @@ impl Renderer {
             }
             Content::Builder(mut b) => {
                 smtp_proto::validate_mailbox(&b.from.email)
-                    .map_err(|e| TemplateError(format!("content.from: {e}")))?;
+                    .map_err(|e| TemplateError::invalid(format!("content.from: {e}")))?;
                 // Header fields are one line each: a line break in a value would start a
                 // header of the client's choosing (`Bcc:`) or end the header section.
                 let one_line = |field: &str, value: &str| {
                     if value.contains(['\r', '\n']) {
-                        Err(TemplateError(format!(
+                        Err(TemplateError::invalid(format!(
                             "{field}: contains a line break (CR or LF); header fields are one line"
                         )))
                     } else {
@@ -511,7 +535,7 @@ impl Renderer {
                 one_line("content.subject", b.subject.as_deref().unwrap_or(""))?;
                 if let Some(r) = &b.reply_to {
                     smtp_proto::validate_mailbox(&r.email)
-                        .map_err(|e| TemplateError(format!("content.reply_to: {e}")))?;
+                        .map_err(|e| TemplateError::invalid(format!("content.reply_to: {e}")))?;
                     one_line("content.reply_to.name", r.name.as_deref().unwrap_or(""))?;
                 }
                 for (name, value) in &b.headers {
@@ -522,8 +546,8 @@ impl Renderer {
                 add(&mut env, "html", b.html_body.as_deref().unwrap_or(""))?;
                 add(&mut env, "amp", b.amp_html_body.as_deref().unwrap_or(""))?;
                 if b.text_body.is_none() && b.html_body.is_none() && b.amp_html_body.is_none() {
-                    return Err(TemplateError(
-                        "content needs text_body, html_body or amp_html_body".into(),
+                    return Err(TemplateError::invalid(
+                        "content needs text_body, html_body or amp_html_body",
                     ));
                 }
                 let parts = std::mem::take(&mut b.attachments)
@@ -533,13 +557,13 @@ impl Renderer {
                     .collect::<Result<Vec<Part>, _>>()?;
                 for (name, value) in &b.headers {
                     if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic() && c != b':') {
-                        return Err(TemplateError(format!(
+                        return Err(TemplateError::invalid(format!(
                             "content.headers: invalid header name {name:?}"
                         )));
                     }
                     env.add_template_owned(format!("h:{name}"), value.clone())
                         .map_err(|e| {
-                            TemplateError(format!("template error in header {name}: {e}"))
+                            TemplateError::syntax(format!("template error in header {name}: {e}"))
                         })?;
                 }
                 Kind::Builder(b, parts)
@@ -964,7 +988,7 @@ mod tests {
                 "attachments": [attachment],
             }));
             let err = Renderer::new(r.content, 1 << 20).err().unwrap();
-            assert!(err.0.contains(field), "{field}: {}", err.0);
+            assert!(err.message.contains(field), "{field}: {}", err.message);
         }
     }
 
@@ -1037,7 +1061,7 @@ mod tests {
             let err = Renderer::new(req(content).content, 1 << 20)
                 .err()
                 .unwrap_or_else(|| panic!("{field} accepted"));
-            assert!(err.0.starts_with(field), "{field}: {}", err.0);
+            assert!(err.message.starts_with(field), "{field}: {}", err.message);
         }
         // A header name with a colon or a line break.
         for name in ["X-A:b", "X-A\r\nBcc"] {
