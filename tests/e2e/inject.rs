@@ -343,3 +343,45 @@ async fn a_templated_request_of_10_000_recipients_is_accepted() {
     .await;
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_dialects_static_and_handlebars() {
+    let sink = capturing_sink().await;
+    let engine = TestEngine::start(&routes(&["dialect.test"], sink.local_addr())).await;
+    for (dialect, content) in [
+        ("Static", "Subject: s\r\n\r\nHi {{ name }}\r\n"),
+        (
+            "Handlebars",
+            "Subject: h\r\n\r\nHi {{name}}{{#if vip}} (vip){{/if}}\r\n",
+        ),
+        ("Jinja", "Subject: j\r\n\r\nHi {{ name }}\r\n"),
+    ] {
+        let body = json!({
+            "envelope_sender": "s@example.com",
+            "content": content,
+            "template_dialect": dialect,
+            "recipients": [{"email": format!("{dialect}@dialect.test"), "name": "Ann", "substitutions": {"vip": true}}],
+        });
+        let (status, reply) = engine.inject(&body).await;
+        assert_eq!(status, 200, "{dialect}: {reply}");
+    }
+    let start = std::time::Instant::now();
+    while sink.messages().len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(20), "not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for m in sink.messages() {
+        let text = String::from_utf8(m.data.clone()).unwrap();
+        let expect = match m.recipients[0].split('@').next().unwrap() {
+            "Static" => "Hi {{ name }}\r\n",
+            "Handlebars" => "Hi Ann (vip)\r\n",
+            _ => "Hi Ann\r\n",
+        };
+        assert!(text.ends_with(expect), "{text}");
+    }
+    let (status, _) = engine
+        .inject(&json!({"envelope_sender": "s@example.com", "content": "x", "template_dialect": "Mustache", "recipients": [{"email": "a@dialect.test"}]}))
+        .await;
+    assert_eq!(status, 400);
+    engine.stop().await;
+}

@@ -143,9 +143,14 @@ async fn inject(
         campaign,
         tenant,
         priority,
+        template_dialect,
         ..
     } = request;
-    let renderer = match Renderer::new(content, usize::try_from(max_size).unwrap_or(usize::MAX)) {
+    let renderer = match Renderer::with_dialect(
+        content,
+        usize::try_from(max_size).unwrap_or(usize::MAX),
+        template_dialect,
+    ) {
         Ok(r) => r,
         // As KumoMTA: a template that does not compile is 422, a bad field 400.
         Err(e) if e.syntax => {

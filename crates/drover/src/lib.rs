@@ -26,6 +26,7 @@ mod restore;
 mod stamping;
 mod startup;
 mod suppression;
+mod templates;
 mod webhooks;
 mod worker;
 // Leaves the above share.

@@ -4,7 +4,6 @@
 //! rendered separately: values substituted into headers have CR and LF replaced by spaces, so a
 //! recipient's name can never inject a header, while the body gets values verbatim.
 
-use minijinja::{Environment, UndefinedBehavior};
 use queue::{MessageId, MessageMeta};
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -194,9 +193,9 @@ pub struct InjectRequest {
     /// Tenant name.
     #[serde(default)]
     pub tenant: Option<String>,
-    /// Accepted for compatibility with KumoMTA clients; Drover's templates are always Jinja.
+    /// `Jinja` (default), `Static` (no expansion) or `Handlebars` (KumoMTA's field).
     #[serde(default)]
-    pub template_dialect: Option<Value>,
+    pub template_dialect: Dialect,
     /// Accepted for compatibility with KumoMTA clients; Drover always spools before answering.
     #[serde(default)]
     pub deferred_spool: Option<Value>,
@@ -424,41 +423,12 @@ impl TemplateError {
     }
 }
 
-/// Instructions one template render may execute: far beyond what a newsletter needs (a
-/// few hundred; a loop over a thousand items some ten thousand), small enough that a hostile
-/// template cannot hold a thread for long.
-pub const RENDER_FUEL: u64 = 1_000_000;
+pub use crate::templates::{Dialect, RENDER_FUEL};
 
 /// Compiled templates for one request.
 pub struct Renderer {
-    env: Environment<'static>,
+    templates: crate::templates::Templates,
     kind: Kind,
-    /// Most bytes one rendered part may have (the message size limit).
-    max_size: usize,
-}
-
-/// Collects rendered output up to a limit, then refuses more: a template cannot build a
-/// message larger than the size limit in memory before it is refused.
-struct Capped {
-    out: Vec<u8>,
-    limit: usize,
-}
-
-impl std::io::Write for Capped {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.out.len() + buf.len() > self.limit {
-            return Err(std::io::Error::other(format!(
-                "the rendered message exceeds the limit of {} bytes",
-                self.limit
-            )));
-        }
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 enum Kind {
@@ -467,11 +437,12 @@ enum Kind {
 }
 
 fn add(
-    env: &mut Environment<'static>,
+    templates: &mut crate::templates::Templates,
     name: &'static str,
     source: &str,
 ) -> Result<(), TemplateError> {
-    env.add_template_owned(name, source.to_owned())
+    templates
+        .add(name.to_owned(), source.to_owned())
         .map_err(|e| TemplateError::syntax(format!("template error in {name}: {e}")))
 }
 
@@ -496,17 +467,19 @@ fn split_message(raw: &str) -> (&str, &str) {
 impl Renderer {
     /// Compiles the request's templates; no rendered part may exceed `max_size` bytes.
     pub fn new(content: Content, max_size: usize) -> Result<Renderer, TemplateError> {
-        let mut env = Environment::new();
-        env.set_fuel(Some(RENDER_FUEL));
-        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        Renderer::with_dialect(content, max_size, Dialect::Jinja)
+    }
+
+    /// [`Renderer::new`] for templates of `dialect` (KumoMTA's `template_dialect`).
+    pub fn with_dialect(
+        content: Content,
+        max_size: usize,
+        dialect: Dialect,
+    ) -> Result<Renderer, TemplateError> {
         // Values go into headers and text as given; into the HTML parts of a builder message
         // HTML-escaped, unless the request says otherwise.
         let escape_html = matches!(&content, Content::Builder(b) if b.html_autoescape);
-        env.set_auto_escape_callback(move |name| match name {
-            "html" | "amp" if escape_html => minijinja::AutoEscape::Html,
-            _ => minijinja::AutoEscape::None,
-        });
-        env.set_keep_trailing_newline(true);
+        let mut env = crate::templates::Templates::new(dialect, escape_html, max_size);
         let kind = match content {
             Content::Raw(raw) => {
                 if raw.trim().is_empty() {
@@ -561,42 +534,22 @@ impl Renderer {
                             "content.headers: invalid header name {name:?}"
                         )));
                     }
-                    env.add_template_owned(format!("h:{name}"), value.clone())
-                        .map_err(|e| {
-                            TemplateError::syntax(format!("template error in header {name}: {e}"))
-                        })?;
+                    env.add(format!("h:{name}"), value.clone()).map_err(|e| {
+                        TemplateError::syntax(format!("template error in header {name}: {e}"))
+                    })?;
                 }
                 Kind::Builder(b, parts)
             }
         };
         Ok(Renderer {
-            env,
+            templates: env,
             kind,
-            max_size,
         })
     }
 
     /// Renders one template to bytes, within the fuel and size limits.
     fn render_bytes(&self, name: &str, ctx: &Map<String, Value>) -> Result<Vec<u8>, String> {
-        let template = self
-            .env
-            .get_template(name)
-            .map_err(|e| format!("template error: {e}"))?;
-        let mut out = Capped {
-            out: Vec::new(),
-            limit: self.max_size,
-        };
-        template
-            .render_captured_to(ctx, &mut out)
-            .map(drop)
-            .map_err(|e| match e.kind() {
-                minijinja::ErrorKind::WriteFailure => format!(
-                    "the rendered message exceeds the limit of {} bytes",
-                    self.max_size
-                ),
-                _ => format!("template error: {e}"),
-            })?;
-        Ok(out.out)
+        self.templates.render(name, ctx)
     }
 
     /// Renders one template to a string (for headers and MIME parts).
