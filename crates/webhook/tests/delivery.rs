@@ -52,14 +52,7 @@ async fn every_record_arrives_once_in_order_despite_failures() {
         batch_size: 7,
         ..config(receiver.addr, "retry")
     };
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(config, &log, &store, &cancel);
     // The log grows while the first batch is being retried.
     fill(&log, 50..70);
     let end = log.end();
@@ -106,14 +99,7 @@ async fn headers_name_sign_and_identify_the_batch() {
         secret: "k3y".into(),
         ..config(receiver.addr, "signed")
     };
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(config, &log, &store, &cancel);
     wait_for("the batch", || receiver.request_count() == 1).await;
     let request = &receiver.requests()[0];
 
@@ -168,14 +154,7 @@ async fn restart_resends_only_the_unacknowledged_batch() {
     };
 
     let cancel = CancellationToken::new();
-    let first = spawn(
-        config.clone(),
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let first = spawn_with_store(config.clone(), &log, &store, &cancel);
     let acked_end = log.end_of("m14");
     wait_for("three batches stored and the fourth refused", || {
         store.get("restart") == Some(acked_end) && broken.request_count() >= 5
@@ -303,14 +282,7 @@ async fn types_and_tenants_select_records_and_bad_lines_are_skipped() {
         tenants: vec!["acme".into()],
         ..config(receiver.addr, "filtered")
     };
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(config, &log, &store, &cancel);
     // Lines that are filtered out or unparsable at the end still move the cursor.
     let end = log.end();
     wait_for("the cursor past the skipped tail", || {
@@ -350,14 +322,7 @@ async fn filtered_only_progress_is_stored_at_most_once_a_second() {
         ..config(receiver.addr, "quiet")
     };
     let started = Instant::now();
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(config, &log, &store, &cancel);
     for i in 0..150 {
         log.push(record(&format!("m{i}"), "Delivery", None));
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -402,14 +367,7 @@ async fn a_partial_batch_waits_max_delay_and_a_full_one_does_not() {
         ..config(receiver.addr, "full")
     };
     let store = Arc::new(Store::default());
-    let handle = spawn(
-        full,
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(full, &log, &store, &cancel);
     fill(&log, 0..12);
     let second_batch = log.end_of("m9");
     wait_for("two full batches", || {
@@ -433,14 +391,7 @@ async fn batches_reuse_one_connection() {
         batch_size: 1,
         ..config(receiver.addr, "keepalive")
     };
-    let handle = spawn(
-        config,
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(config, &log, &store, &cancel);
     let end = log.end();
     wait_for("every record", || store.get("keepalive") == Some(end)).await;
     assert_eq!(receiver.request_count(), 40);
@@ -457,14 +408,7 @@ async fn failed_reads_and_stores_are_retried() {
     let store = Arc::new(Store::default());
     store.failing.store(3, Ordering::SeqCst);
     let cancel = CancellationToken::new();
-    let handle = spawn(
-        config(receiver.addr, "flaky"),
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(config(receiver.addr, "flaky"), &log, &store, &cancel);
     let end = log.end();
     wait_for("the cursor stored", || store.get("flaky") == Some(end)).await;
     assert_eq!(receiver.acknowledged(), ids_of(0..10));
@@ -585,14 +529,7 @@ async fn metrics_count_requests_records_and_lag() {
     log.push("garbage".to_string());
     let store = Arc::new(Store::default());
     let cancel = CancellationToken::new();
-    let handle = spawn(
-        config(receiver.addr, "metered"),
-        log.source(Position::default()),
-        store.clone(),
-        Position::default(),
-        cancel.clone(),
-    )
-    .expect("spawns");
+    let handle = spawn_with_store(config(receiver.addr, "metered"), &log, &store, &cancel);
     let end = log.end();
     wait_for("the cursor at the end", || {
         store.get("metered") == Some(end)

@@ -52,6 +52,23 @@ pub fn ids(body: &[u8]) -> Vec<String> {
 }
 
 /// A config for a receiver at `addr`, with quick retries.
+/// Starts `config` over `log` from its beginning, storing its cursor in `store`.
+pub fn spawn_with_store(
+    config: WebhookConfig,
+    log: &Log,
+    store: &std::sync::Arc<Store>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> webhook::WebhookHandle {
+    webhook::spawn(
+        config,
+        log.source(Position::default()),
+        std::sync::Arc::clone(store),
+        Position::default(),
+        cancel.clone(),
+    )
+    .expect("spawns")
+}
+
 /// Starts `config` over `log` from its beginning, with a fresh cursor store.
 pub fn spawn_fresh(
     config: WebhookConfig,
