@@ -385,3 +385,29 @@ async fn template_dialects_static_and_handlebars() {
     assert_eq!(status, 400);
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_may_ask_for_no_received_header() {
+    let sink = capturing_sink().await;
+    let engine = TestEngine::start(&routes(&["trace.test"], sink.local_addr())).await;
+    let body = json!({
+        "envelope_sender": "s@example.com",
+        "content": "Subject: quiet\r\n\r\nhello\r\n",
+        "trace_headers": {"received_header": false, "supplemental_header": false},
+        "recipients": [{"email": "a@trace.test"}],
+    });
+    let (status, reply) = engine.inject(&body).await;
+    assert_eq!(status, 200, "{reply}");
+    let start = std::time::Instant::now();
+    while sink.messages().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(20), "not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = String::from_utf8(sink.messages()[0].data.clone()).unwrap();
+    assert!(
+        text.starts_with("Subject: quiet\r\nMessage-ID: <"),
+        "{text}"
+    );
+    assert!(!text.contains("Received:"), "{text}");
+    engine.stop().await;
+}

@@ -144,6 +144,7 @@ async fn inject(
         tenant,
         priority,
         template_dialect,
+        trace_headers,
         ..
     } = request;
     let renderer = match Renderer::with_dialect(
@@ -208,9 +209,12 @@ async fn inject(
         tenant,
         received_ms: now_ms(),
         priority,
-        door: Some(Arc::new(crate::prepare::Door::Http {
-            client: client.map(|c| c.0 .0.ip()),
-        })),
+        // KumoMTA's per-request switch: no Received header at all when asked.
+        door: trace_headers.received_header.then(|| {
+            Arc::new(crate::prepare::Door::Http {
+                client: client.map(|c| c.0 .0.ip()),
+            })
+        }),
     };
     // Rendering a large batch takes a while: the runtime moves its other tasks off this
     // thread meanwhile. Not a blocking-pool task: the bodies are allocated on a thread that

@@ -47,8 +47,10 @@ fn prepare_all(messages: &mut [NewMessage], by: &str) {
         .format(&time::format_description::well_known::Rfc2822)
         .unwrap_or_default();
     for m in messages {
-        if let Some(door) = m.door.take() {
-            crate::prepare::prepare(m, &door, by, &date);
+        if !m.prepared {
+            let door = m.door.clone();
+            crate::prepare::prepare(m, door.as_deref(), by, &date);
+            m.prepared = true;
         }
     }
 }

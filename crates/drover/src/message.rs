@@ -27,6 +27,9 @@ pub struct NewMessage {
     pub body: Vec<u8>,
     /// The door it came in by: `prepare` writes its `Received:` header (none when unset).
     pub door: Option<std::sync::Arc<crate::prepare::Door>>,
+    /// Whether `prepare` has run (a batch handed back and injected again is not prepared
+    /// twice).
+    pub prepared: bool,
 }
 
 /// What the messages of one injection (a request, an SMTP transaction) share.
@@ -75,6 +78,7 @@ impl NewMessage {
             meta,
             body,
             door: origin.door.clone(),
+            prepared: false,
         }
     }
 }
@@ -202,12 +206,39 @@ pub struct InjectRequest {
     /// Accepted for compatibility with KumoMTA clients.
     #[serde(default)]
     pub deferred_generation: Option<Value>,
-    /// Accepted for compatibility with KumoMTA clients.
+    /// KumoMTA's trace header switches: `received_header: false` leaves out the
+    /// `Received:` header; the supplemental header fields are accepted.
     #[serde(default)]
-    pub trace_headers: Option<Value>,
+    pub trace_headers: TraceHeaders,
     /// `high`, `normal` (default) or `low` (contract §3, Drover's extension).
     #[serde(default)]
     pub priority: queue::Priority,
+}
+
+/// `trace_headers` of an inject request (KumoMTA's `HttpTraceHeaders`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TraceHeaders {
+    /// Add the `Received:` trace header (default).
+    pub received_header: bool,
+    /// KumoMTA's supplemental header (accepted; Drover ties reports to messages by VERP,
+    /// Message-ID and ENVID instead).
+    pub supplemental_header: bool,
+    /// Its name.
+    pub header_name: Option<String>,
+    /// Metadata it would carry.
+    pub include_meta_names: Vec<String>,
+}
+
+impl Default for TraceHeaders {
+    fn default() -> Self {
+        TraceHeaders {
+            received_header: true,
+            supplemental_header: true,
+            header_name: None,
+            include_meta_names: Vec::new(),
+        }
+    }
 }
 
 /// `content`: a raw message or a description to build one from.

@@ -79,12 +79,14 @@ pub(crate) fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Prepares one message: the `Received:` header of `door` prepended, then `Message-ID`
-/// (`<id@domain>`, the domain of the envelope sender, else `by`) and `Date` added at the end
-/// of the header section when absent.
-pub fn prepare(message: &mut NewMessage, door: &Door, by: &str, date: &str) {
+/// Prepares one message: the `Received:` header of `door` prepended (none without a door:
+/// a request that asked for none), then `Message-ID` (`<id@domain>`, the domain of the
+/// envelope sender, else `by`) and `Date` added at the end of the header section when absent.
+pub fn prepare(message: &mut NewMessage, door: Option<&Door>, by: &str, date: &str) {
     let id = message.meta.id.to_string();
-    let received = door.received(by, &id, &message.meta.recipient, date);
+    let received = door
+        .map(|d| d.received(by, &id, &message.meta.recipient, date))
+        .unwrap_or_default();
     let (has_id, has_date, header_end) = scan_headers(&message.body);
     let mut missing = String::new();
     if !has_id {
@@ -164,7 +166,7 @@ mod tests {
             rdns: None,
             protocol: "ESMTPSA",
         };
-        prepare(&mut m, &door, "mx.drover.test", DATE);
+        prepare(&mut m, Some(&door), "mx.drover.test", DATE);
         let text = String::from_utf8(m.body.clone()).unwrap();
         let id = m.meta.id.to_string();
         assert_eq!(
@@ -184,9 +186,9 @@ mod tests {
         );
         prepare(
             &mut m,
-            &Door::Http {
+            Some(&Door::Http {
                 client: Some("::ffff:127.0.0.1".parse().unwrap()),
-            },
+            }),
             "mx.drover.test",
             DATE,
         );
@@ -203,6 +205,18 @@ mod tests {
     }
 
     #[test]
+    fn without_a_door_there_is_no_trace_header_but_the_headers_are_completed() {
+        let mut m = message("Subject: s\r\n\r\nb\r\n");
+        prepare(&mut m, None, "mx.drover.test", DATE);
+        let text = String::from_utf8(m.body).unwrap();
+        assert!(text.starts_with("Subject: s\r\nMessage-ID: <"), "{text}");
+        assert!(
+            text.contains(&format!("\r\nDate: {DATE}\r\n\r\nb\r\n")),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn hostile_helo_and_headerless_messages() {
         let mut m = message("just a line without a header section");
         let door = Door::Smtp {
@@ -211,7 +225,7 @@ mod tests {
             rdns: Some("host .example".into()),
             protocol: "ESMTP",
         };
-        prepare(&mut m, &door, "mx.drover.test", DATE);
+        prepare(&mut m, Some(&door), "mx.drover.test", DATE);
         let text = String::from_utf8(m.body).unwrap();
         assert!(
             text.starts_with("Received: from unknown (unknown [192.0.2.7])"),
