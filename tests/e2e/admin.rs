@@ -183,3 +183,74 @@ async fn retry_now_delivers_deferred_messages_without_waiting() {
     assert_eq!(sink.stats().transactions, 3);
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kumomta_admin_calls_suspend_list_cancel_and_bounce() {
+    let sink = capturing_sink().await;
+    let engine = TestEngine::start(&routes(&["kumo.test"], sink.local_addr())).await;
+    let (status, reply) = post_json(
+        &engine.url("/api/admin/suspend/v1"),
+        &json!({"domain": "kumo.test", "reason": "maintenance", "duration": "1h"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let id = reply["id"].as_str().unwrap().to_owned();
+    let listed: serde_json::Value = reqwest::get(engine.url("/api/admin/suspend/v1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed[0]["id"], id.as_str(), "{listed}");
+    assert_eq!(listed[0]["domain"], "kumo.test");
+    // Held: injected mail waits.
+    let mut body = message_for(&["a@kumo.test".into(), "b@kumo.test".into()]);
+    body["campaign"] = json!("doomed");
+    let (status, _) = engine.inject(&body).await;
+    assert_eq!(status, 200);
+    let (status, _) = engine.inject(&message_for(&["c@kumo.test".into()])).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sink.messages().is_empty());
+    // A bounce of the campaign ends its two messages with AdminBounce records.
+    let (status, reply) = post_json(
+        &engine.url("/api/admin/bounce/v1"),
+        &json!({"campaign": "doomed", "reason": "sent by mistake"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["total_bounced"], 2);
+    assert_eq!(reply["bounced"]["doomed"], 2);
+    // Cancelling the suspension by its id lets the rest flow.
+    let cancelled = reqwest::Client::new()
+        .delete(engine.url("/api/admin/suspend/v1"))
+        .json(&json!({ "id": id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status().as_u16(), 200);
+    let recs = wait_records(&engine.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 1 && count_type(r, "AdminBounce") == 2
+    })
+    .await;
+    assert!(recs
+        .iter()
+        .any(|r| r["type"] == "Delivery" && r["recipient"] == "c@kumo.test"));
+    let again = reqwest::Client::new()
+        .delete(engine.url("/api/admin/suspend/v1"))
+        .json(&json!({ "id": id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 404);
+    let (status, _) = post_json(
+        &engine.url("/api/admin/suspend/v1"),
+        &json!({"tenant": "acme", "reason": "x"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    engine.stop().await;
+}

@@ -49,6 +49,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/openapi.json", get(crate::openapi::serve))
+        // KumoMTA's admin endpoints, for scripts written against it.
+        .route(
+            "/api/admin/suspend/v1",
+            post(crate::kumo_admin::suspend)
+                .get(crate::kumo_admin::list)
+                .delete(crate::kumo_admin::cancel),
+        )
+        .route("/api/admin/bounce/v1", post(crate::kumo_admin::bounce))
         // Before any body is read: an unauthenticated client gets 401, not a buffered upload.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

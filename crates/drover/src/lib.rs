@@ -18,6 +18,7 @@ mod error;
 mod finalizer;
 pub mod inbound;
 mod inject;
+mod kumo_admin;
 mod log_keeper;
 mod outcome;
 pub mod prepare;
