@@ -19,7 +19,6 @@ mod net;
 
 use serde_json::json;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn deliveries(path: &Path) -> usize {
@@ -45,15 +44,7 @@ fn run(drover: &Path, work: &Path, sink_port: u16, n: usize, tenants: usize) -> 
     );
     let path = dir.path().join("drover.toml");
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(drover)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(net::wait_for_port(http, Duration::from_secs(30)));
+    let mut child = net::spawn_serve(drover, &path, http);
     net::http_post(
         http,
         "/api/admin/v1/suspend",

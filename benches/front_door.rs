@@ -52,15 +52,7 @@ fn start_engine(drover: &Path, work: &Path) -> Engine {
     );
     let path = dir.path().join("drover.toml");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(drover)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(net::wait_for_port(http, Duration::from_secs(30)));
+    let child = net::spawn_serve(drover, &path, http);
     assert!(net::wait_for_port(smtp, Duration::from_secs(30)));
     let reply = net::http_post(
         http,

@@ -28,7 +28,6 @@ mod net;
 
 use serde_json::json;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,15 +185,7 @@ fn run(
     receiver
         .accept
         .store(hooks != Hooks::TwoDown, Ordering::SeqCst);
-    let mut child = Command::new(drover)
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(net::wait_for_port(http, Duration::from_secs(30)));
+    let mut child = net::spawn_serve(drover, &path, http);
     net::http_post(
         http,
         "/api/admin/v1/suspend",

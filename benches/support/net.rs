@@ -93,3 +93,21 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// `drover serve --config <config>` (quiet), waited for until its HTTP API on `http` listens.
+pub fn spawn_serve(
+    drover: &std::path::Path,
+    config: &std::path::Path,
+    http: u16,
+) -> std::process::Child {
+    let child = std::process::Command::new(drover)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_port(http, Duration::from_secs(30)));
+    child
+}
