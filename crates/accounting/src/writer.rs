@@ -203,11 +203,6 @@ impl Accounting {
         *self.shared.synced.borrow()
     }
 
-    /// Follows the synced end of the log (for readers that wait for new records).
-    pub fn watch_synced(&self) -> watch::Receiver<Position> {
-        self.shared.synced.subscribe()
-    }
-
     /// Serialises a record as the one JSON line it will be written as (without the newline).
     pub fn to_line(record: &Record) -> String {
         // Serialising plain data with string keys cannot fail.

@@ -10,6 +10,30 @@ const SUSPEND_PREFIX: &str = "suspend/";
 /// Messages a purge records and deletes per write.
 const PURGE_CHUNK: usize = 10_000;
 
+/// What an operator's request names: exactly one of a domain (lower-cased) and a campaign,
+/// empty counting as absent. Both admin APIs (Drover's and KumoMTA's) read it so.
+pub(crate) fn selector(domain: Option<&str>, campaign: Option<&str>) -> Result<Selector, String> {
+    let domain = domain.map(str::trim).filter(|d| !d.is_empty());
+    let campaign = campaign.map(str::trim).filter(|c| !c.is_empty());
+    match (domain, campaign) {
+        // Lists show a source's own queue as `domain|source`; holds and backoffs of it are
+        // named (and lifted) by the domain alone.
+        (Some(d), None) if d.contains('|') => Err(
+            "domain: name the domain or site without the |source part; it acts on every source's queue"
+                .into(),
+        ),
+        (Some(d), None) => Ok(Selector::Domain(d.to_ascii_lowercase())),
+        (None, Some(c)) => Ok(Selector::Campaign(c.to_owned())),
+        _ => Err("give exactly one of domain and campaign".into()),
+    }
+}
+
+/// An operator's `duration` (`"2h"`).
+pub(crate) fn duration(text: Option<&str>) -> Result<Option<Duration>, String> {
+    text.map(|d| humantime::parse_duration(d).map_err(|e| format!("duration: {e}")))
+        .transpose()
+}
+
 fn suspend_key(selector: &Selector) -> String {
     match selector {
         Selector::Domain(d) => format!("{SUSPEND_PREFIX}domain/{d}"),

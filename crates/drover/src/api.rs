@@ -1,29 +1,22 @@
 //! The HTTP API: injection, admin, `/metrics`, `/healthz`, `/readyz` (contract §3).
 
 use crate::clock::now_ms;
-use crate::engine::{Engine, EngineError, Unsignable};
+use crate::engine::{EngineError, Unsignable};
 use crate::http_guard::Body;
 use crate::message::{prepare, InjectRequest, Origin, Prepared, Renderer};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::PrometheusHandle;
 use queue::{Selector, Suppression, SuppressionKey};
 use serde::Serialize;
 use serde_json::json;
 use std::sync::Arc;
 
-/// What the handlers share.
-#[derive(Clone)]
-pub struct AppState {
-    /// The engine.
-    pub engine: Arc<Engine>,
-    /// Renders `/metrics`.
-    pub metrics: PrometheusHandle,
-}
+pub use crate::api_state::AppState;
+use crate::api_state::{error, unavailable};
 
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
@@ -64,17 +57,6 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
-fn unavailable(message: impl Into<String>) -> Response {
-    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
-    r
 }
 
 #[derive(Serialize)]
@@ -228,7 +210,7 @@ async fn inject(
     // thread meanwhile. Not a blocking-pool task: the bodies are allocated on a thread that
     // keeps allocating (a worker), so their memory is reused instead of stranded in the heaps
     // of idle pool threads (measured at 100 KB: +20 % CPU and +200 MB RSS that way).
-    let prepared = crate::prepare::off_the_runtime(|| {
+    let prepared = crate::blocking::off_the_runtime(|| {
         prepare(
             &renderer,
             &substitutions,
@@ -386,31 +368,10 @@ fn admin_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Res
 
 fn admin_target(body: &Bytes) -> Result<(Selector, Option<std::time::Duration>), Box<Response>> {
     let target: AdminTarget = admin_body(body)?;
-    let selector = match (target.domain, target.campaign) {
-        // Lists show a source's own queue as `domain|source`; holds and backoffs of it are
-        // named (and lifted) by the domain alone.
-        (Some(d), None) if d.contains('|') => {
-            return Err(bad(
-                StatusCode::BAD_REQUEST,
-                "domain: name the domain or site without the |source part; it acts on every source's queue",
-            ))
-        }
-        (Some(d), None) if !d.trim().is_empty() => Selector::Domain(d.trim().to_ascii_lowercase()),
-        (None, Some(c)) if !c.trim().is_empty() => Selector::Campaign(c.trim().to_owned()),
-        _ => {
-            return Err(bad(
-                StatusCode::BAD_REQUEST,
-                "give exactly one of domain and campaign",
-            ))
-        }
-    };
-    let duration = target
-        .duration
-        .map(|d| {
-            humantime::parse_duration(&d)
-                .map_err(|e| bad(StatusCode::BAD_REQUEST, format!("duration: {e}")))
-        })
-        .transpose()?;
+    let selector = crate::admin::selector(target.domain.as_deref(), target.campaign.as_deref())
+        .map_err(|why| bad(StatusCode::BAD_REQUEST, why))?;
+    let duration = crate::admin::duration(target.duration.as_deref())
+        .map_err(|why| bad(StatusCode::BAD_REQUEST, why))?;
     Ok((selector, duration))
 }
 

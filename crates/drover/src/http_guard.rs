@@ -2,24 +2,18 @@
 //! request bodies read within `http.max_body_size`, gzip-decoded when the client sent them so
 //! (the decoded size bounded by the same limit: a zip bomb gets 413, not the memory).
 
-use crate::api::AppState;
+use crate::api_state::{error, AppState};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use subtle::{Choice, ConstantTimeEq};
 
 /// Paths anyone may call: probes, the metrics scrape and the API's own description.
-const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics", "/api/openapi.json"];
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
+pub(crate) const PUBLIC: &[&str] = &["/healthz", "/readyz", "/metrics", "/api/openapi.json"];
 
 /// Whether the request carries one of `tokens` (`Authorization: Bearer <token>`, the scheme
 /// in any case). Every configured token is compared, each through its SHA-256 digest and in
@@ -77,7 +71,7 @@ impl FromRequest<AppState> for Body {
         let limit = state.engine.config().http.max_body_size;
         match encoding.as_deref() {
             None | Some("" | "identity") => Ok(Body(raw)),
-            Some("gzip" | "x-gzip") => crate::prepare::off_the_runtime(|| gunzip(&raw, limit))
+            Some("gzip" | "x-gzip") => crate::blocking::off_the_runtime(|| gunzip(&raw, limit))
                 .map(Body)
                 .map_err(|(status, message)| error(status, message)),
             Some(other) => Err(error(

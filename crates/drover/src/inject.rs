@@ -124,7 +124,7 @@ impl Engine {
         let by = self.ehlo_name().to_owned();
         let (messages, signed) = if policy.signers.is_empty() && policy.stamper.is_noop() {
             let mut messages = messages;
-            crate::prepare::off_the_runtime(|| prepare_all(&mut messages, &by));
+            crate::blocking::off_the_runtime(|| prepare_all(&mut messages, &by));
             (messages, 0)
         } else {
             // RSA signing costs about a millisecond per message and stamping copies each

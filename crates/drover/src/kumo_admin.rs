@@ -6,7 +6,7 @@
 //! A Drover hold is keyed by its domain or campaign, so its id is derived from that key: the
 //! same hold always has the same id, and a DELETE finds it without a table of ids.
 
-use crate::api::AppState;
+use crate::api_state::{error, AppState};
 use crate::clock::now_ms;
 use crate::http_guard::Body;
 use axum::extract::State;
@@ -17,10 +17,6 @@ use queue::Selector;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
 
 /// KumoMTA's `SuspendV1Request` and `BounceV1Request` (the fields Drover can act on).
 #[derive(Debug, Deserialize)]
@@ -48,20 +44,11 @@ impl Request {
                     .into(),
             );
         }
-        match (self.domain.as_deref(), self.campaign.as_deref()) {
-            (Some(d), None) if !d.trim().is_empty() => {
-                Ok(Selector::Domain(d.trim().to_ascii_lowercase()))
-            }
-            (None, Some(c)) if !c.trim().is_empty() => Ok(Selector::Campaign(c.trim().to_owned())),
-            _ => Err("give exactly one of domain and campaign".into()),
-        }
+        crate::admin::selector(self.domain.as_deref(), self.campaign.as_deref())
     }
 
     fn duration(&self) -> Result<Option<std::time::Duration>, Refusal> {
-        self.duration
-            .as_deref()
-            .map(|d| humantime::parse_duration(d).map_err(|e| format!("duration: {e}")))
-            .transpose()
+        crate::admin::duration(self.duration.as_deref())
     }
 }
 

@@ -4,6 +4,8 @@
 
 // Doors: where messages come in.
 pub mod api;
+mod api_state;
+mod blocking;
 mod http_guard;
 pub mod listener;
 pub mod openapi;

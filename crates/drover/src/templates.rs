@@ -50,11 +50,24 @@ fn is_html(name: &str) -> bool {
 struct Capped {
     out: Vec<u8>,
     limit: usize,
+    /// Whether a write was refused: the render failed for its size, not its template.
+    overflowed: bool,
+}
+
+impl Capped {
+    fn new(limit: usize) -> Capped {
+        Capped {
+            out: Vec::new(),
+            limit,
+            overflowed: false,
+        }
+    }
 }
 
 impl std::io::Write for Capped {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.out.len() + buf.len() > self.limit {
+            self.overflowed = true;
             return Err(std::io::Error::other(format!(
                 "the rendered message exceeds the limit of {} bytes",
                 self.limit
@@ -127,46 +140,24 @@ impl Templates {
                 self.max_size
             )
         };
-        match &self.inner {
-            Inner::Jinja(env) => {
-                let template = env
-                    .get_template(name)
-                    .map_err(|e| format!("template error: {e}"))?;
-                let mut out = Capped {
-                    out: Vec::new(),
-                    limit: self.max_size,
-                };
-                template
-                    .render_captured_to(ctx, &mut out)
-                    .map(drop)
-                    .map_err(|e| match e.kind() {
-                        minijinja::ErrorKind::WriteFailure => too_large(),
-                        _ => format!("template error: {e}"),
-                    })?;
-                Ok(out.out)
-            }
+        let mut out = Capped::new(self.max_size);
+        let rendered = match &self.inner {
+            Inner::Jinja(env) => env
+                .get_template(name)
+                .and_then(|t| t.render_captured_to(ctx, &mut out).map(drop))
+                .map_err(|e| e.to_string()),
             Inner::Static(map) => {
                 let source = map.get(name).map(String::as_bytes).unwrap_or_default();
-                if source.len() > self.max_size {
-                    return Err(too_large());
-                }
-                Ok(source.to_vec())
+                std::io::Write::write_all(&mut out, source).map_err(|e| e.to_string())
             }
-            Inner::Handlebars(registries) => {
-                let registry = &registries[usize::from(is_html(name))];
-                let mut out = Capped {
-                    out: Vec::new(),
-                    limit: self.max_size,
-                };
-                registry.render_to_write(name, ctx, &mut out).map_err(|e| {
-                    if out.out.len() + 1 > self.max_size {
-                        too_large()
-                    } else {
-                        format!("template error: {e}")
-                    }
-                })?;
-                Ok(out.out)
-            }
+            Inner::Handlebars(registries) => registries[usize::from(is_html(name))]
+                .render_to_write(name, ctx, &mut out)
+                .map_err(|e| e.to_string()),
+        };
+        match rendered {
+            Ok(()) => Ok(out.out),
+            Err(_) if out.overflowed => Err(too_large()),
+            Err(e) => Err(format!("template error: {e}")),
         }
     }
 }
