@@ -27,6 +27,7 @@ fn meta(size: usize) -> MessageMeta {
         last_source: None,
         priority: Default::default(),
         metadata: None,
+        arrived_ms: None,
         size: size as u64,
     }
 }

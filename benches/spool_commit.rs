@@ -37,6 +37,7 @@ fn meta(i: u64) -> MessageMeta {
         last_source: None,
         priority: Default::default(),
         metadata: None,
+        arrived_ms: None,
         size: 2048,
     }
 }

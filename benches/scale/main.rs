@@ -98,6 +98,7 @@ fn meta(i: usize, shape: Shape, due_ms: u64) -> MessageMeta {
         last_source: None,
         priority: Default::default(),
         metadata: None,
+        arrived_ms: None,
         size: 0,
     }
 }

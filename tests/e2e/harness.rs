@@ -272,6 +272,7 @@ pub async fn fill_spool(path: &Path, count: usize, due_in_ms: u64, campaign: Opt
                     last_source: None,
                     priority: Default::default(),
                     metadata: None,
+                    arrived_ms: None,
                     size: 20,
                 };
                 (meta, b"Subject: x\r\n\r\nhi\r\n".to_vec())

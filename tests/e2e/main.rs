@@ -12,6 +12,7 @@ mod crash;
 mod delivery;
 mod dkim;
 mod dns;
+mod drain;
 mod fairness;
 mod feedback;
 mod fulldisk;

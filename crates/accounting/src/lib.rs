@@ -48,6 +48,9 @@ pub enum RecordType {
     Complaint,
     /// A recipient unsubscribed: a one-click POST or an unsubscribe mail.
     Unsubscribe,
+    /// The message moved to another Drover instance (`drover drain`), which synced it and
+    /// wrote its `Reception`; final for this instance (Drover extension).
+    Transfer,
 }
 
 impl RecordType {
@@ -59,6 +62,7 @@ impl RecordType {
                 | RecordType::Bounce
                 | RecordType::Expiration
                 | RecordType::AdminBounce
+                | RecordType::Transfer
         )
     }
 }
@@ -95,6 +99,19 @@ pub struct ReportInfo {
     pub original_message_id: Option<String>,
     /// Drover's id of the inbound mail (a kept copy is named after it).
     pub inbound_id: Option<String>,
+}
+
+/// Where a message moved between Drover instances (`drover drain`): on the sender's
+/// `Transfer` record the peer it went `to`, on the receiver's `Reception` the instance it came
+/// `from` (Drover extension).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferInfo {
+    /// The sending instance (its EHLO name), on the receiver's `Reception`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The peer's base URL, on the sender's `Transfer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
 }
 
 /// One accounting record (one line of the JSON Lines file).
@@ -146,6 +163,9 @@ pub struct Record {
     /// For `AsyncBounce`, `Complaint`, `Unsubscribe`: the inbound report behind the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<ReportInfo>,
+    /// For `Transfer`, and a `Reception` by transfer: where the message moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferInfo>,
 }
 
 impl Record {
@@ -172,6 +192,7 @@ impl Record {
             tls: None,
             feedback_type: None,
             report: None,
+            transfer: None,
         }
     }
 }

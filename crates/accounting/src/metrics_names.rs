@@ -77,6 +77,7 @@ pub(crate) fn count(kind: RecordType, category: Option<BounceCategory>) {
         RecordType::Unsubscribe => {
             metrics::counter!(FEEDBACK, "type" => "Unsubscribe").increment(1)
         }
-        RecordType::Reception => {}
+        // Counted by the engine that moves them (`drover_drain_messages_total`).
+        RecordType::Reception | RecordType::Transfer => {}
     }
 }

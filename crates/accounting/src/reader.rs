@@ -68,7 +68,7 @@ impl Accounting {
         }
     }
 
-    /// The ids with a final record (`Delivery`, `Bounce`, `Expiration`, `AdminBounce`) and
+    /// The ids with a final record (`Delivery`, `Bounce`, `Expiration`, `AdminBounce`, `Transfer`) and
     /// with a `Reception` record at or after `from`, across segments. Used at start-up to
     /// settle what a crash left half done; reads only what was written since.
     pub fn ids_since(&self, from: Position) -> Result<Recorded, AccountingError> {

@@ -31,6 +31,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/admin/v1/retry", post(retry))
         .route("/api/admin/v1/purge", post(purge))
         .route(
+            "/api/admin/v1/drain",
+            post(crate::drain_api::start)
+                .get(crate::drain_api::status)
+                .delete(crate::drain_api::cancel),
+        )
+        .route("/api/admin/v1/transfer", post(crate::drain_api::transfer))
+        .route(
             "/api/admin/v1/suppressions",
             get(list_suppressions).post(add_suppressions),
         )
@@ -50,6 +57,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(crate::kumo_admin::cancel),
         )
         .route("/api/admin/bounce/v1", post(crate::kumo_admin::bounce))
+        .route("/api/admin/xfer/v1", post(crate::kumo_admin::xfer))
         // Before any body is read: an unauthenticated client gets 401, not a buffered upload.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -179,6 +179,53 @@ pub struct Config {
     pub unsubscribe: UnsubscribeConfig,
     /// `[[tenant]]`: per-tenant settings (extension).
     pub tenant: Vec<TenantConfig>,
+    /// `[drain]`: moving the queue to a peer at shutdown (extension).
+    pub drain: DrainConfig,
+}
+
+/// `[drain]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// The base URL of a peer engine (`http://peer:8025`): when set, SIGTERM first moves
+    /// every queued message there (as `drover drain --to` does), then stops.
+    pub on_shutdown_to: Option<String>,
+    /// A file whose first line is the peer's API token, for the shutdown drain and for
+    /// KumoMTA's xfer call (which carries none).
+    pub peer_token_file: Option<PathBuf>,
+}
+
+impl DrainConfig {
+    /// The peer's token from `peer_token_file`, if one is configured.
+    pub fn peer_token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.peer_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            invalid(
+                "drain.peer_token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let token = text.lines().next().unwrap_or("").trim().to_owned();
+        if token.is_empty() {
+            return Err(invalid("drain.peer_token_file", "the file holds no token"));
+        }
+        Ok(Some(token))
+    }
+}
+
+/// A peer engine's base URL (`drover drain --to`, `[drain] on_shutdown_to`): http or https
+/// with a host, and nothing after the path.
+pub fn peer_url(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text.trim()).map_err(|e| format!("{text:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!("{text:?}: not an http(s) URL with a host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?}: a base URL takes no query or fragment"));
+    }
+    Ok(url)
 }
 
 /// `[[tenant]]`
@@ -924,6 +971,10 @@ impl Config {
         }
         self.smtp_listener_tls()?;
         self.validate_smtp_listener()?;
+        if let Some(to) = &self.drain.on_shutdown_to {
+            peer_url(to).map_err(|e| invalid("drain.on_shutdown_to", e))?;
+        }
+        self.drain.peer_token()?;
         self.accounting.csv_format()?;
         let mut labels = std::collections::HashSet::new();
         for (i, w) in self.webhook.iter().enumerate() {
@@ -1315,6 +1366,40 @@ mod tests {
             c.accounting_path(),
             PathBuf::from("./drover-data/accounting.jsonl")
         );
+    }
+
+    #[test]
+    fn drain_keys_name_a_bad_peer_url_or_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("peer.token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let c = Config::parse(&format!(
+            "[drain]\non_shutdown_to = \"http://10.0.0.2:8025\"\npeer_token_file = {token:?}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.drain.peer_token().unwrap().as_deref(), Some("s3cret"));
+        let key = |toml: &str| match Config::parse(toml) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{toml}: {other:?}"),
+        };
+        assert_eq!(
+            key("[drain]\non_shutdown_to = \"ftp://peer\"\n"),
+            "drain.on_shutdown_to"
+        );
+        assert_eq!(
+            key("[drain]\non_shutdown_to = \"http://peer:8025/?x=1\"\n"),
+            "drain.on_shutdown_to"
+        );
+        assert_eq!(
+            key("[drain]\npeer_token_file = \"/nonexistent/token\"\n"),
+            "drain.peer_token_file"
+        );
+        std::fs::write(&token, "\n").unwrap();
+        assert_eq!(
+            key(&format!("[drain]\npeer_token_file = {token:?}\n")),
+            "drain.peer_token_file"
+        );
+        assert!(Config::parse("[drain]\nto = \"x\"\n").is_err());
     }
 
     #[test]

@@ -38,7 +38,10 @@ impl Engine {
             }
             let now = now_ms();
             self.scheduler.promote(now);
-            self.start_workers(&mut cursor, now);
+            // A scale-down moves the queue to a peer: no attempt starts here meanwhile.
+            if !self.drains.scaling_down() {
+                self.start_workers(&mut cursor, now);
+            }
             let sleep = match self.scheduler.next_due() {
                 Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).clamp(1, 1000)),
                 None => Duration::from_secs(1),

@@ -158,6 +158,7 @@ mod tests {
             last_source: None,
             priority: Default::default(),
             metadata: None,
+            arrived_ms: None,
             size: 0,
         }
     }

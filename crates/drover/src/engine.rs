@@ -46,6 +46,8 @@ pub struct Engine {
     pub(crate) reloading: Arc<AtomicBool>,
     /// Tag VERP addresses and unsubscribe links (`startup::feedback_keys`).
     pub(crate) feedback_keys: feedback::Keys,
+    /// Messages moving to and from other instances (`drain`).
+    pub(crate) drains: crate::drain::Drains,
 }
 
 impl std::fmt::Debug for Engine {
@@ -121,9 +123,10 @@ impl Engine {
         self.spool.is_writable()
     }
 
-    /// Whether shutdown has begun.
+    /// Whether shutdown has begun, or a drain of the whole queue to a peer (`drover drain`)
+    /// runs or has finished: either way the engine takes no new mail.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        self.draining.load(Ordering::SeqCst) || self.drains.scaling_down()
     }
 
     /// Whether the start-up reload of the spool still runs.

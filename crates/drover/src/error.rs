@@ -40,6 +40,12 @@ pub enum EngineError {
     /// Signing stopped abnormally.
     #[error("signing failed: {0}")]
     Signing(String),
+    /// A request the engine cannot act on as given (e.g. a drain to a malformed URL).
+    #[error("{0}")]
+    Refused(String),
+    /// Another drain is running (one at a time).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Messages handed back by [`Engine::accept`] because some of them cannot be signed.

@@ -376,11 +376,11 @@ pub(crate) struct Settled {
 
 impl Settled {
     /// Whether a spooled message lacks its Reception record (a crash between its spool write
-    /// and its record): it was received in the window and has no record after the checkpoint.
+    /// and its record): it was received in the window (or, when it came from another
+    /// instance, arrived here in it) and has no record after the checkpoint.
     pub(crate) fn missing_reception(&self, meta: &MessageMeta) -> bool {
-        self.window
-            .as_ref()
-            .is_some_and(|w| w.contains(&meta.received_ms))
+        let here = meta.arrived_ms.unwrap_or(meta.received_ms);
+        self.window.as_ref().is_some_and(|w| w.contains(&here))
             && !self.receptions.contains(&meta.id)
     }
 }
@@ -462,6 +462,7 @@ mod tests {
             size: 4,
             priority: Default::default(),
             metadata: None,
+            arrived_ms: None,
         };
         spool
             .insert(vec![(meta.clone(), b"body".to_vec())])
@@ -607,6 +608,13 @@ mod tests {
         let mut later = cut.clone();
         later.received_ms = now_ms() + 1000;
         assert!(!settled.missing_reception(&later));
+        // One that came from another instance in the window, received there long before,
+        // is judged by its arrival here.
+        let mut moved = cut.clone();
+        moved.received_ms = 1;
+        assert!(!settled.missing_reception(&moved));
+        moved.arrived_ms = Some(cut.received_ms);
+        assert!(settled.missing_reception(&moved));
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! KumoMTA's admin endpoints that operators script against, mapped onto Drover's own:
 //! `/api/admin/suspend/v1` (POST to hold, GET to list, DELETE by id to lift) and
 //! `/api/admin/bounce/v1` (a purge: every matching queued message ends with an
-//! `AdminBounce` record). Request and reply shapes are KumoMTA's.
+//! `AdminBounce` record), `/api/admin/xfer/v1` (a drain of the matching messages to another
+//! instance, see `drain`). Request and reply shapes are KumoMTA's.
 //!
 //! A Drover hold is keyed by its domain or campaign, so its id is derived from that key: the
 //! same hold always has the same id, and a DELETE finds it without a table of ids.
@@ -203,6 +204,58 @@ pub(crate) async fn bounce(State(state): State<AppState>, Body(body): Body) -> R
             .into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// KumoMTA's `XferV1Request` (its `protocol` flattened: `target`).
+#[derive(Debug, Deserialize)]
+struct XferRequest {
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default)]
+    campaign: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    routing_domain: Option<String>,
+    reason: String,
+    #[serde(default)]
+    queue_names: Vec<String>,
+    /// The peer's HTTP base URL.
+    target: String,
+}
+
+/// `POST /api/admin/xfer/v1` → `{}`: the matching queued messages (every one when no
+/// domain, campaign or tenant is given) move to `target`, each ending here with a `Transfer`
+/// record (KumoMTA writes `AdminRebind`). The move runs in the background, as KumoMTA's does;
+/// `GET /api/admin/v1/drain` shows it. The peer token is `[drain] peer_token_file`.
+pub(crate) async fn xfer(State(state): State<AppState>, Body(body): Body) -> Response {
+    let request: XferRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("invalid request body: {e}")),
+    };
+    if request.routing_domain.is_some() {
+        return bad("routing_domain: Drover queues by recipient domain; use domain".into());
+    }
+    if !request.queue_names.is_empty() {
+        return bad("queue_names: select by domain, campaign and tenant".into());
+    }
+    let token = match crate::drain_api::configured_token(&state) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let spec = crate::drain::DrainSpec {
+        to: request.target.trim().to_owned(),
+        token,
+        filter: crate::drain_api::filter(request.domain, request.campaign, request.tenant),
+        reason: request.reason,
+    };
+    match crate::drain_api::start_detached(&state, spec).await {
+        Ok(status) => {
+            tracing::info!(to = ?status.to, filter = ?status.filter, "xfer through the KumoMTA admin API");
+            Json(json!({})).into_response()
+        }
+        Err(e) => crate::drain_api::start_error(e),
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod api;
 mod api_state;
 mod blocking;
+mod drain_api;
 mod http_guard;
 pub mod listener;
 pub mod openapi;
@@ -15,6 +16,7 @@ pub mod message;
 // The engine's state, and its work by concern, in the order a message meets them.
 mod admin;
 mod dispatch;
+pub mod drain;
 pub mod engine;
 mod error;
 mod finalizer;

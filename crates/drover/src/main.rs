@@ -1,6 +1,7 @@
 //! The `drover` command line (contract §1).
 
 mod admin_client;
+mod drain_cli;
 mod suppression_cli;
 
 use anyhow::Context;
@@ -57,6 +58,8 @@ enum Cmd {
     Queue(QueueArgs),
     /// List, add, remove, export or import the suppression list through the admin API.
     Suppression(suppression_cli::SuppressionArgs),
+    /// Scale-down: move every queued message of an engine to another engine, until done.
+    Drain(drain_cli::DrainArgs),
     /// Print the DNS TXT records the `[[dkim]]` keys of a configuration file need.
     DkimRecords {
         /// The configuration file.
@@ -265,6 +268,7 @@ async fn run(command: Cmd) -> ExitCode {
         Cmd::HashPassword => exit(hash_password()),
         Cmd::Queue(args) => exit(queue(args).await),
         Cmd::Suppression(args) => exit(suppression_cli::run(args).await),
+        Cmd::Drain(args) => exit(drain_cli::run(args).await),
     }
 }
 
@@ -350,6 +354,17 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     });
     shutdown_signal().await;
+    if let Some(to) = running.engine.config().drain.on_shutdown_to.clone() {
+        // A second signal stops the wait; the drain is stored and resumes at the next start.
+        tokio::select! {
+            moved = running.engine.drain_on_shutdown(&to) => match moved {
+                Ok(true) => tracing::info!(%to, "drained the queue"),
+                Ok(false) => tracing::error!(%to, "the drain stopped; what is left stays spooled"),
+                Err(e) => tracing::error!(%to, error = %e, "cannot drain"),
+            },
+            _ = shutdown_signal() => tracing::warn!("second signal: stopping before the drain is done; it resumes at the next start"),
+        }
+    }
     tracing::info!("shutting down: finishing in-flight deliveries");
     running.shutdown(Duration::from_secs(30)).await;
     tracing::info!("stopped");

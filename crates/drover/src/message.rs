@@ -73,6 +73,7 @@ impl NewMessage {
             priority: origin.priority,
             size: body.len() as u64,
             metadata: None,
+            arrived_ms: None,
         };
         NewMessage {
             meta,

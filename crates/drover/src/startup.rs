@@ -140,8 +140,11 @@ impl Engine {
             draining: AtomicBool::new(false),
             reloading: Arc::new(AtomicBool::new(true)),
             feedback_keys,
+            drains: Default::default(),
         });
         engine.load_suspensions()?;
+        // Before the listeners open: a scale-down an earlier run began refuses mail at once.
+        engine.resume_drain()?;
         engine
             .scheduler
             .set_tenant_weights(engine.config.tenant_weights());

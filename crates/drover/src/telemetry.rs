@@ -26,6 +26,10 @@ pub(crate) const INBOUND: &str = "drover_inbound_reports_total";
 /// Accounting segments a webhook skipped because they were gone before it sent them
 /// (extension).
 pub(crate) const WEBHOOK_SKIPPED_SEGMENTS: &str = "drover_webhook_skipped_segments_total";
+/// Messages moved between instances by a drain, by `direction` (`out`, `in`) (extension).
+pub(crate) const DRAIN_MESSAGES: &str = "drover_drain_messages_total";
+/// Messages the running drain has still to move (extension).
+pub(crate) const DRAIN_LEFT: &str = "drover_drain_left_messages";
 /// The process's resident memory (the standard Prometheus process metric).
 pub(crate) const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 
@@ -44,6 +48,18 @@ pub(crate) const DELIVERY_DURATION_BUCKETS: &[f64] = &[
 /// Registers the descriptions of every metric (contract §5).
 pub(crate) fn describe_metrics() {
     metrics::describe_counter!(RECEIVED, "Messages accepted into the spool, by channel.");
+    metrics::describe_counter!(
+        DRAIN_MESSAGES,
+        "Messages moved to (out) or taken from (in) another instance by a drain."
+    );
+    metrics::describe_gauge!(
+        DRAIN_LEFT,
+        "Messages the running drain has still to move (0 when none runs)."
+    );
+    for direction in ["out", "in"] {
+        metrics::counter!(DRAIN_MESSAGES, "direction" => direction).increment(0);
+    }
+    metrics::gauge!(DRAIN_LEFT).set(0.0);
     metrics::describe_counter!(
         WEBHOOK_SKIPPED_SEGMENTS,
         "Accounting segments a webhook could not send: deleted (retention past webhook_hold) or lost before it read them."

@@ -64,7 +64,8 @@ impl Engine {
         let mut current: Option<(Session, QueueKey)> = None;
         let turn = tokio::time::Instant::now();
         let mut delivered = 0u32;
-        while !self.cancel.is_cancelled() && self.spool.is_writable() {
+        while !self.cancel.is_cancelled() && self.spool.is_writable() && !self.drains.scaling_down()
+        {
             if delivered > 0
                 && self.crew.starving.load(Ordering::SeqCst)
                 && (delivered >= TURN_MESSAGES || turn.elapsed() >= TURN_TIME)

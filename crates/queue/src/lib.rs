@@ -46,7 +46,7 @@ pub mod testing;
 
 pub use fair::Priority;
 pub use message::{MessageId, MessageMeta};
-pub use schedule::{DestinationCounts, GroupCounts, Scheduler, Selector, Tags};
+pub use schedule::{DestinationCounts, Filter, GroupCounts, Scheduler, Selector, Tags};
 pub use spool::{
     Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_PENDING_WRITE_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,

@@ -105,6 +105,11 @@ pub struct MessageMeta {
     /// of the message (contract §4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Value>,
+    /// When it arrived on this instance by a transfer from another one (`drover drain`), ms
+    /// since the epoch; `None` for a message injected here. Start-up repair of lost
+    /// `Reception` records goes by this time rather than the original reception.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrived_ms: Option<u64>,
 }
 
 fn is_normal(p: &crate::Priority) -> bool {

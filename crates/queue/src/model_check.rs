@@ -44,6 +44,7 @@ fn meta(due_ms: u64) -> MessageMeta {
         last_source: None,
         priority: Default::default(),
         metadata: None,
+        arrived_ms: None,
         size: 4,
     }
 }

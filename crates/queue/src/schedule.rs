@@ -275,6 +275,28 @@ pub enum Selector {
     Campaign(String),
 }
 
+/// Which queued messages a transfer to another instance takes (`drover drain`, KumoMTA's
+/// xfer): each part given must match, and a filter with none matches every message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Filter {
+    /// Recipient domain (the queue's name, whatever its egress source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// Campaign as injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    /// Tenant as injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl Filter {
+    /// Whether it selects every message.
+    pub fn is_all(&self) -> bool {
+        self.domain.is_none() && self.campaign.is_none() && self.tenant.is_none()
+    }
+}
+
 struct Inner {
     entries: HashMap<MessageId, Entry>,
     /// Scheduled messages due up to the end of bucket `near_until`, exactly ordered.
@@ -657,6 +679,51 @@ impl Inner {
         }
     }
 
+    /// The ids `filter` selects whose state passes `keep`: one pass over the entries, with
+    /// the names looked up once.
+    fn filtered(&self, filter: &Filter, keep: impl Fn(State) -> bool) -> Vec<MessageId> {
+        let dests: Option<HashSet<u32>> = filter.domain.as_ref().map(|d| {
+            self.keys
+                .index
+                .iter()
+                .filter(|(k, _)| k.name() == d.as_str())
+                .map(|(_, i)| *i)
+                .collect()
+        });
+        // A name nobody uses matches nothing (`Some(None)`).
+        let campaign = filter.campaign.as_deref().map(|c| self.campaigns.find(c));
+        let tenant = filter.tenant.as_deref().map(|t| self.tenants.find(t));
+        if matches!(campaign, Some(None)) || matches!(tenant, Some(None)) {
+            return Vec::new();
+        }
+        self.entries
+            .iter()
+            .filter(|(_, e)| {
+                let (t, c) = self.owner(e.owner);
+                dests.as_ref().is_none_or(|d| d.contains(&e.dest))
+                    && campaign.is_none_or(|want| want == Some(c))
+                    && tenant.is_none_or(|want| want == Some(t))
+                    && keep(e.state())
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Removes `ids` (none of them in flight) from the schedule, in one pass over each
+    /// affected ready queue.
+    fn take_ids(&mut self, ids: &[MessageId]) {
+        let mut ready: HashMap<Arc<QueueKey>, HashSet<MessageId>> = HashMap::new();
+        for id in ids {
+            if let Some((key, State::Ready)) = self.remove_entry(id) {
+                ready.entry(key).or_default().insert(*id);
+            }
+        }
+        for (dest, ids) in ready {
+            self.remove_from_ready(&dest, &ids);
+        }
+        self.publish();
+    }
+
     /// The ids of campaign `name` whose state passes `keep`.
     fn in_campaign(&self, name: &str, keep: impl Fn(State) -> bool) -> Vec<MessageId> {
         let Some(c) = self.campaigns.find(name) else {
@@ -947,17 +1014,28 @@ impl Scheduler {
                     .is_some_and(|e| e.state() != State::InFlight)
             })
             .collect();
-        let mut ready: HashMap<Arc<QueueKey>, HashSet<MessageId>> = HashMap::new();
-        for id in &ids {
-            if let Some((key, State::Ready)) = inner.remove_entry(id) {
-                ready.entry(key).or_default().insert(*id);
-            }
-        }
-        for (dest, ids) in ready {
-            inner.remove_from_ready(&dest, &ids);
-        }
-        inner.publish();
+        inner.take_ids(&ids);
         ids
+    }
+
+    /// Removes up to `limit` messages `filter` selects from the schedule and returns their
+    /// ids, for a transfer to another instance; in-flight messages stay, their workers finish
+    /// them. The caller owns the ids until it finishes them or schedules them again.
+    pub fn take_filtered(&self, filter: &Filter, limit: usize) -> Vec<MessageId> {
+        let mut inner = self.lock();
+        let mut ids = inner.filtered(filter, |s| s != State::InFlight);
+        ids.truncate(limit);
+        inner.take_ids(&ids);
+        ids
+    }
+
+    /// How many messages `filter` selects, in flight included.
+    pub fn count_filtered(&self, filter: &Filter) -> usize {
+        let inner = self.lock();
+        if filter.is_all() {
+            return inner.entries.len();
+        }
+        inner.filtered(filter, |_| true).len()
     }
 
     /// Puts an in-flight message back on the timer for `due_ms` without touching its
@@ -1369,6 +1447,58 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn a_transfer_takes_what_its_filter_selects_and_never_an_in_flight_message() {
+        let s = Scheduler::new();
+        let tags = |tenant, campaign| Tags {
+            tenant,
+            campaign,
+            ..Tags::default()
+        };
+        let (a, b, c, d) = (
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+            MessageId::generate(),
+        );
+        s.schedule_with(a, &q("x.test"), &tags(Some("acme"), Some("nov")), 0, 0, 10);
+        s.schedule_with(b, &q("x.test"), &tags(Some("acme"), None), 500, 0, 10);
+        s.schedule_with(c, &q("y.test"), &tags(Some("acme"), Some("nov")), 0, 0, 10);
+        s.schedule_with(d, &q("x.test"), &tags(Some("other"), Some("nov")), 0, 0, 10);
+        let x_acme = Filter {
+            domain: Some("x.test".into()),
+            tenant: Some("acme".into()),
+            ..Filter::default()
+        };
+        assert_eq!(s.count_filtered(&x_acme), 2);
+        let nobody = Filter {
+            campaign: Some("never-seen".into()),
+            ..Filter::default()
+        };
+        assert_eq!(s.count_filtered(&nobody), 0);
+        assert!(s.take_filtered(&nobody, 10).is_empty());
+        // In flight: its worker keeps it.
+        assert_eq!(s.pop_ready(&q("x.test"), 10), Some(a));
+        assert_eq!(s.take_filtered(&x_acme, 10), vec![b]);
+        assert_eq!(s.count_filtered(&x_acme), 1);
+        assert_eq!(s.len(), 3);
+        // Everything, a few at a time.
+        let all = Filter::default();
+        assert!(all.is_all());
+        let first = s.take_filtered(&all, 1);
+        assert_eq!(first.len(), 1);
+        let rest = s.take_filtered(&all, 10);
+        let mut taken: Vec<MessageId> = first.into_iter().chain(rest).collect();
+        taken.sort();
+        let mut want = vec![c, d];
+        want.sort();
+        assert_eq!(taken, want);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.totals().in_flight, 1);
+        assert_eq!(s.totals().ready, 0);
+        assert!(s.pop_ready(&q("y.test"), 10).is_none());
     }
 
     #[test]

@@ -1363,6 +1363,7 @@ mod tests {
             last_source: None,
             priority: Default::default(),
             metadata: None,
+            arrived_ms: None,
             size: 5,
         }
     }
@@ -1777,6 +1778,7 @@ mod full_disk_tests {
             last_source: None,
             priority: Default::default(),
             metadata: None,
+            arrived_ms: None,
             size: 200_000,
         }
     }

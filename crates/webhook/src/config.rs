@@ -108,7 +108,7 @@ impl WebhookConfig {
                     format!(
                         "unknown record type {name:?} (one of Reception, Delivery, \
                          TransientFailure, Bounce, Expiration, AdminBounce, AsyncBounce, \
-                         Complaint, Unsubscribe)"
+                         Complaint, Unsubscribe, Transfer)"
                     ),
                 ));
             }
@@ -291,6 +291,7 @@ mod tests {
                 "AsyncBounce",
                 "Complaint",
                 "Unsubscribe",
+                "Transfer",
             ]
             .map(String::from)
             .to_vec(),
