@@ -328,7 +328,10 @@ async fn kumo_xfer_moves_only_the_selected_domain_and_a_resent_message_lands_onc
 
     // The peer's side on its own: a message sent twice, and again after its delivery, is
     // stored and delivered once.
-    let id = "0193f1c27a417c3e9a550c4e1a2b3c4e";
+    // Fresh ids: the peer remembers a message for `sent_retention` after its reception,
+    // which a UUIDv7 carries.
+    let fresh = queue::MessageId::generate().to_string();
+    let id = fresh.as_str();
     let now = drover::clock::now_ms();
     let transfer = json!({
         "from": "elsewhere.test",
@@ -367,9 +370,12 @@ async fn kumo_xfer_moves_only_the_selected_domain_and_a_resent_message_lands_onc
     let (status, _) = post_json(&url, &json!({"messages": [{"id": id}]}), None).await;
     assert_eq!(status, 400);
 
-    // A sender killed while its batch is being stored: the batch is stored, recorded and
-    // queued all the same (the server drops a handler whose client hangs up).
-    let hung_up = "0193f1c27a417c3e9a550c4e1a2b3c4f";
+    // A sender killed while its batch is being stored, which sends the batch again when it
+    // restarts: delivered once. (The server drops a handler whose client hangs up: one
+    // dropped between storing and queueing would leave the message stored, acknowledged as
+    // `already`, and never delivered.)
+    let fresh = queue::MessageId::generate().to_string();
+    let hung_up = fresh.as_str();
     let mut lone = transfer.clone();
     lone["messages"][0]["id"] = json!(hung_up);
     lone["messages"][0]["recipient"] = json!("hungup@move.test");
@@ -387,12 +393,20 @@ async fn kumo_xfer_moves_only_the_selected_domain_and_a_resent_message_lands_onc
     )
     .await
     .unwrap();
+    tokio::time::sleep(Duration::from_millis(3)).await;
     drop(socket);
-    wait_records(&b.accounting_path(), Duration::from_secs(30), |r| {
+    let (status, again) = post_json(&url, &lone, None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(
+        again["received"].as_u64().unwrap() + again["already"].as_u64().unwrap(),
+        1
+    );
+    let b_records = wait_records(&b.accounting_path(), Duration::from_secs(30), |r| {
         r.iter()
             .any(|r| r["type"] == "Delivery" && r["id"] == hung_up)
     })
     .await;
+    assert_eq!(per_id(&b_records, &["Reception", "Delivery"])[hung_up], 2);
     a.stop().await;
     b.stop().await;
 }

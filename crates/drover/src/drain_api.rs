@@ -48,13 +48,13 @@ pub(crate) fn filter(
 }
 
 /// The peer token when the request has none: `[drain] peer_token_file`.
-pub(crate) fn configured_token(state: &AppState) -> Result<Option<String>, Response> {
+pub(crate) fn configured_token(state: &AppState) -> Result<Option<String>, Box<Response>> {
     state
         .engine
         .config()
         .drain
         .peer_token()
-        .map_err(|e| unavailable(e.to_string()))
+        .map_err(|e| Box::new(unavailable(e.to_string())))
 }
 
 /// A drain's start, answered in the shape of the admin API.
@@ -81,7 +81,7 @@ pub(crate) async fn start(State(state): State<AppState>, Body(body): Body) -> Re
         Some(t) => Some(t),
         None => match configured_token(&state) {
             Ok(t) => t,
-            Err(r) => return r,
+            Err(r) => return *r,
         },
     };
     let spec = DrainSpec {

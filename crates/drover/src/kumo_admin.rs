@@ -242,7 +242,7 @@ pub(crate) async fn xfer(State(state): State<AppState>, Body(body): Body) -> Res
     }
     let token = match crate::drain_api::configured_token(&state) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let spec = crate::drain::DrainSpec {
         to: request.target.trim().to_owned(),
