@@ -8,6 +8,22 @@ use std::time::Duration;
 
 const CAMPAIGN: &str = "drain-e2e";
 
+/// A `drover serve` child that a failing test does not leave running.
+struct Child(std::process::Child);
+
+impl Child {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Injects `count` recipients (`u<i>@<domain of i>`) in requests of 1 000, each with its own
 /// `metadata`; returns the queued ids.
 async fn inject_many(url: &str, count: usize, domain: impl Fn(usize) -> String) -> Vec<String> {
@@ -229,7 +245,7 @@ async fn a_drain_interrupted_by_kill_9_resumes_without_loss_or_duplicate() {
     )
     .unwrap();
     let a_url = format!("http://127.0.0.1:{port}");
-    let mut a = spawn_drover(&config);
+    let mut a = Child(spawn_drover(&config));
     wait_port_ready(port).await;
     hold_campaign(&a_url).await;
     let ids = inject_many(&a_url, COUNT, |_| "k.drain.test".into()).await;
@@ -250,8 +266,7 @@ async fn a_drain_interrupted_by_kill_9_resumes_without_loss_or_duplicate() {
         assert!(start.elapsed() < Duration::from_secs(60), "{status}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    a.kill().unwrap();
-    a.wait().unwrap();
+    a.kill();
     let moved_before = count_type(
         &records(&dir.path().join("data/accounting.jsonl")),
         "Transfer",
@@ -261,7 +276,7 @@ async fn a_drain_interrupted_by_kill_9_resumes_without_loss_or_duplicate() {
         "killed too late: {moved_before} moved"
     );
     // The restarted engine carries on by itself, refusing mail meanwhile.
-    let mut a = spawn_drover(&config);
+    let _a = Child(spawn_drover(&config));
     wait_drain_done(&a_url, Duration::from_secs(120)).await;
     let readyz = reqwest::get(format!("{a_url}/readyz")).await.unwrap();
     assert_eq!(readyz.status(), 503);
@@ -276,8 +291,6 @@ async fn a_drain_interrupted_by_kill_9_resumes_without_loss_or_duplicate() {
     assert_eq!(receptions.len(), COUNT);
     assert!(receptions.values().all(|n| *n == 1), "a Reception twice");
     assert_eq!(sink.messages().len(), COUNT);
-    a.kill().unwrap();
-    a.wait().unwrap();
     b.stop().await;
 }
 
@@ -408,5 +421,55 @@ async fn kumo_xfer_moves_only_the_selected_domain_and_a_resent_message_lands_onc
     .await;
     assert_eq!(per_id(&b_records, &["Reception", "Delivery"])[hung_up], 2);
     a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_on_shutdown_to_drains_the_queue_to_the_peer_before_exiting() {
+    const COUNT: usize = 500;
+    let sink = capturing_sink().await;
+    // The peer wants a token; A reads it from its peer_token_file.
+    let b = TestEngine::start(&format!(
+        "[http]\napi_tokens = [\"peer-secret\"]\n{}",
+        routes(&["t.drain.test"], sink.local_addr())
+    ))
+    .await;
+    wait_ready(&b).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("peer.token");
+    std::fs::write(&token, "peer-secret\n").unwrap();
+    let port = free_port();
+    let config = dir.path().join("drover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[smtp_listener]\nlisten = \"127.0.0.1:0\"\n[drain]\non_shutdown_to = \"{}\"\npeer_token_file = {token:?}\n",
+            dir.path().join("data"),
+            b.url("")
+        ),
+    )
+    .unwrap();
+    let a_url = format!("http://127.0.0.1:{port}");
+    let mut a = Child(spawn_drover(&config));
+    wait_port_ready(port).await;
+    hold_campaign(&a_url).await;
+    let ids = inject_many(&a_url, COUNT, |_| "t.drain.test".into()).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &a.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || a.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let a_records = records(&dir.path().join("data/accounting.jsonl"));
+    assert_one_final_each(&a_records, &ids, FINALS);
+    assert_eq!(count_type(&a_records, "Transfer"), COUNT);
+    let b_records = wait_records(&b.accounting_path(), Duration::from_secs(120), |r| {
+        count_type(r, "Delivery") >= COUNT
+    })
+    .await;
+    assert_one_final_each(&b_records, &ids, FINALS);
+    assert_eq!(sink.messages().len(), COUNT);
     b.stop().await;
 }

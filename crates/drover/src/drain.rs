@@ -22,7 +22,7 @@ use accounting::{RecordType, Response, TransferInfo};
 use base64::Engine as _;
 use queue::{Filter, MessageId, MessageMeta};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -143,9 +143,33 @@ pub(crate) struct Drains {
     /// Two copies of a batch (a retry after a timeout while the first is still being written)
     /// must not both pass the "already here?" check.
     incoming: tokio::sync::Mutex<()>,
+    /// Injections between their intake check and the queueing of their messages (which
+    /// follows the answer): a drain is not over while one may still queue what it selects.
+    accepting: Arc<AtomicUsize>,
+}
+
+/// An injection in progress (see [`Drains::accepting`]); ends when dropped.
+#[derive(Debug)]
+pub(crate) struct Accepting(Arc<AtomicUsize>);
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drains {
+    /// An injection begins; keep the guard until its messages are queued.
+    pub(crate) fn accepting(&self) -> Accepting {
+        self.accepting.fetch_add(1, Ordering::SeqCst);
+        Accepting(Arc::clone(&self.accepting))
+    }
+
+    /// Whether an injection may still queue messages.
+    fn injections_pending(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst) > 0
+    }
+
     fn current(&self) -> Option<Arc<Job>> {
         self.current
             .lock()
@@ -227,6 +251,7 @@ impl Engine {
         // Nothing selected (a filtered drain of what is not queued here): done at once.
         if !job.is_full()
             && !self.is_reloading()
+            && !self.drains.injections_pending()
             && self.scheduler.count_filtered(&job.spec.filter) == 0
         {
             job.set(State::Done, None);
@@ -363,12 +388,13 @@ impl Engine {
             let ids = self.scheduler.take_filtered(&filter, TAKE_CHUNK);
             job.set_left(ids.len() + self.scheduler.count_filtered(&filter));
             if ids.is_empty() {
-                if !job.is_full() {
+                // An injection answered just before may not have queued its messages yet.
+                if !job.is_full() && !self.drains.injections_pending() {
                     return self.end_drain(&job, None).await;
                 }
                 // A scale-down waits for the attempts in flight: what they leave queued
                 // comes back to the schedule and goes too.
-                if !self.scheduler.is_empty() {
+                if !self.scheduler.is_empty() || self.drains.injections_pending() {
                     if !self.pause(&job, Duration::from_millis(100)).await {
                         return;
                     }
@@ -377,7 +403,7 @@ impl Engine {
                 self.end_drain(&job, None).await;
                 // Done, but it keeps watching: an injection that passed the intake check
                 // just before the drain began may queue its messages only now.
-                while self.scheduler.is_empty() {
+                while self.scheduler.is_empty() && !self.drains.injections_pending() {
                     if !self.pause(&job, Duration::from_millis(200)).await {
                         return;
                     }

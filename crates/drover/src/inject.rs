@@ -66,6 +66,9 @@ impl Engine {
         messages: Vec<NewMessage>,
         via: &'static str,
     ) -> Result<(), EngineError> {
+        // Before the intake check: a drain that begins after it waits for this injection's
+        // messages to be queued (`drain`).
+        let accepting = self.drains.accepting();
         if self.is_draining() {
             return Err(EngineError::Draining);
         }
@@ -109,6 +112,7 @@ impl Engine {
             for m in &metas {
                 engine.enqueue_new(m);
             }
+            drop(accepting);
         });
         Ok(())
     }
