@@ -420,6 +420,31 @@ async fn kumo_xfer_moves_only_the_selected_domain_and_a_resent_message_lands_onc
     })
     .await;
     assert_eq!(per_id(&b_records, &["Reception", "Delivery"])[hung_up], 2);
+
+    // A drain to itself would find everything "already there" and delete it: refused.
+    let (status, reply) = post_json(
+        &format!("{a_url}/api/admin/v1/drain"),
+        &json!({"to": a_url, "domain": "keep.test"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let start = std::time::Instant::now();
+    let failed = loop {
+        let status = drain_status(&a_url).await;
+        if status["state"] == "failed" {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        failed["last_error"].as_str().unwrap().contains("itself"),
+        "{failed}"
+    );
+    assert_eq!(failed["left"], 20, "{failed}");
+    let queues = a.get_json("/api/admin/v1/queues").await;
+    assert_eq!(queues["totals"]["parked"], 20, "{queues}");
     a.stop().await;
     b.stop().await;
 }

@@ -23,7 +23,7 @@ use base64::Engine as _;
 use queue::{Filter, MessageId, MessageMeta};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -146,6 +146,9 @@ pub(crate) struct Drains {
     /// Injections between their intake check and the queueing of their messages (which
     /// follows the answer): a drain is not over while one may still queue what it selects.
     accepting: Arc<AtomicUsize>,
+    /// This process's own name in transfers: a drain to itself would find every message
+    /// "already here" and delete it.
+    instance: OnceLock<String>,
 }
 
 /// An injection in progress (see [`Drains::accepting`]); ends when dropped.
@@ -163,6 +166,11 @@ impl Drains {
     pub(crate) fn accepting(&self) -> Accepting {
         self.accepting.fetch_add(1, Ordering::SeqCst);
         Accepting(Arc::clone(&self.accepting))
+    }
+
+    fn instance(&self) -> &str {
+        self.instance
+            .get_or_init(|| uuid::Uuid::now_v7().simple().to_string())
     }
 
     /// Whether an injection may still queue messages.
@@ -195,6 +203,9 @@ pub struct TransferRequest {
     /// The sending instance (its EHLO name), for the `Reception` records.
     #[serde(default)]
     pub from: Option<String>,
+    /// The sending process's random id: an engine refuses its own messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// The messages, each with its metadata.
     pub messages: Vec<TransferMessage>,
 }
@@ -547,6 +558,7 @@ impl Engine {
         }
         let request = TransferRequest {
             from: Some(self.ehlo_name().to_owned()),
+            instance: Some(self.drains.instance().to_owned()),
             messages,
         };
         let mut post = client.post(job.spec.endpoint()).json(&request);
@@ -633,6 +645,11 @@ impl Engine {
         self: &Arc<Self>,
         request: TransferRequest,
     ) -> Result<TransferReply, EngineError> {
+        if request.instance.as_deref() == Some(self.drains.instance()) {
+            return Err(EngineError::Refused(
+                "this is the draining engine itself: drain to another one".into(),
+            ));
+        }
         if self.is_draining() {
             return Err(EngineError::Draining);
         }
