@@ -297,7 +297,9 @@ async fn a_drain_interrupted_by_kill_9_resumes_without_loss_or_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kumo_xfer_moves_only_the_selected_domain_and_a_resent_message_lands_once() {
     let sink = capturing_sink().await;
-    let a = TestEngine::start("").await;
+    // Only A signs: what B delivers carries A's signatures, on A's bytes.
+    let (dkim, dns) = crate::dkim::dkim_config();
+    let a = TestEngine::start(&dkim).await;
     let b = TestEngine::start(&routes(&["move.test", "keep.test"], sink.local_addr())).await;
     wait_ready(&a).await;
     wait_ready(&b).await;
@@ -338,6 +340,15 @@ async fn kumo_xfer_moves_only_the_selected_domain_and_a_resent_message_lands_onc
     assert!(staying
         .iter()
         .all(|id| !b_records.iter().any(|r| r["id"] == id.as_str())));
+    let delivered = crate::dkim::wait_messages(&sink, 30).await;
+    for m in &delivered {
+        assert_eq!(
+            dkim::testing::verify(&m.data, &dns).await,
+            vec![dkim::testing::Verdict::Pass, dkim::testing::Verdict::Pass],
+            "{}",
+            String::from_utf8_lossy(&m.data)
+        );
+    }
 
     // The peer's side on its own: a message sent twice, and again after its delivery, is
     // stored and delivered once.
