@@ -146,6 +146,8 @@ pub(crate) struct Drains {
     /// Injections between their intake check and the queueing of their messages (which
     /// follows the answer): a drain is not over while one may still queue what it selects.
     accepting: Arc<AtomicUsize>,
+    /// One start at a time: two concurrent starts must not both find no drain running.
+    starting: tokio::sync::Mutex<()>,
     /// This process's own name in transfers: a drain to itself would find every message
     /// "already here" and delete it.
     instance: OnceLock<String>,
@@ -185,8 +187,16 @@ impl Drains {
             .clone()
     }
 
+    /// Makes `job` the current drain; the one it replaces (finished, or one that finished and
+    /// still watches for stragglers) stops.
     fn replace(&self, job: Option<Arc<Job>>) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = job;
+        let old = std::mem::replace(
+            &mut *self.current.lock().unwrap_or_else(|p| p.into_inner()),
+            job,
+        );
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
     }
 
     /// Whether a drain of everything is running or has finished: the engine takes no new mail
@@ -247,6 +257,7 @@ impl Engine {
         spec: DrainSpec,
     ) -> Result<DrainStatus, EngineError> {
         crate::config::peer_url(&spec.to).map_err(EngineError::Refused)?;
+        let _one_at_a_time = self.drains.starting.lock().await;
         if let Some(job) = self.drains.current() {
             if job.state() == State::Running {
                 if job.spec.to == spec.to && job.spec.filter == spec.filter {
