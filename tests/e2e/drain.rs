@@ -509,3 +509,64 @@ async fn sigterm_with_on_shutdown_to_drains_the_queue_to_the_peer_before_exiting
     assert_eq!(sink.messages().len(), COUNT);
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_in_flight_when_a_scale_down_begins_finish_and_their_messages_move_too() {
+    const COUNT: usize = 300;
+    // A's receiver answers slowly and defers everything: attempts are in flight when the
+    // drain begins, and their messages come back to A's schedule afterwards, due in 2 s,
+    // which is when B tries them (a message keeps its due time).
+    let slow = start_sink(sink::SinkConfig {
+        tempfail_percent: 100,
+        latency: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let sink = capturing_sink().await;
+    let domains: Vec<String> = (0..5).map(|d| format!("f{d}.drain.test")).collect();
+    let domain_refs: Vec<&str> = domains.iter().map(String::as_str).collect();
+    let a = TestEngine::start(&format!(
+        "[retry]\nintervals = [\"2s\"]\n{}",
+        routes(&domain_refs, slow.local_addr())
+    ))
+    .await;
+    let b = TestEngine::start(&routes(&domain_refs, sink.local_addr())).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let ids = inject_many(&a.url(""), COUNT, |i| format!("f{}.drain.test", i % 5)).await;
+    let start = std::time::Instant::now();
+    while slow.stats().rcpt_tempfailed == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "A never tried");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, reply) = post_json(
+        &a.url("/api/admin/v1/drain"),
+        &json!({"to": b.url("")}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let done = wait_drain_done(&a.url(""), Duration::from_secs(120)).await;
+    assert_eq!(done["moved"], COUNT as u64, "{done}");
+    let a_records = records(&a.accounting_path());
+    assert_one_final_each(&a_records, &ids, FINALS);
+    let deferred: HashSet<&str> = a_records
+        .iter()
+        .filter(|r| r["type"] == "TransientFailure")
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(!deferred.is_empty(), "no attempt was made on A");
+    let b_records = wait_records(&b.accounting_path(), Duration::from_secs(120), |r| {
+        count_type(r, "Delivery") >= COUNT
+    })
+    .await;
+    assert_one_final_each(&b_records, &ids, FINALS);
+    // The attempts made on A count on B.
+    for r in b_records.iter().filter(|r| r["type"] == "Delivery") {
+        let tried = deferred.contains(r["id"].as_str().unwrap());
+        assert_eq!(r["attempt"], if tried { 2 } else { 1 }, "{r}");
+    }
+    assert_eq!(sink.messages().len(), COUNT);
+    a.stop().await;
+    b.stop().await;
+}
