@@ -136,16 +136,19 @@ async fn kumomtas_documented_examples_work_unchanged() {
     let sink = capturing_sink().await;
     let engine = TestEngine::start(&routes(&["example.com"], sink.local_addr())).await;
 
-    for (name, example) in [
+    for (i, (name, example)) in [
         ("basic", BASIC),
         ("builder", BUILDER),
         ("templated", TEMPLATED),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let (status, reply) = post_raw(&engine, example).await;
         assert_eq!(status, 200, "{name}: {reply}");
         kumo_reply_shape(&reply, 1);
-        // The message waits until the previous one is in, so they arrive in this order.
-        wait_messages(&sink, sink.messages().len() + 1).await;
+        // Each is sent once the previous one is in, so they arrive in this order.
+        wait_messages(&sink, i + 1).await;
     }
     let sent = sink.messages();
     assert_eq!(sent.len(), 3);
