@@ -553,6 +553,14 @@ fn kubernetes_manifests_fit_together() {
         &monitor["spec"]["selector"]["matchLabels"],
         &headless["metadata"]["labels"]
     ));
+    // The operator's rules are the alerts promtool checks.
+    let rule = yaml(&dir.join("prometheusrule.yaml"));
+    assert_eq!(rule["kind"], "PrometheusRule");
+    let alerts = yaml(&deploy_dir().join("prometheus/alerts.yml"));
+    assert!(
+        rule["spec"]["groups"] == alerts["groups"],
+        "prometheusrule.yaml differs from deploy/prometheus/alerts.yml"
+    );
     let port = str_of(&monitor, "/spec/endpoints/0/port");
     assert!(headless["spec"]["ports"]
         .as_array()
