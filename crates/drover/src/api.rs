@@ -467,7 +467,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.engine.is_draining() {
+    if state.engine.is_draining() || state.leaving.load(std::sync::atomic::Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if state.engine.is_reloading() {
         (
