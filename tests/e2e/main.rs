@@ -9,6 +9,7 @@
 mod admin;
 mod bounds;
 mod crash;
+mod deferred;
 mod delivery;
 mod dkim;
 mod dns;

@@ -46,6 +46,8 @@ pub struct Engine {
     pub(crate) reloading: Arc<AtomicBool>,
     /// Tag VERP addresses and unsubscribe links (`startup::feedback_keys`).
     pub(crate) feedback_keys: feedback::Keys,
+    /// Inject requests stored for deferred generation (see `generator`).
+    pub(crate) generator: crate::generator::Generator,
 }
 
 impl std::fmt::Debug for Engine {

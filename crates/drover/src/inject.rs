@@ -4,6 +4,7 @@
 
 use crate::engine::{Engine, EngineError, Unsignable};
 use crate::message::NewMessage;
+use crate::request::Progress;
 use crate::telemetry::{DKIM_SIGNATURES, RECEIVED};
 use accounting::RecordType;
 use queue::MessageMeta;
@@ -66,6 +67,17 @@ impl Engine {
         messages: Vec<NewMessage>,
         via: &'static str,
     ) -> Result<(), EngineError> {
+        self.accept_with_progress(messages, via, None).await
+    }
+
+    /// [`Engine::accept`], moving a stored request's marker (deferred generation) in the same
+    /// spool write as the messages, so a crash leaves both or neither.
+    pub(crate) async fn accept_with_progress(
+        self: &Arc<Self>,
+        messages: Vec<NewMessage>,
+        via: &'static str,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError> {
         if self.is_draining() {
             return Err(EngineError::Draining);
         }
@@ -83,7 +95,7 @@ impl Engine {
         for m in &mut messages {
             m.meta.received_ms = m.meta.received_ms.max(received);
         }
-        let metas = match self.prepare_and_store(messages, via, count).await {
+        let metas = match self.prepare_and_store(messages, via, count, progress).await {
             Ok(metas) => metas,
             Err(e) => {
                 self.finalizer.release(hold);
@@ -119,6 +131,7 @@ impl Engine {
         messages: Vec<NewMessage>,
         via: &'static str,
         count: u64,
+        progress: Option<Progress>,
     ) -> Result<Vec<MessageMeta>, EngineError> {
         let policy = self.policy();
         let by = self.ehlo_name().to_owned();
@@ -172,9 +185,15 @@ impl Engine {
                     })
                     .collect()
             };
-        self.spool
-            .insert(messages.into_iter().map(|m| (m.meta, m.body)).collect())
-            .await?;
+        let stored = messages.into_iter().map(|m| (m.meta, m.body)).collect();
+        match progress {
+            None => self.spool.insert(stored).await?,
+            Some(p) => {
+                self.spool
+                    .insert_generated(stored, p.id, p.previous, p.next)
+                    .await?
+            }
+        }
         if !message_ids.is_empty() {
             if let Err(e) = self.spool.index_message_ids(message_ids).await {
                 tracing::warn!(error = %e, "could not index Message-IDs; reports may go unmatched");

@@ -146,7 +146,7 @@ pub fn prepare(
             out.failed_recipients.push(recipient.email.clone());
             out.errors.push(format!("{}: {why}", recipient.email));
         };
-        let email = match ascii_domain(recipient.email.trim()) {
+        let email = match envelope_address(&recipient.email) {
             Ok(email) => email,
             Err(e) => {
                 refuse(e);
@@ -154,10 +154,6 @@ pub fn prepare(
             }
         };
         let email = email.as_ref();
-        if let Err(e) = smtp_proto::validate_mailbox(email) {
-            refuse(e.to_string());
-            continue;
-        }
         let domain = email
             .rsplit_once('@')
             .map(|(_, d)| d.to_ascii_lowercase())
@@ -198,6 +194,15 @@ pub fn prepare(
         out.messages.push(message);
     }
     out
+}
+
+/// A recipient's address as it goes on the envelope (trimmed, its domain as A-labels), or
+/// why it cannot be one. Depends on the address alone, so a request checked before it is
+/// stored (deferred generation) refuses the same recipients as its expansion later.
+pub fn envelope_address(address: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+    let email = ascii_domain(address.trim())?;
+    smtp_proto::validate_mailbox(&email).map_err(|e| e.to_string())?;
+    Ok(email)
 }
 
 /// The address with its domain as A-labels (punycode, IDNA 2008 / UTS 46), so the envelope

@@ -140,6 +140,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             reloading: Arc::new(AtomicBool::new(true)),
             feedback_keys,
+            generator: Default::default(),
         });
         engine.load_suspensions()?;
         engine
@@ -163,6 +164,7 @@ impl Engine {
             reloading.reloading.store(false, Ordering::SeqCst);
         });
         tokio::spawn(Arc::clone(&engine).dispatch());
+        engine.start_generator();
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
         engine.start_webhooks().await?;
         tokio::spawn(Arc::clone(&engine).keep_log());

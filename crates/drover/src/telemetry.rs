@@ -26,6 +26,13 @@ pub(crate) const INBOUND: &str = "drover_inbound_reports_total";
 /// Accounting segments a webhook skipped because they were gone before it sent them
 /// (extension).
 pub(crate) const WEBHOOK_SKIPPED_SEGMENTS: &str = "drover_webhook_skipped_segments_total";
+/// Inject requests stored for deferred generation and not yet expanded (extension).
+pub(crate) const GENERATION_PENDING: &str = "drover_deferred_generation_pending";
+/// Recipients of stored requests expanded into queued messages (extension).
+pub(crate) const GENERATION_GENERATED: &str = "drover_deferred_generation_recipients_total";
+/// Recipients of stored requests refused at expansion (suppressed, failing template, DKIM),
+/// each also logged at warn: no record type fits a message never made (extension).
+pub(crate) const GENERATION_REFUSED: &str = "drover_deferred_generation_refused_total";
 /// The process's resident memory (the standard Prometheus process metric).
 pub(crate) const RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
 
@@ -76,6 +83,19 @@ pub(crate) fn describe_metrics() {
         "Reactions of [[automation]] rules to receivers' replies, by action."
     );
     metrics::describe_gauge!(
+        GENERATION_PENDING,
+        "Inject requests stored for deferred generation and not yet expanded."
+    );
+    metrics::describe_counter!(
+        GENERATION_GENERATED,
+        "Recipients of deferred-generation requests queued as messages."
+    );
+    metrics::describe_counter!(
+        GENERATION_REFUSED,
+        "Recipients of deferred-generation requests refused at expansion (suppressed, \
+         failing template, over a limit, DKIM), each logged at warn."
+    );
+    metrics::describe_gauge!(
         HOLDS,
         "Operator and automation holds in force, by kind (domain, campaign)."
     );
@@ -112,6 +132,8 @@ pub(crate) fn describe_metrics() {
     for via in ["http", "smtp"] {
         metrics::counter!(RECEIVED, "via" => via).increment(0);
     }
+    metrics::counter!(GENERATION_GENERATED).increment(0);
+    metrics::counter!(GENERATION_REFUSED).increment(0);
     for result in ["signed", "unsigned", "error"] {
         metrics::counter!(DKIM_SIGNATURES, "result" => result).increment(0);
     }

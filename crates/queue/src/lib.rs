@@ -10,6 +10,7 @@
 //! | `body` | message id | the RFC 5322 message, CRLF line endings |
 //! | `schedule` | due time (u64 ms since the epoch, big-endian) ++ message id | empty |
 //! | `state` | UTF-8 key, e.g. `suspend/domain/<name>` | engine state (operator holds), JSON |
+//! | `generation` | `r` ++ request id / `p` ++ request id | a stored inject request (deferred generation), opaque / the index of its next recipient (u64, big-endian) |
 //!
 //! Invariants:
 //! - A message exists iff its `meta` key exists; `body` and `schedule` entries are written and
@@ -31,6 +32,9 @@
 //!   (unsynced). The `state` key `accounting/checkpoint` holds an accounting offset before
 //!   which every final record's message is durably deleted; at start the engine deletes the
 //!   spooled messages that have a final record after it instead of delivering them again.
+//! - A stored inject request's progress marker moves in the same `WriteBatch` as the messages
+//!   made for the recipients it passes, so each recipient's message is stored exactly once
+//!   however often the expansion is cut short ([`Spool::insert_generated`]).
 //! - A failed write (full disk) leaves nothing applied and makes the spool read-only until it
 //!   can be reopened; see the `spool` module for the recovery (`Spool::is_writable`).
 

@@ -26,8 +26,11 @@
 //! assertions, and a second append to a `LOG` whose previous append failed with ENOSPC aborts
 //! the process. For the same reason [`Spool::flush`] does not touch a failed instance's WAL.
 
+mod generation;
+
 use crate::suppression::{Sent, Suppression, SuppressionKey};
 use crate::{MessageId, MessageMeta, QueueError};
+use generation::{GenerationOp, GenerationUndo};
 use rocksdb::{ColumnFamilyDescriptor, LogLevel, Options, WriteBatch, WriteOptions, DB};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -48,6 +51,9 @@ const CF_SENT: &str = "sent";
 /// Message-IDs a client wrote, to the message id (value: the 16-byte UUIDv7, whose time the
 /// compaction filter reads to drop entries past their retention).
 const CF_MESSAGE_IDS: &str = "message_ids";
+/// Inject requests stored for deferred generation and how far each is expanded (see the
+/// `generation` module).
+const CF_GENERATION: &str = "generation";
 /// Every column family (flushed at close, counted in the memory figures).
 const ALL_CFS: &[&str] = &[
     CF_META,
@@ -57,6 +63,7 @@ const ALL_CFS: &[&str] = &[
     CF_SUPPRESSION,
     CF_SENT,
     CF_MESSAGE_IDS,
+    CF_GENERATION,
 ];
 
 /// Gauge: 1 while the spool accepts writes, 0 while it is degraded after a storage error.
@@ -163,6 +170,7 @@ enum Op {
         key: String,
         id: MessageId,
     },
+    Generation(GenerationOp),
 }
 
 impl Op {
@@ -174,6 +182,7 @@ impl Op {
             Op::Suppress { key, value } => key.len() + value.len() + 64,
             Op::Unsuppress { key } => key.len() + 64,
             Op::IndexMessageId { key, .. } => key.len() + 64,
+            Op::Generation(op) => op.size(),
             Op::Update { .. } | Op::Remove { .. } | Op::DeleteState { .. } => 256,
         }
     }
@@ -377,6 +386,7 @@ fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
             CF_MESSAGE_IDS,
             message_id_options(options.message_id_retention, cache.as_ref()),
         ),
+        ColumnFamilyDescriptor::new(CF_GENERATION, cf_options(1 << 20, cache.as_ref())),
     ]
 }
 
@@ -1078,6 +1088,9 @@ struct Degraded {
     /// Messages of the failed batch: if any reached the disk after all, they are deleted
     /// after the reopen, since their callers were told they failed.
     failed_inserts: Vec<(MessageId, u64)>,
+    /// Deferred-generation writes of the failed batch, undone after the reopen for the same
+    /// reason (a stored request deleted, a progress marker set back).
+    failed_generation: Vec<GenerationUndo>,
 }
 
 fn writer_loop(shared: Arc<Shared>, rx: &mpsc::Receiver<Msg>) {
@@ -1160,11 +1173,20 @@ fn degrade(shared: &Shared, cause: String, jobs: &[Job]) -> Degraded {
             _ => None,
         })
         .collect();
+    let failed_generation = jobs
+        .iter()
+        .flat_map(|j| &j.ops)
+        .filter_map(|op| match op {
+            Op::Generation(op) => op.undo(),
+            _ => None,
+        })
+        .collect();
     Degraded {
         cause,
         next_probe: Instant::now() + PROBE_INTERVAL,
         backoff: PROBE_INTERVAL,
         failed_inserts,
+        failed_generation,
     }
 }
 
@@ -1215,7 +1237,7 @@ fn try_recover(
             return Some(d);
         }
     };
-    if let Err(e) = undo_failed_inserts(&db, &d.failed_inserts, synced) {
+    if let Err(e) = undo_failed_inserts(&db, &d.failed_inserts, &d.failed_generation, synced) {
         // Writes fail again already: stay degraded and keep the list for the next attempt.
         *slot = Some(db);
         d.cause = e;
@@ -1233,6 +1255,7 @@ fn try_recover(
 fn undo_failed_inserts(
     db: &DB,
     inserts: &[(MessageId, u64)],
+    generation: &[GenerationUndo],
     synced: &WriteOptions,
 ) -> Result<(), String> {
     let cf = |name| cf(db, name).map_err(|e| e.to_string());
@@ -1248,6 +1271,12 @@ fn undo_failed_inserts(
             batch.delete_cf(meta_cf, id.as_bytes());
             batch.delete_cf(body_cf, id.as_bytes());
             batch.delete_cf(sched_cf, schedule_key(*due_ms, id));
+        }
+    }
+    if !generation.is_empty() {
+        let generation_cf = cf(CF_GENERATION)?;
+        for undo in generation {
+            undo.apply(&mut batch, generation_cf);
         }
     }
     if batch.is_empty() {
@@ -1319,6 +1348,7 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                 Op::IndexMessageId { key, id } => {
                     batch.put_cf(cf(CF_MESSAGE_IDS)?, key.as_bytes(), id.as_bytes())
                 }
+                Op::Generation(op) => op.write(&mut batch, cf(CF_GENERATION)?),
             }
         }
     }
