@@ -3,7 +3,7 @@
 use crate::clock::now_ms;
 use crate::engine::EngineError;
 use crate::http_guard::Body;
-use crate::request::{ExpandError, Refusal};
+use crate::request::{ExpandError, Refusal, Stage};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, StatusCode};
@@ -109,7 +109,7 @@ async fn inject(
         return unavailable("shutting down");
     }
     let client = client.map(|c| c.0 .0.ip());
-    let mut request = match crate::request::check(&body, state.engine.config()) {
+    let mut request = match crate::request::check(&body, state.engine.config(), Stage::Door) {
         Ok(r) => r,
         Err(Refusal::Invalid(why)) => return error(StatusCode::BAD_REQUEST, why),
         Err(Refusal::Unprocessable(why)) => return error(StatusCode::UNPROCESSABLE_ENTITY, why),

@@ -45,8 +45,18 @@ pub(crate) struct Checked {
     pub(crate) deferred: bool,
 }
 
+/// Where a request is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// At the door, before the answer: every limit applies.
+    Door,
+    /// A stored request at its expansion: it was accepted under the limits of its time, and a
+    /// lower `http.max_recipients` since must not drop it.
+    Stored,
+}
+
 /// Parses and checks a request body: everything that fails the request as a whole.
-pub(crate) fn check(body: &[u8], config: &Config) -> Result<Checked, Refusal> {
+pub(crate) fn check(body: &[u8], config: &Config, stage: Stage) -> Result<Checked, Refusal> {
     let request: InjectRequest = crate::message::parse_request(body)
         .map_err(|e| Refusal::Invalid(format!("invalid request body: {e}")))?;
     let sender = crate::message::ascii_domain(request.envelope_sender.trim())
@@ -60,7 +70,7 @@ pub(crate) fn check(body: &[u8], config: &Config) -> Result<Checked, Refusal> {
         return Err(Refusal::Invalid("recipients: no recipient given".into()));
     }
     let max_recipients = config.http.max_recipients;
-    if request.recipients.len() > max_recipients {
+    if stage == Stage::Door && request.recipients.len() > max_recipients {
         return Err(Refusal::TooLarge(format!(
             "recipients: {} given, at most {max_recipients} per request (http.max_recipients)",
             request.recipients.len()
