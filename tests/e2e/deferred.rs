@@ -205,3 +205,106 @@ async fn a_stored_request_survives_kill_9_and_is_delivered_exactly_once() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// The disk fills in the middle of an expansion: the generator waits for the spool to take
+/// writes again and resumes at its marker; nothing is dropped, nothing doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_the_generator_and_loses_no_recipient() {
+    let Some(disk) = queue::testing::SmallDisk::mount("24m") else {
+        eprintln!("SKIPPED full-disk test: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let sink = capturing_sink().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = drover::Config::parse(&routes(&["gen.test"], sink.local_addr())).unwrap();
+    config.spool.path = disk.path().join("spool");
+    // The records stay on the normal disk (see `fulldisk`): this is about the spool.
+    config.accounting.path = dir
+        .path()
+        .join("spool/accounting.jsonl")
+        .to_string_lossy()
+        .into_owned();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.smtp_listener.listen = "127.0.0.1:0".parse().unwrap();
+    config.delivery.ehlo_name = "drover.test".into();
+    let engine = TestEngine {
+        running: Some(drover::serve::start(config).await.unwrap()),
+        dir,
+    };
+    // Held, so the queue only grows while the disk fills.
+    let (status, reply) = post_json(
+        &engine.url("/api/admin/v1/suspend"),
+        &json!({"domain": "gen.test"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    // About 12 MiB left (less what RocksDB holds already); 300 messages of 40 KB need 12.
+    std::fs::write(disk.path().join("ballast"), vec![0u8; 12 << 20]).unwrap();
+    let recipients: Vec<String> = (0..300).map(|i| format!("r{i}@gen.test")).collect();
+    let mut body = deferred(&recipients);
+    let line = "x".repeat(76);
+    body["content"] = json!(format!(
+        "From: News <news@example.com>\r\nSubject: Large\r\n\r\n{}",
+        format!("{line}\r\n").repeat(40_000 / 78)
+    ));
+    let (status, reply) = engine.inject(&body).await;
+    assert_eq!(status, 200, "{reply}");
+    let started = std::time::Instant::now();
+    while reqwest::get(engine.url("/readyz"))
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the disk never filled up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric_value(&engine.metrics().await, PENDING), 1.0);
+    let id: queue::MessageId = reply["generation_id"].as_str().unwrap().parse().unwrap();
+    let spool = engine.running.as_ref().unwrap().engine.spool().clone();
+    let (_, marker) = spool.generation(&id).unwrap().unwrap();
+    eprintln!("full disk: the generator stopped at recipient {marker} of 300");
+    assert!(marker < 300);
+
+    std::fs::remove_file(disk.path().join("ballast")).unwrap();
+    let started = std::time::Instant::now();
+    while metric_value(&engine.metrics().await, PENDING) != 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the generator never finished after space returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, reply) = post_json(
+        &engine.url("/api/admin/v1/resume"),
+        &json!({"domain": "gen.test"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    wait_records(&engine.accounting_path(), Duration::from_secs(30), |r| {
+        deliveries(r, "gen.test").len() == 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recs = records(&engine.accounting_path());
+    let finals = deliveries(&recs, "gen.test");
+    assert!(finals.values().all(|&n| n == 1), "{finals:?}");
+    assert_eq!(count_type(&recs, "Reception"), 300);
+    let mut at_sink: HashMap<String, usize> = HashMap::new();
+    for m in sink.messages() {
+        for r in m.recipients {
+            *at_sink.entry(r).or_default() += 1;
+        }
+    }
+    assert_eq!(at_sink.len(), 300);
+    assert!(at_sink.values().all(|&n| n == 1));
+    engine.stop().await;
+    sink.shutdown().await;
+    drop(disk);
+}
