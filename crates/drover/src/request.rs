@@ -5,9 +5,7 @@
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineError, Unsignable};
-use crate::message::{
-    prepare, InjectRequest, Origin, Prepared, Recipient, Renderer, Supplemental,
-};
+use crate::message::{prepare, InjectRequest, Origin, Prepared, Recipient, Renderer, Supplemental};
 use queue::MessageId;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
