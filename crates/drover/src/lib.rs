@@ -32,6 +32,7 @@ mod suppression;
 mod templates;
 mod webhooks;
 mod worker;
+mod cluster;
 // Leaves the above share.
 pub mod allocator;
 pub mod automation;

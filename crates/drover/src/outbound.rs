@@ -2,6 +2,7 @@
 //! egress sources; and the session type the pool holds.
 
 use crate::egress::Egress;
+use cluster_limits::Lease;
 use connection_pool::{Pool, Pooled, SmtpClient, Timeouts};
 use rate_limiter::{ConnectionSlot, KeyedRates, Shaper};
 use resolver_cache::{Destination, MxResolver};
@@ -23,18 +24,30 @@ pub(crate) struct Outbound {
     pub(crate) global_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) ehlo_name: String,
     pub(crate) timeouts: Timeouts,
+    /// Leases and shared rates in Redis for cluster-scoped destinations (`[cluster]`).
+    pub(crate) cluster: Option<cluster_limits::ClusterLimits>,
 }
 
-/// An SMTP session with the connection slots it occupies (its site's and the global one).
+/// An SMTP session with the connection slots it occupies (its site's and the global one, and
+/// the cluster lease of a cluster-scoped site).
 pub(crate) struct Session {
     pub(crate) client: SmtpClient,
     pub(crate) _slot: ConnectionSlot,
     pub(crate) _global: OwnedSemaphorePermit,
+    pub(crate) lease: Option<Lease>,
+}
+
+impl Session {
+    /// Whether the session lost its cluster lease (it expired while Redis was unreachable
+    /// and others took the room): it must not be reused.
+    pub(crate) fn lease_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(Lease::is_lost)
+    }
 }
 
 impl Pooled for Session {
     fn is_usable(&self) -> bool {
-        self.client.is_usable()
+        self.client.is_usable() && !self.lease_lost()
     }
 
     fn close(self) -> impl Future<Output = ()> + Send {
@@ -43,10 +56,11 @@ impl Pooled for Session {
             client,
             _slot,
             _global,
+            lease,
         } = self;
         async move {
             client.quit().await;
-            drop((_slot, _global));
+            drop((_slot, _global, lease));
         }
     }
 }

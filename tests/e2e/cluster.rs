@@ -1,0 +1,174 @@
+//! Cluster-wide limits (`[cluster]`, `scope = "cluster"`) against a real redis-server that the
+//! tests start on a free loopback port.
+
+use crate::harness::*;
+use cluster_limits::testing::{redis_available, RedisServer};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Kills a `drover serve` child when the test ends, however it ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_engines_sharing_a_cluster_limit_of_five_never_hold_more_than_five() {
+    if !redis_available("three_engines_sharing_a_cluster_limit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(&created(dir.path().join("redis")));
+    // Slow replies: each engine's 100 messages want 5 sessions (one worker per 4 ready
+    // messages, up to the cap) for seconds, 15 between the three without sharing.
+    let sink = start_sink(sink::SinkConfig {
+        latency: Duration::from_millis(15),
+        ..Default::default()
+    })
+    .await;
+    let mut engines = Vec::new();
+    let mut ports = Vec::new();
+    for n in 0..3 {
+        let port = free_port();
+        let config = dir.path().join(format!("drover-{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [smtp_listener]\nlisten = \"127.0.0.1:0\"\n\
+                 [delivery]\nehlo_name = \"drover.test\"\nidle_timeout = \"1s\"\n\
+                 [cluster]\nredis_url = \"{}\"\ninstance_id = \"engine-{n}\"\nlease_ttl = \"5s\"\n\
+                 [[shaping]]\nmatch = \"cluster.test\"\nmax_connections = 5\n\
+                 max_deliveries_per_connection = 10\nscope = \"cluster\"\n{}",
+                dir.path().join(format!("data-{n}")),
+                redis.url(),
+                routes(&["cluster.test"], sink.local_addr())
+            ),
+        )
+        .unwrap();
+        engines.push(Child(spawn_drover(&config)));
+        ports.push(port);
+    }
+    for port in &ports {
+        wait_port_ready(*port).await;
+    }
+    let injections = ports.iter().enumerate().map(|(n, port)| {
+        let recipients: Vec<String> = (0..100).map(|i| format!("e{n}-{i}@cluster.test")).collect();
+        let url = format!("http://127.0.0.1:{port}/api/inject/v1");
+        async move { post_json(&url, &message_for(&recipients), None).await }
+    });
+    for (status, reply) in futures_join_all(injections).await {
+        assert_eq!(status, 200, "{reply}");
+    }
+    let start = std::time::Instant::now();
+    while sink.stats().transactions < 300 {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "not all delivered: {:?}",
+            sink.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = sink.stats();
+    assert_eq!(stats.transactions, 300, "{stats:?}");
+    assert!(
+        stats.max_concurrent_connections <= 5,
+        "the cluster cap held: {stats:?}"
+    );
+    assert!(
+        stats.max_concurrent_connections >= 3,
+        "the engines did deliver side by side: {stats:?}"
+    );
+    for port in &ports {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(
+            metric_value(&metrics, "drover_cluster_limits_fallback"),
+            0.0,
+            "{metrics}"
+        );
+    }
+    drop(engines);
+}
+
+/// `join_all` without another dependency: the injections run side by side.
+async fn futures_join_all<F: std::future::Future<Output = (u16, Value)> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<(u16, Value)> {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+/// The directory `path`, created.
+fn created(path: std::path::PathBuf) -> std::path::PathBuf {
+    std::fs::create_dir_all(&path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_an_engine_keeps_to_its_local_share_and_says_so_until_redis_is_back() {
+    if !redis_available("without_redis_the_local_share") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A port where Redis is not running yet.
+    let redis_port = free_port();
+    let sink = start_sink(sink::SinkConfig {
+        latency: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await;
+    let engine = TestEngine::start(&format!(
+        "[cluster]\nredis_url = \"redis://127.0.0.1:{redis_port}/0\"\nlocal_share = 0.4\nlease_ttl = \"3s\"\n\
+         [[shaping]]\nmatch = \"share.test\"\nmax_connections = 5\nscope = \"cluster\"\n{}",
+        routes(&["share.test"], sink.local_addr())
+    ))
+    .await;
+    let metrics = engine.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "drover_cluster_limits_fallback"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(metric_value(&metrics, "drover_cluster_redis_errors_total") >= 1.0);
+    let recipients: Vec<String> = (0..40).map(|i| format!("u{i}@share.test")).collect();
+    assert_eq!(engine.inject(&message_for(&recipients)).await.0, 200);
+    wait_records(&engine.accounting_path(), Duration::from_secs(60), |r| {
+        count_type(r, "Delivery") == 40
+    })
+    .await;
+    let stats = sink.stats();
+    assert!(
+        stats.max_concurrent_connections <= 2,
+        "ceil(5 * 0.4) while Redis is unreachable: {stats:?}"
+    );
+    assert!(stats.max_concurrent_connections >= 1);
+    // Redis comes up: the heartbeat finds it and the fallback ends.
+    let redis_dir = created(dir.path().join("redis"));
+    let _redis = RedisServer::start_on(&redis_dir, redis_port);
+    let start = std::time::Instant::now();
+    loop {
+        let metrics = engine.metrics().await;
+        if metric_value(&metrics, "drover_cluster_limits_fallback") == 0.0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the fallback never ended: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    engine.stop().await;
+}
