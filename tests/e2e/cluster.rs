@@ -41,7 +41,8 @@ async fn three_engines_sharing_a_cluster_limit_of_five_never_hold_more_than_five
                 "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
                  [smtp_listener]\nlisten = \"127.0.0.1:0\"\n\
                  [delivery]\nehlo_name = \"drover.test\"\nidle_timeout = \"1s\"\n\
-                 [cluster]\nredis_url = \"{}\"\ninstance_id = \"engine-{n}\"\nlease_ttl = \"5s\"\n\
+                 [cluster]\nredis_url = \"{}\"\ninstance_id = \"engine-{n}\"\nlease_ttl = \"6s\"\n\
+                 timeout = \"1s\"\n\
                  [[shaping]]\nmatch = \"cluster.test\"\nmax_connections = 5\n\
                  max_deliveries_per_connection = 10\nscope = \"cluster\"\n{}",
                 dir.path().join(format!("data-{n}")),

@@ -143,7 +143,7 @@ impl Inner {
             for arg in args {
                 invocation.arg(arg);
             }
-            Ok(invocation.invoke_async(&mut conn).await?)
+            Ok::<T, ClusterError>(invocation.invoke_async(&mut conn).await?)
         };
         let result = self.timed(call).await;
         self.observe(result.as_ref().err());
@@ -155,7 +155,7 @@ impl Inner {
         let call = async {
             let mut conn = self.connection().await?;
             let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-            Ok(())
+            Ok::<(), ClusterError>(())
         };
         let result = self.timed(call).await;
         self.observe(result.as_ref().err());

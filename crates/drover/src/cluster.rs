@@ -19,6 +19,7 @@ impl Engine {
         site_key: &QueueKey,
         limiter: &DestinationLimiter,
     ) -> Option<(ConnectionSlot, Option<Lease>)> {
+        let destination = site_key.to_string();
         loop {
             let slot = tokio::select! {
                 _ = self.cancel.cancelled() => return None,
@@ -34,7 +35,7 @@ impl Engine {
             };
             let leased = tokio::select! {
                 _ = self.cancel.cancelled() => return None,
-                leased = cluster.acquire(&site_key.to_string(), limiter.max_connections_now()) => leased,
+                leased = cluster.acquire(&destination, limiter.max_connections_now()) => leased,
             };
             match leased {
                 Ok(lease) => return Some((slot, Some(lease))),
