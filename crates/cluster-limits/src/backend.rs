@@ -202,7 +202,9 @@ impl Inner {
     async fn beat(&self) {
         let mut by_key: HashMap<String, (usize, Vec<String>)> = HashMap::new();
         for held in self.leases.iter() {
-            let entry = by_key.entry(held.key.clone()).or_insert((held.cap, Vec::new()));
+            let entry = by_key
+                .entry(held.key.clone())
+                .or_insert((held.cap, Vec::new()));
             entry.0 = entry.0.max(held.cap);
             entry.1.push(held.key().clone());
         }
@@ -275,10 +277,7 @@ impl ClusterLimits {
         metrics::counter!(REDIS_ERRORS).increment(0);
         // Errors are counted and logged by `ping`; the fallback is on until Redis answers.
         let _ = inner.ping().await;
-        tokio::spawn(heartbeat(
-            Arc::downgrade(&inner),
-            inner.settings.lease_ttl,
-        ));
+        tokio::spawn(heartbeat(Arc::downgrade(&inner), inner.settings.lease_ttl));
         Ok(ClusterLimits { inner })
     }
 

@@ -20,8 +20,8 @@
 //! The decisions (key names, lease ids, health transitions, waits) are in [`logic`], without
 //! I/O; [`ClusterLimits`] is the edge that talks to Redis.
 
-pub mod logic;
 mod backend;
+pub mod logic;
 mod scripts;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -48,7 +48,10 @@ pub fn describe_metrics() {
         REDIS_ERRORS,
         "Redis calls of the cluster-wide limits that failed or timed out."
     );
-    metrics::describe_gauge!(LEASES, "Cluster connection leases this instance holds in Redis.");
+    metrics::describe_gauge!(
+        LEASES,
+        "Cluster connection leases this instance holds in Redis."
+    );
 }
 
 /// Errors of the cluster limits.

@@ -137,7 +137,10 @@ mod tests {
 
     #[test]
     fn keys_and_ids_are_distinct_per_destination_kind_and_process() {
-        assert_eq!(lease_key("drover:", "mx.test|ip1"), "drover:conn:mx.test|ip1");
+        assert_eq!(
+            lease_key("drover:", "mx.test|ip1"),
+            "drover:conn:mx.test|ip1"
+        );
         assert_eq!(
             rate_key("drover:", RateKind::Messages, "mx.test"),
             "drover:rate:msg:mx.test"
@@ -167,8 +170,14 @@ mod tests {
 
     #[test]
     fn waits_and_periods_stay_in_bounds() {
-        assert_eq!(heartbeat_every(Duration::from_secs(30)), Duration::from_secs(1));
-        assert_eq!(renew_every(Duration::from_secs(30)), Duration::from_secs(10));
+        assert_eq!(
+            heartbeat_every(Duration::from_secs(30)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            renew_every(Duration::from_secs(30)),
+            Duration::from_secs(10)
+        );
         assert_eq!(
             heartbeat_every(Duration::from_millis(90)),
             Duration::from_millis(100)

@@ -1,4 +1,5 @@
 //! The scripts against a real redis-server (started by each test on a free loopback port).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cluster_limits::logic::RateKind;
 use cluster_limits::testing::{redis_available, RedisServer};
@@ -156,7 +157,10 @@ async fn a_stopped_redis_turns_on_the_fallback_and_a_restarted_one_turns_it_off(
         "within the timeout: {:?}",
         start.elapsed()
     );
-    assert!(mode.is_degraded(), "the shaper now keeps to the local share");
+    assert!(
+        mode.is_degraded(),
+        "the shaper now keeps to the local share"
+    );
     // Degraded: no Redis call at all on the delivery path.
     let start = Instant::now();
     assert!(matches!(

@@ -742,7 +742,10 @@ impl DestinationLimiter {
         let limits = &self.enforced().limits;
         let (normal, backoff) = match kind {
             Kind::Messages => (limits.max_message_rate, limits.backoff_max_message_rate),
-            Kind::NewConnections => (limits.max_connection_rate, limits.backoff_max_connection_rate),
+            Kind::NewConnections => (
+                limits.max_connection_rate,
+                limits.backoff_max_connection_rate,
+            ),
         };
         match backoff {
             Some(b) if self.is_backing_off() => Some(b),
@@ -1550,10 +1553,17 @@ mod tests {
         assert_eq!(mode.share_of(5), 1);
         assert_eq!(mode.share_of(6), 2, "ceil(1.2)");
         assert_eq!(mode.share_of(1), 1);
-        assert_eq!(ClusterMode::new(0.0).local_share(), 1.0, "no share is no sense");
+        assert_eq!(
+            ClusterMode::new(0.0).local_share(),
+            1.0,
+            "no share is no sense"
+        );
         assert_eq!(ClusterMode::new(3.0).share_of(4), 4);
         let rate: Rate = "10/s".parse().unwrap();
-        assert_eq!(mode.share_of_rate(rate).period(), Duration::from_millis(500));
+        assert_eq!(
+            mode.share_of_rate(rate).period(),
+            Duration::from_millis(500)
+        );
         assert!(mode.set_degraded(true));
         assert!(!mode.set_degraded(true), "no transition");
     }
@@ -1612,8 +1622,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_local_rate_of_a_cluster_scoped_site_is_the_share() {
         let mode = Arc::new(ClusterMode::new(0.5));
-        let shaper = Shaper::new(vec![cluster_rule("c.test", 5, Some("10/s"))], Limits::default())
-            .with_cluster(mode);
+        let shaper = Shaper::new(
+            vec![cluster_rule("c.test", 5, Some("10/s"))],
+            Limits::default(),
+        )
+        .with_cluster(mode);
         let limiter = shaper.limiter(&site("c.test"), "c.test", &[]);
         assert_eq!(limiter.message_rate_now(), Some("10/s".parse().unwrap()));
         let start = tokio::time::Instant::now();
