@@ -173,3 +173,49 @@ async fn without_redis_an_engine_keeps_to_its_local_share_and_says_so_until_redi
     }
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_of_one_engine_make_room_for_another_engine_that_waits() {
+    if !redis_available("idle_sessions_make_room") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(&created(dir.path().join("redis")));
+    let sink = start_sink(sink::SinkConfig::default()).await;
+    // Pooled sessions would stay a minute: only the waiter's flag closes them sooner.
+    let config = format!(
+        "[delivery]\nidle_timeout = \"60s\"\n\
+         [cluster]\nredis_url = \"{}\"\nlease_ttl = \"6s\"\ntimeout = \"1s\"\n\
+         [[shaping]]\nmatch = \"room.test\"\nmax_connections = 1\nscope = \"cluster\"\n{}",
+        redis.url(),
+        routes(&["room.test"], sink.local_addr())
+    );
+    let first = TestEngine::start(&config).await;
+    let second = TestEngine::start(&config).await;
+    let recipients =
+        |tag: &str| -> Vec<String> { (0..8).map(|i| format!("{tag}{i}@room.test")).collect() };
+    assert_eq!(first.inject(&message_for(&recipients("a"))).await.0, 200);
+    wait_records(&first.accounting_path(), Duration::from_secs(20), |r| {
+        count_type(r, "Delivery") == 8
+    })
+    .await;
+    assert_eq!(
+        sink.stats().active_connections,
+        1,
+        "pooled, holding the lease"
+    );
+    let start = std::time::Instant::now();
+    assert_eq!(second.inject(&message_for(&recipients("b"))).await.0, 200);
+    wait_records(&second.accounting_path(), Duration::from_secs(10), |r| {
+        count_type(r, "Delivery") == 8
+    })
+    .await;
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        sink.stats().max_concurrent_connections <= 1,
+        "{:?}",
+        sink.stats()
+    );
+    first.stop().await;
+    second.stop().await;
+}

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 /// A lease this instance holds, as the heartbeat renews it.
 struct Held {
+    destination: String,
     key: String,
     cap: usize,
     lost: Arc<AtomicBool>,
@@ -30,6 +31,9 @@ struct Inner {
     health: Mutex<Health>,
     /// By lease id.
     leases: DashMap<String, Held>,
+    /// Destinations of the leases held for which another session waits (as of the last
+    /// heartbeat).
+    wanted: DashMap<String, ()>,
     acquire: Script,
     release: Script,
     renew: Script,
@@ -57,6 +61,7 @@ impl std::fmt::Debug for ClusterLimits {
 /// Redis (in the background); if that fails, it expires after `lease_ttl`.
 pub struct Lease {
     id: String,
+    destination: String,
     key: String,
     lost: Arc<AtomicBool>,
     inner: Weak<Inner>,
@@ -84,6 +89,15 @@ impl Lease {
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }
+
+    /// Whether a session somewhere in the cluster waits for a lease of this destination (as
+    /// of the last heartbeat, within a second): an idle session holding this lease should
+    /// close and make room rather than wait in a pool.
+    pub fn is_wanted(&self) -> bool {
+        self.inner
+            .upgrade()
+            .is_some_and(|inner| inner.wanted.contains_key(&self.destination))
+    }
 }
 
 impl Drop for Lease {
@@ -103,7 +117,7 @@ impl Drop for Lease {
         let id = std::mem::take(&mut self.id);
         let key = std::mem::take(&mut self.key);
         runtime.spawn(async move {
-            let released = inner.eval::<i64>(&inner.release, &key, &[id]).await;
+            let released = inner.eval::<i64>(&inner.release, &[&key], &[id]).await;
             if let Err(e) = released {
                 tracing::debug!(%key, error = %e, "lease not released; it expires by itself");
             }
@@ -134,12 +148,15 @@ impl Inner {
     async fn eval<T: FromRedisValue>(
         &self,
         script: &Script,
-        key: &str,
+        keys: &[&str],
         args: &[String],
     ) -> Result<T, ClusterError> {
         let call = async {
             let mut conn = self.connection().await?;
-            let mut invocation = script.key(key);
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(*key);
+            }
             for arg in args {
                 invocation.arg(arg);
             }
@@ -198,6 +215,39 @@ impl Inner {
         }
     }
 
+    /// Reads the "wanted" flags of the destinations whose leases are held (one MGET).
+    async fn check_wanted(&self) {
+        let mut destinations: Vec<String> =
+            self.leases.iter().map(|h| h.destination.clone()).collect();
+        destinations.sort_unstable();
+        destinations.dedup();
+        if destinations.is_empty() {
+            self.wanted.clear();
+            return;
+        }
+        let keys: Vec<String> = destinations
+            .iter()
+            .map(|d| logic::wanted_key(&self.settings.key_prefix, d))
+            .collect();
+        let call = async {
+            let mut conn = self.connection().await?;
+            let flags: Vec<Option<String>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+            Ok::<_, ClusterError>(flags)
+        };
+        let result = self.timed(call).await;
+        self.observe(result.as_ref().err());
+        let Ok(flags) = result else {
+            return;
+        };
+        self.wanted.clear();
+        for (destination, flag) in destinations.into_iter().zip(flags) {
+            if flag.is_some() {
+                self.wanted.insert(destination, ());
+            }
+        }
+    }
+
     /// Renews every lease held, a script call per destination; with none held, a PING.
     async fn beat(&self) {
         let mut by_key: HashMap<String, (usize, Vec<String>)> = HashMap::new();
@@ -217,7 +267,7 @@ impl Inner {
         for (key, (cap, ids)) in by_key {
             let mut args = vec![ttl_ms.clone(), cap.to_string()];
             args.extend(ids);
-            let Ok(lost) = self.eval::<Vec<String>>(&self.renew, &key, &args).await else {
+            let Ok(lost) = self.eval::<Vec<String>>(&self.renew, &[&key], &args).await else {
                 // Unreachable: the fallback is on; the next beat tries again.
                 return;
             };
@@ -245,6 +295,9 @@ async fn heartbeat(inner: Weak<Inner>, lease_ttl: Duration) {
             inner.beat().await;
             last = tokio::time::Instant::now();
         }
+        if !inner.mode.is_degraded() {
+            inner.check_wanted().await;
+        }
     }
 }
 
@@ -268,6 +321,7 @@ impl ClusterLimits {
             mode,
             health: Mutex::new(Health::default()),
             leases: DashMap::new(),
+            wanted: DashMap::new(),
             acquire: Script::new(scripts::ACQUIRE),
             release: Script::new(scripts::RELEASE),
             renew: Script::new(scripts::RENEW),
@@ -298,23 +352,26 @@ impl ClusterLimits {
     pub async fn acquire(&self, destination: &str, cap: usize) -> Result<Lease, ClusterError> {
         let inner = &self.inner;
         let key = logic::lease_key(&inner.settings.key_prefix, destination);
+        let wanted = logic::wanted_key(&inner.settings.key_prefix, destination);
         let id = inner.ids.next_id();
         let args = [
             id.clone(),
             cap.max(1).to_string(),
             inner.settings.lease_ttl.as_millis().to_string(),
+            logic::WANTED_TTL.as_millis().to_string(),
         ];
         let mut attempt = 0;
         loop {
             if inner.mode.is_degraded() {
                 return Err(ClusterError::Unavailable);
             }
-            let held: i64 = inner.eval(&inner.acquire, &key, &args).await?;
+            let held: i64 = inner.eval(&inner.acquire, &[&key, &wanted], &args).await?;
             if held == 1 {
                 let lost = Arc::new(AtomicBool::new(false));
                 inner.leases.insert(
                     id.clone(),
                     Held {
+                        destination: destination.to_owned(),
                         key: key.clone(),
                         cap: cap.max(1),
                         lost: Arc::clone(&lost),
@@ -323,6 +380,7 @@ impl ClusterLimits {
                 metrics::gauge!(LEASES).set(inner.leases.len() as f64);
                 return Ok(Lease {
                     id,
+                    destination: destination.to_owned(),
                     key,
                     lost,
                     inner: Arc::downgrade(&self.inner),
@@ -349,7 +407,7 @@ impl ClusterLimits {
             if inner.mode.is_degraded() {
                 return Err(ClusterError::Unavailable);
             }
-            let wait_us: i64 = inner.eval(&inner.gcra, &key, &args).await?;
+            let wait_us: i64 = inner.eval(&inner.gcra, &[&key], &args).await?;
             if wait_us <= 0 {
                 return Ok(());
             }

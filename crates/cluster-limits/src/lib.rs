@@ -6,7 +6,9 @@
 //!   and adds the lease only while fewer than the cap are left, in one Lua script (EVALSHA),
 //!   so no two instances can both take the last one. A background heartbeat renews the leases
 //!   this instance holds; an instance that crashes stops renewing, and its leases expire
-//!   after `lease_ttl` and come back to the others.
+//!   after `lease_ttl` and come back to the others. A caller finding the cap reached sets a
+//!   short-lived "wanted" flag; the heartbeat reads it every second, so instances close idle
+//!   sessions of that destination instead of keeping them pooled ([`Lease::is_wanted`]).
 //! - A **rate** is the standard GCRA on a theoretical arrival time (TAT) stored per key, in
 //!   another script; every instance draws from the same TAT. Times are Redis's own (`TIME`),
 //!   so the instances' clocks need not agree.

@@ -46,6 +46,17 @@ pub fn rate_key(prefix: &str, kind: RateKind, destination: &str) -> String {
     format!("{prefix}rate:{kind}:{destination}")
 }
 
+/// The Redis key of a destination's "wanted" flag (`<prefix>wanted:<destination>`), set
+/// while an instance waits for one of its leases.
+pub fn wanted_key(prefix: &str, destination: &str) -> String {
+    format!("{prefix}wanted:{destination}")
+}
+
+/// How long a waiter's "wanted" flag lasts: longer than the longest wait between its polls
+/// ([`poll_delay`]), so a steady waiter keeps it up, and short enough that idle sessions are
+/// kept again soon after the last waiter is served.
+pub const WANTED_TTL: Duration = Duration::from_millis(1000);
+
 /// Lease ids: `<instance>:<process nonce>:<n>`. The nonce tells a restarted instance's leases
 /// from those its crashed predecessor of the same name left behind (which must still expire,
 /// not be mistaken for its own and renewed).
@@ -187,5 +198,12 @@ mod tests {
         assert!(poll_delay(100, 1.0) <= Duration::from_millis(410));
         let (interval, tolerance) = gcra_params("5/s".parse().unwrap());
         assert_eq!((interval, tolerance), (200_000, 0));
+        for attempt in 0..10 {
+            assert!(
+                poll_delay(attempt, 1.0) < WANTED_TTL / 2,
+                "a waiter keeps its flag up"
+            );
+        }
+        assert_eq!(wanted_key("d:", "mx.test"), "d:wanted:mx.test");
     }
 }

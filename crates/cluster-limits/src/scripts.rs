@@ -8,8 +8,10 @@ macro_rules! now_ms {
     };
 }
 
-/// KEYS[1]: the destination's lease set. ARGV: lease id, cap, ttl (ms).
-/// Returns 1 when the lease is held (taken now, or already held: a retried call), else 0.
+/// KEYS[1]: the destination's lease set, KEYS[2]: its "wanted" flag. ARGV: lease id, cap,
+/// ttl (ms), how long the flag lasts (ms). Returns 1 when the lease is held (taken now, or
+/// already held: a retried call), else 0 and sets the flag: someone waits, so instances
+/// holding idle sessions of the destination close them.
 pub(crate) const ACQUIRE: &str = concat!(
     now_ms!(),
     r#"
@@ -21,6 +23,7 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ttl)
   return 1
 end
+redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[4]))
 return 0
 "#
 );

@@ -218,3 +218,41 @@ async fn an_unreachable_redis_at_start_starts_in_fallback() {
     }
     let _lease = limits.acquire("mx.test", 5).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_waiter_marks_the_destination_wanted_for_the_holders_of_its_leases() {
+    if !redis_available("wanted") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start(dir.path());
+    let a = instance(&server, "a", Duration::from_secs(30)).await;
+    let b = instance(&server, "b", Duration::from_secs(30)).await;
+    let idle = a.acquire("mx.test", 1).await.unwrap();
+    let other = a.acquire("other.test", 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!idle.is_wanted(), "nobody waits yet");
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.acquire("mx.test", 1).await })
+    };
+    let start = Instant::now();
+    while !idle.is_wanted() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "the holder never heard of the waiter"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!other.is_wanted(), "only the destination waited for");
+    // The holder makes room: the waiter gets in.
+    drop(idle);
+    let served = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("the waiter got the lease")
+        .unwrap()
+        .unwrap();
+    // Nobody waits any more: the flag lapses for the new holder.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!served.is_wanted());
+}

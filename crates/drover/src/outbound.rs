@@ -43,11 +43,19 @@ impl Session {
     pub(crate) fn lease_lost(&self) -> bool {
         self.lease.as_ref().is_some_and(Lease::is_lost)
     }
+
+    /// Whether another session, here or on another instance, waits for a lease of this
+    /// session's site: idle, it should close and make room rather than be pooled.
+    pub(crate) fn lease_wanted(&self) -> bool {
+        self.lease.as_ref().is_some_and(Lease::is_wanted)
+    }
 }
 
 impl Pooled for Session {
+    /// An idle session whose cluster lease is lost or wanted elsewhere is not kept: the pool
+    /// closes it at the next checkout or reap.
     fn is_usable(&self) -> bool {
-        self.client.is_usable() && !self.lease_lost()
+        self.client.is_usable() && !self.lease_lost() && !self.lease_wanted()
     }
 
     fn close(self) -> impl Future<Output = ()> + Send {

@@ -184,10 +184,11 @@ impl Engine {
         true
     }
 
-    /// Keeps a session for reuse, unless others wait for a connection slot: then it is closed,
-    /// so an idle session never holds up a destination with mail to send.
+    /// Keeps a session for reuse, unless others wait for a connection slot (here, or for its
+    /// cluster lease anywhere): then it is closed, so an idle session never holds up a
+    /// destination with mail to send.
     async fn park(&self, key: &QueueKey, session: Session) {
-        if self.outbound.global_slots.available_permits() == 0 {
+        if self.outbound.global_slots.available_permits() == 0 || session.lease_wanted() {
             session.close().await;
         } else {
             self.outbound.pool.checkin(key, session);
