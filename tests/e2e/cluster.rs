@@ -183,39 +183,63 @@ async fn idle_sessions_of_one_engine_make_room_for_another_engine_that_waits() {
     let redis = RedisServer::start(&created(dir.path().join("redis")));
     let sink = start_sink(sink::SinkConfig::default()).await;
     // Pooled sessions would stay a minute: only the waiter's flag closes them sooner.
-    let config = format!(
-        "[delivery]\nidle_timeout = \"60s\"\n\
-         [cluster]\nredis_url = \"{}\"\nlease_ttl = \"6s\"\ntimeout = \"1s\"\n\
-         [[shaping]]\nmatch = \"room.test\"\nmax_connections = 1\nscope = \"cluster\"\n{}",
-        redis.url(),
-        routes(&["room.test"], sink.local_addr())
-    );
-    let first = TestEngine::start(&config).await;
-    let second = TestEngine::start(&config).await;
-    let recipients =
-        |tag: &str| -> Vec<String> { (0..8).map(|i| format!("{tag}{i}@room.test")).collect() };
-    assert_eq!(first.inject(&message_for(&recipients("a"))).await.0, 200);
-    wait_records(&first.accounting_path(), Duration::from_secs(20), |r| {
-        count_type(r, "Delivery") == 8
-    })
-    .await;
+    let mut engines = Vec::new();
+    let mut ports = Vec::new();
+    for n in 0..2 {
+        let port = free_port();
+        let config = dir.path().join(format!("drover-{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [smtp_listener]\nlisten = \"127.0.0.1:0\"\n\
+                 [delivery]\nehlo_name = \"drover.test\"\nidle_timeout = \"60s\"\n\
+                 [cluster]\nredis_url = \"{}\"\nlease_ttl = \"6s\"\ntimeout = \"1s\"\n\
+                 [[shaping]]\nmatch = \"room.test\"\nmax_connections = 1\nscope = \"cluster\"\n{}",
+                dir.path().join(format!("data-{n}")),
+                redis.url(),
+                routes(&["room.test"], sink.local_addr())
+            ),
+        )
+        .unwrap();
+        engines.push(Child(spawn_drover(&config)));
+        ports.push(port);
+    }
+    for port in &ports {
+        wait_port_ready(*port).await;
+    }
+    let inject = |port: u16, tag: &'static str| async move {
+        let recipients: Vec<String> = (0..8).map(|i| format!("{tag}{i}@room.test")).collect();
+        let url = format!("http://127.0.0.1:{port}/api/inject/v1");
+        assert_eq!(
+            post_json(&url, &message_for(&recipients), None).await.0,
+            200
+        );
+    };
+    let delivered = |count: u64, within: Duration| {
+        let sink = &sink;
+        async move {
+            let start = std::time::Instant::now();
+            while sink.stats().transactions < count {
+                assert!(start.elapsed() < within, "{:?}", sink.stats());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    inject(ports[0], "a").await;
+    delivered(8, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         sink.stats().active_connections,
         1,
-        "pooled, holding the lease"
+        "pooled, holding the only lease"
     );
-    let start = std::time::Instant::now();
-    assert_eq!(second.inject(&message_for(&recipients("b"))).await.0, 200);
-    wait_records(&second.accounting_path(), Duration::from_secs(10), |r| {
-        count_type(r, "Delivery") == 8
-    })
-    .await;
-    assert!(start.elapsed() < Duration::from_secs(10));
+    inject(ports[1], "b").await;
+    delivered(16, Duration::from_secs(10)).await;
     assert!(
         sink.stats().max_concurrent_connections <= 1,
         "{:?}",
         sink.stats()
     );
-    first.stop().await;
-    second.stop().await;
+    drop(engines);
 }
