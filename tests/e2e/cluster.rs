@@ -243,3 +243,26 @@ async fn idle_sessions_of_one_engine_make_room_for_another_engine_that_waits() {
     );
     drop(engines);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cannot_scope_rules_to_a_cluster_the_engine_did_not_start_with() {
+    let engine = TestEngine::start("[[shaping]]\nmatch = \"c.test\"\nmax_connections = 5\n").await;
+    let reloaded = drover::Config::parse(
+        "[cluster]\nredis_url = \"redis://127.0.0.1:1/0\"\n\
+         [[shaping]]\nmatch = \"c.test\"\nmax_connections = 5\nscope = \"cluster\"\n",
+    )
+    .unwrap();
+    let running = engine.running.as_ref().unwrap();
+    let err = running
+        .engine
+        .reload_policy(&reloaded)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shaping[0].scope"), "{err}");
+    assert!(err.contains("restart"), "{err}");
+    // Local rules still reload.
+    let local =
+        drover::Config::parse("[[shaping]]\nmatch = \"c.test\"\nmax_connections = 3\n").unwrap();
+    running.engine.reload_policy(&local).unwrap();
+    engine.stop().await;
+}

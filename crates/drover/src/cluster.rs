@@ -4,13 +4,36 @@
 //! Local-scope destinations never reach Redis. When Redis is unreachable the limiter keeps to
 //! this instance's share (see `rate_limiter::ClusterMode`), and sessions open without a lease.
 
+use crate::config::Config;
 use crate::engine::Engine;
+use crate::error::EngineError;
 use cluster_limits::logic::RateKind;
 use cluster_limits::Lease;
 use queue_key::QueueKey;
-use rate_limiter::{ConnectionSlot, DestinationLimiter};
+use rate_limiter::{ConnectionSlot, DestinationLimiter, Rule, Scope};
 
 impl Engine {
+    /// A reload cannot start or change the cluster backend (it is set up at start): rules
+    /// scoped to the cluster are refused when the engine started without `[cluster]`, and a
+    /// changed `[cluster]` is reported as waiting for a restart.
+    pub(crate) fn check_cluster_reload(
+        &self,
+        config: &Config,
+        rules: &[Rule],
+    ) -> Result<(), EngineError> {
+        if self.outbound.cluster.is_none() {
+            if let Some(i) = rules.iter().position(|r| r.limits.scope == Scope::Cluster) {
+                return Err(EngineError::Config(format!(
+                    "shaping[{i}].scope: \"cluster\" needs the [cluster] backend, which starts only with the engine: restart to add it"
+                )));
+            }
+        }
+        if config.cluster != self.config.cluster {
+            tracing::warn!("[cluster] changed: the change takes effect at the next restart");
+        }
+        Ok(())
+    }
+
     /// Waits for a connection slot of `limiter`'s destination and, if its limits are
     /// cluster-wide, a lease in Redis too. While Redis is unreachable, the slot alone does,
     /// within this instance's share of the cap. `None`: cancelled.

@@ -184,7 +184,7 @@ pub struct Config {
 }
 
 /// `[cluster]`: the Redis that holds the limits of `scope = "cluster"` shaping rules.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `redis://host:port/db`.
