@@ -90,6 +90,26 @@ impl Lease {
         self.lost.load(Ordering::SeqCst)
     }
 
+    /// Releases the lease now and waits for Redis to have it (within the timeout), so a
+    /// waiter anywhere can take it at once, and a shutting-down instance leaves nothing to
+    /// expire. Dropping a lease instead releases it in the background.
+    pub async fn release(mut self) {
+        let Some(inner) = std::mem::take(&mut self.inner).upgrade() else {
+            return;
+        };
+        inner.leases.remove(&self.id);
+        metrics::gauge!(LEASES).set(inner.leases.len() as f64);
+        if self.is_lost() || inner.mode.is_degraded() {
+            return;
+        }
+        let released = inner
+            .eval::<i64>(&inner.release, &[&self.key], &[self.id.clone()])
+            .await;
+        if let Err(e) = released {
+            tracing::debug!(key = %self.key, error = %e, "lease not released; it expires by itself");
+        }
+    }
+
     /// Whether a session somewhere in the cluster waits for a lease of this destination (as
     /// of the last heartbeat, within a second): an idle session holding this lease should
     /// close and make room rather than wait in a pool.

@@ -256,3 +256,25 @@ async fn a_waiter_marks_the_destination_wanted_for_the_holders_of_its_leases() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!served.is_wanted());
 }
+
+#[tokio::test]
+async fn a_released_lease_is_free_for_another_instance_at_once() {
+    if !redis_available("released_at_once") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start(dir.path());
+    let a = instance(&server, "a", Duration::from_secs(30)).await;
+    let b = instance(&server, "b", Duration::from_secs(30)).await;
+    for _ in 0..5 {
+        let lease = a.acquire("mx.test", 1).await.unwrap();
+        lease.release().await;
+        assert_eq!(a.leases_held(), 0);
+        // Taken at the first try: a full set would have meant a poll of at least 17 ms.
+        let taken = tokio::time::timeout(Duration::from_millis(15), b.acquire("mx.test", 1))
+            .await
+            .expect("free at once")
+            .unwrap();
+        taken.release().await;
+    }
+}

@@ -68,7 +68,11 @@ impl Pooled for Session {
         } = self;
         async move {
             client.quit().await;
-            drop((_slot, _global, lease));
+            // The lease first: a local waiter woken by the slot then finds room in Redis.
+            if let Some(lease) = lease {
+                lease.release().await;
+            }
+            drop((_slot, _global));
         }
     }
 }
