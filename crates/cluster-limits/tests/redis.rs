@@ -70,7 +70,7 @@ async fn a_crashed_instances_leases_expire_while_a_live_ones_are_renewed() {
     }
     let dir = tempfile::tempdir().unwrap();
     let server = RedisServer::start(dir.path());
-    let ttl = Duration::from_millis(900);
+    let ttl = Duration::from_millis(1500);
     let live = instance(&server, "live", ttl).await;
     let crashing = instance(&server, "crashing", ttl).await;
     let kept = live.acquire("mx.test", 2).await.unwrap();
@@ -85,7 +85,7 @@ async fn a_crashed_instances_leases_expire_while_a_live_ones_are_renewed() {
         .unwrap();
     let waited = start.elapsed();
     assert!(
-        waited >= Duration::from_millis(500) && waited <= Duration::from_millis(2000),
+        waited >= Duration::from_millis(1000) && waited <= Duration::from_millis(3500),
         "came back after its ttl: {waited:?}"
     );
     // Three lifetimes later the live instance's lease is still held (renewed): the set is
@@ -121,7 +121,7 @@ async fn a_gcra_rate_is_shared_by_every_instance() {
     rb.unwrap();
     // 20 permits at 10/s between them: the first at once, then one every 100 ms.
     let took = start.elapsed().as_secs_f64();
-    assert!((1.85..=2.6).contains(&took), "took {took} s");
+    assert!((1.85..=3.0).contains(&took), "took {took} s");
     // Another destination, and the connection rate, are separate.
     let start = Instant::now();
     a.until_permitted(RateKind::Messages, "other.test", rate)
