@@ -19,6 +19,7 @@ mod fulldisk;
 mod harness;
 mod hostile;
 mod inject;
+mod kumomta;
 mod listener;
 mod openapi;
 mod postfix;

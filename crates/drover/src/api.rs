@@ -90,7 +90,7 @@ async fn inject(
     if state.engine.is_draining() {
         return unavailable("shutting down");
     }
-    let request: InjectRequest = match serde_json::from_slice(&body) {
+    let request: InjectRequest = match crate::message::parse_request(&body) {
         Ok(r) => r,
         Err(e) => {
             return error(
@@ -137,6 +137,10 @@ async fn inject(
         trace_headers,
         ..
     } = request;
+    let supplemental = match trace_headers.supplemental() {
+        Ok(s) => s.map(Arc::new),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("trace_headers: {e}")),
+    };
     let renderer = match Renderer::with_dialect(
         content,
         usize::try_from(max_size).unwrap_or(usize::MAX),
@@ -205,6 +209,7 @@ async fn inject(
                 client: client.map(|c| c.0 .0.ip()),
             })
         }),
+        supplemental,
     };
     // Rendering a large batch takes a while: the runtime moves its other tasks off this
     // thread meanwhile. Not a blocking-pool task: the bodies are allocated on a thread that
@@ -462,7 +467,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.engine.is_draining() {
+    if state.engine.is_draining() || state.leaving.load(std::sync::atomic::Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if state.engine.is_reloading() {
         (

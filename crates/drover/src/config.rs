@@ -449,6 +449,13 @@ pub struct HttpConfig {
     pub max_body_size: usize,
     /// Most recipients one inject request may carry (extension; default 10 000). More: 413.
     pub max_recipients: usize,
+    /// A file of more API tokens, one per line (extension): kept out of the configuration,
+    /// e.g. a mounted Kubernetes Secret. Read at start-up, added to `api_tokens`.
+    pub api_tokens_file: Option<PathBuf>,
+    /// On SIGTERM, how long `/readyz` answers 503 while everything is still accepted, before
+    /// the listeners stop taking work (extension; default 0s): time for a load balancer to
+    /// take the instance out of rotation.
+    pub shutdown_grace: HumanDuration,
 }
 
 impl Default for HttpConfig {
@@ -458,6 +465,8 @@ impl Default for HttpConfig {
             api_tokens: Vec::new(),
             max_body_size: 64 * 1024 * 1024,
             max_recipients: 10_000,
+            api_tokens_file: None,
+            shutdown_grace: secs(0),
         }
     }
 }
@@ -501,6 +510,9 @@ pub struct SmtpListenerConfig {
     /// converted to CRLF (`normalize`) (extension). Mail for the bounce domains alone is
     /// always normalised.
     pub bare_newlines: BareNewlines,
+    /// A file of more `auth_users`, one `user:password_hash` per line (extension): kept out
+    /// of the configuration, e.g. a mounted Kubernetes Secret. Read at start-up.
+    pub auth_users_file: Option<PathBuf>,
 }
 
 /// `smtp_listener.bare_newlines`.
@@ -556,6 +568,7 @@ impl Default for SmtpListenerConfig {
             write_timeout: secs(60),
             max_recipients: 1000,
             bare_newlines: BareNewlines::Reject,
+            auth_users_file: None,
         }
     }
 }
@@ -900,9 +913,49 @@ impl Config {
 
     /// Parses TOML text and validates it.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Adds the API tokens and AUTH users of `http.api_tokens_file` and
+    /// `smtp_listener.auth_users_file` to the inline ones. Blank lines and lines starting
+    /// with `#` are skipped.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        fn lines(key: &str, path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            Ok(text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect())
+        }
+        if let Some(path) = &self.http.api_tokens_file {
+            let tokens = lines("http.api_tokens_file", path)?;
+            self.http.api_tokens.extend(tokens);
+        }
+        if let Some(path) = &self.smtp_listener.auth_users_file {
+            let key = "smtp_listener.auth_users_file";
+            for (n, line) in lines(key, path)?.into_iter().enumerate() {
+                // Only hashes: a file of clear passwords would be the weaker choice here.
+                let (user, hash) = line
+                    .split_once(':')
+                    .filter(|(u, h)| !u.is_empty() && h.starts_with('$'))
+                    .ok_or_else(|| {
+                        invalid(key, format!("entry {} is not user:password_hash", n + 1))
+                    })?;
+                self.smtp_listener.auth_users.push(AuthUser {
+                    user: user.to_owned(),
+                    password: None,
+                    password_hash: Some(hash.to_owned()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads and validates a file.
@@ -1674,5 +1727,54 @@ mod tests {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn secrets_can_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("api_tokens");
+        std::fs::write(&tokens, "# platform\nfrom-file-1\n\n  from-file-2  \n").unwrap();
+        let users = dir.path().join("auth_users");
+        std::fs::write(
+            &users,
+            "# user:hash\nnewsletter:$argon2id$v=19$m=19456,t=2,p=1$Oguc2Uwvu/v4yeEApm8h2w$6YyTmoN1Qt69UG+XdFm63sDkMwux4RTqs6iSoJKnxvY\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[http]\nlisten = \"0.0.0.0:8025\"\napi_tokens = [\"inline\"]\napi_tokens_file = {:?}\n\
+             [smtp_listener]\nauth_users_file = {:?}\n",
+            tokens.display().to_string(),
+            users.display().to_string()
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.http.api_tokens, ["inline", "from-file-1", "from-file-2"]);
+        let user = &c.smtp_listener.auth_users[0];
+        assert_eq!(user.user, "newsletter");
+        assert!(user.password.is_none());
+        assert!(user
+            .password_hash
+            .as_deref()
+            .unwrap()
+            .starts_with("$argon2id$"));
+        // Tokens from the file alone satisfy the rule for a non-loopback listener.
+        let only_file = format!(
+            "[http]\nlisten = \"0.0.0.0:8025\"\napi_tokens_file = {:?}\n",
+            tokens.display().to_string()
+        );
+        assert_eq!(Config::parse(&only_file).unwrap().http.api_tokens.len(), 2);
+        // A missing file, or a line that is not user:hash, names the key.
+        let missing = "[http]\napi_tokens_file = \"/nonexistent/tokens\"\n";
+        let err = Config::parse(missing).unwrap_err().to_string();
+        assert!(err.contains("http.api_tokens_file"), "{err}");
+        std::fs::write(&users, "newsletter:clear-password\n").unwrap();
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("smtp_listener.auth_users_file"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_grace_defaults_to_none_and_parses() {
+        assert!(Config::parse("").unwrap().http.shutdown_grace.0.is_zero());
+        let c = Config::parse("[http]\nshutdown_grace = \"5s\"\n").unwrap();
+        assert_eq!(c.http.shutdown_grace.0, Duration::from_secs(5));
     }
 }

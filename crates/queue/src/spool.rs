@@ -1290,6 +1290,7 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                         recipient: meta.recipient.clone(),
                         tenant: meta.tenant.clone(),
                         campaign: meta.campaign.clone(),
+                        metadata: meta.metadata.clone(),
                     };
                     let sent = serde_json::to_vec(&sent).map_err(|e| e.to_string())?;
                     batch.put_cf(cf(CF_SENT)?, meta.id.as_bytes(), sent);
