@@ -266,3 +266,90 @@ async fn a_reload_cannot_scope_rules_to_a_cluster_the_engine_did_not_start_with(
     running.engine.reload_policy(&local).unwrap();
     engine.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_engines_leases_come_back_after_lease_ttl() {
+    if !redis_available("killed_engines_leases") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(&created(dir.path().join("redis")));
+    // Slow replies keep the first engine's sessions open (and their leases held) until it dies.
+    let sink = start_sink(sink::SinkConfig {
+        latency: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let mut engines = Vec::new();
+    let mut ports = Vec::new();
+    for n in 0..2 {
+        let port = free_port();
+        let config = dir.path().join(format!("drover-{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [smtp_listener]\nlisten = \"127.0.0.1:0\"\n\
+                 [delivery]\nehlo_name = \"drover.test\"\n\
+                 [cluster]\nredis_url = \"{}\"\nlease_ttl = \"3s\"\ntimeout = \"1s\"\n\
+                 [[shaping]]\nmatch = \"crash.test\"\nmax_connections = 2\nscope = \"cluster\"\n{}",
+                dir.path().join(format!("data-{n}")),
+                redis.url(),
+                routes(&["crash.test"], sink.local_addr())
+            ),
+        )
+        .unwrap();
+        engines.push(Child(spawn_drover(&config)));
+        ports.push(port);
+    }
+    for port in &ports {
+        wait_port_ready(*port).await;
+    }
+    let inject = |port: u16, tag: &'static str, count: usize| async move {
+        let recipients: Vec<String> = (0..count).map(|i| format!("{tag}{i}@crash.test")).collect();
+        let url = format!("http://127.0.0.1:{port}/api/inject/v1");
+        assert_eq!(
+            post_json(&url, &message_for(&recipients), None).await.0,
+            200
+        );
+    };
+    inject(ports[0], "a", 40).await;
+    let start = std::time::Instant::now();
+    while sink.stats().active_connections < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            sink.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A crash: no QUIT, no release; its connections drop, its leases stay in Redis.
+    engines[0].0.kill().unwrap();
+    engines[0].0.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let (connections, transactions) = (sink.stats().connections, sink.stats().transactions);
+    inject(ports[1], "b", 2).await;
+    // The second engine connects only once it holds a lease: after the dead one's expired.
+    while sink.stats().connections == connections {
+        assert!(
+            killed.elapsed() < Duration::from_secs(15),
+            "the dead engine's leases never came back: {:?}",
+            sink.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = killed.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "the second engine waited for the leases to expire (3 s after their last renewal): {waited:?}"
+    );
+    while sink.stats().transactions < transactions + 2 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            sink.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(engines);
+}
