@@ -5,6 +5,8 @@
 # - postfix (smtp-sink, smtp-source), swaks, dnsmasq-base: real SMTP/DNS peers for tests and
 #   benchmarks. Postfix is installed unconfigured, so nothing listens on port 25.
 #   libnet-ssleay-perl: swaks's STARTTLS (only recommended by the swaks package).
+# - redis-server: the cluster-wide limits' tests start their own (the package's service is not
+#   used; tests never touch port 6379).
 # - dkimpy and PyNaCl (PyPI, for the `python3` on PATH): an independent DKIM verifier for the
 #   e2e tests, which skip that check when it is missing.
 # - openapi-spec-validator (PyPI, brings jsonschema): validates docs/openapi.yaml and the replies
@@ -25,7 +27,7 @@ if command -v python3 >/dev/null && ! python3 -c "import kubernetes_validate, ya
   python3 -m pip install -q --disable-pip-version-check kubernetes-validate pyyaml 2>/dev/null \
     || echo "kubernetes-validate not installed; the deploy tests skip the manifest checks" >&2
 fi
-packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base prometheus)
+packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base prometheus redis-server)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,6 +8,7 @@
 
 mod admin;
 mod bounds;
+mod cluster;
 mod crash;
 mod deferred;
 mod delivery;

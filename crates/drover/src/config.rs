@@ -1,6 +1,6 @@
 //! The TOML configuration (contract §2). Every key is optional; unknown keys are errors.
 
-use rate_limiter::{Limits, Matcher, Rate, Rule};
+use rate_limiter::{Limits, Matcher, Rate, Rule, Scope};
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -179,6 +179,86 @@ pub struct Config {
     pub unsubscribe: UnsubscribeConfig,
     /// `[[tenant]]`: per-tenant settings (extension).
     pub tenant: Vec<TenantConfig>,
+    /// `[cluster]`: limits shared with other instances through Redis (extension).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the Redis that holds the limits of `scope = "cluster"` shaping rules.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`.
+    pub redis_url: String,
+    /// This instance's name in its lease ids (default: the host name, a pod's name).
+    #[serde(default)]
+    pub instance_id: String,
+    /// How long a lease outlives its instance's last heartbeat (a crashed instance's
+    /// sessions stop counting after it).
+    #[serde(default = "thirty_seconds")]
+    pub lease_ttl: HumanDuration,
+    /// The fraction of a cluster limit this instance uses alone while Redis is unreachable.
+    #[serde(default = "default_local_share")]
+    pub local_share: f64,
+    /// Prefix of every Redis key.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How long a Redis call may take before the limits fall back to the local share.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn thirty_seconds() -> HumanDuration {
+    secs(30)
+}
+
+fn default_local_share() -> f64 {
+    0.2
+}
+
+fn default_key_prefix() -> String {
+    "drover:".to_owned()
+}
+
+fn default_redis_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(200))
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        cluster_limits::check_url(&self.redis_url).map_err(|e| invalid("cluster.redis_url", e))?;
+        if self.lease_ttl.0 < Duration::from_secs(1) {
+            return Err(invalid("cluster.lease_ttl", "must be at least 1s"));
+        }
+        if !(self.local_share > 0.0 && self.local_share <= 1.0) {
+            return Err(invalid(
+                "cluster.local_share",
+                "must be above 0 and at most 1",
+            ));
+        }
+        if self.timeout.0.is_zero() || self.timeout.0 > self.lease_ttl.0 / 3 {
+            return Err(invalid(
+                "cluster.timeout",
+                "must be positive and at most a third of lease_ttl",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings of the cluster limits; `hostname` names the instance when
+    /// `instance_id` is unset.
+    pub fn settings(&self, hostname: &str) -> cluster_limits::Settings {
+        cluster_limits::Settings {
+            redis_url: self.redis_url.clone(),
+            instance_id: if self.instance_id.is_empty() {
+                hostname.to_owned()
+            } else {
+                self.instance_id.clone()
+            },
+            lease_ttl: self.lease_ttl.0,
+            key_prefix: self.key_prefix.clone(),
+            timeout: self.timeout.0,
+        }
+    }
 }
 
 /// `[[tenant]]`
@@ -748,6 +828,9 @@ pub struct ShapingConfig {
     pub backoff_max_connection_rate: Option<String>,
     /// STARTTLS: `opportunistic` (default), `required` (verified against web PKI) or `disabled`.
     pub tls: Option<String>,
+    /// `local` (default): the limits are this instance's; `cluster`: they are totals for
+    /// every instance sharing `[cluster]`'s Redis.
+    pub scope: Option<String>,
 }
 
 /// `[[automation]]`
@@ -936,6 +1019,9 @@ impl Config {
                     )
                 })?;
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         self.shaping_rules()?;
         for (i, a) in self.automation.iter().enumerate() {
@@ -1160,8 +1246,25 @@ impl Config {
                         )
                     })?;
                 }
+                let scope = match s.scope.as_deref() {
+                    None | Some("local") => Scope::Local,
+                    Some("cluster") if self.cluster.is_some() => Scope::Cluster,
+                    Some("cluster") => {
+                        return Err(invalid(
+                            key("scope"),
+                            "\"cluster\" needs a [cluster] section with redis_url",
+                        ))
+                    }
+                    Some(other) => {
+                        return Err(invalid(
+                            key("scope"),
+                            format!("{other:?} is not local or cluster"),
+                        ))
+                    }
+                };
                 let defaults = Limits::default();
                 let limits = Limits {
+                    scope,
                     max_connections: s.max_connections.unwrap_or(defaults.max_connections),
                     max_message_rate: rate(&s.max_message_rate, "max_message_rate")?,
                     max_connection_rate: rate(&s.max_connection_rate, "max_connection_rate")?,
@@ -1481,6 +1584,50 @@ mod tests {
         let c = Config::parse(block).unwrap();
         assert_eq!(c.automation.len(), 4);
         assert_eq!(c.egress_source.len(), 2);
+    }
+
+    #[test]
+    fn the_cluster_section_and_scope_parse_and_bad_ones_are_named() {
+        let c = Config::parse(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\nlocal_share = 0.5\n\
+             [[shaping]]\nmatch = \"c.test\"\nmax_connections = 5\nscope = \"cluster\"\n\
+             [[shaping]]\nmatch = \"l.test\"\n",
+        )
+        .unwrap();
+        let rules = c.shaping_rules().unwrap();
+        assert_eq!(rules[0].limits.scope, Scope::Cluster);
+        assert_eq!(rules[1].limits.scope, Scope::Local);
+        let cluster = c.cluster.unwrap();
+        let settings = cluster.settings("host-1");
+        assert_eq!(settings.instance_id, "host-1");
+        assert_eq!(settings.lease_ttl, Duration::from_secs(30));
+        assert_eq!(settings.key_prefix, "drover:");
+        assert_eq!(settings.timeout, Duration::from_millis(200));
+        assert_eq!(cluster.local_share, 0.5);
+        let url = "[cluster]\nredis_url = \"redis://127.0.0.1/0\"\n";
+        for (text, key) in [
+            (
+                "[[shaping]]\nmatch = \"*\"\nscope = \"cluster\"\n".to_owned(),
+                "shaping[0].scope",
+            ),
+            (
+                format!("{url}[[shaping]]\nmatch = \"*\"\nscope = \"galaxy\"\n"),
+                "shaping[0].scope",
+            ),
+            (
+                "[cluster]\nredis_url = \"http://x\"\n".to_owned(),
+                "cluster.redis_url",
+            ),
+            (format!("{url}local_share = 0.0\n"), "cluster.local_share"),
+            (format!("{url}local_share = 1.5\n"), "cluster.local_share"),
+            (format!("{url}lease_ttl = \"100ms\"\n"), "cluster.lease_ttl"),
+            (format!("{url}timeout = \"20s\"\n"), "cluster.timeout"),
+            (format!("{url}redis_host = \"x\"\n"), "redis_host"),
+            ("[cluster]\nlease_ttl = \"5s\"\n".to_owned(), "redis_url"),
+        ] {
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl Engine {
         let rules = config
             .shaping_rules()
             .map_err(|e| EngineError::Config(e.to_string()))?;
+        self.check_cluster_reload(config, &rules)?;
         let rates = config
             .keyed_rates()
             .map_err(|e| EngineError::Config(e.to_string()))?;

@@ -14,6 +14,7 @@ pub mod unsubscribe_http;
 pub mod message;
 // The engine's state, and its work by concern, in the order a message meets them.
 mod admin;
+mod cluster;
 mod dispatch;
 pub mod engine;
 mod error;

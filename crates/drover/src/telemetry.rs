@@ -128,6 +128,7 @@ pub(crate) fn describe_metrics() {
     queue::describe_metrics();
     connection_pool::describe_metrics();
     resolver_cache::describe_metrics();
+    cluster_limits::describe_metrics();
     // Series exist from the first scrape, so dashboards and rate() see a zero, not a gap.
     for via in ["http", "smtp"] {
         metrics::counter!(RECEIVED, "via" => via).increment(0);
