@@ -18,7 +18,7 @@ if command -v python3 >/dev/null && ! python3 -c "import openapi_spec_validator,
   python3 -m pip install -q --disable-pip-version-check openapi-spec-validator 2>/dev/null \
     || echo "openapi-spec-validator not installed; the e2e OpenAPI test skips its schema checks" >&2
 fi
-packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base)
+packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

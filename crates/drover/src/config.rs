@@ -179,6 +179,23 @@ pub struct Config {
     pub unsubscribe: UnsubscribeConfig,
     /// `[[tenant]]`: per-tenant settings (extension).
     pub tenant: Vec<TenantConfig>,
+    /// `[metrics]` (extension).
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How many sites, the busiest by recent volume, get their own `site` label in the
+    /// per-site series; the rest share `site="other"` (default 50; 0: all are `other`).
+    pub top_sites: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { top_sites: 50 }
+    }
 }
 
 /// `[[tenant]]`

@@ -46,6 +46,10 @@ pub struct Engine {
     pub(crate) reloading: Arc<AtomicBool>,
     /// Tag VERP addresses and unsubscribe links (`startup::feedback_keys`).
     pub(crate) feedback_keys: feedback::Keys,
+    /// The per-site metric series (`site_metrics`).
+    pub(crate) site_metrics: crate::site_metrics::SiteMetrics,
+    /// The status page's recent history (`activity`).
+    pub(crate) activity: std::sync::Mutex<crate::activity::Activity>,
 }
 
 impl std::fmt::Debug for Engine {

@@ -43,6 +43,11 @@ mod outbound;
 mod policy;
 pub mod serve;
 mod telemetry;
+mod activity;
+mod observe;
+mod site_metrics;
+mod status_page;
+mod top_sites;
 
 pub use config::Config;
 pub use engine::Engine;
