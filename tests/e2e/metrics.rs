@@ -186,8 +186,9 @@ async fn the_table_is_what_metrics_serves() {
         ),
     )
     .unwrap();
-    let mut child = spawn_drover(&config);
+    let _child = KillOnDrop(spawn_drover(&config));
     wait_port_ready(port).await;
+    let ready = std::time::Instant::now();
     let base = format!("http://127.0.0.1:{port}");
     let scrape = || async {
         reqwest::get(format!("{base}/metrics"))
@@ -210,8 +211,12 @@ async fn the_table_is_what_metrics_serves() {
     let ok: Vec<String> = (0..100).map(|i| format!("u{i}@ok.test")).collect();
     let bad: Vec<String> = (0..10).map(|i| format!("u{i}@bad.test")).collect();
     for recipients in [&ok, &bad] {
-        let (status, reply) =
-            post_json(&format!("{base}/api/inject/v1"), &message_for(recipients), None).await;
+        let (status, reply) = post_json(
+            &format!("{base}/api/inject/v1"),
+            &message_for(recipients),
+            None,
+        )
+        .await;
         assert_eq!(status, 200, "{reply}");
     }
     let accounting = dir.path().join("data/accounting.jsonl");
@@ -235,30 +240,49 @@ async fn the_table_is_what_metrics_serves() {
         families = parse_exposition(&scrape().await);
     }
 
+    // The housekeeping round (every 5 s at most) has run at least once.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(ready.elapsed())).await;
+    families = parse_exposition(&scrape().await);
+
     // Every served family is documented with its kind and labels, and every documented one
     // that this work produces is served.
     for (name, family) in &families {
         let row = rows
             .get(name)
             .unwrap_or_else(|| panic!("{name} is served but not in docs/metrics.md"));
-        assert_eq!(family.kind.as_deref(), Some(row.kind.as_str()), "kind of {name}");
+        assert_eq!(
+            family.kind.as_deref(),
+            Some(row.kind.as_str()),
+            "kind of {name}"
+        );
         assert_eq!(family.labels, row.labels, "labels of {name}");
     }
     for (name, row) in &rows {
-        if ["start", "injection", "delivery"].contains(&row.appears.as_str()) {
+        if ["start", "tick", "injection", "delivery"].contains(&row.appears.as_str()) {
             assert!(families.contains_key(name), "{name} is not served");
         }
     }
 
     // The counters match the work.
-    assert_eq!(value(&families, "drover_messages_delivered_total", &[]), 100.0);
+    assert_eq!(
+        value(&families, "drover_messages_delivered_total", &[]),
+        100.0
+    );
     let bounced = &families["drover_messages_bounced_total"].samples;
     for (_, labels, v) in bounced {
-        let want = if labels["category"] == "bad-mailbox" { 10.0 } else { 0.0 };
+        let want = if labels["category"] == "bad-mailbox" {
+            10.0
+        } else {
+            0.0
+        };
         assert_eq!(*v, want, "bounced {labels:?}");
     }
     assert_eq!(
-        value(&families, "drover_messages_received_total", &[("via", "http")]),
+        value(
+            &families,
+            "drover_messages_received_total",
+            &[("via", "http")]
+        ),
         110.0
     );
     assert_eq!(
@@ -306,13 +330,22 @@ async fn the_table_is_what_metrics_serves() {
             .unwrap()["totals"]["ready"],
         json!(0)
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+}
+
+/// The engine process, killed when the test ends, passed or failed.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
 fn the_parser_reads_escapes_histograms_and_refuses_untyped_samples() {
-    let text = "# HELP a_total x\n# TYPE a_total counter\na_total{l=\"q\\\"u\\\\o\\nte\",m=\"\"} 3\n\
+    let text =
+        "# HELP a_total x\n# TYPE a_total counter\na_total{l=\"q\\\"u\\\\o\\nte\",m=\"\"} 3\n\
                 # TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 0.5\nh_count 2\n";
     let families = parse_exposition(text);
     let a = &families["a_total"];

@@ -124,7 +124,11 @@ async fn a_browser_sees_the_destinations_and_their_states() {
     // Behind the token: none or a wrong one is refused, the query or the header let in.
     let client = reqwest::Client::new();
     for url in [engine.url("/"), engine.url("/?token=wrong")] {
-        assert_eq!(client.get(&url).send().await.unwrap().status(), 401, "{url}");
+        assert_eq!(
+            client.get(&url).send().await.unwrap().status(),
+            401,
+            "{url}"
+        );
     }
     let with_header = client
         .get(engine.url("/"))
@@ -144,12 +148,18 @@ async fn a_browser_sees_the_destinations_and_their_states() {
     assert!(dom.contains("Drover status"), "{dom}");
     let grey_row = row_of(&dom, "grey.test");
     assert_eq!(grey_row[1], "greylisted", "{grey_row:?}");
-    assert_eq!(row_of(&dom, "held.test")[1], "suspended");
-    assert_eq!(row_of(&dom, "held.test")[3], "3", "scheduled while suspended");
+    let queued =
+        |row: &[String]| -> usize { row[2..].iter().map(|c| c.parse::<usize>().unwrap()).sum() };
+    let held_row = row_of(&dom, "held.test");
+    assert_eq!(held_row[1], "suspended", "{held_row:?}");
+    assert_eq!(queued(&held_row), 3, "held: {held_row:?}");
     let slow_row = row_of(&dom, "slow.test");
     assert_eq!(slow_row[1], "flowing", "{slow_row:?}");
-    let queued: usize = slow_row[2..].iter().map(|c| c.parse::<usize>().unwrap()).sum();
-    assert_eq!(queued, 3, "still queued or in flight: {slow_row:?}");
+    assert_eq!(
+        queued(&slow_row),
+        3,
+        "still queued or in flight: {slow_row:?}"
+    );
     // The last hour counts what came in, and the spool's disk is shown.
     assert!(dom.contains("Received 9,"), "{dom}");
     assert!(dom.contains(&engine.dir.path().join("spool").display().to_string()));

@@ -231,11 +231,6 @@ impl Finalizer {
         }
     }
 
-    /// The checkpoint last stored by this process (the default position before the first).
-    pub(crate) fn stored_position(&self) -> Position {
-        *self.stored.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The checkpoint stored in the spool, if any.
     pub(crate) fn stored_checkpoint(&self) -> Result<Option<Checkpoint>, EngineError> {
         Ok(self

@@ -136,8 +136,14 @@ mod tests {
         assert!(page_token_ok(&tokens, &uri("/?x=1&token=s%33cret")));
         assert!(!page_token_ok(&tokens, &uri("/?token=wrong")));
         assert!(!page_token_ok(&tokens, &uri("/")));
-        assert!(!page_token_ok(&tokens, &uri("/api/admin/v1/queues?token=s3cret")));
-        assert!(!PUBLIC.contains(&"/"), "the status page is behind the token");
+        assert!(!page_token_ok(
+            &tokens,
+            &uri("/api/admin/v1/queues?token=s3cret")
+        ));
+        assert!(
+            !PUBLIC.contains(&"/"),
+            "the status page is behind the token"
+        );
     }
 
     #[test]

@@ -39,8 +39,10 @@ fn with_buckets() -> Result<PrometheusBuilder, metrics_exporter_prometheus::Buil
         queue::FSYNC_HISTOGRAM,
         crate::telemetry::INJECTION_DURATION,
     ] {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full(name.into()), crate::telemetry::STORAGE_BUCKETS)?;
+        builder = builder.set_buckets_for_metric(
+            Matcher::Full(name.into()),
+            crate::telemetry::STORAGE_BUCKETS,
+        )?;
     }
     Ok(builder)
 }

@@ -91,7 +91,8 @@ fn gather(engine: &Engine) -> PageData {
         .map(|key| key.split('|').next().unwrap_or_default().to_owned())
         .collect();
     let mut destinations = engine.scheduler.destinations(now);
-    destinations.sort_by_key(|(_, c)| std::cmp::Reverse(c.ready + c.scheduled + c.parked + c.in_flight));
+    destinations
+        .sort_by_key(|(_, c)| std::cmp::Reverse(c.ready + c.scheduled + c.parked + c.in_flight));
     let more_queues = destinations.len().saturating_sub(MAX_ROWS);
     let queues = engine.with_activity(|activity| {
         destinations
@@ -222,8 +223,13 @@ pub(crate) fn render(data: &PageData) -> String {
         escape(&d.path),
         d.messages,
         human_bytes(d.spool_bytes),
-        d.free_bytes.map_or_else(|| "unknown".to_owned(), human_bytes),
-        if d.writable { "yes" } else { "no (read-only after a storage error)" },
+        d.free_bytes
+            .map_or_else(|| "unknown".to_owned(), human_bytes),
+        if d.writable {
+            "yes"
+        } else {
+            "no (read-only after a storage error)"
+        },
     );
     out.push_str("</body></html>\n");
     out

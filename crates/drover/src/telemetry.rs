@@ -58,13 +58,15 @@ pub(crate) const DELIVERY_DURATION_BUCKETS: &[f64] = &[
 
 /// The buckets of the spool write and sync and the injection histograms (seconds).
 pub(crate) const STORAGE_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// Registers the descriptions of every metric (contract §5).
 pub(crate) fn describe_metrics() {
-    metrics::describe_gauge!(DNS_CACHE, "Domains in the resolver's cache, fresh or expired.");
+    metrics::describe_gauge!(
+        DNS_CACHE,
+        "Domains in the resolver's cache, fresh or expired."
+    );
     metrics::describe_histogram!(
         INJECTION_DURATION,
         metrics::Unit::Seconds,

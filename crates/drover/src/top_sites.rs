@@ -89,11 +89,13 @@ impl TopSites {
     }
 
     /// Whether `site` has its own label.
+    #[cfg(test)]
     pub(crate) fn is_named(&self, site: &str) -> bool {
         self.named.contains(site)
     }
 
     /// The sites with their own label.
+    #[cfg(test)]
     pub(crate) fn named(&self) -> impl Iterator<Item = &str> {
         self.named.iter().map(String::as_str)
     }

@@ -48,8 +48,8 @@ pub use fair::Priority;
 pub use message::{MessageId, MessageMeta};
 pub use schedule::{DestinationCounts, GroupCounts, Scheduler, Selector, Tags};
 pub use spool::{
-    Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
-    free_bytes, DEFAULT_PENDING_WRITE_BYTES, FSYNC_HISTOGRAM, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
+    free_bytes, Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_PENDING_WRITE_BYTES, FSYNC_HISTOGRAM, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
     WRITE_HISTOGRAM,
 };
 pub use suppression::{Sent, Suppression, SuppressionKey};
