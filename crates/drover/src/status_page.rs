@@ -266,10 +266,15 @@ fn render_chart(out: &mut String, recent: &[Slot]) {
          <rect width=\"{W}\" height=\"{H}\" fill=\"#f7f7f7\"/>\
          <polyline fill=\"none\" stroke=\"#1f5fbf\" stroke-width=\"1.5\" points=\"{}\"/>\
          <polyline fill=\"none\" stroke=\"#176f2c\" stroke-width=\"2\" points=\"{}\"/>\
+         <text x=\"4\" y=\"12\" font-size=\"11\" fill=\"#666\">{top:.1}/s</text>\
+         <text x=\"4\" y=\"{label_y}\" font-size=\"11\" fill=\"#666\">-{0} min</text>\
+         <text x=\"{now_x}\" y=\"{label_y}\" font-size=\"11\" fill=\"#666\">now</text>\
          </svg>\n",
         recent.len() as u64 * SLOT_MS / 60_000,
         points(&received),
         points(&delivered),
+        label_y = H - 4.0,
+        now_x = W - 28.0,
     );
 }
 
