@@ -118,7 +118,7 @@ impl SiteMetrics {
         let now = now_ms();
         let mut depth: BTreeMap<String, [usize; 3]> = BTreeMap::from([(OTHER.to_owned(), [0; 3])]);
         let mut site_of: HashMap<String, String> = HashMap::new();
-        for (queue, c) in engine.scheduler.destinations(now) {
+        for (queue, c) in engine.scheduler.destination_counts(now) {
             let domain = queue.name();
             let label = match site_of.get(domain) {
                 Some(label) => label.clone(),

@@ -90,7 +90,7 @@ fn gather(engine: &Engine) -> PageData {
         .into_iter()
         .map(|key| key.split('|').next().unwrap_or_default().to_owned())
         .collect();
-    let mut destinations = engine.scheduler.destinations(now);
+    let mut destinations = engine.scheduler.destination_counts(now);
     destinations
         .sort_by_key(|(_, c)| std::cmp::Reverse(c.ready + c.scheduled + c.parked + c.in_flight));
     let more_queues = destinations.len().saturating_sub(MAX_ROWS);
