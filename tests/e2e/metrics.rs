@@ -356,3 +356,49 @@ fn the_parser_reads_escapes_histograms_and_refuses_untyped_samples() {
     let untyped = std::panic::catch_unwind(|| parse_exposition("x 1\n"));
     assert!(untyped.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_top_sites_get_their_own_label() {
+    let sink = capturing_sink().await;
+    let engine = TestEngine::start(&format!(
+        "{}[metrics]\ntop_sites = 1\n",
+        routes(&["first.test", "second.test"], sink.local_addr())
+    ))
+    .await;
+    wait_ready(&engine).await;
+    let batches = [("first.test", 10), ("second.test", 3)];
+    let mut sent = 0;
+    for (domain, n) in batches {
+        let recipients: Vec<String> = (0..n).map(|i| format!("u{i}@{domain}")).collect();
+        let (status, reply) = engine.inject(&message_for(&recipients)).await;
+        assert_eq!(status, 200, "{reply}");
+        sent += n;
+        wait_records(&engine.accounting_path(), Duration::from_secs(20), |r| {
+            count_type(r, "Delivery") == sent
+        })
+        .await;
+    }
+    // The site series are the engine's own (not the process-wide recorder's): exact counts.
+    let families = parse_exposition(&engine.metrics().await);
+    let sites: BTreeSet<&str> = families["drover_site_messages_total"]
+        .samples
+        .iter()
+        .map(|(_, l, _)| l["site"].as_str())
+        .collect();
+    assert_eq!(sites, BTreeSet::from(["route:first.test", "other"]));
+    let delivered = |site: &str| {
+        value(
+            &families,
+            "drover_site_messages_total",
+            &[("site", site), ("result", "delivered")],
+        )
+    };
+    assert_eq!(delivered("route:first.test"), 10.0);
+    assert_eq!(delivered("other"), 3.0);
+    let connection_sites: BTreeSet<&str> = families["drover_site_connections"]
+        .samples
+        .iter()
+        .map(|(_, l, _)| l["site"].as_str())
+        .collect();
+    assert!(connection_sites.is_subset(&BTreeSet::from(["route:first.test", "other"])));
+}
