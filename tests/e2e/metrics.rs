@@ -174,12 +174,15 @@ async fn the_table_is_what_metrics_serves() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    // A webhook whose endpoint refuses connections: its families are served and checked too.
+    let hook = free_port();
     let config = dir.path().join("drover.toml");
     std::fs::write(
         &config,
         format!(
             "[spool]\npath = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             [smtp_listener]\nlisten = \"127.0.0.1:0\"\n{}{}",
+             [smtp_listener]\nlisten = \"127.0.0.1:0\"\n{}{}\
+             [[webhook]]\nname = \"platform\"\nurl = \"http://127.0.0.1:{hook}/h\"\ntimeout = \"1s\"\n",
             dir.path().join("data"),
             routes(&["ok.test"], good.local_addr()),
             routes(&["bad.test"], refusing.local_addr()),
@@ -258,7 +261,7 @@ async fn the_table_is_what_metrics_serves() {
         assert_eq!(family.labels, row.labels, "labels of {name}");
     }
     for (name, row) in &rows {
-        if ["start", "tick", "injection", "delivery"].contains(&row.appears.as_str()) {
+        if ["start", "tick", "injection", "delivery", "webhook"].contains(&row.appears.as_str()) {
             assert!(families.contains_key(name), "{name} is not served");
         }
     }

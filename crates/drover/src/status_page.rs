@@ -104,15 +104,11 @@ fn gather(engine: &Engine) -> PageData {
                     Some(Ok(dest)) => Some(dest.site.clone()),
                     _ => None,
                 };
-                let state = if c.suspended_until_ms.is_some_and(|until| until > now) {
-                    "suspended"
-                } else if site.is_some_and(|s| backing_off.contains(&s)) {
-                    "backoff"
-                } else if activity.is_greylisted(domain, now) {
-                    "greylisted"
-                } else {
-                    "flowing"
-                };
+                let state = state_of(
+                    c.suspended_until_ms.is_some_and(|until| until > now),
+                    site.is_some_and(|s| backing_off.contains(&s)),
+                    activity.is_greylisted(domain, now),
+                );
                 QueueRow {
                     destination: queue.to_string(),
                     counts: [c.ready, c.scheduled + c.parked, c.in_flight],
@@ -134,6 +130,20 @@ fn gather(engine: &Engine) -> PageData {
             messages: engine.scheduler.len(),
             writable: engine.spool.is_writable(),
         },
+    }
+}
+
+/// A queue's state as the page names it; a hold outranks a backoff, which outranks
+/// greylisting (the first says why nothing is sent at all, the last only why some waits).
+fn state_of(suspended: bool, backing_off: bool, greylisted: bool) -> &'static str {
+    if suspended {
+        "suspended"
+    } else if backing_off {
+        "backoff"
+    } else if greylisted {
+        "greylisted"
+    } else {
+        "flowing"
     }
 }
 
@@ -387,6 +397,14 @@ mod tests {
         assert!(page.contains("<td>bad-mailbox</td><td class=\"n\">7</td>"));
         assert!(page.contains("<td>abuse</td><td class=\"n\">2</td>"));
         assert!(page.contains("No queued mail."));
+    }
+
+    #[test]
+    fn the_state_that_explains_most_wins() {
+        assert_eq!(state_of(false, false, false), "flowing");
+        assert_eq!(state_of(false, false, true), "greylisted");
+        assert_eq!(state_of(false, true, true), "backoff");
+        assert_eq!(state_of(true, true, true), "suspended");
     }
 
     #[test]
