@@ -78,9 +78,10 @@ async fn a_browser_sees_the_destinations_and_their_states() {
         eprintln!("skipping: chromium is not installed (scripts/install-deps.sh installs it)");
         return;
     };
-    // slow.test: each reply takes seconds, so its mail is in flight when the page is read.
+    // slow.test: each reply takes half a minute, so its mail is still queued or in flight when
+    // the page is read, however slow the machine (a timeout only defers it).
     let slow = start_sink(sink::SinkConfig {
-        latency: Duration::from_secs(5),
+        latency: Duration::from_secs(30),
         ..Default::default()
     })
     .await;
