@@ -27,7 +27,7 @@ if command -v python3 >/dev/null && ! python3 -c "import kubernetes_validate, ya
   python3 -m pip install -q --disable-pip-version-check kubernetes-validate pyyaml 2>/dev/null \
     || echo "kubernetes-validate not installed; the deploy tests skip the manifest checks" >&2
 fi
-packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base prometheus redis-server)
+packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base prometheus redis-server chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
             post(remove_suppressions),
         )
         .route("/metrics", get(metrics))
+        .route("/", get(crate::status_page::serve))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/openapi.json", get(crate::openapi::serve))
@@ -354,11 +355,11 @@ async fn suspensions(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    state.engine.refresh_scrape_gauges();
+    let mut text = state.metrics.render();
+    // Listing the queues for the per-site depths is blocking work.
+    crate::blocking::off_the_runtime(|| state.engine.site_metrics.render(&state.engine, &mut text));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

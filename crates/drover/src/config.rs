@@ -181,6 +181,8 @@ pub struct Config {
     pub tenant: Vec<TenantConfig>,
     /// `[cluster]`: limits shared with other instances through Redis (extension).
     pub cluster: Option<ClusterConfig>,
+    /// `[metrics]` (extension).
+    pub metrics: MetricsConfig,
 }
 
 /// `[cluster]`: the Redis that holds the limits of `scope = "cluster"` shaping rules.
@@ -258,6 +260,21 @@ impl ClusterConfig {
             key_prefix: self.key_prefix.clone(),
             timeout: self.timeout.0,
         }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How many sites, the busiest by recent volume, get their own `site` label in the
+    /// per-site series; the rest share `site="other"` (default 50; 0: all are `other`).
+    pub top_sites: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { top_sites: 50 }
     }
 }
 

@@ -48,6 +48,10 @@ pub struct Engine {
     pub(crate) feedback_keys: feedback::Keys,
     /// Inject requests stored for deferred generation (see `generator`).
     pub(crate) generator: crate::generator::Generator,
+    /// The per-site metric series (`site_metrics`).
+    pub(crate) site_metrics: crate::site_metrics::SiteMetrics,
+    /// The status page's recent history (`activity`).
+    pub(crate) activity: std::sync::Mutex<crate::activity::Activity>,
 }
 
 impl std::fmt::Debug for Engine {

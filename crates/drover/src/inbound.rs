@@ -436,6 +436,7 @@ impl Engine {
         }
         let count = records.len();
         if count > 0 {
+            self.observe_records(&records);
             self.accounting.record_all(records).await?;
         }
         Ok(Received::Recorded(count))

@@ -86,6 +86,7 @@ impl Engine {
             return Err(EngineError::Full(queued));
         }
         let count = messages.len() as u64;
+        let started = std::time::Instant::now();
         // Before the spool write: the checkpoint stays behind until the Reception records
         // are down, so a crash in between is repaired at the next start (`finalizer`).
         // Reception time is taken after the hold, which that repair relies on.
@@ -96,7 +97,10 @@ impl Engine {
             m.meta.received_ms = m.meta.received_ms.max(received);
         }
         let metas = match self.prepare_and_store(messages, via, count, progress).await {
-            Ok(metas) => metas,
+            Ok(metas) => {
+                self.observe_injection(via, count, started.elapsed());
+                metas
+            }
             Err(e) => {
                 self.finalizer.release(hold);
                 return Err(e);

@@ -36,16 +36,21 @@ mod templates;
 mod webhooks;
 mod worker;
 // Leaves the above share.
+mod activity;
 pub mod allocator;
 pub mod automation;
 pub mod clock;
 pub mod config;
 mod crew;
 pub mod egress;
+mod observe;
 mod outbound;
 mod policy;
 pub mod serve;
+mod site_metrics;
+mod status_page;
 mod telemetry;
+mod top_sites;
 
 pub use config::Config;
 pub use engine::Engine;

@@ -16,14 +16,7 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(
-                        crate::telemetry::DELIVERY_DURATION.into(),
-                    ),
-                    crate::telemetry::DELIVERY_DURATION_BUCKETS,
-                )
-                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let builder = with_buckets().unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder is installed; then this handle renders nothing,
@@ -32,6 +25,27 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The recorder's builder with the buckets of every histogram (without, the exporter renders
+/// a summary).
+fn with_buckets() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::Matcher;
+    let mut builder = PrometheusBuilder::new().set_buckets_for_metric(
+        Matcher::Full(crate::telemetry::DELIVERY_DURATION.into()),
+        crate::telemetry::DELIVERY_DURATION_BUCKETS,
+    )?;
+    for name in [
+        queue::WRITE_HISTOGRAM,
+        queue::FSYNC_HISTOGRAM,
+        crate::telemetry::INJECTION_DURATION,
+    ] {
+        builder = builder.set_buckets_for_metric(
+            Matcher::Full(name.into()),
+            crate::telemetry::STORAGE_BUCKETS,
+        )?;
+    }
+    Ok(builder)
 }
 
 /// A running engine with its HTTP and SMTP listeners.

@@ -130,6 +130,8 @@ impl Engine {
         let cancel = CancellationToken::new();
         let finalizer = Finalizer::new(accounting.clone(), spool.clone(), cancel.clone());
         let engine = Arc::new(Engine {
+            site_metrics: crate::site_metrics::SiteMetrics::new(config.metrics.top_sites),
+            activity: Default::default(),
             finalizer,
             webhooks: Default::default(),
             outbound: Outbound {

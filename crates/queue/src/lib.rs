@@ -52,8 +52,9 @@ pub use fair::Priority;
 pub use message::{MessageId, MessageMeta};
 pub use schedule::{DestinationCounts, GroupCounts, Scheduler, Selector, Tags};
 pub use spool::{
-    Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
-    DEFAULT_PENDING_WRITE_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
+    free_bytes, Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_PENDING_WRITE_BYTES, FSYNC_HISTOGRAM, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
+    WRITE_HISTOGRAM,
 };
 pub use suppression::{Sent, Suppression, SuppressionKey};
 
@@ -106,6 +107,16 @@ pub fn describe_metrics() {
     metrics::describe_gauge!(
         schedule::QUEUE_GAUGE,
         "Messages in the queue, by state (scheduled, ready, in_flight)."
+    );
+    metrics::describe_histogram!(
+        spool::WRITE_HISTOGRAM,
+        metrics::Unit::Seconds,
+        "Time to write one group commit of the spool (write-ahead log and memtables)."
+    );
+    metrics::describe_histogram!(
+        spool::FSYNC_HISTOGRAM,
+        metrics::Unit::Seconds,
+        "Time to sync the spool's write-ahead log after a group commit that needs it."
     );
     metrics::describe_gauge!(
         spool::WRITABLE_GAUGE,

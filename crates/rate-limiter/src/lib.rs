@@ -1019,6 +1019,19 @@ impl Shaper {
         ended
     }
 
+    /// Connection slots in use (open sessions, pooled ones included) per site, summed over
+    /// its egress sources; sites with none are left out.
+    pub fn connections_by_site(&self) -> Vec<(String, usize)> {
+        let mut by_site: std::collections::HashMap<String, usize> = Default::default();
+        for entry in self.live.iter() {
+            let n = entry.value().limiter.connections_in_use();
+            if n > 0 {
+                *by_site.entry(entry.key().name().to_owned()).or_default() += n;
+            }
+        }
+        by_site.into_iter().collect()
+    }
+
     /// Destinations currently backing off (`site` or `site|source`, as operators see them),
     /// for the admin view and metrics.
     pub fn backing_off(&self) -> Vec<String> {
@@ -1434,6 +1447,27 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(keyed.check("tenant:a"), Ok(()), "no rate any more");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_are_counted_per_site_over_its_sources() {
+        let shaper = Shaper::new(Vec::new(), Limits::default());
+        let a1 = shaper.limiter(&QueueKey::with_source("mx.a", Some("ip1")), "a.test", &[]);
+        let a2 = shaper.limiter(&QueueKey::with_source("mx.a", Some("ip2")), "a.test", &[]);
+        let b = shaper.limiter(&site("mx.b"), "b.test", &[]);
+        let held = [
+            a1.try_connection_slot().unwrap(),
+            a2.try_connection_slot().unwrap(),
+            a2.try_connection_slot().unwrap(),
+        ];
+        let mut counts = shaper.connections_by_site();
+        counts.sort();
+        assert_eq!(counts, [("mx.a".to_owned(), 3)]);
+        let slot = b.try_connection_slot().unwrap();
+        drop(held);
+        assert_eq!(shaper.connections_by_site(), [("mx.b".to_owned(), 1)]);
+        drop(slot);
+        assert!(shaper.connections_by_site().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
