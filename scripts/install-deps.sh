@@ -5,10 +5,15 @@
 # - postfix (smtp-sink, smtp-source), swaks, dnsmasq-base: real SMTP/DNS peers for tests and
 #   benchmarks. Postfix is installed unconfigured, so nothing listens on port 25.
 #   libnet-ssleay-perl: swaks's STARTTLS (only recommended by the swaks package).
+# - redis-server: the cluster-wide limits' tests start their own (the package's service is not
+#   used; tests never touch port 6379).
 # - dkimpy and PyNaCl (PyPI, for the `python3` on PATH): an independent DKIM verifier for the
 #   e2e tests, which skip that check when it is missing.
 # - openapi-spec-validator (PyPI, brings jsonschema): validates docs/openapi.yaml and the replies
 #   the e2e test gets against it (scripts/check-openapi.py); skipped when it is missing.
+# - prometheus (for promtool), kubernetes-validate and pyyaml (PyPI): the deploy tests check
+#   deploy/prometheus, deploy/grafana, deploy/kubernetes and deploy/docker-compose.yml with
+#   them (skipped when missing, failing under CI=true).
 set -euo pipefail
 if command -v python3 >/dev/null && ! python3 -c "import dkim, nacl" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check dkimpy pynacl 2>/dev/null \
@@ -18,7 +23,11 @@ if command -v python3 >/dev/null && ! python3 -c "import openapi_spec_validator,
   python3 -m pip install -q --disable-pip-version-check openapi-spec-validator 2>/dev/null \
     || echo "openapi-spec-validator not installed; the e2e OpenAPI test skips its schema checks" >&2
 fi
-packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base)
+if command -v python3 >/dev/null && ! python3 -c "import kubernetes_validate, yaml" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check kubernetes-validate pyyaml 2>/dev/null \
+    || echo "kubernetes-validate not installed; the deploy tests skip the manifest checks" >&2
+fi
+packages=(librocksdb-dev libclang-dev clang pkg-config postfix swaks libnet-ssleay-perl dnsmasq-base prometheus redis-server chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,7 +8,9 @@
 
 mod admin;
 mod bounds;
+mod cluster;
 mod crash;
+mod deferred;
 mod delivery;
 mod dkim;
 mod dns;
@@ -19,12 +21,15 @@ mod fulldisk;
 mod harness;
 mod hostile;
 mod inject;
+mod kumomta;
 mod listener;
+mod metrics;
 mod openapi;
 mod postfix;
 mod process;
 mod readiness;
 mod reports;
 mod shaping;
+mod status_page;
 mod suppression;
 mod webhooks;

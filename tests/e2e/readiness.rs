@@ -89,3 +89,70 @@ async fn readyz_answers_503_while_the_engine_drains() {
     assert_eq!(count_type(&records, "Delivery"), 1, "the delivery finished");
     sink.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_for_the_shutdown_grace_while_work_is_still_accepted() {
+    let sink = capturing_sink().await;
+    let mut engine = TestEngine::start(&format!(
+        "[http]\nshutdown_grace = \"3s\"\n{}",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    wait_ready(&engine).await;
+    let running = engine.running.take().unwrap();
+    let http = running.http_addr;
+    let smtp = running.smtp_addr.unwrap();
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(running.shutdown(Duration::from_secs(10)));
+    // Not ready at once...
+    let mut status = 200;
+    while status == 200 {
+        assert!(started.elapsed() < Duration::from_secs(2), "still ready");
+        status = reqwest::get(format!("http://{http}/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+    }
+    assert_eq!(status, 503);
+    // ...while a client the load balancer still sends here is served, over HTTP and SMTP.
+    let (code, reply) = post_json(
+        &format!("http://{http}/api/inject/v1"),
+        &message_for(&["late@example.test".to_owned()]),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{reply}");
+    let mut client = connection_pool::SmtpClient::connect_with(connection_pool::ConnectOptions {
+        tls: connection_pool::TlsMode::Disabled,
+        tls_failures: connection_pool::TlsFailureMemory::default(),
+        ..connection_pool::ConnectOptions::new("localhost", smtp, "client.test")
+    })
+    .await
+    .unwrap();
+    let envelope = connection_pool::Envelope {
+        sender: "news@example.com".to_owned(),
+        recipients: vec!["later@example.test".to_owned()],
+        ..Default::default()
+    };
+    let result = client
+        .send(
+            &envelope,
+            b"From: news@example.com\r\nSubject: late\r\n\r\nstill accepted\r\n",
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.data.unwrap().code, 250);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "too slow to tell"
+    );
+    drop(client);
+    // Only after the grace does the engine drain and stop.
+    stopping.await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert!(reqwest::get(format!("http://{http}/readyz")).await.is_err());
+    let records = records(&engine.accounting_path());
+    assert_eq!(count_type(&records, "Reception"), 2, "both were accepted");
+    sink.shutdown().await;
+}

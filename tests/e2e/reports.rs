@@ -450,3 +450,122 @@ Subject: s
     assert_eq!(complaint["tenant"], "acme");
     engine.stop().await;
 }
+
+/// An ARF report whose returned headers are only `extra` (KumoMTA's supplemental header,
+/// say) and a Subject: no Return-Path, no Message-ID.
+fn arf_with_headers(extra: &str) -> String {
+    format!(
+        "From: fbl@receiver.test
+To: fbl@bounces.example.net
+Subject: complaint
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"Z\"
+
+--Z
+Content-Type: text/plain
+
+complaint
+
+--Z
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+Version: 1
+
+--Z
+Content-Type: text/rfc822-headers
+
+{extra}
+Subject: s
+
+--Z--
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supplemental_trace_header_ties_a_complaint_to_its_message() {
+    let sink = capturing_sink().await;
+    let engine = TestEngine::start(&format!(
+        "{}[bounce_processing]\ndomains = [\"bounces.example.net\"]\n",
+        routes(&["example.test"], sink.local_addr())
+    ))
+    .await;
+    let (status, body) = engine
+        .inject(&json!({
+            "envelope_sender": "news@sender.example.com",
+            "content": "From: news@sender.example.com\nSubject: s\n\nbody\n",
+            "recipients": [{"email": "zoe@example.test", "metadata": {"user": 42, "list": "weekly"}}],
+            "tenant": "acme",
+            "trace_headers": {"header_name": "X-Drover-Ref", "include_meta_names": ["list", "tenant"]},
+        }))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let sent = wait_messages(&sink, 1).await;
+    let text = String::from_utf8_lossy(&sent[0].data).into_owned();
+    let head = text.split("\r\n\r\n").next().unwrap().replace("\r\n\t", "");
+    let trace = head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Drover-Ref: "))
+        .unwrap_or_else(|| panic!("no supplemental header in {head}"))
+        .to_owned();
+    let decoded = feedback::trace_ref::decode(&trace).unwrap();
+    assert_eq!(decoded.recipient.as_deref(), Some("zoe@example.test"));
+    assert_eq!(decoded.meta["list"], "weekly");
+
+    // Only the supplemental header came back: matched, with the message's metadata.
+    let (code, _) = send_report(
+        &engine,
+        "fbl@bounces.example.net",
+        &arf_with_headers(&format!("X-Drover-Ref: {trace}")),
+    )
+    .await;
+    assert_eq!(code, 250);
+    let complaint = of_type(&engine, "Complaint").pop().unwrap();
+    assert_eq!(complaint["report"]["matched"], true, "{complaint}");
+    assert_eq!(complaint["id"], body["ids"][0]);
+    assert_eq!(complaint["recipient"], "zoe@example.test");
+    assert_eq!(complaint["tenant"], "acme");
+    assert_eq!(complaint["metadata"], json!({"user": 42, "list": "weekly"}));
+    assert_eq!(
+        suppressed(&engine, "acme").await,
+        vec![("zoe@example.test".to_owned(), "complaint".to_owned())]
+    );
+
+    // The header is not signed: naming the message with another recipient ties nothing.
+    let forged = feedback::trace_ref::header(
+        "X-KumoRef",
+        "mallory@example.test",
+        body["ids"][0].as_str(),
+        &serde_json::Map::new(),
+    );
+    send_report(
+        &engine,
+        "fbl@bounces.example.net",
+        &arf_with_headers(&forged.trim_end().replace("\r\n", "\n")),
+    )
+    .await;
+    let complaint = of_type(&engine, "Complaint").pop().unwrap();
+    assert_eq!(complaint["report"]["matched"], false, "{complaint}");
+    assert_eq!(complaint["recipient"], "mallory@example.test");
+
+    // KumoMTA's own documented header (mail it sent before the move): unmatched, but the
+    // record names the recipient it carries.
+    send_report(
+        &engine,
+        "fbl@bounces.example.net",
+        &arf_with_headers(
+            "X-KumoRef: eyJfQF8iOiJcXF8vIiwicmVjaXBpZW50IjoidGVzdEBleGFtcGxlLmNvbSJ9",
+        ),
+    )
+    .await;
+    let complaint = of_type(&engine, "Complaint").pop().unwrap();
+    assert_eq!(complaint["report"]["matched"], false, "{complaint}");
+    assert_eq!(complaint["recipient"], "test@example.com");
+    assert_eq!(
+        suppressed(&engine, "acme").await.len(),
+        1,
+        "unmatched reports suppress nothing"
+    );
+    engine.stop().await;
+}

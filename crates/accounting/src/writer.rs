@@ -198,6 +198,13 @@ impl Accounting {
         })
     }
 
+    /// Bytes of records handed to the writer thread and not yet synced (in units of 1 KiB,
+    /// a batch counting at least one): how far the disk is behind the callers.
+    pub fn pending_bytes(&self) -> u64 {
+        let all = MAX_PENDING_BYTES / PENDING_UNIT;
+        (all.saturating_sub(self.pending.available_permits()) * PENDING_UNIT) as u64
+    }
+
     /// The end of what is on disk. Records appended from now on start at or after it.
     pub fn synced_position(&self) -> Position {
         *self.shared.synced.borrow()
@@ -777,10 +784,12 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert!(!waiting.is_finished(), "wrote past a full queue");
         assert_eq!(acct.synced_position().offset, 0);
+        assert_eq!(acct.pending_bytes(), MAX_PENDING_BYTES as u64);
         drop(held);
         waiting.await.unwrap().unwrap();
         assert_eq!(acct.synced_position().offset, 3);
         assert_eq!(acct.pending.available_permits(), all as usize);
+        assert_eq!(acct.pending_bytes(), 0);
     }
 
     #[tokio::test]

@@ -93,13 +93,14 @@ impl<S: Pooled> Pool<S> {
         });
     }
 
-    /// Closes (QUIT) every session idle longer than the timeout. Call periodically.
+    /// Closes (QUIT) every session idle longer than the timeout, or no longer usable (what
+    /// a session's usability depends on may change while it waits). Call periodically.
     pub fn reap(&self) {
         let mut stale = Vec::new();
         self.idle.retain(|_, sessions| {
             let (keep, old): (Vec<Idle<S>>, Vec<Idle<S>>) = std::mem::take(sessions)
                 .into_iter()
-                .partition(|i| i.since.elapsed() < self.idle_timeout);
+                .partition(|i| i.since.elapsed() < self.idle_timeout && i.client.is_usable());
             *sessions = keep;
             stale.extend(old.into_iter().map(|i| i.client));
             !sessions.is_empty()
@@ -155,5 +156,60 @@ impl<S: Pooled> Pool<S> {
 fn close_all<S: Pooled>(clients: Vec<S>) {
     for client in clients {
         tokio::spawn(client.close());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    struct Fake {
+        usable: Arc<AtomicBool>,
+        closed: Arc<AtomicUsize>,
+    }
+
+    impl Pooled for Fake {
+        fn is_usable(&self) -> bool {
+            self.usable.load(Ordering::SeqCst)
+        }
+
+        fn close(self) -> impl Future<Output = ()> + Send {
+            let closed = self.closed;
+            async move {
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reap_closes_sessions_that_became_unusable_while_idle() {
+        let pool = Pool::new(Duration::from_secs(60));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let key = QueueKey::new("mx.test");
+        let flags: Vec<_> = (0..2).map(|_| Arc::new(AtomicBool::new(true))).collect();
+        for usable in &flags {
+            pool.checkin(
+                &key,
+                Fake {
+                    usable: Arc::clone(usable),
+                    closed: Arc::clone(&closed),
+                },
+            );
+        }
+        pool.reap();
+        assert_eq!(pool.idle_count(), 2, "fresh and usable: kept");
+        flags[0].store(false, Ordering::SeqCst);
+        pool.reap();
+        assert_eq!(pool.idle_count(), 1);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            closed.load(Ordering::SeqCst),
+            1,
+            "closed with QUIT, not dropped"
+        );
     }
 }

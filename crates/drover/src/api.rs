@@ -1,9 +1,9 @@
 //! The HTTP API: injection, admin, `/metrics`, `/healthz`, `/readyz` (contract §3).
 
 use crate::clock::now_ms;
-use crate::engine::{EngineError, Unsignable};
+use crate::engine::EngineError;
 use crate::http_guard::Body;
-use crate::message::{prepare, InjectRequest, Origin, Prepared, Renderer};
+use crate::request::{ExpandError, Refusal, Stage};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, StatusCode};
@@ -46,6 +46,7 @@ pub fn router(state: AppState) -> Router {
             post(remove_suppressions),
         )
         .route("/metrics", get(metrics))
+        .route("/", get(crate::status_page::serve))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/openapi.json", get(crate::openapi::serve))
@@ -75,6 +76,10 @@ struct InjectReply {
     errors: Vec<String>,
     /// Queued message ids, in the order of the accepted recipients (Drover extension).
     ids: Vec<String>,
+    /// The stored request's id when it is expanded later (`deferred_generation`; Drover
+    /// extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation_id: Option<String>,
 }
 
 fn no_valid_recipient(failed_recipients: Vec<String>, errors: Vec<String>) -> Response {
@@ -90,6 +95,20 @@ fn no_valid_recipient(failed_recipients: Vec<String>, errors: Vec<String>) -> Re
         .into_response()
 }
 
+/// The answer to a spool that would not take the request.
+fn refused_by_engine(e: EngineError) -> Response {
+    match e {
+        EngineError::Draining => unavailable("shutting down"),
+        EngineError::Full(n) => {
+            unavailable(format!("the queue is full ({n} messages); retry later"))
+        }
+        e => {
+            tracing::error!(error = %e, "injection failed");
+            unavailable(format!("the spool cannot accept messages now: {e}"))
+        }
+    }
+}
+
 async fn inject(
     State(state): State<AppState>,
     client: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
@@ -98,193 +117,75 @@ async fn inject(
     if state.engine.is_draining() {
         return unavailable("shutting down");
     }
-    let request: InjectRequest = match serde_json::from_slice(&body) {
+    let client = client.map(|c| c.0 .0.ip());
+    let mut request = match crate::request::check(&body, state.engine.config(), Stage::Door) {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid request body: {e}"),
-            )
-        }
+        Err(Refusal::Invalid(why)) => return error(StatusCode::BAD_REQUEST, why),
+        Err(Refusal::Unprocessable(why)) => return error(StatusCode::UNPROCESSABLE_ENTITY, why),
+        Err(Refusal::TooLarge(why)) => return error(StatusCode::PAYLOAD_TOO_LARGE, why),
     };
-    let sender = match crate::message::ascii_domain(request.envelope_sender.trim()) {
-        Ok(sender) => sender.into_owned(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("envelope_sender: {e}")),
-    };
-    if !sender.is_empty() {
-        if let Err(e) = smtp_proto::validate_mailbox(&sender) {
-            return error(StatusCode::BAD_REQUEST, format!("envelope_sender: {e}"));
-        }
+    if request.deferred {
+        return defer(&state, &request, &body, client).await;
     }
-    if request.recipients.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "recipients: no recipient given");
-    }
-    let max_recipients = state.engine.config().http.max_recipients;
-    if request.recipients.len() > max_recipients {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "recipients: {} given, at most {max_recipients} per request (http.max_recipients)",
-                request.recipients.len()
-            ),
-        );
-    }
-    let sender_domain = sender
-        .rsplit_once('@')
-        .map(|(_, d)| d.to_owned())
-        .unwrap_or_else(|| "drover.invalid".to_owned());
-    let max_size = state.engine.config().smtp_listener.max_message_size;
-    let InjectRequest {
-        content,
-        mut recipients,
-        substitutions,
-        campaign,
-        tenant,
-        priority,
-        template_dialect,
-        trace_headers,
-        ..
-    } = request;
-    let renderer = match Renderer::with_dialect(
-        content,
-        usize::try_from(max_size).unwrap_or(usize::MAX),
-        template_dialect,
-    ) {
-        Ok(r) => r,
-        // As KumoMTA: a template that does not compile is 422, a bad field 400.
-        Err(e) if e.syntax => {
-            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("content: {e}"))
-        }
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("content: {e}")),
-    };
-    // Domains in Unicode become A-labels first, so the suppression list and the records see
-    // the address that goes on the envelope (an invalid one is refused by `prepare`).
-    for r in &mut recipients {
-        if let Ok(std::borrow::Cow::Owned(ascii)) = crate::message::ascii_domain(r.email.trim()) {
-            r.email = ascii;
-        }
-    }
-    // Suppressed recipients are refused before anything is rendered for them. Should the
-    // list be unreadable, nothing is queued: mail to an address that asked for none is worse
-    // than a retry.
-    let (recipients, suppressed) = match state
+    let recipients = std::mem::take(&mut request.recipients);
+    match state
         .engine
-        .split_suppressed(tenant.as_deref(), recipients, |r| r.email.as_str())
+        .expand(&request, recipients, client, None)
         .await
     {
-        Ok(split) => split,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the suppression list");
-            return unavailable("the suppression list cannot be read now");
+        Ok(expanded) if expanded.none_valid() => {
+            no_valid_recipient(expanded.failed_recipients, expanded.errors)
         }
-    };
-    if !suppressed.is_empty() {
-        metrics::counter!(crate::telemetry::SUPPRESSED, "via" => "http")
-            .increment(suppressed.len() as u64);
-    }
-    let suppressed_count = suppressed.len();
-    let (suppressed_recipients, suppressed_errors): (Vec<String>, Vec<String>) = suppressed
-        .into_iter()
-        .map(|(r, entry)| {
-            let why = format!("{}: suppressed ({})", r.email, entry.source);
-            (r.email, why)
+        Ok(expanded) => Json(InjectReply {
+            success_count: expanded.ids.len(),
+            fail_count: expanded.failed_recipients.len(),
+            failed_recipients: expanded.failed_recipients,
+            errors: expanded.errors,
+            ids: expanded.ids,
+            generation_id: None,
         })
-        .unzip();
-    if recipients.is_empty() {
-        // Every recipient is suppressed: a valid request that queues nothing.
-        return Json(InjectReply {
-            success_count: 0,
-            fail_count: suppressed_count,
-            failed_recipients: suppressed_recipients,
-            errors: suppressed_errors,
-            ids: Vec::new(),
-        })
-        .into_response();
+        .into_response(),
+        // Should the list be unreadable, nothing is queued: mail to an address that asked for
+        // none is worse than a retry.
+        Err(ExpandError::Suppression(e)) => {
+            tracing::error!(error = %e, "cannot read the suppression list");
+            unavailable("the suppression list cannot be read now")
+        }
+        Err(ExpandError::Accept(e)) => refused_by_engine(e),
     }
-    let origin = Origin {
-        sender,
-        campaign,
-        tenant,
-        received_ms: now_ms(),
-        priority,
-        // KumoMTA's per-request switch: no Received header at all when asked.
-        door: trace_headers.received_header.then(|| {
-            Arc::new(crate::prepare::Door::Http {
-                client: client.map(|c| c.0 .0.ip()),
-            })
-        }),
-    };
-    // Rendering a large batch takes a while: the runtime moves its other tasks off this
-    // thread meanwhile. Not a blocking-pool task: the bodies are allocated on a thread that
-    // keeps allocating (a worker), so their memory is reused instead of stranded in the heaps
-    // of idle pool threads (measured at 100 KB: +20 % CPU and +200 MB RSS that way).
-    let prepared = crate::blocking::off_the_runtime(|| {
-        prepare(
-            &renderer,
-            &substitutions,
-            &recipients,
-            &origin,
-            &sender_domain,
-            max_size,
-        )
-    });
-    let Prepared {
-        mut messages,
-        mut failed_recipients,
-        mut errors,
-    } = prepared;
-    failed_recipients.extend(suppressed_recipients);
-    errors.extend(suppressed_errors);
-    if messages.is_empty() {
+}
+
+/// KumoMTA's `deferred_generation`: the request is stored (synced) and expanded later by the
+/// generator; the answer counts no success (as KumoMTA's), only the recipients refused at
+/// once for their address.
+async fn defer(
+    state: &AppState,
+    request: &crate::request::Checked,
+    body: &[u8],
+    client: Option<std::net::IpAddr>,
+) -> Response {
+    let mut failed_recipients = Vec::new();
+    let mut errors = Vec::new();
+    for r in &request.recipients {
+        if let Err(why) = crate::message::envelope_address(&r.email) {
+            errors.push(format!("{}: {why}", r.email));
+            failed_recipients.push(r.email.clone());
+        }
+    }
+    if failed_recipients.len() == request.recipients.len() {
         return no_valid_recipient(failed_recipients, errors);
     }
-    // A message that cannot be DKIM-signed fails its recipient only; the others are
-    // accepted (signing outcomes do not change on a second try, so this loops at most twice).
-    let result = loop {
-        let ids: Vec<String> = messages.iter().map(|m| m.meta.id.to_string()).collect();
-        match state.engine.accept(messages, "http").await {
-            Err(EngineError::Unsignable(unsignable)) => {
-                let Unsignable {
-                    failures,
-                    messages: batch,
-                } = *unsignable;
-                let mut refused = vec![false; batch.len()];
-                for (i, e) in failures {
-                    if let Some(m) = batch.get(i) {
-                        refused[i] = true;
-                        failed_recipients.push(m.meta.recipient.clone());
-                        errors.push(format!("{}: DKIM signing failed: {e}", m.meta.recipient));
-                    }
-                }
-                messages = batch
-                    .into_iter()
-                    .zip(refused)
-                    .filter_map(|(m, refused)| (!refused).then_some(m))
-                    .collect();
-                if messages.is_empty() {
-                    return no_valid_recipient(failed_recipients, errors);
-                }
-            }
-            other => break other.map(|()| ids),
-        }
-    };
-    match result {
-        Ok(ids) => Json(InjectReply {
-            success_count: ids.len(),
+    match state.engine.defer(body, client).await {
+        Ok(id) => Json(InjectReply {
+            success_count: 0,
             fail_count: failed_recipients.len(),
             failed_recipients,
             errors,
-            ids,
+            ids: Vec::new(),
+            generation_id: Some(id.to_string()),
         })
         .into_response(),
-        Err(EngineError::Draining) => unavailable("shutting down"),
-        Err(EngineError::Full(n)) => {
-            unavailable(format!("the queue is full ({n} messages); retry later"))
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "injection failed");
-            unavailable(format!("the spool cannot accept messages now: {e}"))
-        }
+        Err(e) => refused_by_engine(e),
     }
 }
 
@@ -462,15 +363,15 @@ async fn suspensions(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
+    state.engine.refresh_scrape_gauges();
+    let mut text = state.metrics.render();
+    // Listing the queues for the per-site depths is blocking work.
+    crate::blocking::off_the_runtime(|| state.engine.site_metrics.render(&state.engine, &mut text));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.engine.is_draining() {
+    if state.engine.is_draining() || state.leaving.load(std::sync::atomic::Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if state.engine.is_reloading() {
         (

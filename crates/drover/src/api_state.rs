@@ -17,6 +17,9 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Set on SIGTERM before the engine drains: `/readyz` answers 503 while work is still
+    /// accepted, for `http.shutdown_grace`.
+    pub leaving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An error reply: `{"error": message}` with `status`.

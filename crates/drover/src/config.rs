@@ -1,6 +1,6 @@
 //! The TOML configuration (contract §2). Every key is optional; unknown keys are errors.
 
-use rate_limiter::{Limits, Matcher, Rate, Rule};
+use rate_limiter::{Limits, Matcher, Rate, Rule, Scope};
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -179,8 +179,105 @@ pub struct Config {
     pub unsubscribe: UnsubscribeConfig,
     /// `[[tenant]]`: per-tenant settings (extension).
     pub tenant: Vec<TenantConfig>,
+    /// `[cluster]`: limits shared with other instances through Redis (extension).
+    pub cluster: Option<ClusterConfig>,
+    /// `[metrics]` (extension).
+    pub metrics: MetricsConfig,
     /// `[drain]`: moving the queue to a peer at shutdown (extension).
     pub drain: DrainConfig,
+}
+
+/// `[cluster]`: the Redis that holds the limits of `scope = "cluster"` shaping rules.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`.
+    pub redis_url: String,
+    /// This instance's name in its lease ids (default: the host name, a pod's name).
+    #[serde(default)]
+    pub instance_id: String,
+    /// How long a lease outlives its instance's last heartbeat (a crashed instance's
+    /// sessions stop counting after it).
+    #[serde(default = "thirty_seconds")]
+    pub lease_ttl: HumanDuration,
+    /// The fraction of a cluster limit this instance uses alone while Redis is unreachable.
+    #[serde(default = "default_local_share")]
+    pub local_share: f64,
+    /// Prefix of every Redis key.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    /// How long a Redis call may take before the limits fall back to the local share.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn thirty_seconds() -> HumanDuration {
+    secs(30)
+}
+
+fn default_local_share() -> f64 {
+    0.2
+}
+
+fn default_key_prefix() -> String {
+    "drover:".to_owned()
+}
+
+fn default_redis_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_millis(200))
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        cluster_limits::check_url(&self.redis_url).map_err(|e| invalid("cluster.redis_url", e))?;
+        if self.lease_ttl.0 < Duration::from_secs(1) {
+            return Err(invalid("cluster.lease_ttl", "must be at least 1s"));
+        }
+        if !(self.local_share > 0.0 && self.local_share <= 1.0) {
+            return Err(invalid(
+                "cluster.local_share",
+                "must be above 0 and at most 1",
+            ));
+        }
+        if self.timeout.0.is_zero() || self.timeout.0 > self.lease_ttl.0 / 3 {
+            return Err(invalid(
+                "cluster.timeout",
+                "must be positive and at most a third of lease_ttl",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings of the cluster limits; `hostname` names the instance when
+    /// `instance_id` is unset.
+    pub fn settings(&self, hostname: &str) -> cluster_limits::Settings {
+        cluster_limits::Settings {
+            redis_url: self.redis_url.clone(),
+            instance_id: if self.instance_id.is_empty() {
+                hostname.to_owned()
+            } else {
+                self.instance_id.clone()
+            },
+            lease_ttl: self.lease_ttl.0,
+            key_prefix: self.key_prefix.clone(),
+            timeout: self.timeout.0,
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How many sites, the busiest by recent volume, get their own `site` label in the
+    /// per-site series; the rest share `site="other"` (default 50; 0: all are `other`).
+    pub top_sites: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { top_sites: 50 }
+    }
 }
 
 /// `[drain]`
@@ -416,6 +513,13 @@ pub struct HttpConfig {
     pub max_body_size: usize,
     /// Most recipients one inject request may carry (extension; default 10 000). More: 413.
     pub max_recipients: usize,
+    /// A file of more API tokens, one per line (extension): kept out of the configuration,
+    /// e.g. a mounted Kubernetes Secret. Read at start-up, added to `api_tokens`.
+    pub api_tokens_file: Option<PathBuf>,
+    /// On SIGTERM, how long `/readyz` answers 503 while everything is still accepted, before
+    /// the listeners stop taking work (extension; default 0s): time for a load balancer to
+    /// take the instance out of rotation.
+    pub shutdown_grace: HumanDuration,
 }
 
 impl Default for HttpConfig {
@@ -425,6 +529,8 @@ impl Default for HttpConfig {
             api_tokens: Vec::new(),
             max_body_size: 64 * 1024 * 1024,
             max_recipients: 10_000,
+            api_tokens_file: None,
+            shutdown_grace: secs(0),
         }
     }
 }
@@ -468,6 +574,9 @@ pub struct SmtpListenerConfig {
     /// converted to CRLF (`normalize`) (extension). Mail for the bounce domains alone is
     /// always normalised.
     pub bare_newlines: BareNewlines,
+    /// A file of more `auth_users`, one `user:password_hash` per line (extension): kept out
+    /// of the configuration, e.g. a mounted Kubernetes Secret. Read at start-up.
+    pub auth_users_file: Option<PathBuf>,
 }
 
 /// `smtp_listener.bare_newlines`.
@@ -523,6 +632,7 @@ impl Default for SmtpListenerConfig {
             write_timeout: secs(60),
             max_recipients: 1000,
             bare_newlines: BareNewlines::Reject,
+            auth_users_file: None,
         }
     }
 }
@@ -782,6 +892,9 @@ pub struct ShapingConfig {
     pub backoff_max_connection_rate: Option<String>,
     /// STARTTLS: `opportunistic` (default), `required` (verified against web PKI) or `disabled`.
     pub tls: Option<String>,
+    /// `local` (default): the limits are this instance's; `cluster`: they are totals for
+    /// every instance sharing `[cluster]`'s Redis.
+    pub scope: Option<String>,
 }
 
 /// `[[automation]]`
@@ -864,9 +977,49 @@ impl Config {
 
     /// Parses TOML text and validates it.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Adds the API tokens and AUTH users of `http.api_tokens_file` and
+    /// `smtp_listener.auth_users_file` to the inline ones. Blank lines and lines starting
+    /// with `#` are skipped.
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        fn lines(key: &str, path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            Ok(text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect())
+        }
+        if let Some(path) = &self.http.api_tokens_file {
+            let tokens = lines("http.api_tokens_file", path)?;
+            self.http.api_tokens.extend(tokens);
+        }
+        if let Some(path) = &self.smtp_listener.auth_users_file {
+            let key = "smtp_listener.auth_users_file";
+            for (n, line) in lines(key, path)?.into_iter().enumerate() {
+                // Only hashes: a file of clear passwords would be the weaker choice here.
+                let (user, hash) = line
+                    .split_once(':')
+                    .filter(|(u, h)| !u.is_empty() && h.starts_with('$'))
+                    .ok_or_else(|| {
+                        invalid(key, format!("entry {} is not user:password_hash", n + 1))
+                    })?;
+                self.smtp_listener.auth_users.push(AuthUser {
+                    user: user.to_owned(),
+                    password: None,
+                    password_hash: Some(hash.to_owned()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads and validates a file.
@@ -930,6 +1083,9 @@ impl Config {
                     )
                 })?;
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         self.shaping_rules()?;
         for (i, a) in self.automation.iter().enumerate() {
@@ -1158,8 +1314,25 @@ impl Config {
                         )
                     })?;
                 }
+                let scope = match s.scope.as_deref() {
+                    None | Some("local") => Scope::Local,
+                    Some("cluster") if self.cluster.is_some() => Scope::Cluster,
+                    Some("cluster") => {
+                        return Err(invalid(
+                            key("scope"),
+                            "\"cluster\" needs a [cluster] section with redis_url",
+                        ))
+                    }
+                    Some(other) => {
+                        return Err(invalid(
+                            key("scope"),
+                            format!("{other:?} is not local or cluster"),
+                        ))
+                    }
+                };
                 let defaults = Limits::default();
                 let limits = Limits {
+                    scope,
                     max_connections: s.max_connections.unwrap_or(defaults.max_connections),
                     max_message_rate: rate(&s.max_message_rate, "max_message_rate")?,
                     max_connection_rate: rate(&s.max_connection_rate, "max_connection_rate")?,
@@ -1516,6 +1689,50 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_section_and_scope_parse_and_bad_ones_are_named() {
+        let c = Config::parse(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379/0\"\nlocal_share = 0.5\n\
+             [[shaping]]\nmatch = \"c.test\"\nmax_connections = 5\nscope = \"cluster\"\n\
+             [[shaping]]\nmatch = \"l.test\"\n",
+        )
+        .unwrap();
+        let rules = c.shaping_rules().unwrap();
+        assert_eq!(rules[0].limits.scope, Scope::Cluster);
+        assert_eq!(rules[1].limits.scope, Scope::Local);
+        let cluster = c.cluster.unwrap();
+        let settings = cluster.settings("host-1");
+        assert_eq!(settings.instance_id, "host-1");
+        assert_eq!(settings.lease_ttl, Duration::from_secs(30));
+        assert_eq!(settings.key_prefix, "drover:");
+        assert_eq!(settings.timeout, Duration::from_millis(200));
+        assert_eq!(cluster.local_share, 0.5);
+        let url = "[cluster]\nredis_url = \"redis://127.0.0.1/0\"\n";
+        for (text, key) in [
+            (
+                "[[shaping]]\nmatch = \"*\"\nscope = \"cluster\"\n".to_owned(),
+                "shaping[0].scope",
+            ),
+            (
+                format!("{url}[[shaping]]\nmatch = \"*\"\nscope = \"galaxy\"\n"),
+                "shaping[0].scope",
+            ),
+            (
+                "[cluster]\nredis_url = \"http://x\"\n".to_owned(),
+                "cluster.redis_url",
+            ),
+            (format!("{url}local_share = 0.0\n"), "cluster.local_share"),
+            (format!("{url}local_share = 1.5\n"), "cluster.local_share"),
+            (format!("{url}lease_ttl = \"100ms\"\n"), "cluster.lease_ttl"),
+            (format!("{url}timeout = \"20s\"\n"), "cluster.timeout"),
+            (format!("{url}redis_host = \"x\"\n"), "redis_host"),
+            ("[cluster]\nlease_ttl = \"5s\"\n".to_owned(), "redis_url"),
+        ] {
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = Config::parse("[spool]\npth = \"x\"\n")
             .unwrap_err()
@@ -1612,5 +1829,54 @@ mod tests {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn secrets_can_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("api_tokens");
+        std::fs::write(&tokens, "# platform\nfrom-file-1\n\n  from-file-2  \n").unwrap();
+        let users = dir.path().join("auth_users");
+        std::fs::write(
+            &users,
+            "# user:hash\nnewsletter:$argon2id$v=19$m=19456,t=2,p=1$Oguc2Uwvu/v4yeEApm8h2w$6YyTmoN1Qt69UG+XdFm63sDkMwux4RTqs6iSoJKnxvY\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[http]\nlisten = \"0.0.0.0:8025\"\napi_tokens = [\"inline\"]\napi_tokens_file = {:?}\n\
+             [smtp_listener]\nauth_users_file = {:?}\n",
+            tokens.display().to_string(),
+            users.display().to_string()
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.http.api_tokens, ["inline", "from-file-1", "from-file-2"]);
+        let user = &c.smtp_listener.auth_users[0];
+        assert_eq!(user.user, "newsletter");
+        assert!(user.password.is_none());
+        assert!(user
+            .password_hash
+            .as_deref()
+            .unwrap()
+            .starts_with("$argon2id$"));
+        // Tokens from the file alone satisfy the rule for a non-loopback listener.
+        let only_file = format!(
+            "[http]\nlisten = \"0.0.0.0:8025\"\napi_tokens_file = {:?}\n",
+            tokens.display().to_string()
+        );
+        assert_eq!(Config::parse(&only_file).unwrap().http.api_tokens.len(), 2);
+        // A missing file, or a line that is not user:hash, names the key.
+        let missing = "[http]\napi_tokens_file = \"/nonexistent/tokens\"\n";
+        let err = Config::parse(missing).unwrap_err().to_string();
+        assert!(err.contains("http.api_tokens_file"), "{err}");
+        std::fs::write(&users, "newsletter:clear-password\n").unwrap();
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("smtp_listener.auth_users_file"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_grace_defaults_to_none_and_parses() {
+        assert!(Config::parse("").unwrap().http.shutdown_grace.0.is_zero());
+        let c = Config::parse("[http]\nshutdown_grace = \"5s\"\n").unwrap();
+        assert_eq!(c.http.shutdown_grace.0, Duration::from_secs(5));
     }
 }

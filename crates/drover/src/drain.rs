@@ -389,7 +389,7 @@ impl Engine {
         // The start-up reload marks what it has not read yet as unknown: a message taken
         // now could not be put back on the schedule.
         while self.is_reloading() {
-            if !self.pause(&job, Duration::from_millis(50)).await {
+            if !self.drain_pause(&job, Duration::from_millis(50)).await {
                 return;
             }
         }
@@ -417,7 +417,7 @@ impl Engine {
                 // A scale-down waits for the attempts in flight: what they leave queued
                 // comes back to the schedule and goes too.
                 if !self.scheduler.is_empty() || self.drains.injections_pending() {
-                    if !self.pause(&job, Duration::from_millis(100)).await {
+                    if !self.drain_pause(&job, Duration::from_millis(100)).await {
                         return;
                     }
                     continue;
@@ -426,7 +426,7 @@ impl Engine {
                 // Done, but it keeps watching: an injection that passed the intake check
                 // just before the drain began may queue its messages only now.
                 while self.scheduler.is_empty() && !self.drains.injections_pending() {
-                    if !self.pause(&job, Duration::from_millis(200)).await {
+                    if !self.drain_pause(&job, Duration::from_millis(200)).await {
                         return;
                     }
                 }
@@ -440,7 +440,7 @@ impl Engine {
                 Err(Stop::Transient(why)) => {
                     tracing::warn!(to = %job.spec.to, error = %why, "drain: retrying");
                     job.failed_attempt(why);
-                    if !self.pause(&job, backoff).await {
+                    if !self.drain_pause(&job, backoff).await {
                         return;
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -450,7 +450,7 @@ impl Engine {
     }
 
     /// Sleeps `d`; false if the job or the engine stops meanwhile.
-    async fn pause(&self, job: &Job, d: Duration) -> bool {
+    async fn drain_pause(&self, job: &Job, d: Duration) -> bool {
         tokio::select! {
             _ = job.cancel.cancelled() => false,
             _ = self.cancel.cancelled() => false,

@@ -46,6 +46,12 @@ pub struct Engine {
     pub(crate) reloading: Arc<AtomicBool>,
     /// Tag VERP addresses and unsubscribe links (`startup::feedback_keys`).
     pub(crate) feedback_keys: feedback::Keys,
+    /// Inject requests stored for deferred generation (see `generator`).
+    pub(crate) generator: crate::generator::Generator,
+    /// The per-site metric series (`site_metrics`).
+    pub(crate) site_metrics: crate::site_metrics::SiteMetrics,
+    /// The status page's recent history (`activity`).
+    pub(crate) activity: std::sync::Mutex<crate::activity::Activity>,
     /// Messages moving to and from other instances (`drain`).
     pub(crate) drains: crate::drain::Drains,
 }
@@ -72,6 +78,7 @@ impl Engine {
         let rules = config
             .shaping_rules()
             .map_err(|e| EngineError::Config(e.to_string()))?;
+        self.check_cluster_reload(config, &rules)?;
         let rates = config
             .keyed_rates()
             .map_err(|e| EngineError::Config(e.to_string()))?;

@@ -27,10 +27,25 @@ pub(crate) fn token_ok(tokens: &[String], headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| Sha256::digest(token.trim().as_bytes()))
+        .map(|(_, token)| token.trim())
     else {
         return false;
     };
+    one_of(tokens, presented)
+}
+
+/// The status page (`GET /`) also takes the token as `?token=`, so that a browser, which
+/// cannot send a bearer header from its address bar, can open it.
+pub(crate) fn page_token_ok(tokens: &[String], uri: &axum::http::Uri) -> bool {
+    uri.path() == "/"
+        && axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
+            .ok()
+            .and_then(|q| q.0.get("token").cloned())
+            .is_some_and(|presented| one_of(tokens, &presented))
+}
+
+fn one_of(tokens: &[String], presented: &str) -> bool {
+    let presented = Sha256::digest(presented.as_bytes());
     let mut ok = Choice::from(0);
     for token in tokens {
         ok |= Sha256::digest(token.as_bytes()).ct_eq(&presented);
@@ -46,7 +61,8 @@ pub(crate) async fn require_token(
     next: Next,
 ) -> Response {
     let public = PUBLIC.contains(&request.uri().path());
-    if public || token_ok(&state.engine.config().http.api_tokens, request.headers()) {
+    let tokens = &state.engine.config().http.api_tokens;
+    if public || token_ok(tokens, request.headers()) || page_token_ok(tokens, request.uri()) {
         next.run(request).await
     } else {
         error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token")
@@ -110,6 +126,24 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
         h
+    }
+
+    #[test]
+    fn only_the_status_page_takes_the_token_in_its_query() {
+        let tokens = vec!["s3cret".to_owned()];
+        let uri = |s: &str| s.parse::<axum::http::Uri>().unwrap();
+        assert!(page_token_ok(&tokens, &uri("/?token=s3cret")));
+        assert!(page_token_ok(&tokens, &uri("/?x=1&token=s%33cret")));
+        assert!(!page_token_ok(&tokens, &uri("/?token=wrong")));
+        assert!(!page_token_ok(&tokens, &uri("/")));
+        assert!(!page_token_ok(
+            &tokens,
+            &uri("/api/admin/v1/queues?token=s3cret")
+        ));
+        assert!(
+            !PUBLIC.contains(&"/"),
+            "the status page is behind the token"
+        );
     }
 
     #[test]

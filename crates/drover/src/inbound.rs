@@ -72,6 +72,10 @@ impl Engine {
             .unwrap_or_default();
         r.tenant = u.tenant.clone();
         r.campaign = u.campaign.clone();
+        r.metadata = MessageId::from_slice(&u.id)
+            .ok()
+            .and_then(|id| self.spool.sent(&id).ok().flatten())
+            .and_then(|sent| sent.metadata);
         r.report = Some(ReportInfo {
             matched: true,
             reporting_mta: None,
@@ -98,6 +102,7 @@ struct Matched {
     recipient: String,
     tenant: Option<String>,
     campaign: Option<String>,
+    metadata: Option<serde_json::Value>,
 }
 
 /// The message id in a Message-ID Drover generated (`<uuid@sender domain>`).
@@ -126,14 +131,29 @@ impl Engine {
             recipient: recipient.unwrap_or(sent.recipient),
             tenant: sent.tenant,
             campaign: sent.campaign,
+            metadata: sent.metadata,
         })
+    }
+
+    /// The message a supplemental trace header names, if Drover sent that message to that
+    /// recipient: the header is not signed, so it only counts when both agree.
+    fn by_trace_ref(&self, trace: &feedback::trace_ref::TraceRef) -> Option<Matched> {
+        let id: MessageId = trace.id.as_deref()?.parse().ok()?;
+        let m = self.remembered(id, None)?;
+        let named = trace.recipient.as_deref()?;
+        m.recipient.eq_ignore_ascii_case(named).then_some(m)
     }
 
     /// Ties a report to a message: first by a tagged identifier (the VERP address it was sent
     /// to, the VERP Return-Path or the unsubscribe token among the returned headers), then,
     /// unless a VERP address was forged, by the untagged ones Drover wrote (ENVID, a
     /// Message-ID it generated).
-    fn match_report(&self, rcpts: &[String], report: &reports::Report) -> Option<Matched> {
+    fn match_report(
+        &self,
+        rcpts: &[String],
+        report: &reports::Report,
+        trace: Option<&feedback::trace_ref::TraceRef>,
+    ) -> Option<Matched> {
         let keys = &self.feedback_keys;
         let mut forged = false;
         for r in rcpts {
@@ -165,13 +185,18 @@ impl Engine {
                 .find_map(|url| self.unsubscribe_token(url.rsplit('/').next().unwrap_or("")))
         }) {
             if let Ok(id) = MessageId::from_slice(&u.id) {
+                let metadata = self.remembered(id, None).and_then(|m| m.metadata);
                 return Some(Matched {
                     id,
                     recipient: u.recipient,
                     tenant: u.tenant,
                     campaign: u.campaign,
+                    metadata,
                 });
             }
+        }
+        if let Some(m) = trace.and_then(|t| self.by_trace_ref(t)) {
+            return Some(m);
         }
         let by_envid = report
             .original_envelope_id
@@ -254,7 +279,15 @@ impl Engine {
         if report.kind == reports::Kind::AutoReply {
             return Ok(Received::AutoReply);
         }
-        let matched = self.match_report(rcpts, &report);
+        // KumoMTA's supplemental header among the returned headers (any `X-` field with
+        // its marker): a hint to the message, and what an unmatched report can still say.
+        let trace = feedback::trace_ref::find(
+            report
+                .returned_headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str())),
+        );
+        let matched = self.match_report(rcpts, &report, trace.as_ref());
         let info = ReportInfo {
             matched: matched.is_some(),
             reporting_mta: report.reporting_mta.clone(),
@@ -273,6 +306,13 @@ impl Engine {
                 r.recipient = m.recipient.clone();
                 r.tenant = m.tenant.clone();
                 r.campaign = m.campaign.clone();
+                r.metadata = m.metadata.clone();
+            } else if let Some(t) = &trace {
+                // Unmatched (sent before Drover, or by KumoMTA): what the header says.
+                r.recipient = t.recipient.clone().unwrap_or_default();
+                if !t.meta.is_empty() {
+                    r.metadata = Some(serde_json::Value::Object(t.meta.clone()));
+                }
             }
             r.report = Some(info.clone());
             r
@@ -332,11 +372,13 @@ impl Engine {
                 for status in &failed {
                     let mut r = base(RecordType::AsyncBounce);
                     if matched.is_none() {
-                        r.recipient = status
+                        if let Some(rcpt) = status
                             .original_recipient
                             .clone()
                             .or_else(|| status.final_recipient.clone())
-                            .unwrap_or_default();
+                        {
+                            r.recipient = rcpt;
+                        }
                     }
                     let enhanced = status.status.clone();
                     let text = status.diagnostic.clone().unwrap_or_default();
@@ -394,6 +436,7 @@ impl Engine {
         }
         let count = records.len();
         if count > 0 {
+            self.observe_records(&records);
             self.accounting.record_all(records).await?;
         }
         Ok(Received::Recorded(count))

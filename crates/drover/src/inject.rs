@@ -4,6 +4,7 @@
 
 use crate::engine::{Engine, EngineError, Unsignable};
 use crate::message::NewMessage;
+use crate::request::Progress;
 use crate::telemetry::{DKIM_SIGNATURES, RECEIVED};
 use accounting::RecordType;
 use queue::MessageMeta;
@@ -66,6 +67,17 @@ impl Engine {
         messages: Vec<NewMessage>,
         via: &'static str,
     ) -> Result<(), EngineError> {
+        self.accept_with_progress(messages, via, None).await
+    }
+
+    /// [`Engine::accept`], moving a stored request's marker (deferred generation) in the same
+    /// spool write as the messages, so a crash leaves both or neither.
+    pub(crate) async fn accept_with_progress(
+        self: &Arc<Self>,
+        messages: Vec<NewMessage>,
+        via: &'static str,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError> {
         // Before the intake check: a drain that begins after it waits for this injection's
         // messages to be queued (`drain`).
         let accepting = self.drains.accepting();
@@ -77,6 +89,7 @@ impl Engine {
             return Err(EngineError::Full(queued));
         }
         let count = messages.len() as u64;
+        let started = std::time::Instant::now();
         // Before the spool write: the checkpoint stays behind until the Reception records
         // are down, so a crash in between is repaired at the next start (`finalizer`).
         // Reception time is taken after the hold, which that repair relies on.
@@ -86,8 +99,11 @@ impl Engine {
         for m in &mut messages {
             m.meta.received_ms = m.meta.received_ms.max(received);
         }
-        let metas = match self.prepare_and_store(messages, via, count).await {
-            Ok(metas) => metas,
+        let metas = match self.prepare_and_store(messages, via, count, progress).await {
+            Ok(metas) => {
+                self.observe_injection(via, count, started.elapsed());
+                metas
+            }
             Err(e) => {
                 self.finalizer.release(hold);
                 return Err(e);
@@ -123,6 +139,7 @@ impl Engine {
         messages: Vec<NewMessage>,
         via: &'static str,
         count: u64,
+        progress: Option<Progress>,
     ) -> Result<Vec<MessageMeta>, EngineError> {
         let policy = self.policy();
         let by = self.ehlo_name().to_owned();
@@ -176,9 +193,15 @@ impl Engine {
                     })
                     .collect()
             };
-        self.spool
-            .insert(messages.into_iter().map(|m| (m.meta, m.body)).collect())
-            .await?;
+        let stored = messages.into_iter().map(|m| (m.meta, m.body)).collect();
+        match progress {
+            None => self.spool.insert(stored).await?,
+            Some(p) => {
+                self.spool
+                    .insert_generated(stored, p.id, p.previous, p.next)
+                    .await?
+            }
+        }
         if !message_ids.is_empty() {
             if let Err(e) = self.spool.index_message_ids(message_ids).await {
                 tracing::warn!(error = %e, "could not index Message-IDs; reports may go unmatched");

@@ -697,6 +697,7 @@ impl InjectPolicy {
             received_ms: now_ms(),
             priority,
             door: None,
+            supplemental: None,
         };
         // A tenant's own list: its suppressed recipients are left out, and named in the reply
         // (one reply answers the whole transaction).

@@ -47,6 +47,39 @@ pub struct Origin {
     pub priority: queue::Priority,
     /// The door the messages came in by (their `Received:` header).
     pub door: Option<std::sync::Arc<crate::prepare::Door>>,
+    /// KumoMTA's supplemental trace header, when the messages get one.
+    pub supplemental: Option<std::sync::Arc<Supplemental>>,
+}
+
+/// A supplemental trace header to write into each message (KumoMTA's `X-KumoRef`).
+#[derive(Debug, Clone)]
+pub struct Supplemental {
+    /// The header's name (an `X-` field).
+    pub header_name: String,
+    /// What it carries besides the recipient and the message id: `tenant`, `campaign` or a
+    /// key of the recipient's `metadata`.
+    pub include_meta_names: Vec<String>,
+}
+
+impl Supplemental {
+    /// The header field for one message.
+    fn field(&self, origin: &Origin, recipient: &Recipient, email: &str, id: &str) -> String {
+        let mut meta = Map::new();
+        for name in &self.include_meta_names {
+            let value = match name.as_str() {
+                "tenant" => origin.tenant.clone().map(Value::String),
+                "campaign" => origin.campaign.clone().map(Value::String),
+                _ => recipient
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.get(name).cloned()),
+            };
+            if let Some(v) = value {
+                meta.insert(name.clone(), v);
+            }
+        }
+        feedback::trace_ref::header(&self.header_name, email, Some(id), &meta)
+    }
 }
 
 impl NewMessage {
@@ -114,7 +147,7 @@ pub fn prepare(
             out.failed_recipients.push(recipient.email.clone());
             out.errors.push(format!("{}: {why}", recipient.email));
         };
-        let email = match ascii_domain(recipient.email.trim()) {
+        let email = match envelope_address(&recipient.email) {
             Ok(email) => email,
             Err(e) => {
                 refuse(e);
@@ -122,23 +155,24 @@ pub fn prepare(
             }
         };
         let email = email.as_ref();
-        if let Err(e) = smtp_proto::validate_mailbox(email) {
-            refuse(e.to_string());
-            continue;
-        }
         let domain = email
             .rsplit_once('@')
             .map(|(_, d)| d.to_ascii_lowercase())
             .unwrap_or_default();
         let id = MessageId::generate();
-        let body =
-            match renderer.render_for(substitutions, recipient, &id.to_string(), sender_domain) {
-                Ok(b) => b,
-                Err(e) => {
-                    refuse(e);
-                    continue;
-                }
-            };
+        let id_text = id.to_string();
+        let mut body = match renderer.render_for(substitutions, recipient, &id_text, sender_domain)
+        {
+            Ok(b) => b,
+            Err(e) => {
+                refuse(e);
+                continue;
+            }
+        };
+        if let Some(s) = &origin.supplemental {
+            let field = s.field(origin, recipient, email, &id_text);
+            body.splice(0..0, field.into_bytes());
+        }
         if body.len() as u64 > max_size {
             refuse(format!(
                 "message of {} bytes exceeds the limit of {max_size}",
@@ -163,6 +197,15 @@ pub fn prepare(
     out
 }
 
+/// A recipient's address as it goes on the envelope (trimmed, its domain as A-labels), or
+/// why it cannot be one. Depends on the address alone, so a request checked before it is
+/// stored (deferred generation) refuses the same recipients as its expansion later.
+pub fn envelope_address(address: &str) -> Result<std::borrow::Cow<'_, str>, String> {
+    let email = ascii_domain(address.trim())?;
+    smtp_proto::validate_mailbox(&email).map_err(|e| e.to_string())?;
+    Ok(email)
+}
+
 /// The address with its domain as A-labels (punycode, IDNA 2008 / UTS 46), so the envelope
 /// is ASCII unless the local part itself needs SMTPUTF8. An ASCII address comes back as it
 /// is (borrowed).
@@ -177,6 +220,25 @@ pub fn ascii_domain(address: &str) -> Result<std::borrow::Cow<'_, str>, String> 
         format!("the domain {domain:?} is not a valid internationalised domain name (IDNA)")
     })?;
     Ok(std::borrow::Cow::Owned(format!("{local}@{ascii}")))
+}
+
+/// Bodies up to this size that are not strict JSON get a second reading as JSON5.
+const JSON5_MAX: usize = 1 << 20;
+
+/// Reads an inject request body: strict JSON, or, for a small body that is not, JSON5 (the
+/// comments and trailing commas of KumoMTA's documented examples, which clients copy as they
+/// are). A body neither reads as is refused with the strict reader's error.
+pub fn parse_request(body: &[u8]) -> Result<InjectRequest, String> {
+    match serde_json::from_slice(body) {
+        Ok(request) => Ok(request),
+        Err(strict) => {
+            let relaxed = (body.len() <= JSON5_MAX)
+                .then(|| std::str::from_utf8(body).ok())
+                .flatten()
+                .and_then(|text| json5::from_str::<InjectRequest>(text).ok());
+            relaxed.ok_or_else(|| strict.to_string())
+        }
+    }
 }
 
 /// The body of `POST /api/inject/v1`. Field names follow KumoMTA's inject API.
@@ -208,7 +270,8 @@ pub struct InjectRequest {
     #[serde(default)]
     pub deferred_generation: Option<Value>,
     /// KumoMTA's trace header switches: `received_header: false` leaves out the
-    /// `Received:` header; the supplemental header fields are accepted.
+    /// `Received:` header; the supplemental header (on unless `supplemental_header: false`)
+    /// carries the recipient, the message id and the named metadata.
     #[serde(default)]
     pub trace_headers: TraceHeaders,
     /// `high`, `normal` (default) or `low` (contract §3, Drover's extension).
@@ -222,13 +285,34 @@ pub struct InjectRequest {
 pub struct TraceHeaders {
     /// Add the `Received:` trace header (default).
     pub received_header: bool,
-    /// KumoMTA's supplemental header (accepted; Drover ties reports to messages by VERP,
-    /// Message-ID and ENVID instead).
+    /// Add KumoMTA's supplemental header (default, as KumoMTA's HTTP injection does).
     pub supplemental_header: bool,
-    /// Its name.
+    /// Its name (default `X-KumoRef`).
     pub header_name: Option<String>,
-    /// Metadata it would carry.
+    /// The metadata it carries: `tenant`, `campaign` or keys of a recipient's `metadata`.
     pub include_meta_names: Vec<String>,
+}
+
+impl TraceHeaders {
+    /// The supplemental header to write, if any; an unusable name is the request's error.
+    pub fn supplemental(&self) -> Result<Option<Supplemental>, String> {
+        if !self.supplemental_header {
+            return Ok(None);
+        }
+        let header_name = self
+            .header_name
+            .clone()
+            .unwrap_or_else(|| feedback::trace_ref::DEFAULT_HEADER.to_owned());
+        if !feedback::trace_ref::valid_header_name(&header_name) {
+            return Err(format!(
+                "header_name {header_name:?} is not a field name a trace header can have"
+            ));
+        }
+        Ok(Some(Supplemental {
+            header_name,
+            include_meta_names: self.include_meta_names.clone(),
+        }))
+    }
 }
 
 impl Default for TraceHeaders {
@@ -608,6 +692,15 @@ impl Renderer {
             "name".into(),
             Value::String(recipient.name.clone().unwrap_or_default()),
         );
+        // KumoMTA's predefined `to_header`, and Drover's `metadata` (the recipient's object;
+        // a substitution of that name wins).
+        ctx.insert(
+            "to_header".into(),
+            Value::String(to_header(recipient.name.as_deref(), &recipient.email)),
+        );
+        // Always an object, so `metadata.x` is merely empty for a recipient without it.
+        ctx.entry("metadata")
+            .or_insert_with(|| Value::Object(recipient.metadata.clone().unwrap_or_default()));
         let header_ctx = header_safe(&ctx);
         let message = match &self.kind {
             Kind::Raw => {
@@ -739,6 +832,40 @@ impl Renderer {
 
 /// A rendered header value on one line: a template can still make a line break (a string
 /// literal with `\n`), which must not start a header of its own.
+/// `"Name" <email>` (the name as an RFC 2047 word when it is not ASCII), or the bare address
+/// without a name: a value that can stand in a `To:` header as it is.
+fn to_header(name: Option<&str>, email: &str) -> String {
+    let name = name.map(|n| n.replace(['\r', '\n'], " "));
+    match name.as_deref().map(str::trim) {
+        None | Some("") => email.to_owned(),
+        Some(n) if n.is_ascii() => {
+            let quoted = n.replace('\\', "\\\\").replace('"', "\\\"");
+            format!("\"{quoted}\" <{email}>")
+        }
+        Some(n) => {
+            use base64::Engine as _;
+            // RFC 2047 words stay within 75 characters: at most 45 bytes each, whole chars.
+            let mut words = Vec::new();
+            let mut start = 0;
+            for (i, c) in n.char_indices() {
+                if i + c.len_utf8() - start > 45 {
+                    words.push(&n[start..i]);
+                    start = i;
+                }
+            }
+            words.push(&n[start..]);
+            let words: Vec<String> = words
+                .iter()
+                .map(|w| {
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(w.as_bytes());
+                    format!("=?utf-8?b?{b64}?=")
+                })
+                .collect();
+            format!("{} <{email}>", words.join(" "))
+        }
+    }
+}
+
 fn one_line(value: String) -> String {
     if value.contains(['\r', '\n']) {
         value.replace("\r\n", " ").replace(['\r', '\n'], " ")
@@ -1120,6 +1247,107 @@ mod tests {
         );
         let tracked = tracked_headers(text.as_bytes());
         assert_eq!(tracked.get("X-Campaign").map(String::as_str), Some("nov"));
+    }
+
+    #[test]
+    fn to_header_and_metadata_reach_templates_and_the_trace_header_is_written() {
+        let r: InjectRequest = serde_json::from_value(serde_json::json!({
+            "envelope_sender": "b@news.example.com",
+            "content": "To: {{ to_header }}\nSubject: {{ metadata.list }}\n\nfor {{ metadata.user_id }}",
+            "recipients": [
+                {"email": "ann@example.test", "name": "Ann \"A\" Smith",
+                 "metadata": {"user_id": 7, "list": "weekly"}},
+                {"email": "bob@example.test", "name": "Björn",
+                 "metadata": {"user_id": 8, "list": "daily"}, "substitutions": {"metadata": {"list": "mine"}}},
+                {"email": "cy@example.test"}
+            ],
+            "trace_headers": {"include_meta_names": ["tenant", "list", "absent"]},
+            "tenant": "acme"
+        }))
+        .unwrap();
+        let supplemental = r
+            .trace_headers
+            .supplemental()
+            .unwrap()
+            .map(std::sync::Arc::new);
+        let origin = Origin {
+            sender: "b@news.example.com".into(),
+            campaign: None,
+            tenant: r.tenant.clone(),
+            received_ms: 0,
+            priority: Default::default(),
+            door: None,
+            supplemental,
+        };
+        let renderer = Renderer::new(r.content, 1 << 20).unwrap();
+        let out = prepare(
+            &renderer,
+            &r.substitutions,
+            &r.recipients,
+            &origin,
+            "news.example.com",
+            1 << 20,
+        );
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let texts: Vec<String> = out
+            .messages
+            .iter()
+            .map(|m| String::from_utf8(m.body.clone()).unwrap())
+            .collect();
+        assert!(
+            texts[0].contains("To: \"Ann \\\"A\\\" Smith\" <ann@example.test>\r\n"),
+            "{}",
+            texts[0]
+        );
+        assert!(
+            texts[0].contains("Subject: weekly\r\n\r\nfor 7"),
+            "{}",
+            texts[0]
+        );
+        let parsed = mail_parser::MessageParser::default()
+            .parse(texts[1].as_bytes())
+            .unwrap();
+        assert_eq!(parsed.to().unwrap().first().unwrap().name(), Some("Björn"));
+        // A substitution named `metadata` wins over the recipient's object.
+        assert!(texts[1].contains("Subject: mine\r\n"), "{}", texts[1]);
+        assert!(texts[2].starts_with("X-KumoRef: "), "{}", texts[2]);
+        assert!(texts[2].contains("To: cy@example.test\r\n"), "{}", texts[2]);
+        // The header carries the recipient, the id and the named metadata that exists.
+        let value = header_value(&out.messages[0].body, "X-KumoRef").unwrap();
+        let trace = feedback::trace_ref::decode(&value).unwrap();
+        assert_eq!(trace.recipient.as_deref(), Some("ann@example.test"));
+        assert_eq!(trace.id, Some(out.messages[0].meta.id.to_string()));
+        assert_eq!(trace.meta["tenant"], "acme");
+        assert_eq!(trace.meta["list"], "weekly");
+        assert!(!trace.meta.contains_key("absent"));
+        assert!(!trace.meta.contains_key("user_id"));
+        // Off on request, and a name that is not an X- field is the request's error.
+        let off: TraceHeaders =
+            serde_json::from_value(serde_json::json!({"supplemental_header": false})).unwrap();
+        assert!(off.supplemental().unwrap().is_none());
+        let bad: TraceHeaders =
+            serde_json::from_value(serde_json::json!({"header_name": "Subject"})).unwrap();
+        assert!(bad.supplemental().is_err());
+    }
+
+    #[test]
+    fn requests_read_as_json_or_json5_and_errors_are_the_strict_readers() {
+        let strict =
+            br#"{"envelope_sender": "a@b.c", "content": "x", "recipients": [{"email": "r@b.c"}]}"#;
+        assert_eq!(parse_request(strict).unwrap().recipients.len(), 1);
+        let relaxed = b"{\n // a comment\n envelope_sender: 'a@b.c', \"content\": \"x\",\n \"recipients\": [{\"email\": \"r@b.c\",},],\n}";
+        assert_eq!(parse_request(relaxed).unwrap().recipients[0].email, "r@b.c");
+        let e = parse_request(br#"{"envelope_sender": "a@b.c", "content": "x"}"#)
+            .err()
+            .unwrap();
+        assert!(e.contains("missing field `recipients`"), "{e}");
+        let e = parse_request(
+            br#"{"envelope_sender": "a@b.c", "content": "x", "recipients": [], "bogus": 1}"#,
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        assert!(parse_request(b"\xff\xfe").is_err());
     }
 
     #[test]

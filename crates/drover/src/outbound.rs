@@ -2,6 +2,7 @@
 //! egress sources; and the session type the pool holds.
 
 use crate::egress::Egress;
+use cluster_limits::Lease;
 use connection_pool::{Pool, Pooled, SmtpClient, Timeouts};
 use rate_limiter::{ConnectionSlot, KeyedRates, Shaper};
 use resolver_cache::{Destination, MxResolver};
@@ -23,18 +24,38 @@ pub(crate) struct Outbound {
     pub(crate) global_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) ehlo_name: String,
     pub(crate) timeouts: Timeouts,
+    /// Leases and shared rates in Redis for cluster-scoped destinations (`[cluster]`).
+    pub(crate) cluster: Option<cluster_limits::ClusterLimits>,
 }
 
-/// An SMTP session with the connection slots it occupies (its site's and the global one).
+/// An SMTP session with the connection slots it occupies (its site's and the global one, and
+/// the cluster lease of a cluster-scoped site).
 pub(crate) struct Session {
     pub(crate) client: SmtpClient,
     pub(crate) _slot: ConnectionSlot,
     pub(crate) _global: OwnedSemaphorePermit,
+    pub(crate) lease: Option<Lease>,
+}
+
+impl Session {
+    /// Whether the session lost its cluster lease (it expired while Redis was unreachable
+    /// and others took the room): it must not be reused.
+    pub(crate) fn lease_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(Lease::is_lost)
+    }
+
+    /// Whether another session, here or on another instance, waits for a lease of this
+    /// session's site: idle, it should close and make room rather than be pooled.
+    pub(crate) fn lease_wanted(&self) -> bool {
+        self.lease.as_ref().is_some_and(Lease::is_wanted)
+    }
 }
 
 impl Pooled for Session {
+    /// An idle session whose cluster lease is lost or wanted elsewhere is not kept: the pool
+    /// closes it at the next checkout or reap.
     fn is_usable(&self) -> bool {
-        self.client.is_usable()
+        self.client.is_usable() && !self.lease_lost() && !self.lease_wanted()
     }
 
     fn close(self) -> impl Future<Output = ()> + Send {
@@ -43,9 +64,14 @@ impl Pooled for Session {
             client,
             _slot,
             _global,
+            lease,
         } = self;
         async move {
             client.quit().await;
+            // The lease first: a local waiter woken by the slot then finds room in Redis.
+            if let Some(lease) = lease {
+                lease.release().await;
+            }
             drop((_slot, _global));
         }
     }

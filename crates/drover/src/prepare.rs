@@ -135,6 +135,7 @@ mod tests {
             received_ms: 0,
             priority: Default::default(),
             door: None,
+            supplemental: None,
         };
         NewMessage::new(
             MessageId::generate(),

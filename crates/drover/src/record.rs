@@ -29,6 +29,7 @@ impl Engine {
             Verdict::Bounced => RecordType::Bounce,
             Verdict::Deferred => RecordType::TransientFailure,
         };
+        self.observe_outcome(site, &meta.domain, kind, outcome.category);
         let mut record = self.record(kind, &meta);
         record.site = Some(site.to_owned());
         record.peer = outcome.peer.clone();
@@ -59,6 +60,7 @@ impl Engine {
             expired.site = Some(site.to_owned());
             expired.response = Some(outcome.response);
             expired.bounce_category = Some(BounceCategory::MessageExpired);
+            self.observe_records(std::slice::from_ref(&expired));
             self.finalizer.finalize(&meta, vec![record, expired]).await;
             return None;
         }

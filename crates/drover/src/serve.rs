@@ -6,6 +6,7 @@ use crate::engine::{Engine, EngineError};
 use crate::listener::{ListenerError, SmtpListener};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -15,14 +16,7 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(
-                        crate::telemetry::DELIVERY_DURATION.into(),
-                    ),
-                    crate::telemetry::DELIVERY_DURATION_BUCKETS,
-                )
-                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let builder = with_buckets().unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder is installed; then this handle renders nothing,
@@ -31,6 +25,27 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The recorder's builder with the buckets of every histogram (without, the exporter renders
+/// a summary).
+fn with_buckets() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    use metrics_exporter_prometheus::Matcher;
+    let mut builder = PrometheusBuilder::new().set_buckets_for_metric(
+        Matcher::Full(crate::telemetry::DELIVERY_DURATION.into()),
+        crate::telemetry::DELIVERY_DURATION_BUCKETS,
+    )?;
+    for name in [
+        queue::WRITE_HISTOGRAM,
+        queue::FSYNC_HISTOGRAM,
+        crate::telemetry::INJECTION_DURATION,
+    ] {
+        builder = builder.set_buckets_for_metric(
+            Matcher::Full(name.into()),
+            crate::telemetry::STORAGE_BUCKETS,
+        )?;
+    }
+    Ok(builder)
 }
 
 /// A running engine with its HTTP and SMTP listeners.
@@ -44,6 +59,7 @@ pub struct Running {
     /// Where the one-click unsubscribe listener listens, when `[unsubscribe] listen` is set.
     pub unsubscribe_addr: Option<SocketAddr>,
     smtp: Option<SmtpListener>,
+    leaving: Arc<AtomicBool>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
 }
@@ -108,9 +124,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             }
         }
     });
+    let leaving = Arc::new(AtomicBool::new(false));
     let app = router(AppState {
         engine: Arc::clone(&engine),
         metrics: handle,
+        leaving: Arc::clone(&leaving),
     });
     let stopped = stop.clone();
     let server = tokio::spawn(async move {
@@ -153,6 +171,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         smtp_addr: Some(smtp_addr),
         unsubscribe_addr,
         smtp: Some(smtp),
+        leaving,
         stop,
         server,
     })
@@ -160,9 +179,20 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
 impl Running {
     /// Graceful stop: refuse new work, finish in-flight deliveries (up to `grace`), flush.
-    /// The HTTP listener closes last, so `/readyz` answers 503 (not a refused connection)
-    /// while the engine drains and a load balancer takes the instance out first.
+    /// `/readyz` answers 503 first, for `http.shutdown_grace` while injection is still
+    /// accepted, so a load balancer (a Kubernetes Service) takes the instance out before
+    /// clients are refused. The HTTP listener closes last, so `/readyz` keeps answering 503
+    /// (not a refused connection) while the engine drains.
     pub async fn shutdown(self, grace: Duration) {
+        self.leaving.store(true, Ordering::SeqCst);
+        let notice = self.engine.config().http.shutdown_grace.0;
+        if !notice.is_zero() {
+            tracing::info!(
+                ?notice,
+                "not ready; still accepting until the shutdown grace ends"
+            );
+            tokio::time::sleep(notice).await;
+        }
         self.engine.begin_drain();
         if let Some(smtp) = &self.smtp {
             smtp.stop_accepting();

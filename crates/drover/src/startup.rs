@@ -10,9 +10,10 @@ use crate::outbound::Outbound;
 use crate::policy::Policy;
 use crate::telemetry::describe_metrics;
 use accounting::Accounting;
+use cluster_limits::ClusterLimits;
 use connection_pool::Pool;
 use queue::{Scheduler, Spool, SpoolOptions};
-use rate_limiter::{KeyedRates, Limits, Shaper};
+use rate_limiter::{ClusterMode, KeyedRates, Limits, Shaper};
 use resolver_cache::{MxResolver, ResolverSettings};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -98,7 +99,18 @@ impl Engine {
         let rules = config
             .shaping_rules()
             .map_err(|e| EngineError::Config(e.to_string()))?;
-        let shaper = Shaper::new(rules, Limits::default());
+        let mut shaper = Shaper::new(rules, Limits::default());
+        let cluster = match &config.cluster {
+            Some(cluster) => {
+                let mode = Arc::new(ClusterMode::new(cluster.local_share));
+                shaper = shaper.with_cluster(Arc::clone(&mode));
+                let limits = ClusterLimits::start(cluster.settings(&hostname()), mode)
+                    .await
+                    .map_err(|e| EngineError::Config(e.to_string()))?;
+                Some(limits)
+            }
+            None => None,
+        };
         let rates = KeyedRates::new(
             config
                 .keyed_rates()
@@ -118,6 +130,8 @@ impl Engine {
         let cancel = CancellationToken::new();
         let finalizer = Finalizer::new(accounting.clone(), spool.clone(), cancel.clone());
         let engine = Arc::new(Engine {
+            site_metrics: crate::site_metrics::SiteMetrics::new(config.metrics.top_sites),
+            activity: Default::default(),
             finalizer,
             webhooks: Default::default(),
             outbound: Outbound {
@@ -129,6 +143,7 @@ impl Engine {
                 global_slots,
                 ehlo_name,
                 timeouts,
+                cluster,
             },
             config,
             spool,
@@ -140,6 +155,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             reloading: Arc::new(AtomicBool::new(true)),
             feedback_keys,
+            generator: Default::default(),
             drains: Default::default(),
         });
         engine.load_suspensions()?;
@@ -166,6 +182,7 @@ impl Engine {
             reloading.reloading.store(false, Ordering::SeqCst);
         });
         tokio::spawn(Arc::clone(&engine).dispatch());
+        engine.start_generator();
         tokio::spawn(Arc::clone(&engine).reap_idle_sessions());
         engine.start_webhooks().await?;
         tokio::spawn(Arc::clone(&engine).keep_log());

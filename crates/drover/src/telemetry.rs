@@ -26,6 +26,28 @@ pub(crate) const INBOUND: &str = "drover_inbound_reports_total";
 /// Accounting segments a webhook skipped because they were gone before it sent them
 /// (extension).
 pub(crate) const WEBHOOK_SKIPPED_SEGMENTS: &str = "drover_webhook_skipped_segments_total";
+/// Inject requests stored for deferred generation and not yet expanded (extension).
+pub(crate) const GENERATION_PENDING: &str = "drover_deferred_generation_pending";
+/// Recipients of stored requests expanded into queued messages (extension).
+pub(crate) const GENERATION_GENERATED: &str = "drover_deferred_generation_recipients_total";
+/// Recipients of stored requests refused at expansion (suppressed, failing template, DKIM),
+/// each also logged at warn: no record type fits a message never made (extension).
+pub(crate) const GENERATION_REFUSED: &str = "drover_deferred_generation_refused_total";
+/// Delivery attempts by site and result (extension; rendered by `site_metrics`).
+pub(crate) const SITE_MESSAGES: &str = "drover_site_messages_total";
+/// Queued messages by site and state (extension; rendered by `site_metrics`).
+pub(crate) const SITE_QUEUE: &str = "drover_site_queue_messages";
+/// Open outbound sessions by site (extension; rendered by `site_metrics`).
+pub(crate) const SITE_CONNECTIONS: &str = "drover_site_connections";
+/// Domains in the resolver's cache (extension).
+pub(crate) const DNS_CACHE: &str = "drover_dns_cache_entries";
+/// Time from an injection's arrival at the engine to its messages being spooled, by `via`
+/// (extension).
+pub(crate) const INJECTION_DURATION: &str = "drover_injection_duration_seconds";
+/// Accounting bytes handed to the writer and not yet synced (extension).
+pub(crate) const ACCOUNTING_PENDING: &str = "drover_accounting_pending_bytes";
+/// How far the stored accounting checkpoint is behind the synced end (extension).
+pub(crate) const CHECKPOINT_LAG: &str = "drover_accounting_checkpoint_lag_bytes";
 /// Messages moved between instances by a drain, by `direction` (`out`, `in`) (extension).
 pub(crate) const DRAIN_MESSAGES: &str = "drover_drain_messages_total";
 /// Messages the running drain has still to move (extension).
@@ -45,8 +67,32 @@ pub(crate) const DELIVERY_DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The buckets of the spool write and sync and the injection histograms (seconds).
+pub(crate) const STORAGE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
 /// Registers the descriptions of every metric (contract §5).
 pub(crate) fn describe_metrics() {
+    metrics::describe_gauge!(
+        DNS_CACHE,
+        "Domains in the resolver's cache, fresh or expired."
+    );
+    metrics::describe_histogram!(
+        INJECTION_DURATION,
+        metrics::Unit::Seconds,
+        "Time from an injection reaching the engine to its messages being spooled (synced), by door (http, smtp)."
+    );
+    metrics::describe_gauge!(
+        ACCOUNTING_PENDING,
+        metrics::Unit::Bytes,
+        "Accounting record bytes handed to the writer thread and not yet synced."
+    );
+    metrics::describe_gauge!(
+        CHECKPOINT_LAG,
+        metrics::Unit::Bytes,
+        "Bytes of the accounting log between the stored checkpoint and the synced end (within the current segment): records whose messages may not be deleted yet."
+    );
     metrics::describe_counter!(RECEIVED, "Messages accepted into the spool, by channel.");
     metrics::describe_counter!(
         DRAIN_MESSAGES,
@@ -92,6 +138,19 @@ pub(crate) fn describe_metrics() {
         "Reactions of [[automation]] rules to receivers' replies, by action."
     );
     metrics::describe_gauge!(
+        GENERATION_PENDING,
+        "Inject requests stored for deferred generation and not yet expanded."
+    );
+    metrics::describe_counter!(
+        GENERATION_GENERATED,
+        "Recipients of deferred-generation requests queued as messages."
+    );
+    metrics::describe_counter!(
+        GENERATION_REFUSED,
+        "Recipients of deferred-generation requests refused at expansion (suppressed, \
+         failing template, over a limit, DKIM), each logged at warn."
+    );
+    metrics::describe_gauge!(
         HOLDS,
         "Operator and automation holds in force, by kind (domain, campaign)."
     );
@@ -124,10 +183,16 @@ pub(crate) fn describe_metrics() {
     queue::describe_metrics();
     connection_pool::describe_metrics();
     resolver_cache::describe_metrics();
+    cluster_limits::describe_metrics();
     // Series exist from the first scrape, so dashboards and rate() see a zero, not a gap.
     for via in ["http", "smtp"] {
         metrics::counter!(RECEIVED, "via" => via).increment(0);
     }
+    metrics::counter!(GENERATION_GENERATED).increment(0);
+    metrics::counter!(GENERATION_REFUSED).increment(0);
+    metrics::gauge!(DNS_CACHE).set(0.0);
+    metrics::gauge!(ACCOUNTING_PENDING).set(0.0);
+    metrics::gauge!(CHECKPOINT_LAG).set(0.0);
     for result in ["signed", "unsigned", "error"] {
         metrics::counter!(DKIM_SIGNATURES, "result" => result).increment(0);
     }

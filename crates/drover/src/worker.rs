@@ -119,7 +119,10 @@ impl Engine {
                     }
                     match self.outbound.pool.checkout(&site_key) {
                         Some(session) => (session, true),
-                        None => match self.open_session(&queue, &dest, source, &limiter).await {
+                        None => match self
+                            .open_session(&queue, &site_key, &dest, source, &limiter)
+                            .await
+                        {
                             Some(Ok(session)) => (session, false),
                             Some(Err(e)) => {
                                 let outcome = Outcome::no_host_answered(domain, &e);
@@ -136,7 +139,7 @@ impl Engine {
                     }
                 }
             };
-            limiter.until_message_permitted().await;
+            self.until_message_permitted(&site_key, &limiter).await;
             let kept = self
                 .attempt(meta, body, &queue, &dest, &limiter, &mut session, reused)
                 .await;
@@ -144,6 +147,7 @@ impl Engine {
             if kept
                 && session.client.transactions() < max_per_session
                 && !limiter.over_connection_cap()
+                && !session.lease_lost()
             {
                 current = Some((session, site_key));
             } else {
@@ -181,10 +185,11 @@ impl Engine {
         true
     }
 
-    /// Keeps a session for reuse, unless others wait for a connection slot: then it is closed,
-    /// so an idle session never holds up a destination with mail to send.
+    /// Keeps a session for reuse, unless others wait for a connection slot (here, or for its
+    /// cluster lease anywhere): then it is closed, so an idle session never holds up a
+    /// destination with mail to send.
     async fn park(&self, key: &QueueKey, session: Session) {
-        if self.outbound.global_slots.available_permits() == 0 {
+        if self.outbound.global_slots.available_permits() == 0 || session.lease_wanted() {
             session.close().await;
         } else {
             self.outbound.pool.checkin(key, session);
@@ -200,14 +205,12 @@ impl Engine {
     async fn open_session(
         &self,
         queue: &QueueKey,
+        site_key: &QueueKey,
         dest: &Destination,
         source: Option<&Source>,
         limiter: &DestinationLimiter,
     ) -> Option<Result<Session, ClientError>> {
-        let slot = tokio::select! {
-            _ = self.cancel.cancelled() => return None,
-            slot = limiter.connection_slot() => slot,
-        };
+        let (slot, lease) = self.connection_slot(site_key, limiter).await?;
         let global = match Arc::clone(&self.outbound.global_slots).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -219,7 +222,7 @@ impl Engine {
                 }
             }
         };
-        limiter.until_connection_permitted().await;
+        self.until_connection_permitted(site_key, limiter).await;
         let tls = self.policy().tls_mode(queue.name(), &mx_hosts(dest));
         let ehlo_name = source
             .and_then(|s| s.ehlo_name.as_deref())
@@ -250,6 +253,7 @@ impl Engine {
                         client,
                         _slot: slot,
                         _global: global,
+                        lease,
                     }))
                 }
                 Ok(Err(e)) => {

@@ -5,13 +5,15 @@
 //!   the recipient and carry a keyed tag ([`Keys`]), so a forged report cannot name another
 //!   message;
 //! - [`token`]: the tagged tokens of one-click unsubscribe URLs;
-//! - [`stamp`]: complaint and unsubscribe headers stamped into a message before it is signed.
+//! - [`stamp`]: complaint and unsubscribe headers stamped into a message before it is signed;
+//! - [`trace_ref`]: KumoMTA's supplemental trace header (`X-KumoRef`), written and read back.
 //!
 //! No I/O here: callers hand in bytes and keys, tests and fuzzers drive it directly.
 
 pub mod keys;
 pub mod stamp;
 pub mod token;
+pub mod trace_ref;
 pub mod verp;
 
 pub use keys::Keys;

@@ -10,6 +10,7 @@
 //! | `body` | message id | the RFC 5322 message, CRLF line endings |
 //! | `schedule` | due time (u64 ms since the epoch, big-endian) ++ message id | empty |
 //! | `state` | UTF-8 key, e.g. `suspend/domain/<name>` | engine state (operator holds), JSON |
+//! | `generation` | `r` ++ request id / `p` ++ request id | a stored inject request (deferred generation), opaque / the index of its next recipient (u64, big-endian) |
 //!
 //! Invariants:
 //! - A message exists iff its `meta` key exists; `body` and `schedule` entries are written and
@@ -31,6 +32,9 @@
 //!   (unsynced). The `state` key `accounting/checkpoint` holds an accounting offset before
 //!   which every final record's message is durably deleted; at start the engine deletes the
 //!   spooled messages that have a final record after it instead of delivering them again.
+//! - A stored inject request's progress marker moves in the same `WriteBatch` as the messages
+//!   made for the recipients it passes, so each recipient's message is stored exactly once
+//!   however often the expansion is cut short ([`Spool::insert_generated`]).
 //! - A failed write (full disk) leaves nothing applied and makes the spool read-only until it
 //!   can be reopened; see the `spool` module for the recovery (`Spool::is_writable`).
 
@@ -48,8 +52,9 @@ pub use fair::Priority;
 pub use message::{MessageId, MessageMeta};
 pub use schedule::{DestinationCounts, Filter, GroupCounts, Scheduler, Selector, Tags};
 pub use spool::{
-    Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
-    DEFAULT_PENDING_WRITE_BYTES, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
+    free_bytes, Spool, SpoolOptions, DEFAULT_BODY_BUFFER_BYTES, DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_PENDING_WRITE_BYTES, FSYNC_HISTOGRAM, MAX_REOPEN_BACKOFF, REOPEN_HEADROOM,
+    WRITE_HISTOGRAM,
 };
 pub use suppression::{Sent, Suppression, SuppressionKey};
 
@@ -102,6 +107,16 @@ pub fn describe_metrics() {
     metrics::describe_gauge!(
         schedule::QUEUE_GAUGE,
         "Messages in the queue, by state (scheduled, ready, in_flight)."
+    );
+    metrics::describe_histogram!(
+        spool::WRITE_HISTOGRAM,
+        metrics::Unit::Seconds,
+        "Time to write one group commit of the spool (write-ahead log and memtables)."
+    );
+    metrics::describe_histogram!(
+        spool::FSYNC_HISTOGRAM,
+        metrics::Unit::Seconds,
+        "Time to sync the spool's write-ahead log after a group commit that needs it."
     );
     metrics::describe_gauge!(
         spool::WRITABLE_GAUGE,

@@ -1205,6 +1205,23 @@ impl Scheduler {
         out
     }
 
+    /// What [`Scheduler::destinations`] reports but `oldest_received_ms` (left `None`), which
+    /// needs a pass over every queued message: this costs a step per destination, cheap
+    /// enough for every metrics scrape and status page.
+    pub fn destination_counts(&self, now_ms: u64) -> Vec<(QueueKey, DestinationCounts)> {
+        let inner = self.lock();
+        inner
+            .counts
+            .iter()
+            .map(|(d, c)| {
+                let mut c = c.clone();
+                c.oldest_received_ms = None;
+                c.suspended_until_ms = inner.held_until(d, now_ms);
+                (QueueKey::clone(d), c)
+            })
+            .collect()
+    }
+
     /// Counts per destination.
     pub fn destinations(&self, now_ms: u64) -> Vec<(QueueKey, DestinationCounts)> {
         let inner = self.lock();
@@ -1387,6 +1404,19 @@ mod tests {
         s.schedule(b, &q("x.test"), Some("dec"), 0, 0, 10);
         s.schedule(c, &q("y.test"), Some("nov"), 50, 0, 10);
         s.suspend(&Selector::Domain("x.test".into()), u64::MAX, 10);
+        let mut cheap = s.destination_counts(10);
+        cheap.sort_by(|a, b| a.0.cmp(&b.0));
+        let full = s.destinations(10);
+        assert_eq!(cheap.len(), full.len());
+        for ((qa, a), (qb, b)) in cheap.iter().zip(&full) {
+            assert_eq!(qa, qb);
+            assert_eq!(
+                (a.ready, a.scheduled, a.in_flight),
+                (b.ready, b.scheduled, b.in_flight)
+            );
+            assert_eq!(a.suspended_until_ms, b.suspended_until_ms);
+        }
+        assert_eq!(cheap[0].1.suspended_until_ms, Some(u64::MAX));
         assert!(s.ready_destinations(10).is_empty());
         assert_eq!(s.pop_ready(&q("x.test"), 10), None);
         s.resume(&Selector::Domain("x.test".into()), 10);

@@ -26,8 +26,11 @@
 //! assertions, and a second append to a `LOG` whose previous append failed with ENOSPC aborts
 //! the process. For the same reason [`Spool::flush`] does not touch a failed instance's WAL.
 
+mod generation;
+
 use crate::suppression::{Sent, Suppression, SuppressionKey};
 use crate::{MessageId, MessageMeta, QueueError};
+use generation::{GenerationOp, GenerationUndo};
 use rocksdb::{ColumnFamilyDescriptor, LogLevel, Options, WriteBatch, WriteOptions, DB};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -48,6 +51,9 @@ const CF_SENT: &str = "sent";
 /// Message-IDs a client wrote, to the message id (value: the 16-byte UUIDv7, whose time the
 /// compaction filter reads to drop entries past their retention).
 const CF_MESSAGE_IDS: &str = "message_ids";
+/// Inject requests stored for deferred generation and how far each is expanded (see the
+/// `generation` module).
+const CF_GENERATION: &str = "generation";
 /// Every column family (flushed at close, counted in the memory figures).
 const ALL_CFS: &[&str] = &[
     CF_META,
@@ -57,10 +63,15 @@ const ALL_CFS: &[&str] = &[
     CF_SUPPRESSION,
     CF_SENT,
     CF_MESSAGE_IDS,
+    CF_GENERATION,
 ];
 
 /// Gauge: 1 while the spool accepts writes, 0 while it is degraded after a storage error.
 pub(crate) const WRITABLE_GAUGE: &str = "drover_spool_writable";
+/// Time to write one group commit (RocksDB's write-ahead log and memtables), seconds.
+pub const WRITE_HISTOGRAM: &str = "drover_spool_write_duration_seconds";
+/// Time to sync the write-ahead log after a group commit that needs it, seconds.
+pub const FSYNC_HISTOGRAM: &str = "drover_spool_fsync_duration_seconds";
 
 /// Free space wanted beyond the WAL's size before a reopen is tried: the reopen flushes the
 /// replayed WAL into table and blob files, and writes a new MANIFEST and OPTIONS file.
@@ -163,6 +174,7 @@ enum Op {
         key: String,
         id: MessageId,
     },
+    Generation(GenerationOp),
 }
 
 impl Op {
@@ -174,6 +186,7 @@ impl Op {
             Op::Suppress { key, value } => key.len() + value.len() + 64,
             Op::Unsuppress { key } => key.len() + 64,
             Op::IndexMessageId { key, .. } => key.len() + 64,
+            Op::Generation(op) => op.size(),
             Op::Update { .. } | Op::Remove { .. } | Op::DeleteState { .. } => 256,
         }
     }
@@ -377,6 +390,7 @@ fn cf_descriptors(options: &SpoolOptions) -> Vec<ColumnFamilyDescriptor> {
             CF_MESSAGE_IDS,
             message_id_options(options.message_id_retention, cache.as_ref()),
         ),
+        ColumnFamilyDescriptor::new(CF_GENERATION, cf_options(1 << 20, cache.as_ref())),
     ]
 }
 
@@ -1078,6 +1092,9 @@ struct Degraded {
     /// Messages of the failed batch: if any reached the disk after all, they are deleted
     /// after the reopen, since their callers were told they failed.
     failed_inserts: Vec<(MessageId, u64)>,
+    /// Deferred-generation writes of the failed batch, undone after the reopen for the same
+    /// reason (a stored request deleted, a progress marker set back).
+    failed_generation: Vec<GenerationUndo>,
 }
 
 fn writer_loop(shared: Arc<Shared>, rx: &mpsc::Receiver<Msg>) {
@@ -1121,13 +1138,19 @@ fn writer_loop(shared: Arc<Shared>, rx: &mpsc::Receiver<Msg>) {
             let result = match &degraded {
                 Some(d) => Err(Refusal::Unwritable(d.cause.clone())),
                 None => {
-                    // One durable job makes the whole batch synced; lazy ones then ride along.
-                    let opts = if jobs.iter().any(|j| j.durable) {
-                        &synced
-                    } else {
-                        &lazy
-                    };
-                    let result = write_jobs(&shared, &jobs, opts);
+                    // Written, then synced as a separate step (the same durability as a
+                    // synced write: nobody is answered before both), so the two latencies
+                    // can be told apart. One durable job makes the whole batch synced; lazy
+                    // ones then ride along.
+                    let started = Instant::now();
+                    let mut result = write_jobs(&shared, &jobs, &lazy);
+                    metrics::histogram!(WRITE_HISTOGRAM).record(started.elapsed().as_secs_f64());
+                    if result.is_ok() && shared.options.sync && jobs.iter().any(|j| j.durable) {
+                        let syncing = Instant::now();
+                        result = sync_wal(&shared);
+                        metrics::histogram!(FSYNC_HISTOGRAM)
+                            .record(syncing.elapsed().as_secs_f64());
+                    }
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "spool write failed; the spool is read-only until it can be reopened");
                         degraded = Some(degrade(&shared, e.clone(), &jobs));
@@ -1160,11 +1183,20 @@ fn degrade(shared: &Shared, cause: String, jobs: &[Job]) -> Degraded {
             _ => None,
         })
         .collect();
+    let failed_generation = jobs
+        .iter()
+        .flat_map(|j| &j.ops)
+        .filter_map(|op| match op {
+            Op::Generation(op) => op.undo(),
+            _ => None,
+        })
+        .collect();
     Degraded {
         cause,
         next_probe: Instant::now() + PROBE_INTERVAL,
         backoff: PROBE_INTERVAL,
         failed_inserts,
+        failed_generation,
     }
 }
 
@@ -1182,7 +1214,8 @@ fn wal_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn free_bytes(path: &Path) -> Option<u64> {
+/// Bytes available to unprivileged users on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
     let stat = rustix::fs::statvfs(path).ok()?;
     Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
@@ -1215,7 +1248,7 @@ fn try_recover(
             return Some(d);
         }
     };
-    if let Err(e) = undo_failed_inserts(&db, &d.failed_inserts, synced) {
+    if let Err(e) = undo_failed_inserts(&db, &d.failed_inserts, &d.failed_generation, synced) {
         // Writes fail again already: stay degraded and keep the list for the next attempt.
         *slot = Some(db);
         d.cause = e;
@@ -1233,6 +1266,7 @@ fn try_recover(
 fn undo_failed_inserts(
     db: &DB,
     inserts: &[(MessageId, u64)],
+    generation: &[GenerationUndo],
     synced: &WriteOptions,
 ) -> Result<(), String> {
     let cf = |name| cf(db, name).map_err(|e| e.to_string());
@@ -1250,10 +1284,25 @@ fn undo_failed_inserts(
             batch.delete_cf(sched_cf, schedule_key(*due_ms, id));
         }
     }
+    if !generation.is_empty() {
+        let generation_cf = cf(CF_GENERATION)?;
+        for undo in generation {
+            undo.apply(&mut batch, generation_cf);
+        }
+    }
     if batch.is_empty() {
         return Ok(());
     }
     db.write_opt(batch, synced).map_err(|e| e.to_string())
+}
+
+/// Syncs the write-ahead log: what was written before is on disk once this returns.
+fn sync_wal(shared: &Shared) -> Result<(), String> {
+    let guard = shared.db.read().unwrap_or_else(PoisonError::into_inner);
+    let db = guard
+        .as_ref()
+        .ok_or_else(|| "the spool database is not open".to_owned())?;
+    db.flush_wal(true).map_err(|e| e.to_string())
 }
 
 fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Result<(), String> {
@@ -1267,8 +1316,8 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
     let mut batch = WriteBatch::default();
     for job in jobs {
         if batch.size_in_bytes() >= MAX_BATCH_BYTES {
-            // Unsynced: the final write's sync covers it, as the WAL is written in order.
-            // No caller is answered before that final write, and a job is never split, so
+            // Unsynced: the sync after the final write covers it, as the WAL is written in
+            // order. No caller is answered before that sync, and a job is never split, so
             // each job stays all-or-nothing.
             let full = std::mem::take(&mut batch);
             db.write_opt(full, &WriteOptions::default())
@@ -1290,6 +1339,7 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                         recipient: meta.recipient.clone(),
                         tenant: meta.tenant.clone(),
                         campaign: meta.campaign.clone(),
+                        metadata: meta.metadata.clone(),
                     };
                     let sent = serde_json::to_vec(&sent).map_err(|e| e.to_string())?;
                     batch.put_cf(cf(CF_SENT)?, meta.id.as_bytes(), sent);
@@ -1318,6 +1368,7 @@ fn write_jobs(shared: &Shared, jobs: &[Job], write_opts: &WriteOptions) -> Resul
                 Op::IndexMessageId { key, id } => {
                     batch.put_cf(cf(CF_MESSAGE_IDS)?, key.as_bytes(), id.as_bytes())
                 }
+                Op::Generation(op) => op.write(&mut batch, cf(CF_GENERATION)?),
             }
         }
     }

@@ -79,6 +79,9 @@ pub struct Sent {
     /// Campaign as injected.
     #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<String>,
+    /// The recipient's `metadata` as injected, so reports about the message carry it too.
+    #[serde(rename = "m", default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,12 @@
 //! Rates are enforced with governor's GCRA, so a throttled destination sleeps until its next
 //! permit instead of polling, and never holds up another destination.
 //!
+//! A rule may be scoped to the cluster ([`Scope::Cluster`]): its caps and rates are then the
+//! totals for every instance, enforced by a shared backend outside this crate (connection
+//! leases and GCRA rates in Redis, the `cluster-limits` crate). This crate stays free of I/O: it
+//! only knows whether that backend is reachable ([`ClusterMode`]) and, while it is not, holds a
+//! cluster-scoped destination to this instance's share of its limits.
+//!
 //! Limiters live as long as they are used: a reload changes them in place (sessions already
 //! open keep counting against the cap, unchanged rates keep their state), and
 //! [`Shaper::evict_idle`] drops the ones nothing has used for a while.
@@ -170,6 +176,83 @@ impl Rate {
     }
 }
 
+/// Where a destination's limits are counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// By this instance alone: the default, and the fast path (no shared backend involved).
+    #[default]
+    Local,
+    /// Across every instance sharing the cluster backend: `max_connections` and the rates are
+    /// cluster totals. While the backend is unreachable, this instance keeps to its share
+    /// ([`ClusterMode`]).
+    Cluster,
+}
+
+/// Whether the cluster backend is reachable, and the share of a cluster-scoped limit this
+/// instance may use alone while it is not. Shared by the [`Shaper`] (which applies the share)
+/// and whatever talks to the backend (which flips the state).
+#[derive(Debug)]
+pub struct ClusterMode {
+    local_share: f64,
+    degraded: std::sync::atomic::AtomicBool,
+    /// Signalled when the state flips: a connection cap may have changed.
+    changed: Notify,
+}
+
+impl ClusterMode {
+    /// A reachable backend; `local_share` (clamped into (0, 1]) is the fraction of a cluster
+    /// limit one instance may use while the backend is unreachable.
+    pub fn new(local_share: f64) -> ClusterMode {
+        let local_share = if local_share.is_finite() && local_share > 0.0 {
+            local_share.min(1.0)
+        } else {
+            1.0
+        };
+        ClusterMode {
+            local_share,
+            degraded: std::sync::atomic::AtomicBool::new(false),
+            changed: Notify::new(),
+        }
+    }
+
+    /// The fraction of a cluster limit this instance uses alone while degraded.
+    pub fn local_share(&self) -> f64 {
+        self.local_share
+    }
+
+    /// Whether the backend is unreachable, so cluster-scoped limits fall back to the local
+    /// share.
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::SeqCst)
+    }
+
+    /// Records whether the backend is reachable; returns whether that changed.
+    pub fn set_degraded(&self, degraded: bool) -> bool {
+        let changed = self.degraded.swap(degraded, Ordering::SeqCst) != degraded;
+        if changed {
+            self.changed.notify_waiters();
+        }
+        changed
+    }
+
+    /// This instance's share of a cluster cap: `ceil(cap * local_share)`, at least 1 and at
+    /// most `cap`.
+    pub fn share_of(&self, cap: usize) -> usize {
+        let cap = cap.max(1);
+        // Caps are small integers: the product is exact in an f64.
+        ((cap as f64 * self.local_share).ceil() as usize).clamp(1, cap)
+    }
+
+    /// This instance's share of a cluster rate: the same count over a period stretched by
+    /// `1 / local_share`.
+    pub fn share_of_rate(&self, rate: Rate) -> Rate {
+        Rate {
+            count: rate.count,
+            per: rate.per.div_f64(self.local_share),
+        }
+    }
+}
+
 /// The limits that apply to one destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -187,6 +270,8 @@ pub struct Limits {
     pub backoff_max_message_rate: Option<Rate>,
     /// Connection rate while backing off (default: the normal rate).
     pub backoff_max_connection_rate: Option<Rate>,
+    /// Whether the caps and rates are this instance's or the cluster's totals.
+    pub scope: Scope,
 }
 
 impl Default for Limits {
@@ -199,6 +284,7 @@ impl Default for Limits {
             backoff_max_connections: None,
             backoff_max_message_rate: None,
             backoff_max_connection_rate: None,
+            scope: Scope::Local,
         }
     }
 }
@@ -227,8 +313,10 @@ impl Limits {
     /// The limits that satisfy both `self` and `other`, field by field: the lower caps,
     /// the slower rates, the fewer deliveries per connection, and the tighter backoff limits
     /// (compared as they take effect: an unset backoff cap is a quarter of the normal one, an
-    /// unset backoff rate is the normal rate). Commutative and associative, so the limits of
-    /// a site do not depend on the order its domains were seen in.
+    /// unset backoff rate is the normal rate). Cluster scope wins over local: a site one of
+    /// whose domains is limited cluster-wide is counted cluster-wide. Commutative and
+    /// associative, so the limits of a site do not depend on the order its domains were seen
+    /// in.
     pub fn tightest(&self, other: &Limits) -> Limits {
         let backoff_rate = |mine: Option<Rate>, my_normal, theirs: Option<Rate>, their_normal| {
             if mine.is_none() && theirs.is_none() {
@@ -263,6 +351,11 @@ impl Limits {
                 other.backoff_max_connection_rate,
                 other.max_connection_rate,
             ),
+            scope: if self.scope == Scope::Cluster || other.scope == Scope::Cluster {
+                Scope::Cluster
+            } else {
+                Scope::Local
+            },
         }
     }
 
@@ -394,13 +487,20 @@ struct Enforced {
 }
 
 impl Enforced {
-    fn new(limits: Limits, old: Option<&Enforced>) -> Enforced {
+    /// `cluster`: the instance's cluster mode; the local limiters of a cluster-scoped
+    /// destination enforce only this instance's share of its rates (what applies while the
+    /// cluster backend is unreachable; while it is reachable, the backend enforces the totals).
+    fn new(limits: Limits, old: Option<&Enforced>, cluster: Option<&ClusterMode>) -> Enforced {
+        let local = |l: &Limits, rate: Option<Rate>| match cluster {
+            Some(mode) if l.scope == Scope::Cluster => rate.map(|r| mode.share_of_rate(r)),
+            _ => rate,
+        };
         let keep = |gcra: fn(&Enforced) -> Option<&Arc<Gcra>>,
                     rate: fn(&Limits) -> Option<Rate>| {
             keep_or_fresh(
                 old.and_then(gcra),
-                old.and_then(|o| rate(&o.limits)),
-                rate(&limits),
+                old.and_then(|o| local(&o.limits, rate(&o.limits))),
+                local(&limits, rate(&limits)),
             )
         };
         Enforced {
@@ -422,6 +522,8 @@ impl Enforced {
 /// The live limits of one destination: its connection cap, rates and backoff.
 pub struct DestinationLimiter {
     enforced: RwLock<Enforced>,
+    /// The instance's cluster mode, when a cluster backend is configured.
+    cluster: Option<Arc<ClusterMode>>,
     connections: Arc<Connections>,
     /// Backoff lasts until this many ms after `connections.base` (0: not backing off).
     backoff_until_ms: AtomicU64,
@@ -447,8 +549,15 @@ enum Kind {
 impl DestinationLimiter {
     /// A limiter enforcing `limits`.
     pub fn new(limits: Limits) -> DestinationLimiter {
+        DestinationLimiter::with_cluster(limits, None)
+    }
+
+    /// A limiter enforcing `limits`, with the instance's cluster mode (see
+    /// [`Scope::Cluster`]).
+    pub fn with_cluster(limits: Limits, cluster: Option<Arc<ClusterMode>>) -> DestinationLimiter {
         DestinationLimiter {
-            enforced: RwLock::new(Enforced::new(limits, None)),
+            enforced: RwLock::new(Enforced::new(limits, None, cluster.as_deref())),
+            cluster,
             connections: Arc::new(Connections {
                 in_use: AtomicUsize::new(0),
                 changed: Notify::new(),
@@ -477,7 +586,7 @@ impl DestinationLimiter {
             if enforced.limits == limits {
                 return;
             }
-            let next = Enforced::new(limits, Some(&enforced));
+            let next = Enforced::new(limits, Some(&enforced), self.cluster.as_deref());
             *enforced = next;
         }
         // The cap may have risen: waiters look again.
@@ -514,13 +623,36 @@ impl DestinationLimiter {
         (now < until).then(|| Duration::from_millis(until - now))
     }
 
-    /// The connection cap in force now.
+    /// The cluster mode, when this destination's limits are cluster-wide.
+    fn cluster_mode(&self) -> Option<&ClusterMode> {
+        self.cluster
+            .as_deref()
+            .filter(|_| self.enforced().limits.scope == Scope::Cluster)
+    }
+
+    /// Whether this destination's limits are cluster totals, kept by the cluster backend:
+    /// its sessions need a lease and its rates a permit from the backend, and the local
+    /// limits ([`DestinationLimiter::connection_slot`],
+    /// [`DestinationLimiter::until_message_permitted`]) enforce only this instance's share
+    /// when the backend is unreachable.
+    pub fn is_cluster_scoped(&self) -> bool {
+        self.cluster_mode().is_some()
+    }
+
+    /// The connection cap in force now: the cluster total for a cluster-scoped destination,
+    /// or this instance's share of it while the cluster backend is unreachable.
     pub fn max_connections_now(&self) -> usize {
-        let enforced = self.enforced();
-        if self.is_backing_off() {
-            enforced.limits.backoff_connections()
-        } else {
-            enforced.limits.max_connections.max(1)
+        let cap = {
+            let enforced = self.enforced();
+            if self.is_backing_off() {
+                enforced.limits.backoff_connections()
+            } else {
+                enforced.limits.max_connections.max(1)
+            }
+        };
+        match self.cluster_mode() {
+            Some(mode) if mode.is_degraded() => mode.share_of(cap),
+            _ => cap,
         }
     }
 
@@ -559,18 +691,29 @@ impl DestinationLimiter {
             let changed = self.connections.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
+            // The cap of a cluster-scoped destination moves when the backend comes and goes.
+            let never = Notify::new();
+            let mode_changed = self
+                .cluster_mode()
+                .map_or(&never, |mode| &mode.changed)
+                .notified();
+            let mut mode_changed = std::pin::pin!(mode_changed);
+            mode_changed.as_mut().enable();
             if let Some(slot) = self.try_connection_slot() {
                 return slot;
             }
-            match self.backoff_left() {
-                // The backoff cap rises by itself when the backoff ends.
-                Some(left) => {
-                    tokio::select! {
-                        _ = changed => {}
-                        _ = tokio::time::sleep(left) => {}
-                    }
+            // The backoff cap rises by itself when the backoff ends.
+            let left = self.backoff_left();
+            let backoff_ends = async {
+                match left {
+                    Some(left) => tokio::time::sleep(left).await,
+                    None => std::future::pending().await,
                 }
-                None => changed.await,
+            };
+            tokio::select! {
+                _ = changed => {}
+                _ = mode_changed => {}
+                _ = backoff_ends => {}
             }
         }
     }
@@ -593,6 +736,39 @@ impl DestinationLimiter {
         }
     }
 
+    /// The rate in force for `kind` as the rules give it (the backoff one while backing
+    /// off): for a cluster-scoped destination, the cluster total.
+    fn rate_now(&self, kind: Kind) -> Option<Rate> {
+        let limits = &self.enforced().limits;
+        let (normal, backoff) = match kind {
+            Kind::Messages => (limits.max_message_rate, limits.backoff_max_message_rate),
+            Kind::NewConnections => (
+                limits.max_connection_rate,
+                limits.backoff_max_connection_rate,
+            ),
+        };
+        match backoff {
+            Some(b) if self.is_backing_off() => Some(b),
+            _ => normal,
+        }
+    }
+
+    /// The message rate in force (the cluster total for a cluster-scoped destination).
+    pub fn message_rate_now(&self) -> Option<Rate> {
+        self.rate_now(Kind::Messages)
+    }
+
+    /// The new-connection rate in force (the cluster total for a cluster-scoped destination).
+    pub fn connection_rate_now(&self) -> Option<Rate> {
+        self.rate_now(Kind::NewConnections)
+    }
+
+    /// Marks the destination as used now (a wait on a shared rate, which this limiter does
+    /// not see, counts as use).
+    pub fn touch(&self) {
+        self.connections.touch();
+    }
+
     async fn until_permitted(&self, kind: Kind) {
         loop {
             self.connections.touch();
@@ -607,12 +783,14 @@ impl DestinationLimiter {
         }
     }
 
-    /// Waits until a new connection may be opened.
+    /// Waits until a new connection may be opened (for a cluster-scoped destination, within
+    /// this instance's share of the rate).
     pub async fn until_connection_permitted(&self) {
         self.until_permitted(Kind::NewConnections).await;
     }
 
-    /// Waits until another message may be sent.
+    /// Waits until another message may be sent (for a cluster-scoped destination, within
+    /// this instance's share of the rate).
     pub async fn until_message_permitted(&self) {
         self.until_permitted(Kind::Messages).await;
     }
@@ -708,6 +886,8 @@ pub struct Shaper {
     default: Limits,
     /// By site key: the site and the egress source.
     live: DashMap<QueueKey, Site>,
+    /// The instance's cluster mode, when a cluster backend is configured.
+    cluster: Option<Arc<ClusterMode>>,
 }
 
 impl std::fmt::Debug for Shaper {
@@ -726,7 +906,16 @@ impl Shaper {
             rules: RwLock::new(Arc::new(rules)),
             default,
             live: DashMap::new(),
+            cluster: None,
         }
+    }
+
+    /// The shaper with a cluster backend: rules of [`Scope::Cluster`] are cluster totals,
+    /// and fall back to this instance's share of them while `mode` says the backend is
+    /// unreachable. Without it, cluster-scoped rules act as local ones.
+    pub fn with_cluster(mut self, mode: Arc<ClusterMode>) -> Shaper {
+        self.cluster = Some(mode);
+        self
     }
 
     fn rules(&self) -> std::sync::RwLockReadGuard<'_, Arc<Vec<Rule>>> {
@@ -777,12 +966,10 @@ impl Shaper {
         }
         let rules = self.rules();
         let site = self.live.entry(key.clone()).or_insert_with(|| Site {
-            limiter: Arc::new(DestinationLimiter::new(limits_under(
-                &rules,
-                &self.default,
-                &domain,
-                mx_hosts,
-            ))),
+            limiter: Arc::new(DestinationLimiter::with_cluster(
+                limits_under(&rules, &self.default, &domain, mx_hosts),
+                self.cluster.clone(),
+            )),
             seen: Mutex::new(Seen {
                 mx_hosts: mx_hosts.to_vec(),
                 domains: HashSet::from([domain.clone()]),
@@ -830,6 +1017,19 @@ impl Shaper {
             }
         }
         ended
+    }
+
+    /// Connection slots in use (open sessions, pooled ones included) per site, summed over
+    /// its egress sources; sites with none are left out.
+    pub fn connections_by_site(&self) -> Vec<(String, usize)> {
+        let mut by_site: std::collections::HashMap<String, usize> = Default::default();
+        for entry in self.live.iter() {
+            let n = entry.value().limiter.connections_in_use();
+            if n > 0 {
+                *by_site.entry(entry.key().name().to_owned()).or_default() += n;
+            }
+        }
+        by_site.into_iter().collect()
     }
 
     /// Destinations currently backing off (`site` or `site|source`, as operators see them),
@@ -1095,6 +1295,7 @@ mod tests {
             // a.test backs off at its normal 10/s, b.test at 2/s.
             backoff_max_message_rate: rate("2/s"),
             backoff_max_connection_rate: None,
+            scope: Scope::Local,
         };
         assert_eq!(first.limits(), expected);
         assert_eq!(other.limits(), expected);
@@ -1249,6 +1450,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn connections_are_counted_per_site_over_its_sources() {
+        let shaper = Shaper::new(Vec::new(), Limits::default());
+        let a1 = shaper.limiter(&QueueKey::with_source("mx.a", Some("ip1")), "a.test", &[]);
+        let a2 = shaper.limiter(&QueueKey::with_source("mx.a", Some("ip2")), "a.test", &[]);
+        let b = shaper.limiter(&site("mx.b"), "b.test", &[]);
+        let held = [
+            a1.try_connection_slot().unwrap(),
+            a2.try_connection_slot().unwrap(),
+            a2.try_connection_slot().unwrap(),
+        ];
+        let mut counts = shaper.connections_by_site();
+        counts.sort();
+        assert_eq!(counts, [("mx.a".to_owned(), 3)]);
+        let slot = b.try_connection_slot().unwrap();
+        drop(held);
+        assert_eq!(shaper.connections_by_site(), [("mx.b".to_owned(), 1)]);
+        drop(slot);
+        assert!(shaper.connections_by_site().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn ending_a_sites_backoff_ends_it_for_every_source() {
         let shaper = Shaper::new(Vec::new(), Limits::default());
         let hour = Duration::from_secs(3600);
@@ -1345,6 +1567,108 @@ mod tests {
         }
         let took = start.elapsed().as_secs_f64();
         assert!((1.9..=2.2).contains(&took), "took {took}");
+    }
+
+    fn cluster_rule(name: &str, max_connections: usize, rate: Option<&str>) -> Rule {
+        rule(
+            name,
+            Limits {
+                max_connections,
+                max_message_rate: rate.map(|r| r.parse().unwrap()),
+                scope: Scope::Cluster,
+                ..Limits::default()
+            },
+        )
+    }
+
+    #[test]
+    fn the_local_share_rounds_up_and_stays_within_the_cap() {
+        let mode = ClusterMode::new(0.2);
+        assert_eq!(mode.share_of(5), 1);
+        assert_eq!(mode.share_of(6), 2, "ceil(1.2)");
+        assert_eq!(mode.share_of(1), 1);
+        assert_eq!(
+            ClusterMode::new(0.0).local_share(),
+            1.0,
+            "no share is no sense"
+        );
+        assert_eq!(ClusterMode::new(3.0).share_of(4), 4);
+        let rate: Rate = "10/s".parse().unwrap();
+        assert_eq!(
+            mode.share_of_rate(rate).period(),
+            Duration::from_millis(500)
+        );
+        assert!(mode.set_degraded(true));
+        assert!(!mode.set_degraded(true), "no transition");
+    }
+
+    #[test]
+    fn cluster_scope_wins_in_the_tightest_limits() {
+        let cluster = Limits {
+            max_connections: 5,
+            scope: Scope::Cluster,
+            ..Limits::default()
+        };
+        let local = cap(3);
+        assert_eq!(cluster.tightest(&local).scope, Scope::Cluster);
+        assert_eq!(local.tightest(&cluster).max_connections, 3);
+        assert_eq!(local.tightest(&local).scope, Scope::Local);
+    }
+
+    #[tokio::test]
+    async fn a_cluster_scoped_site_keeps_to_its_share_while_the_backend_is_unreachable() {
+        let mode = Arc::new(ClusterMode::new(0.4));
+        let shaper = Shaper::new(
+            vec![cluster_rule("c.test", 5, None), rule("l.test", cap(5))],
+            Limits::default(),
+        )
+        .with_cluster(Arc::clone(&mode));
+        let cluster = shaper.limiter(&site("c.test"), "c.test", &[]);
+        let local = shaper.limiter(&site("l.test"), "l.test", &[]);
+        assert!(cluster.is_cluster_scoped());
+        assert!(!local.is_cluster_scoped());
+        assert_eq!(cluster.max_connections_now(), 5, "the cluster total");
+        mode.set_degraded(true);
+        assert_eq!(cluster.max_connections_now(), 2, "ceil(5 * 0.4)");
+        assert_eq!(local.max_connections_now(), 5, "local rules are untouched");
+        let held: Vec<_> = (0..2)
+            .map(|_| cluster.try_connection_slot().unwrap())
+            .collect();
+        assert!(cluster.try_connection_slot().is_none());
+        let waiting = Arc::clone(&cluster);
+        let waiter = tokio::spawn(async move { waiting.connection_slot().await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "degraded: 2 of 2 in use");
+        // The backend is back: the waiter is let through without any slot freed.
+        mode.set_degraded(false);
+        let third = within_a_second(waiter).await;
+        assert_eq!(cluster.connections_in_use(), 3);
+        // Without a cluster mode, a cluster rule is a local one.
+        let plain = Shaper::new(vec![cluster_rule("c.test", 5, None)], Limits::default());
+        assert!(!plain
+            .limiter(&site("c.test"), "c.test", &[])
+            .is_cluster_scoped());
+        drop((held, third));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_local_rate_of_a_cluster_scoped_site_is_the_share() {
+        let mode = Arc::new(ClusterMode::new(0.5));
+        let shaper = Shaper::new(
+            vec![cluster_rule("c.test", 5, Some("10/s"))],
+            Limits::default(),
+        )
+        .with_cluster(mode);
+        let limiter = shaper.limiter(&site("c.test"), "c.test", &[]);
+        assert_eq!(limiter.message_rate_now(), Some("10/s".parse().unwrap()));
+        let start = tokio::time::Instant::now();
+        for _ in 0..11 {
+            limiter.until_message_permitted().await;
+        }
+        let took = start.elapsed().as_secs_f64();
+        assert!((1.9..=2.1).contains(&took), "5/s locally, took {took}");
     }
 
     #[tokio::test(start_paused = true)]
