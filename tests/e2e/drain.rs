@@ -570,3 +570,56 @@ async fn attempts_in_flight_when_a_scale_down_begins_finish_and_their_messages_m
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_expands_stored_inject_requests_and_moves_their_messages_too() {
+    const COUNT: usize = 300;
+    let sink = capturing_sink().await;
+    // A small queue: the generator expands 90 recipients (nine tenths) and waits for room,
+    // which only the drain makes (A's campaign is held).
+    let a = TestEngine::start("[spool]\nmax_queued = 100\n").await;
+    let b = TestEngine::start(&routes(&["g.drain.test"], sink.local_addr())).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let a_url = a.url("");
+    hold_campaign(&a_url).await;
+    let recipients: Vec<Value> = (0..COUNT)
+        .map(|i| json!({"email": format!("g{i}@g.drain.test")}))
+        .collect();
+    let (status, reply) = a
+        .inject(&json!({
+            "envelope_sender": "bounces@news.example.com",
+            "content": "From: News <news@example.com>\r\nSubject: Hi\r\n\r\nHi.\r\n",
+            "recipients": recipients,
+            "campaign": CAMPAIGN,
+            "deferred_generation": true,
+        }))
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let start = std::time::Instant::now();
+    while a.running.as_ref().unwrap().engine.scheduler().len() < 90 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never expanded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.running.as_ref().unwrap().engine.generations_pending(), 1);
+    let (status, reply) = post_json(
+        &format!("{a_url}/api/admin/v1/drain"),
+        &json!({"to": b.url("")}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let done = wait_drain_done(&a_url, Duration::from_secs(120)).await;
+    assert_eq!(done["moved"], COUNT as u64, "{done}");
+    assert_eq!(a.running.as_ref().unwrap().engine.generations_pending(), 0);
+    let b_records = wait_records(&b.accounting_path(), Duration::from_secs(120), |r| {
+        count_type(r, "Delivery") >= COUNT
+    })
+    .await;
+    let delivered = per_id(&b_records, &["Delivery"]);
+    assert_eq!(delivered.len(), COUNT);
+    assert!(delivered.values().all(|n| *n == 1));
+    assert_eq!(sink.messages().len(), COUNT);
+    a.stop().await;
+    b.stop().await;
+}

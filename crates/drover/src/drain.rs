@@ -414,9 +414,13 @@ impl Engine {
                 if !job.is_full() && !self.drains.injections_pending() {
                     return self.end_drain(&job, None).await;
                 }
-                // A scale-down waits for the attempts in flight: what they leave queued
-                // comes back to the schedule and goes too.
-                if !self.scheduler.is_empty() || self.drains.injections_pending() {
+                // A scale-down waits for the attempts in flight (what they leave queued
+                // comes back to the schedule and goes too) and for the expansion of stored
+                // inject requests (deferred generation).
+                if !self.scheduler.is_empty()
+                    || self.drains.injections_pending()
+                    || self.generations_pending() > 0
+                {
                     if !self.drain_pause(&job, Duration::from_millis(100)).await {
                         return;
                     }
@@ -425,7 +429,10 @@ impl Engine {
                 self.end_drain(&job, None).await;
                 // Done, but it keeps watching: an injection that passed the intake check
                 // just before the drain began may queue its messages only now.
-                while self.scheduler.is_empty() && !self.drains.injections_pending() {
+                while self.scheduler.is_empty()
+                    && !self.drains.injections_pending()
+                    && self.generations_pending() == 0
+                {
                     if !self.drain_pause(&job, Duration::from_millis(200)).await {
                         return;
                     }

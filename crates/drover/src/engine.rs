@@ -136,6 +136,11 @@ impl Engine {
         self.draining.load(Ordering::SeqCst) || self.drains.scaling_down()
     }
 
+    /// Whether shutdown has begun (unlike [`Engine::is_draining`], not a drain to a peer).
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// Whether the start-up reload of the spool still runs.
     pub fn is_reloading(&self) -> bool {
         self.reloading.load(Ordering::SeqCst)

@@ -216,7 +216,7 @@ impl Engine {
             _ = async {
                 self.spool.wait_writable().await;
                 tokio::time::sleep(RETRY).await;
-            } => !self.is_draining(),
+            } => !self.is_stopping(),
             _ = self.cancel.cancelled() => false,
         }
     }
@@ -278,7 +278,8 @@ impl Engine {
     ) -> Done {
         let total = checked.recipients.len() as u64;
         while next < total {
-            if self.cancel.is_cancelled() || self.is_draining() {
+            // A drain to a peer (scale-down) lets it finish: the messages move with the rest.
+            if self.cancel.is_cancelled() || self.is_stopping() {
                 return Done::Stopped;
             }
             let room =

@@ -81,7 +81,10 @@ impl Engine {
         // Before the intake check: a drain that begins after it waits for this injection's
         // messages to be queued (`drain`).
         let accepting = self.drains.accepting();
-        if self.is_draining() {
+        // A request stored before a scale-down began is still expanded: its messages are
+        // drained with the rest rather than left behind unexpanded.
+        let scaling_down = progress.is_none() && self.drains.scaling_down();
+        if self.is_stopping() || scaling_down {
             return Err(EngineError::Draining);
         }
         let queued = self.scheduler.len();
