@@ -46,6 +46,9 @@ pub enum EngineError {
     /// Another drain is running (one at a time).
     #[error("{0}")]
     Busy(String),
+    /// The task that stored an injection ended abnormally (a panic, or the runtime stopping).
+    #[error("the injection was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// Messages handed back by [`Engine::accept`] because some of them cannot be signed.

@@ -78,6 +78,22 @@ impl Engine {
         via: &'static str,
         progress: Option<Progress>,
     ) -> Result<(), EngineError> {
+        // In a task of its own: the HTTP server drops a handler whose client hung up, and an
+        // injection dropped between its spool write and its queueing would leave messages
+        // stored but not queued until the next start, and its hold would keep the accounting
+        // checkpoint back until then. A task runs to the end whoever waits for it.
+        let engine = Arc::clone(self);
+        tokio::spawn(async move { engine.accept_to_the_end(messages, via, progress).await })
+            .await
+            .map_err(|e| EngineError::Interrupted(e.to_string()))?
+    }
+
+    async fn accept_to_the_end(
+        self: &Arc<Self>,
+        messages: Vec<NewMessage>,
+        via: &'static str,
+        progress: Option<Progress>,
+    ) -> Result<(), EngineError> {
         // Before the intake check: a drain that begins after it waits for this injection's
         // messages to be queued (`drain`).
         let accepting = self.drains.accepting();
@@ -214,5 +230,62 @@ impl Engine {
         metrics::counter!(DKIM_SIGNATURES, "result" => "signed").increment(signed);
         metrics::counter!(DKIM_SIGNATURES, "result" => "unsigned").increment(count - signed);
         Ok(metas)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use crate::engine::Engine;
+    use crate::message::{NewMessage, Origin};
+    use queue::MessageId;
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_injection_whose_caller_gives_up_is_still_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        // Mail goes to a closed loopback port and waits an hour to retry: it stays queued.
+        let mut config = Config::parse(
+            "[retry]\nintervals = [\"1h\"]\n[[route]]\ndomain = \"gone.test\"\nhosts = [\"127.0.0.1:1\"]\n",
+        )
+        .unwrap();
+        config.spool.path = dir.path().join("spool");
+        config.delivery.ehlo_name = "drover.test".into();
+        let engine = Engine::start(config).await.unwrap();
+        let origin = Origin {
+            sender: "s@example.com".into(),
+            campaign: None,
+            tenant: None,
+            received_ms: crate::clock::now_ms(),
+            priority: Default::default(),
+            door: None,
+            supplemental: None,
+        };
+        let message = NewMessage::new(
+            MessageId::generate(),
+            &origin,
+            "a@gone.test".into(),
+            "gone.test".into(),
+            b"Subject: s\r\n\r\nx\r\n".to_vec(),
+        );
+        let id = message.meta.id;
+        // Polled once and dropped, as the HTTP server drops the handler of a client that
+        // hung up while its messages were being written.
+        let gave_up =
+            tokio::time::timeout(Duration::ZERO, engine.accept(vec![message], "http")).await;
+        assert!(
+            gave_up.is_err(),
+            "the write should still have been under way"
+        );
+        let start = std::time::Instant::now();
+        while !(engine.scheduler.len() == 1 && engine.spool.meta(&id).ok().flatten().is_some()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "stored {:?}, queued {}",
+                engine.spool.meta(&id).ok().flatten().is_some(),
+                engine.scheduler.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
