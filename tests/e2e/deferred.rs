@@ -215,22 +215,10 @@ async fn a_full_disk_pauses_the_generator_and_loses_no_recipient() {
         return;
     };
     let sink = capturing_sink().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = drover::Config::parse(&routes(&["gen.test"], sink.local_addr())).unwrap();
-    config.spool.path = disk.path().join("spool");
-    // The records stay on the normal disk (see `fulldisk`): this is about the spool.
-    config.accounting.path = dir
-        .path()
-        .join("spool/accounting.jsonl")
-        .to_string_lossy()
-        .into_owned();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
-    config.smtp_listener.listen = "127.0.0.1:0".parse().unwrap();
-    config.delivery.ehlo_name = "drover.test".into();
-    let engine = TestEngine {
-        running: Some(drover::serve::start(config).await.unwrap()),
-        dir,
-    };
+    // The records stay on the normal disk: this is about the spool.
+    let engine =
+        crate::fulldisk::engine_on_disk(disk.path(), &routes(&["gen.test"], sink.local_addr()))
+            .await;
     // Held, so the queue only grows while the disk fills.
     let (status, reply) = post_json(
         &engine.url("/api/admin/v1/suspend"),

@@ -65,23 +65,11 @@ async fn a_full_spool_disk_answers_503_loses_nothing_and_recovers() {
         ..Default::default()
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config =
-        drover::Config::parse(&routes(&["held.test", "live.test"], sink.local_addr())).unwrap();
-    config.spool.path = disk.path().join("spool");
-    // On the normal disk, where TestEngine::accounting_path looks (see the module header).
-    config.accounting.path = dir
-        .path()
-        .join("spool/accounting.jsonl")
-        .to_string_lossy()
-        .into_owned();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
-    config.smtp_listener.listen = "127.0.0.1:0".parse().unwrap();
-    config.delivery.ehlo_name = "drover.test".into();
-    let engine = TestEngine {
-        running: Some(drover::serve::start(config).await.unwrap()),
-        dir,
-    };
+    let engine = engine_on_disk(
+        disk.path(),
+        &routes(&["held.test", "live.test"], sink.local_addr()),
+    )
+    .await;
     let (status, reply) = post_json(
         &engine.url("/api/admin/v1/suspend"),
         &json!({"domain": "held.test"}),
@@ -214,4 +202,25 @@ async fn a_full_spool_disk_answers_503_loses_nothing_and_recovers() {
     engine.stop().await;
     sink.shutdown().await;
     drop(disk);
+}
+
+/// An engine on `config` whose spool is on `disk` (a small file system the test fills) and
+/// whose accounting records stay on the normal disk, where `TestEngine::accounting_path`
+/// looks (see the module header).
+pub(crate) async fn engine_on_disk(disk: &std::path::Path, config: &str) -> TestEngine {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = drover::Config::parse(config).unwrap();
+    config.spool.path = disk.join("spool");
+    config.accounting.path = dir
+        .path()
+        .join("spool/accounting.jsonl")
+        .to_string_lossy()
+        .into_owned();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.smtp_listener.listen = "127.0.0.1:0".parse().unwrap();
+    config.delivery.ehlo_name = "drover.test".into();
+    TestEngine {
+        running: Some(drover::serve::start(config).await.unwrap()),
+        dir,
+    }
 }

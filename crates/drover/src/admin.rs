@@ -145,7 +145,10 @@ impl Engine {
     }
 
     /// Reads the metadata of `ids` on the blocking pool; ids no longer spooled are left out.
-    async fn read_metas(&self, ids: Vec<MessageId>) -> Result<Vec<MessageMeta>, EngineError> {
+    pub(crate) async fn read_metas(
+        &self,
+        ids: Vec<MessageId>,
+    ) -> Result<Vec<MessageMeta>, EngineError> {
         let spool = self.spool.clone();
         let read = tokio::task::spawn_blocking(move || {
             ids.iter()

@@ -497,7 +497,7 @@ impl Engine {
         ids: Vec<MessageId>,
     ) -> Result<(), Stop> {
         let metas = loop {
-            match self.read_metas_of(ids.clone()).await {
+            match self.read_metas(ids.clone()).await {
                 Ok(metas) => break metas,
                 // Off the schedule and not readable: they stay spooled, and only reading
                 // them lets them go back, so wait for the spool.
@@ -641,19 +641,6 @@ impl Engine {
         job.moved.fetch_add(sent.len() as u64, Ordering::Relaxed);
         metrics::counter!(DRAIN_MESSAGES, "direction" => "out").increment(sent.len() as u64);
         Ok(())
-    }
-
-    /// Reads the metadata of `ids` on the blocking pool; ids no longer spooled are left out.
-    async fn read_metas_of(&self, ids: Vec<MessageId>) -> Result<Vec<MessageMeta>, EngineError> {
-        let spool = self.spool.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            ids.iter()
-                .filter_map(|id| spool.meta(id).transpose())
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .await
-        .map_err(|e| EngineError::Config(format!("spool reader failed: {e}")))?;
-        Ok(read?)
     }
 
     /// Takes in messages from another instance: each new one is stored (synced) as it was
