@@ -67,6 +67,29 @@ pub fn http_post(port: u16, path: &str, body: &serde_json::Value) -> String {
     out
 }
 
+/// GETs `path` from the engine's HTTP API on 127.0.0.1:`port`; the whole raw reply.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the series `series` (name and labels as served) in a scrape, 0 when absent.
+pub fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `drover sink` on a free port (`drover`: the binary), waited for until it listens.
 pub fn spawn_sink(drover: &std::path::Path) -> (std::process::Child, u16) {
     let port = free_port();
