@@ -35,7 +35,12 @@ impl Engine {
         let u = self
             .unsubscribe_token(token)
             .ok_or(UnsubscribeError::UnknownLink)?;
-        self.record_unsubscribe(&u, None).await?;
+        // The token names the message but does not carry its metadata: the sent index does.
+        let metadata = MessageId::from_slice(&u.id)
+            .ok()
+            .and_then(|id| self.spool.sent(&id).ok().flatten())
+            .and_then(|sent| sent.metadata);
+        self.record_unsubscribe(&u, metadata, None).await?;
         Ok(u)
     }
 
@@ -43,6 +48,7 @@ impl Engine {
     pub(crate) async fn record_unsubscribe(
         &self,
         u: &Unsubscribe,
+        metadata: Option<serde_json::Value>,
         inbound_id: Option<String>,
     ) -> Result<(), EngineError> {
         let id = MessageId::from_slice(&u.id)
@@ -72,10 +78,7 @@ impl Engine {
             .unwrap_or_default();
         r.tenant = u.tenant.clone();
         r.campaign = u.campaign.clone();
-        r.metadata = MessageId::from_slice(&u.id)
-            .ok()
-            .and_then(|id| self.spool.sent(&id).ok().flatten())
-            .and_then(|sent| sent.metadata);
+        r.metadata = metadata;
         r.report = Some(ReportInfo {
             matched: true,
             reporting_mta: None,
@@ -271,7 +274,9 @@ impl Engine {
                     campaign: m.as_ref().and_then(|m| m.campaign.clone()),
                 };
                 if !u.recipient.is_empty() {
-                    self.record_unsubscribe(&u, Some(inbound_id)).await?;
+                    let metadata = m.and_then(|m| m.metadata);
+                    self.record_unsubscribe(&u, metadata, Some(inbound_id))
+                        .await?;
                     return Ok(Received::Recorded(1));
                 }
             }
@@ -355,7 +360,8 @@ impl Engine {
                         tenant: m.tenant.clone(),
                         campaign: m.campaign.clone(),
                     };
-                    self.record_unsubscribe(&u, Some(inbound_id)).await?;
+                    self.record_unsubscribe(&u, m.metadata.clone(), Some(inbound_id))
+                        .await?;
                     return Ok(Received::Recorded(1));
                 }
                 records.push(base(RecordType::Unsubscribe));
